@@ -1,0 +1,59 @@
+"""Optional Triton import: the kernel modules still import (and their `*_ref` still work) without Triton.
+
+Without Triton, `triton.jit` leaves the function as it is and each module deletes its public fast
+functions, so `kernels.ops` falls back to the references.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAS_TRITON = False
+
+    class _NoTriton:
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def next_power_of_2(n: int) -> int:
+            return 1 << max(int(n) - 1, 0).bit_length()
+
+        @staticmethod
+        def cdiv(a: int, b: int) -> int:
+            return -(-a // b)
+
+    triton = _NoTriton()
+    tl = None
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (the CPU interpreter ignores strides and autotune)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_pool(name: str, pool, ndim: int):
+    """State pools are updated in place, so they cannot be made contiguous behind the caller's back."""
+    if pool.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(pool.shape)}")
+    if not pool.is_contiguous():
+        raise ValueError(f"{name}: the state pool view must be contiguous (it is updated in place)")
+
+
+def check_indices(name: str, t, batch: int, device):
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"{name}: expected shape ({batch},), got {tuple(t.shape)}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: expected an integer tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, expected {device}")
+
+
+__all__ = ["triton", "tl", "HAS_TRITON", "interpreting", "check_pool", "check_indices"]

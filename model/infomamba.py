@@ -1,0 +1,127 @@
+"""The batched InfoMamba model: one entry point for whole sequences, continuing chunks and single steps."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels import ops
+from model.config import InfoMambaConfig
+from model.layers import Batch, InfoMambaLayer, RMSNorm
+from model.state import StreamState
+
+
+@dataclass
+class ModelOutput:
+    hidden: torch.Tensor  # (T, D) final-normed hidden per packed token
+    head: torch.Tensor  # lm: (T, vocab) logits; per_step: (T, d_output); classify: (batch, n_classes)
+
+
+class InfoMamba(nn.Module):
+    def __init__(self, config: InfoMambaConfig):
+        super().__init__()
+        self.config = config
+        if config.vocab_size is not None:
+            self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+            nn.init.normal_(self.embedding.weight, std=0.02)
+        else:
+            self.input_proj = nn.Linear(config.d_input, config.d_model)
+        self.layers = nn.ModuleList(InfoMambaLayer(config) for _ in range(config.n_layers))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        if not config.is_tied:
+            self.head = nn.Linear(config.d_model, config.d_head_output, bias=config.head != "lm")
+        self._fingerprint: str | None = None
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm_f.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm_f.weight.dtype
+
+    def empty_state(self, batch: int) -> StreamState:
+        return StreamState.empty(self.config, batch, device=self.device, dtype=self.dtype)
+
+    def fingerprint(self) -> str:
+        """A hash of the config and every weight: snapshots carry it so they only load into this model."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(repr(sorted(self.config.to_dict().items())).encode())
+            for name, tensor in sorted(self.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def invalidate_fingerprint(self) -> None:
+        self._fingerprint = None
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def forward(self, inputs: torch.Tensor, state: StreamState | None = None, *,
+                cu_seqlens: torch.Tensor | None = None, state_indices: torch.Tensor | None = None,
+                ) -> tuple[ModelOutput, StreamState]:
+        """Run sequences forward from `state`, which is updated in place and returned.
+
+        inputs: token ids (batch, T) / float vectors (batch, T, d_input) of equal-length sequences, or packed
+            variable-length sequences (total,) / (total, d_input) with `cu_seqlens` (batch + 1,).
+        state: a StreamState to continue (a fresh zero state when None); with `state_indices` (batch,) it is a
+            pool and sequence i continues slot state_indices[i] (-1: padding, left untouched).
+        A whole sequence, a chunk of one, or a single step (T == 1, run by the decode kernels) all go here.
+        """
+        tokens, cu_seqlens = self._pack(inputs, cu_seqlens)
+        num_seqs = cu_seqlens.numel() - 1
+        if state is None:
+            state = self.empty_state(num_seqs)
+        if state_indices is None:
+            if state.batch_size != num_seqs:
+                raise ValueError(f"state: holds {state.batch_size} streams for {num_seqs} sequences; "
+                                 "pass state_indices to use it as a pool")
+            state_indices = torch.arange(num_seqs, dtype=torch.int32, device=self.device)
+        state_indices = state_indices.to(device=self.device, dtype=torch.int32)
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        is_decode = tokens.shape[0] == num_seqs and bool((lengths == 1).all())
+        batch = Batch(cu_seqlens=cu_seqlens, state_indices=state_indices, is_decode=is_decode)
+
+        x = self._embed(tokens)  # (T, D)
+        y, residual = x, None
+        for i, layer in enumerate(self.layers):
+            h, residual = ops.add_rms_norm(y, residual, layer.norm.weight, layer.norm.eps)
+            y = layer(h, state.layer(i), batch)
+        hidden, _ = ops.add_rms_norm(y, residual, self.norm_f.weight, self.norm_f.eps)
+
+        live = state_indices >= 0
+        state.steps[state_indices[live].long()] += lengths[live].to(torch.int64)
+        return ModelOutput(hidden=hidden, head=self._head(hidden, cu_seqlens)), state
+
+    def _pack(self, inputs: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        token_ndim = 1 if self.config.vocab_size is not None else 2
+        if cu_seqlens is None:
+            if inputs.ndim != token_ndim + 1:
+                raise ValueError(f"inputs: expected {token_ndim + 1} dims (batch, T{', d_input' if token_ndim == 2 else ''}),"
+                                 f" got shape {tuple(inputs.shape)}")
+            batch, length = inputs.shape[:2]
+            cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=self.device)
+            inputs = inputs.reshape(batch * length, *inputs.shape[2:])
+        elif inputs.ndim != token_ndim:
+            raise ValueError(f"inputs: packed inputs need {token_ndim} dims, got shape {tuple(inputs.shape)}")
+        cu_seqlens = cu_seqlens.to(device=self.device, dtype=torch.int32)
+        if int(cu_seqlens[-1]) != inputs.shape[0]:
+            raise ValueError(f"cu_seqlens: ends at {int(cu_seqlens[-1])} but there are {inputs.shape[0]} tokens")
+        return inputs.to(self.device), cu_seqlens
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.config.vocab_size is not None:
+            return self.embedding(tokens.long())
+        return self.input_proj(tokens.to(self.dtype))
+
+    def _head(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        if self.config.head == "classify":
+            hidden = hidden[(cu_seqlens[1:] - 1).clamp(min=0).long()]  # the last step of each sequence
+        weight = self.embedding.weight if self.config.is_tied else self.head.weight
+        bias = None if self.config.is_tied else self.head.bias
+        return nn.functional.linear(hidden, weight, bias)

@@ -1,0 +1,155 @@
+"""Causal InfoMamba layers over packed tokens (DESIGN.md §1).
+
+Every layer reads and writes its carried state through the pool views in `LayerState`, indexed by
+`state_indices`, so the same code serves a whole sequence, a chunk continuing a state, and a single step.
+
+Axis letters: T packed tokens, D d_model, E d_inner, N d_state, K d_conv, R dt_rank, k concepts, C d_concept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import ops
+from model.config import InfoMambaConfig
+from model.state import LayerState
+
+
+@dataclass
+class Batch:
+    """Where a step's tokens belong: packed sequences, or one token per stream when `is_decode`."""
+
+    cu_seqlens: torch.Tensor  # (batch + 1,) int32
+    state_indices: torch.Tensor  # (batch,) int32, -1 = padding
+    is_decode: bool
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(weight.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 (S6): in_proj -> causal conv -> selective scan gated by SiLU(z) -> out_proj."""
+
+    def __init__(self, config: InfoMambaConfig):
+        super().__init__()
+        D, E, N, K, R = config.d_model, config.d_inner, config.d_state, config.d_conv, config.dt_rank
+        self.d_inner, self.d_state, self.dt_rank = E, N, R
+        self.in_proj = nn.Linear(D, 2 * E, bias=config.proj_bias)
+        # Kept in Mamba's (E, 1, K) shape so checkpoints convert by renaming alone.
+        self.conv1d = nn.Conv1d(E, E, K, groups=E, padding=K - 1, bias=config.conv_bias)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, D, bias=config.proj_bias)
+        self._init_dt()
+
+    def _init_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        # Mamba's init: dt log-uniform in [dt_min, dt_max], stored as softplus^-1 in the bias.
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, u: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
+        # u: (T, D) -> (T, D)
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        xz = self.in_proj(u)  # (T, 2E)
+        x_in, z = xz[:, :E].contiguous(), xz[:, E:].contiguous()
+        conv_w = self.conv1d.weight.squeeze(1)  # (E, K)
+        if batch.is_decode:
+            xc = ops.causal_conv1d_update(x_in, conv_w, self.conv1d.bias, state.conv, batch.state_indices)
+        else:
+            xc = ops.causal_conv1d(x_in, conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens, batch.state_indices)
+        dbc = self.x_proj(xc)  # (T, R + 2N)
+        dt = F.linear(dbc[:, :R], self.dt_proj.weight).contiguous()  # (T, E); bias and softplus fused in the scan
+        B, C = dbc[:, R:R + N].contiguous(), dbc[:, R + N:].contiguous()
+        A = -torch.exp(self.A_log.float())  # (E, N)
+        if batch.is_decode:
+            y = ops.selective_state_update(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
+                                           batch.state_indices)
+        else:
+            y = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
+                                   batch.cu_seqlens, batch.state_indices)
+        return self.out_proj(y)
+
+
+class ConceptBottleneck(nn.Module):
+    """k routing weights per token, a causal running mean of values per concept, read back through M."""
+
+    def __init__(self, config: InfoMambaConfig):
+        super().__init__()
+        k, C = config.n_concepts, config.d_concept
+        self.eps, self.norm_eps = config.concept_eps, config.norm_eps
+        self.route = nn.Linear(config.d_model, k)
+        self.value = nn.Linear(config.d_model, C, bias=False)
+        self.mix = nn.Parameter(torch.eye(k))
+        self.norm = RMSNorm(C, config.norm_eps)
+
+    def forward(self, h: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
+        # h: (T, D) -> r: (T, C) global context for each token
+        a = torch.softmax(self.route(h).float(), dim=-1)  # (T, k)
+        v = self.value(h)  # (T, C)
+        if batch.is_decode:
+            read = ops.concept_filter_update(a, v, self.mix, state.concept_mean, state.concept_mass,
+                                             batch.state_indices, self.eps)
+        else:
+            read = ops.concept_filter(a, v, self.mix, state.concept_mean, state.concept_mass,
+                                      batch.cu_seqlens, batch.state_indices, self.eps)
+        return F.gelu(rms_norm(read, self.norm.weight, self.norm_eps))
+
+
+class InformationFusion(nn.Module):
+    """IMF: sigmoid gates on [h; r] inject the global context into the SSM's input and its output."""
+
+    def __init__(self, config: InfoMambaConfig):
+        super().__init__()
+        D, C = config.d_model, config.d_concept
+        self.d_concept = C
+        self.gate = nn.Linear(D + C, 2 * C)
+        nn.init.constant_(self.gate.bias, -2.0)
+        self.to_input = nn.Linear(C, D, bias=False)
+        self.to_output = nn.Linear(C, D, bias=False)
+
+    def forward(self, h: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # h: (T, D), r: (T, C) -> (u: SSM input, extra: added to the SSM output), both (T, D)
+        r = r.to(h.dtype)
+        gates = torch.sigmoid(self.gate(torch.cat([h, r], dim=-1)))
+        g_s, g_o = gates[:, :self.d_concept], gates[:, self.d_concept:]
+        return h + self.to_input(g_s * r), self.to_output(g_o * r)
+
+
+class InfoMambaLayer(nn.Module):
+    def __init__(self, config: InfoMambaConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.has_concepts = config.has_concepts
+        if self.has_concepts:
+            self.concept = ConceptBottleneck(config)
+            self.fusion = InformationFusion(config)
+        self.mixer = MambaMixer(config)
+
+    def forward(self, h: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
+        """h: the normed hidden (T, D). Returns the residual branch y (T, D)."""
+        if not self.has_concepts:
+            return self.mixer(h, state, batch)
+        r = self.concept(h, state, batch)
+        u, extra = self.fusion(h, r)
+        return self.mixer(u, state, batch) + extra

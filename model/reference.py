@@ -1,0 +1,89 @@
+"""A slow, readable, sequential causal InfoMamba: the test oracle, never used for serving.
+
+It runs one sequence one step at a time, straight from DESIGN.md §1, with raw concept sums S and mass m in
+fp64 (the fast paths store means instead). It reads the parameters of an `InfoMamba` module but shares no
+code path with it.
+
+Glossary (paper symbols): x_t hidden, h_t normed hidden, a_t concept routing (k), v_t concept value (d_c),
+S/m concept sums/mass, r_t global context, g_s/g_o IMF gates, u_t SSM input, s_t SSM state (E x N),
+Δ step size, A/B/C/D the S6 parameters, K conv width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.infomamba import InfoMamba
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean() + eps) * weight
+
+
+class _LayerState:
+    def __init__(self, E: int, K: int, N: int, k: int, C: int):
+        self.window = torch.zeros(K - 1, E)  # last K-1 conv inputs, oldest first
+        self.s = torch.zeros(E, N)  # SSM state
+        self.S = torch.zeros(k, C, dtype=torch.float64)  # concept sums
+        self.m = torch.zeros(k, dtype=torch.float64)  # concept mass
+
+
+@torch.no_grad()
+def reference_forward(model: InfoMamba, inputs: torch.Tensor) -> torch.Tensor:
+    """inputs: (T,) token ids or (T, d_input) floats for ONE sequence, from a zero state.
+    Returns the head output per step (T, d_out), or (n_classes,) for a classify head. fp32 throughout."""
+    cfg = model.config
+    p = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
+    E, N, K, R = cfg.d_inner, cfg.d_state, cfg.d_conv, cfg.dt_rank
+    states = [_LayerState(E, K, N, cfg.n_concepts, cfg.d_concept) for _ in range(cfg.n_layers)]
+    outputs = []
+    for t in range(inputs.shape[0]):
+        if cfg.vocab_size is not None:
+            x = p["embedding.weight"][int(inputs[t])]
+        else:
+            x = p["input_proj.weight"] @ inputs[t].float() + p["input_proj.bias"]
+        for i, st in enumerate(states):
+            x = x + _layer_step(p, f"layers.{i}.", cfg, st, x)
+        hidden = _rms(x, p["norm_f.weight"], cfg.norm_eps)
+        weight = p["embedding.weight"] if cfg.is_tied else p["head.weight"]
+        out = weight @ hidden
+        if not cfg.is_tied and "head.bias" in p:
+            out = out + p["head.bias"]
+        outputs.append(out)
+    out = torch.stack(outputs)
+    return out[-1] if cfg.head == "classify" else out
+
+
+def _layer_step(p: dict, pre: str, cfg, st: _LayerState, x: torch.Tensor) -> torch.Tensor:
+    h = _rms(x, p[pre + "norm.weight"], cfg.norm_eps)
+    u, extra = h, 0.0
+    if cfg.n_concepts > 0:
+        a = torch.softmax(p[pre + "concept.route.weight"] @ h + p[pre + "concept.route.bias"], dim=0)  # (k,)
+        v = p[pre + "concept.value.weight"] @ h  # (C,)
+        st.S += torch.outer(a, v).double()
+        st.m += a.double()
+        c = p[pre + "concept.mix"] @ (st.S / (st.m[:, None] + cfg.concept_eps)).float()  # (k, C)
+        r = F.gelu(_rms(a @ c, p[pre + "concept.norm.weight"], cfg.norm_eps))
+        gates = torch.sigmoid(p[pre + "fusion.gate.weight"] @ torch.cat([h, r]) + p[pre + "fusion.gate.bias"])
+        g_s, g_o = gates[:cfg.d_concept], gates[cfg.d_concept:]
+        u = h + p[pre + "fusion.to_input.weight"] @ (g_s * r)
+        extra = p[pre + "fusion.to_output.weight"] @ (g_o * r)
+    return _mamba_step(p, pre + "mixer.", cfg, st, u) + extra
+
+
+def _mamba_step(p: dict, pre: str, cfg, st: _LayerState, u: torch.Tensor) -> torch.Tensor:
+    E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
+    xz = p[pre + "in_proj.weight"] @ u + p.get(pre + "in_proj.bias", 0.0)
+    x_in, z = xz[:E], xz[E:]
+    window = torch.cat([st.window, x_in[None]], dim=0)  # (K, E)
+    st.window = window[1:]
+    conv = (window.t() * p[pre + "conv1d.weight"][:, 0, :]).sum(-1) + p.get(pre + "conv1d.bias", 0.0)
+    xc = F.silu(conv)
+    dbc = p[pre + "x_proj.weight"] @ xc
+    delta, B, C = dbc[:R], dbc[R:R + N], dbc[R + N:]
+    dt = F.softplus(p[pre + "dt_proj.weight"] @ delta + p[pre + "dt_proj.bias"])  # (E,)
+    A = -torch.exp(p[pre + "A_log"])  # (E, N)
+    st.s = torch.exp(dt[:, None] * A) * st.s + (dt * xc)[:, None] * B[None, :]
+    y = st.s @ C + p[pre + "D"] * xc
+    y = y * F.silu(z)
+    return p[pre + "out_proj.weight"] @ y + p.get(pre + "out_proj.bias", 0.0)

@@ -1,0 +1,136 @@
+"""The invariant (DESIGN.md §2): one pass = any chunking = step by step = the reference; a batch = each alone."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import make_inputs, make_model
+from model.reference import reference_forward
+
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def assert_states_close(a, b):
+    for name, x in a.tensors().items():
+        y = getattr(b, name)
+        if name == "steps":
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, **TOL, msg=lambda m: f"state {name}: {m}")
+
+
+def run_chunks(model, inputs, cuts):
+    state = model.empty_state(inputs.shape[0])
+    heads, start = [], 0
+    for end in list(cuts) + [inputs.shape[1]]:
+        if end > start:
+            out, state = model(inputs[:, start:end], state)
+            heads.append(out.head.view(inputs.shape[0], end - start, -1))
+        start = end
+    return torch.cat(heads, dim=1), state
+
+
+configs = st.fixed_dictionaries({
+    "d_model": st.integers(5, 24),
+    "n_layers": st.integers(1, 3),
+    "d_state": st.integers(1, 6),
+    "d_conv": st.integers(2, 5),
+    "expand": st.integers(1, 2),
+    "n_concepts": st.sampled_from([0, 1, 3, 5]),
+    "dt_rank": st.integers(0, 4),
+})
+
+
+@settings(max_examples=25, deadline=None)
+@given(fields=configs, length=st.integers(1, 24), data=st.data(), seed=st.integers(0, 1000))
+def test_one_pass_equals_any_chunking_and_steps(fields, length, data, seed):
+    model = make_model(seed, **fields)
+    inputs = make_inputs(model, 2, length, seed)
+    cuts = sorted(data.draw(st.lists(st.integers(1, max(1, length - 1)), max_size=4), label="cuts"))
+    with torch.no_grad():
+        whole, whole_state = run_chunks(model, inputs, [])
+        chunked, chunked_state = run_chunks(model, inputs, cuts)
+        stepped, stepped_state = run_chunks(model, inputs, range(1, length))
+    torch.testing.assert_close(chunked, whole, **TOL)
+    torch.testing.assert_close(stepped, whole, **TOL)
+    assert_states_close(chunked_state, whole_state)
+    assert_states_close(stepped_state, whole_state)
+    assert int(whole_state.steps[0]) == length
+
+
+@settings(max_examples=15, deadline=None)
+@given(fields=configs, length=st.integers(1, 16), seed=st.integers(0, 1000))
+def test_batched_model_matches_reference(fields, length, seed):
+    model = make_model(seed, **fields)
+    inputs = make_inputs(model, 2, length, seed)
+    with torch.no_grad():
+        out, _ = model(inputs)
+    heads = out.head.view(2, length, -1)
+    for i in range(2):
+        torch.testing.assert_close(heads[i], reference_forward(model, inputs[i]), **TOL)
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5), k=st.sampled_from([0, 4]),
+       seed=st.integers(0, 1000))
+def test_packed_batch_equals_each_sequence_alone(lengths, k, seed):
+    model = make_model(seed, n_concepts=k)
+    seqs = [make_inputs(model, 1, n, seed + i)[0] for i, n in enumerate(lengths)]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    with torch.no_grad():
+        packed, state = model(torch.cat(seqs), cu_seqlens=cu)
+        for i, seq in enumerate(seqs):
+            alone, alone_state = model(seq[None])
+            torch.testing.assert_close(packed.head[cu[i]:cu[i + 1]], alone.head, **TOL)
+            assert_states_close(state.select([i]), alone_state)
+
+
+def test_pool_slots_continue_independently_and_padding_is_untouched():
+    model = make_model(3)
+    inputs = make_inputs(model, 2, 10, 3)
+    pool = model.empty_state(5)
+    pool.ssm[:, 4] = 7.0  # a slot nobody uses must keep its contents
+    with torch.no_grad():
+        for t in range(10):
+            # stream 0 lives in slot 3, stream 1 in slot 0; a padding row (-1) rides along
+            step_inputs = torch.stack([inputs[0, t], inputs[1, t], inputs[1, t]])[:, None]
+            out, _ = model(step_inputs, pool, state_indices=torch.tensor([3, 0, -1]))
+        whole, whole_state = model(inputs)
+    assert_states_close(pool.select([3, 0]), whole_state)
+    assert torch.all(pool.ssm[:, 4] == 7.0)
+    assert int(pool.steps[1]) == 0 and int(pool.steps[3]) == 10
+
+
+def test_float_inputs_per_step_and_classify_heads():
+    with torch.no_grad():
+        per_step = make_model(1, vocab_size=None, d_input=7, head="per_step", d_output=3)
+        inputs = make_inputs(per_step, 1, 9, 1)
+        out, _ = per_step(inputs)
+        assert out.head.shape == (9, 3)
+        torch.testing.assert_close(out.head, reference_forward(per_step, inputs[0]), **TOL)
+        classify = make_model(2, vocab_size=None, d_input=7, head="classify", n_classes=4)
+        out, _ = classify(inputs)
+        assert out.head.shape == (1, 4)
+        torch.testing.assert_close(out.head[0], reference_forward(classify, inputs[0]), **TOL)
+
+
+def test_concept_state_stays_exact_deep_into_a_stream():
+    # After ~10^6 steps raw concept sums in fp32 would round a step away; the stored means must not.
+    model = make_model(4, n_layers=1)
+    inputs = make_inputs(model, 1, 12, 4)
+    deep = model.empty_state(1)
+    deep.concept_mass.fill_(1e6)
+    deep.concept_mean.normal_(generator=torch.Generator().manual_seed(0))
+    deep.steps.fill_(10**6)
+    stepped, initial = deep.clone(), deep.clone()
+    with torch.no_grad():
+        whole, _ = model(inputs, deep)
+        heads = [model(inputs[:, t:t + 1], stepped)[0].head for t in range(12)]
+    torch.testing.assert_close(torch.cat(heads), whole.head, **TOL)
+    assert_states_close(stepped, deep)
+    # the newest steps still move the means (by about a / 1e6): their contribution is not rounded away
+    moved = (deep.concept_mean - initial.concept_mean).abs().amax(dim=-1)
+    assert bool((moved > 0).all())
+    # routing weights sum to one, so twelve steps add exactly twelve to the total mass, kept in fp64
+    added = (deep.concept_mass - initial.concept_mass).sum(-1)
+    torch.testing.assert_close(added, torch.full_like(added, 12.0), atol=1e-6, rtol=0)
+    assert int(deep.steps[0]) == 10**6 + 12

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from helpers import make_inputs, make_model
+from model.state import SnapshotError, load_snapshot, save_snapshot, state_nbytes_per_stream
+
+
+def test_state_size_does_not_depend_on_sequence_length():
+    model = make_model(0)
+    sizes = set()
+    with torch.no_grad():
+        for length in (1, 10, 100):
+            _, state = model(make_inputs(model, 1, length))
+            sizes.add(state.nbytes())
+    assert sizes == {state_nbytes_per_stream(model.config)}
+
+
+def test_snapshot_round_trips_exactly():
+    model = make_model(1)
+    with torch.no_grad():
+        _, state = model(make_inputs(model, 1, 13))
+    blob = save_snapshot(state, model.config.name, model.fingerprint())
+    restored = load_snapshot(blob, model.config, model.fingerprint())
+    for name, tensor in state.tensors().items():
+        assert torch.equal(getattr(restored, name), tensor), name
+        assert getattr(restored, name).dtype == tensor.dtype
+    assert int(restored.steps[0]) == 13
+
+
+def test_resuming_from_a_snapshot_equals_never_stopping():
+    model = make_model(2)
+    inputs = make_inputs(model, 1, 20)
+    with torch.no_grad():
+        whole, _ = model(inputs)
+        _, state = model(inputs[:, :8])
+        blob = save_snapshot(state, model.config.name, model.fingerprint())
+        rest, _ = model(inputs[:, 8:], load_snapshot(blob, model.config, model.fingerprint()))
+    torch.testing.assert_close(rest.head, whole.head[8:], atol=2e-5, rtol=1e-4)
+
+
+def test_snapshot_from_another_model_is_refused():
+    model, other = make_model(1), make_model(2)
+    with torch.no_grad():
+        _, state = other(make_inputs(other, 1, 5))
+    blob = save_snapshot(state, "other-model", other.fingerprint())
+    with pytest.raises(SnapshotError, match="another model.*other-model"):
+        load_snapshot(blob, model.config, model.fingerprint())
+
+
+@pytest.mark.parametrize("blob, message", [
+    (b"", "too short"),
+    (b"\x00" * 64, "header length"),
+    (b"not a safetensors blob at all", "header length"),
+])
+def test_corrupt_snapshots_are_refused(blob, message):
+    model = make_model(1)
+    with pytest.raises(SnapshotError, match=message):
+        load_snapshot(blob, model.config, model.fingerprint())
+
+
+def test_truncated_snapshot_is_refused():
+    model = make_model(1)
+    blob = save_snapshot(model.empty_state(1), model.config.name, model.fingerprint())
+    with pytest.raises(SnapshotError, match="corrupt"):
+        load_snapshot(blob[: len(blob) - 9], model.config, model.fingerprint())
+
+
+def test_snapshot_of_a_batch_is_refused():
+    model = make_model(1)
+    with pytest.raises(ValueError, match="one stream"):
+        save_snapshot(model.empty_state(2), model.config.name, model.fingerprint())

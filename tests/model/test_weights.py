@@ -1,0 +1,90 @@
+"""Loading a model directory: round trip, and a clear error for each kind of bad weights."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import make_inputs, make_model
+from model.weights import WeightsError, load_model, save_model
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = make_model(0)
+    save_model(model, tmp_path / "m")
+    return model, tmp_path / "m"
+
+
+def rewrite(directory, edit):
+    tensors = load_file(str(directory / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(directory / "model.safetensors"))
+
+
+def test_round_trip_gives_the_same_outputs_and_fingerprint(saved):
+    model, directory = saved
+    loaded = load_model(directory)
+    inputs = make_inputs(model, 2, 7)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs)[0].head, model(inputs)[0].head)
+    assert loaded.fingerprint() == model.fingerprint()
+
+
+def test_missing_tensor(saved):
+    _, directory = saved
+    rewrite(directory, lambda t: t.pop("layers.1.mixer.A_log"))
+    with pytest.raises(WeightsError, match=r"missing tensors: layers\.1\.mixer\.A_log"):
+        load_model(directory)
+
+
+def test_extra_tensor(saved):
+    _, directory = saved
+    rewrite(directory, lambda t: t.update({"layers.9.norm.weight": torch.ones(3)}))
+    with pytest.raises(WeightsError, match=r"unexpected tensors: layers\.9\.norm\.weight"):
+        load_model(directory)
+
+
+def test_misshaped_tensor(saved):
+    _, directory = saved
+    rewrite(directory, lambda t: t.update({"norm_f.weight": torch.ones(5)}))
+    with pytest.raises(WeightsError, match=r"norm_f\.weight: shape \(5,\), expected \(24,\)"):
+        load_model(directory)
+
+
+def test_wrongly_typed_tensor(saved):
+    _, directory = saved
+    rewrite(directory, lambda t: t.update({"norm_f.weight": torch.ones(24, dtype=torch.int32)}))
+    with pytest.raises(WeightsError, match=r"norm_f\.weight: dtype torch\.int32"):
+        load_model(directory)
+
+
+def test_truncated_file(saved):
+    _, directory = saved
+    path = directory / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_model(directory)
+
+
+def test_not_a_safetensors_file(saved):
+    _, directory = saved
+    torch.save({"norm_f.weight": torch.ones(24)}, directory / "model.safetensors")  # a pickle
+    with pytest.raises(WeightsError, match="not a safetensors file|unreadable"):
+        load_model(directory)
+
+
+def test_missing_weights_file(saved):
+    _, directory = saved
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="model.safetensors: missing"):
+        load_model(directory)
+
+
+def test_bad_config(saved):
+    _, directory = saved
+    data = json.loads((directory / "config.json").read_text())
+    data["d_state"] = -1
+    (directory / "config.json").write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match="d_state"):
+        load_model(directory)
