@@ -87,16 +87,33 @@ class InfoMamba(nn.Module):
         is_decode = tokens.shape[0] == num_seqs and bool((lengths == 1).all())
         batch = Batch(cu_seqlens=cu_seqlens, state_indices=state_indices, is_decode=is_decode)
 
-        x = self._embed(tokens)  # (T, D)
+        hidden = self._run_layers(self._embed(tokens), state, batch)
+        live = state_indices >= 0
+        state.steps[state_indices[live].long()] += lengths[live].to(torch.int64)
+        return ModelOutput(hidden=hidden, head=self._head(hidden, cu_seqlens)), state
+
+    def decode_step(self, tokens: torch.Tensor, state: StreamState, state_indices: torch.Tensor) -> ModelOutput:
+        """One step for a batch of pool slots, with no host synchronization, so CUDA graphs can capture it.
+
+        tokens: (batch,) ids or (batch, d_input); state_indices: (batch,) int32 on the model's device, -1 = padding.
+        """
+        batch = Batch(cu_seqlens=self._decode_cu_seqlens(tokens.shape[0]), state_indices=state_indices,
+                      is_decode=True)
+        hidden = self._run_layers(self._embed(tokens), state, batch)
+        live = (state_indices >= 0).to(torch.int64)
+        state.steps.index_add_(0, state_indices.clamp(min=0).long(), live)  # padding adds 0 to slot 0
+        return ModelOutput(hidden=hidden, head=self._head(hidden, batch.cu_seqlens))
+
+    def _decode_cu_seqlens(self, n: int) -> torch.Tensor:
+        return torch.arange(n + 1, dtype=torch.int32, device=self.device)
+
+    def _run_layers(self, x: torch.Tensor, state: StreamState, batch: Batch) -> torch.Tensor:
         y, residual = x, None
         for i, layer in enumerate(self.layers):
             h, residual = ops.add_rms_norm(y, residual, layer.norm.weight, layer.norm.eps)
             y = layer(h, state.layer(i), batch)
         hidden, _ = ops.add_rms_norm(y, residual, self.norm_f.weight, self.norm_f.eps)
-
-        live = state_indices >= 0
-        state.steps[state_indices[live].long()] += lengths[live].to(torch.int64)
-        return ModelOutput(hidden=hidden, head=self._head(hidden, cu_seqlens)), state
+        return hidden
 
     def _pack(self, inputs: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         token_ndim = 1 if self.config.vocab_size is not None else 2

@@ -134,3 +134,17 @@ def test_concept_state_stays_exact_deep_into_a_stream():
     added = (deep.concept_mass - initial.concept_mass).sum(-1)
     torch.testing.assert_close(added, torch.full_like(added, 12.0), atol=1e-6, rtol=0)
     assert int(deep.steps[0]) == 10**6 + 12
+
+
+def test_decode_step_equals_forward_steps_over_a_pool():
+    model = make_model(5)
+    inputs = make_inputs(model, 3, 6, 5)
+    slots = torch.tensor([2, -1, 0], dtype=torch.int32)
+    pool_a, pool_b = model.empty_state(4), model.empty_state(4)
+    with torch.no_grad():
+        for t in range(6):
+            a = model.decode_step(inputs[:, t], pool_a, slots).head
+            b, _ = model(inputs[:, t:t + 1], pool_b, state_indices=slots)
+            torch.testing.assert_close(a[[0, 2]], b.head[[0, 2]], **TOL)
+    assert_states_close(pool_a, pool_b)
+    assert pool_a.steps.tolist() == [6, 0, 6, 0]

@@ -1,0 +1,64 @@
+"""The whole model on the Triton kernels matches the PyTorch path (interpreter on CPU; real sizes on a GPU)."""
+import pytest
+import torch
+
+from helpers import make_inputs, make_model
+from kernels.dispatch import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: dict(atol=2e-4, rtol=2e-3), torch.bfloat16: dict(atol=8e-2, rtol=5e-2)}
+
+
+def run(model, inputs, cuts, kernels, monkeypatch):
+    monkeypatch.setenv("INFOMAMBA_KERNELS", kernels)
+    state = model.empty_state(inputs.shape[0])
+    heads, start = [], 0
+    with torch.inference_mode():
+        for end in list(cuts) + [inputs.shape[1]]:
+            out, state = model(inputs[:, start:end].to(DEVICE), state)
+            heads.append(out.head.float().view(inputs.shape[0], end - start, -1))
+            start = end
+    return torch.cat(heads, 1), state
+
+
+SIZES = [dict(d_model=24, n_layers=2, d_state=4, d_conv=3, n_concepts=3, d_concept=6)]
+if CUDA:
+    SIZES.append(dict(d_model=768, n_layers=4, d_state=16, d_conv=4, n_concepts=16, d_concept=192, vocab_size=512))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("fields", SIZES, ids=lambda f: f"d{f['d_model']}")
+def test_kernels_match_torch_path_in_one_pass_chunks_and_steps(fields, dtype, monkeypatch):
+    model = make_model(0, **fields).to(DEVICE, dtype)
+    length = 64 if CUDA else 10
+    inputs = make_inputs(model, 2, length)
+    cuts = [length // 3, length // 3 + 1, length - 2]
+    expected, expected_state = run(model, inputs, [], "torch", monkeypatch)
+    for split in ([], cuts, range(1, min(length, 12))):
+        got, state = run(model, inputs, split, "triton", monkeypatch)
+        torch.testing.assert_close(got, expected, **TOL[dtype])
+        torch.testing.assert_close(state.ssm, expected_state.ssm, **TOL[dtype])
+        torch.testing.assert_close(state.concept_mean, expected_state.concept_mean, **TOL[dtype])
+        assert torch.equal(state.steps, expected_state.steps)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_matches_eager_decode(dtype, monkeypatch):
+    from model.cuda_graphs import CudaGraphDecoder
+
+    monkeypatch.setenv("INFOMAMBA_KERNELS", "triton")
+    model = make_model(1, **SIZES[-1]).to(DEVICE, dtype)
+    inputs = make_inputs(model, 5, 8).to(DEVICE)
+    eager, graphed = model.empty_state(16), model.empty_state(16)
+    decoder = CudaGraphDecoder(model, graphed, batch_sizes=(1, 2, 4, 8))
+    slots = torch.tensor([3, 7, 0, 12, 5], dtype=torch.int32, device=DEVICE)
+    with torch.inference_mode():
+        for t in range(8):
+            want = model.decode_step(inputs[:, t], eager, slots).head
+            got = decoder(inputs[:, t], slots)
+            torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+    torch.testing.assert_close(graphed.ssm, eager.ssm, **TOL[dtype])
+    assert torch.equal(graphed.steps, eager.steps)
