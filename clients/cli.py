@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,6 +19,52 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# serve flags: (flag, ServerConfig field, type, help); each also reads INFOMAMBA_<FIELD> from the environment
+SERVE_FLAGS = (
+    ("--host", "host", str, "address to listen on"),
+    ("--port", "port", int, "port to listen on"),
+    ("--device", "device", str, "auto, cpu, cuda, cuda:N"),
+    ("--dtype", "dtype", str, "auto, float32, bfloat16, float16"),
+    ("--max-num-streams", "max_num_streams", int, "state pool slots (live sessions + in-flight requests)"),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", int, "input steps per engine step"),
+    ("--max-queue", "max_queue", int, "requests waiting for a slot before 429"),
+    ("--max-num-sessions", "max_num_sessions", int, "sessions (in memory and on disk) before 429"),
+    ("--max-body-bytes", "max_body_bytes", int, "request body limit (413 above)"),
+    ("--max-request-steps", "max_request_steps", int, "input steps + max_tokens of one request (413 above)"),
+    ("--max-batch-sequences", "max_batch_sequences", int, "sequences in one /v1/forward or completions request"),
+    ("--max-ws-frame-bytes", "max_ws_frame_bytes", int, "websocket frame limit"),
+    ("--session-ttl", "session_ttl", float, "seconds idle before a session is spilled to disk"),
+    ("--state-dir", "state_dir", str, "where sessions are spilled and persisted across restarts"),
+    ("--api-key", "api_key", str, "bearer token required on /v1 routes and the websocket"),
+    ("--served-model-name", "served_model_name", str, "model id in /v1/models and completions"),
+    ("--shutdown-timeout", "shutdown_timeout", float, "seconds to drain requests on shutdown"),
+)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.config import ServerConfig
+    from server.serve import serve
+
+    values = {field: getattr(args, field) for _, field, _, _ in SERVE_FLAGS if getattr(args, field) is not None}
+    try:
+        config = ServerConfig(**values)
+    except ValueError as exc:
+        print(f"infomamba serve: {exc}", file=sys.stderr)
+        return 2
+    serve(config, args.model, log_level=args.log_level)
+    return 0
+
+
+def _env(field: str, kind):
+    value = os.environ.get("INFOMAMBA_" + field.upper())
+    if value is None or value == "":
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"infomamba serve: INFOMAMBA_{field.upper()}={value!r} is not a valid {kind.__name__}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infomamba", description="InfoMamba Serve: a recurrent-state model server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--name", default=None, help="model name (default: the source directory's name)")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=_convert)
+    serve = sub.add_parser("serve", help="run the HTTP/websocket server (flags also read INFOMAMBA_* env vars)")
+    serve.add_argument("--model", default=os.environ.get("INFOMAMBA_MODEL") or None,
+                       help="model directory (default: the bundled model, else a random tiny one)")
+    for flag, field, kind, help_text in SERVE_FLAGS:
+        serve.add_argument(flag, dest=field, type=kind, default=_env(field, kind),
+                           help=f"{help_text} [env INFOMAMBA_{field.upper()}]")
+    serve.add_argument("--log-level", default=os.environ.get("INFOMAMBA_LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+    from clients.commands import add_client_commands
+
+    add_client_commands(sub)  # generate, stream, bench
     return parser
 
 

@@ -1,0 +1,41 @@
+"""The server's settings: one dataclass, validated on construction; the CLI and env vars fill it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    max_num_streams: int = 64  # state pool slots: live sessions + in-flight requests
+    max_num_batched_tokens: int = 2048  # input steps per engine step (prefill chunks + decode steps)
+    max_queue: int = 256  # requests waiting for a slot before 429
+    max_num_sessions: int = 10_000  # sessions in memory and on disk before 429
+    max_body_bytes: int = 16 * 1024 * 1024  # 413 above
+    max_request_steps: int = 65_536  # input steps + max_tokens of one request, 413 above
+    max_batch_sequences: int = 64  # sequences in one /v1/forward request
+    max_ws_frame_bytes: int = 16 * 1024 * 1024
+    session_ttl: float = 600.0  # seconds idle before a session is spilled to disk
+    state_dir: str | None = None  # where spilled/persisted sessions live; None: a temporary directory
+    api_key: str | None = None  # bearer token for HTTP and websocket; None: no auth
+    served_model_name: str | None = None
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_num_streams", "max_num_batched_tokens", "max_queue", "max_num_sessions",
+                     "max_body_bytes", "max_request_steps", "max_batch_sequences", "max_ws_frame_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "port" else 1):
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_streams:
+            raise ValueError(f"max_num_batched_tokens: must be >= max_num_streams ({self.max_num_streams}), "
+                             f"got {self.max_num_batched_tokens}")
+        if not self.session_ttl > 0:
+            raise ValueError(f"session_ttl: expected > 0 seconds, got {self.session_ttl!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.api_key == "":
+            self.api_key = None

@@ -1,0 +1,78 @@
+"""Every metric the server exports, in one place, on a per-app registry (several servers in one process don't
+clash). Names follow vLLM's where the meaning matches, with the `infomamba:` prefix."""
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+BYTES_BUCKETS = tuple(2 ** i for i in range(10, 31, 2))
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        p = "infomamba:"
+        self.http_requests = Counter(p + "http_requests", "HTTP requests and websocket frames by route and status",
+                                     ["route", "status"], registry=r)
+        self.queue_time = Histogram(p + "request_queue_time_seconds", "Time from arrival to first scheduled step",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_output = Histogram(p + "time_to_first_token_seconds",
+                                              "Time from arrival to the first output (token or per-step output)",
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_output_step = Histogram(p + "time_per_output_token_seconds",
+                                              "Time between consecutive outputs of a request, per step",
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e_latency = Histogram(p + "e2e_request_latency_seconds", "Time from arrival to finish",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.forward_time = Histogram(p + "model_forward_time_seconds", "Time of one engine step (model + sampling)",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_steps = Counter(p + "prompt_tokens", "Input steps fed (tokens or float vectors)", registry=r)
+        self.generation_steps = Counter(p + "generation_tokens", "Tokens generated", registry=r)
+        self.batch_size = Histogram(p + "batch_size", "Streams per engine step", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(p + "batch_tokens", "Input steps per engine step", buckets=BATCH_BUCKETS,
+                                      registry=r)
+        self.engine_steps = Counter(p + "engine_steps", "Engine steps run", registry=r)
+        self.requests_running = Gauge(p + "num_requests_running", "Requests in the running queue", registry=r)
+        self.requests_waiting = Gauge(p + "num_requests_waiting", "Requests in the waiting queue", registry=r)
+        self.slots_used = Gauge(p + "state_slots_used", "State pool slots in use", registry=r)
+        self.slots_total = Gauge(p + "state_slots_total", "State pool slots", registry=r)
+        self.state_bytes_per_stream = Gauge(p + "state_bytes_per_stream", "Bytes of state per stream", registry=r)
+        self.sessions_live = Gauge(p + "sessions_live", "Sessions resident in the state pool", registry=r)
+        self.sessions_spilled = Gauge(p + "sessions_spilled", "Sessions spilled to disk", registry=r)
+        self.snapshot_bytes = Histogram(p + "snapshot_bytes", "Size of state snapshots written or read",
+                                        buckets=BYTES_BUCKETS, registry=r)
+        self.snapshot_save_time = Histogram(p + "snapshot_save_seconds", "Time to save a snapshot (incl. spills)",
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.snapshot_restore_time = Histogram(p + "snapshot_restore_seconds", "Time to restore a snapshot",
+                                               buckets=LATENCY_BUCKETS, registry=r)
+        self.gpu_memory = Gauge(p + "gpu_memory_bytes", "GPU memory held by torch (0 without a GPU)", ["kind"],
+                                registry=r)
+
+    def observe_step(self, batch, seconds: float) -> None:
+        self.forward_time.observe(seconds)
+        self.batch_size.observe(len(batch.chunks))
+        self.batch_tokens.observe(batch.num_tokens)
+        self.engine_steps.inc()
+
+    def refresh(self, engine, sessions=None) -> None:
+        """Gauges read at scrape time."""
+        counts = engine.counts()
+        self.requests_running.set(counts["running"])
+        self.requests_waiting.set(counts["waiting"])
+        self.slots_used.set(counts["slots_used"])
+        self.slots_total.set(counts["slots_total"])
+        if sessions is not None:
+            self.sessions_live.set(sessions.num_live)
+            self.sessions_spilled.set(sessions.num_spilled)
+        if torch.cuda.is_available():
+            self.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated())
+            self.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved())
+        else:
+            self.gpu_memory.labels("allocated").set(0)
+            self.gpu_memory.labels("reserved").set(0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,122 @@
+"""Runs one scheduled step: packs the chunks (cu_seqlens, state_indices), runs the model on the state pool in
+place, and samples the next token of every stream whose inputs are used up."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.infomamba import InfoMamba
+from server.scheduler import ScheduledBatch
+from server.sequence import SamplingParams, Sequence
+from server.state_pool import StatePool
+
+
+@dataclass
+class StepResult:
+    outputs: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # seq id -> kind -> (n, width) CPU
+    last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq id -> (vocab,) CPU
+    sampled: dict[int, int] = field(default_factory=dict)  # seq id -> token id
+
+
+class ModelRunner:
+    def __init__(self, model: InfoMamba, pool: StatePool):
+        self.model = model
+        self.pool = pool
+        self.config = model.config
+        self.device = model.device
+        self.is_lm = model.config.head == "lm"
+
+    def needs_sample(self, chunk) -> bool:
+        seq = chunk.seq
+        return seq.is_generating and chunk.start + chunk.num_tokens >= seq.num_prompt
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        inputs, cu_seqlens, slots = self._pack(batch)
+        out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens,
+                            state_indices=self.pool.slot_indices(slots))
+        result = StepResult()
+        starts = cu_seqlens.tolist()
+        sample_rows, sample_seqs = [], []
+        for i, chunk in enumerate(batch.chunks):
+            seq, lo, hi = chunk.seq, starts[i], starts[i + 1]
+            if seq.outputs and not chunk.is_decode:
+                result.outputs[seq.id] = self._per_step(seq.outputs, out, lo, hi, i)
+            needs_logits = self.is_lm and (self.needs_sample(chunk) or (seq.keep_last_logits and hi > lo))
+            if needs_logits:
+                row = out.head[hi - 1]
+                if self.needs_sample(chunk):
+                    sample_rows.append(row)
+                    sample_seqs.append(seq)
+                if seq.keep_last_logits:
+                    result.last_logits[seq.id] = row.float().cpu()
+        if sample_seqs:
+            tokens = sample(torch.stack(sample_rows), sample_seqs)
+            result.sampled = {seq.id: t for seq, t in zip(sample_seqs, tokens)}
+        return result
+
+    def _pack(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        pieces, lengths, slots = [], [0], []
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if chunk.is_decode:
+                if self.config.vocab_size is None:
+                    raise RuntimeError("decode step on a model without token inputs")
+                pieces.append(torch.tensor([seq.pending_token], dtype=torch.int64))
+            else:
+                pieces.append(seq.inputs[chunk.start:chunk.start + chunk.num_tokens])
+            lengths.append(chunk.num_tokens)
+            slots.append(seq.slot)
+        inputs = torch.cat(pieces).to(self.device, non_blocking=True)
+        cu_seqlens = torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
+        return inputs, cu_seqlens, slots
+
+    def _per_step(self, kinds, out, lo: int, hi: int, i: int) -> dict[str, torch.Tensor]:
+        got = {}
+        for kind in kinds:
+            if kind == "hidden":
+                got[kind] = out.hidden[lo:hi].float().cpu()
+            elif kind == "head" and self.config.head == "classify":
+                got[kind] = out.head[i:i + 1].float().cpu()  # the chunk's last step
+            elif kind == "logprobs":
+                got[kind] = torch.log_softmax(out.head[lo:hi].float(), dim=-1).cpu()
+            else:  # logits, or a per_step/lm head
+                got[kind] = out.head[lo:hi].float().cpu()
+        return got
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """Next token per row of logits (batch, vocab): greedy rows in one argmax, sampled rows with each request's
+    own generator (so a seed reproduces regardless of batch neighbours). One host transfer for the batch."""
+    logits = logits.float()
+    greedy = torch.argmax(logits, dim=-1)
+    chosen = greedy.clone()
+    for row, seq in enumerate(seqs):
+        params = seq.sampling
+        if params.is_greedy:
+            continue
+        if seq.generator is None:
+            seq.generator = torch.Generator(device=logits.device)
+            if params.seed is not None:
+                seq.generator.manual_seed(params.seed)
+            else:
+                seq.generator.seed()
+        chosen[row] = _sample_row(logits[row], params, seq.generator)
+    return chosen.tolist()
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already reach top_p; the first always stays
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]

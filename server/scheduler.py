@@ -1,0 +1,112 @@
+"""Which streams run in the next model step. Plain Python: no tensors are touched except through the pool.
+
+Each step packs decode steps (one token each) of running streams and prefill chunks of streams with inputs left,
+up to `max_num_batched_tokens`. Long inputs are split into chunks with the state carried in the stream's slot.
+Scheduled streams rotate to the back of the running queue, so every stream is served round-robin; with
+max_num_batched_tokens >= max_num_streams each running prefill gets at least one token every step.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from server.sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # index of the first input fed (== seq.num_fed when scheduled)
+    num_tokens: int
+    is_decode: bool  # feeds seq.pending_token rather than seq.inputs
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    chunks: list[ScheduledChunk]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, pool, max_num_batched_tokens: int):
+        """pool: anything with allocate() -> slot | None and free(slot) (the StatePool, or a fake in tests)."""
+        if max_num_batched_tokens < pool.num_total:
+            raise ValueError(f"max_num_batched_tokens: must be >= max_num_streams ({pool.num_total}), "
+                             f"got {max_num_batched_tokens}")
+        self.pool = pool
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting_for_slot(self) -> int:
+        return sum(1 for s in self.waiting if s.owns_slot)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take a stream out (done, cancelled or failed) and give back its slot if the request owned it."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            if seq.owns_slot and seq.slot is not None:
+                self.pool.free(seq.slot)
+                seq.slot = None
+        else:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _admit(self) -> None:
+        blocked = False  # keep FIFO among requests that need a pool slot
+        for seq in list(self.waiting):
+            if not seq.owns_slot:  # a session's request: its slot is already held
+                self.waiting.remove(seq)
+            elif blocked:
+                continue
+            else:
+                slot = self.pool.allocate()
+                if slot is None:
+                    blocked = True
+                    continue
+                seq.slot = slot
+                self.waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+
+    def schedule(self) -> ScheduledBatch | None:
+        self._admit()
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        for seq in self.running:  # decode steps first: one token each, cheap, latency-bound
+            if budget and seq.is_decode:
+                chunks.append(ScheduledChunk(seq, seq.num_fed, 1, True))
+                budget -= 1
+        for seq in self.running:
+            if budget and not seq.is_decode and seq.num_pending > 0:
+                n = min(seq.num_pending, budget)
+                chunks.append(ScheduledChunk(seq, seq.num_fed, n, False))
+                budget -= n
+        if not chunks:
+            return None
+        scheduled = {id(c.seq) for c in chunks}
+        rest = [s for s in self.running if id(s) not in scheduled]
+        self.running = deque(rest + [c.seq for c in chunks])
+        return ScheduledBatch(chunks)

@@ -1,0 +1,99 @@
+"""Request bodies, validated at the HTTP/websocket edge only. Types are strict: "5" is not an int, true is not a
+float, NaN and infinity are refused. Everything past this module uses plain Python and tensors."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+OutputKind = Literal["logits", "logprobs", "hidden", "head"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingFields(BaseModel):
+    max_tokens: Annotated[StrictInt, Field(ge=1)] = 16
+    temperature: Annotated[float, Field(strict=True, ge=0, le=100, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[float, Field(strict=True, gt=0, le=1, allow_inf_nan=False)] = 1.0
+    top_k: Annotated[StrictInt, Field(ge=-1)] = -1  # -1 or 0: off (vLLM's convention)
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool = False
+    stream: StrictBool = False
+
+
+class ForwardRequest(Strict):
+    input_ids: list[list[StrictInt]] | None = None
+    inputs: list[list[list[Float]]] | None = None
+    text: list[StrictStr] | StrictStr | None = None
+    outputs: list[OutputKind] | None = None
+    return_state: StrictBool = False
+
+
+class SessionCreateRequest(Strict):
+    snapshot: StrictStr | None = None  # base64 of a state snapshot
+
+
+class AppendRequest(Strict):
+    input_ids: list[StrictInt] | None = None
+    inputs: list[list[Float]] | None = None
+    text: StrictStr | None = None
+    outputs: list[OutputKind] | None = None
+
+
+class GenerateRequest(SamplingFields, Strict):
+    prompt: StrictStr | None = None
+    input_ids: list[StrictInt] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class CompletionRequest(SamplingFields):
+    """OpenAI's completions request; fields this server doesn't implement are accepted and ignored, except
+    those that change the answer's shape (n, best_of, echo, logprobs, suffix), which are refused if set."""
+
+    model_config = ConfigDict(extra="allow")
+    model: StrictStr | None = None
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
+    best_of: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    presence_penalty: Annotated[float, Field(strict=True, ge=0, le=0)] = 0.0
+    frequency_penalty: Annotated[float, Field(strict=True, ge=0, le=0)] = 0.0
+
+
+# websocket frames (the type field picks the model)
+class WSOpen(Strict):
+    type: Literal["open"]
+    session: StrictStr | None = None
+    snapshot: StrictStr | None = None
+
+
+class WSAppend(AppendRequest):
+    type: Literal["append"]
+
+
+class WSGenerate(GenerateRequest):
+    type: Literal["generate"]
+
+
+class WSSnapshot(Strict):
+    type: Literal["snapshot"]
+
+
+class WSClose(Strict):
+    type: Literal["close"]
+    delete: StrictBool = False
+
+
+WS_FRAMES = {"open": WSOpen, "append": WSAppend, "generate": WSGenerate, "snapshot": WSSnapshot, "close": WSClose}

@@ -1,0 +1,66 @@
+"""One preallocated pool of per-stream state; a stream owns a slot index from a free list (STYLE.md)."""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from model.infomamba import InfoMamba
+from model.state import StreamState
+
+
+class StatePool:
+    """`max_num_streams` state slots allocated once. Slots are handed out and returned, never reallocated.
+
+    Only the engine thread reads or writes the tensors; the free list is guarded so other threads may read counts.
+    """
+
+    def __init__(self, model: InfoMamba, max_num_streams: int):
+        if max_num_streams < 1:
+            raise ValueError(f"max_num_streams: expected >= 1, got {max_num_streams}")
+        self.state: StreamState = model.empty_state(max_num_streams)
+        self.num_total = max_num_streams
+        self._free = list(range(max_num_streams - 1, -1, -1))  # pop() hands out low slots first
+        self._used: set[int] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_total - len(self._free)
+
+    def allocate(self) -> int | None:
+        """A zeroed slot, or None when every slot is taken. Engine thread only (it zeroes state)."""
+        with self._lock:
+            if not self._free:
+                return None
+            slot = self._free.pop()
+            self._used.add(slot)
+        self.state.reset([slot])
+        return slot
+
+    def free(self, slot: int) -> None:
+        with self._lock:
+            if slot not in self._used:
+                raise ValueError(f"slot {slot} is not allocated")
+            self._used.remove(slot)
+            self._free.append(slot)
+
+    def read(self, slot: int) -> StreamState:
+        """A batch-1 copy of one slot (for snapshots)."""
+        return self.state.select([slot])
+
+    def write(self, slot: int, state: StreamState) -> None:
+        self.state.assign([slot], state)
+
+    def copy(self, src: int, dst: int) -> None:
+        self.state.assign([dst], self.state.select([src]))
+
+    def steps(self, slot: int) -> int:
+        return int(self.state.steps[slot])
+
+    def slot_indices(self, slots: list[int]) -> torch.Tensor:
+        return torch.tensor(slots, dtype=torch.int32, device=self.state.steps.device)

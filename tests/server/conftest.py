@@ -1,0 +1,91 @@
+"""A real uvicorn server on 127.0.0.1 in a thread, around a tiny seeded model on the CPU."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from model.config import InfoMambaConfig
+from model.infomamba import InfoMamba
+from model.tokenizer import ByteTokenizer
+from server.app import create_app
+from server.config import ServerConfig
+
+
+def tiny_lm(seed: int = 0) -> InfoMamba:
+    torch.manual_seed(seed)
+    model = InfoMamba(InfoMambaConfig(d_model=32, n_layers=2, vocab_size=260, n_concepts=4, d_state=8,
+                                      name="tiny-lm"))
+    # random tiny models put all mass on a few tokens; spread the logits so greedy decoding varies
+    with torch.no_grad():
+        model.embedding.weight.mul_(25)
+    return model.eval()
+
+
+def tiny_float(seed: int = 1) -> InfoMamba:
+    torch.manual_seed(seed)
+    return InfoMamba(InfoMambaConfig(d_model=16, n_layers=2, vocab_size=None, d_input=6, head="per_step",
+                                     d_output=3, n_concepts=4, d_state=8, name="tiny-float")).eval()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    def __init__(self, model, tokenizer=None, **config):
+        self.port = free_port()
+        self.config = ServerConfig(host="127.0.0.1", port=self.port, **config)
+        self.app = create_app(self.config, lambda: (model, tokenizer))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    ws="websockets-sansio", timeout_graceful_shutdown=10))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+@contextlib.contextmanager
+def running(model, tokenizer=None, **config):
+    srv = ServerThread(model, tokenizer, **config).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def lm_server():
+    with running(tiny_lm(), ByteTokenizer(), max_num_streams=8, max_num_batched_tokens=64) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def float_server():
+    with running(tiny_float(), None, max_num_streams=8, max_num_batched_tokens=32) as srv:
+        yield srv
