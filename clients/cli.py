@@ -19,6 +19,16 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+_flag.__name__ = "boolean (true/false)"
+
 # serve flags: (flag, ServerConfig field, type, help); each also reads INFOMAMBA_<FIELD> from the environment
 SERVE_FLAGS = (
     ("--host", "host", str, "address to listen on"),
@@ -38,6 +48,7 @@ SERVE_FLAGS = (
     ("--api-key", "api_key", str, "bearer token required on /v1 routes and the websocket"),
     ("--served-model-name", "served_model_name", str, "model id in /v1/models and completions"),
     ("--shutdown-timeout", "shutdown_timeout", float, "seconds to drain requests on shutdown"),
+    ("--cuda-graphs", "cuda_graphs", _flag, "replay CUDA graphs for decode-only steps on a GPU (true/false)"),
 )
 
 

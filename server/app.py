@@ -251,7 +251,8 @@ def create_app(config: ServerConfig, load: Callable[[], tuple[InfoMamba, object]
             server.model, server.tokenizer = model, tokenizer
             server.model_name = model_name or config.served_model_name or model.config.name
             server.engine = Engine(model, config.max_num_streams, config.max_num_batched_tokens,
-                                   max_queue=config.max_queue, metrics=server.metrics, tokenizer=tokenizer)
+                                   max_queue=config.max_queue, metrics=server.metrics, tokenizer=tokenizer,
+                                   cuda_graphs=config.cuda_graphs)
             server.engine.start()
             server.aengine = AsyncEngine(server.engine)
             server.sessions = SessionManager(server.aengine, state_dir, config.max_num_sessions, config.session_ttl,

@@ -23,6 +23,7 @@ class ServerConfig:
     api_key: str | None = None  # bearer token for HTTP and websocket; None: no auth
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0
+    cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA + Triton kernels only)
 
     def __post_init__(self) -> None:
         for name in ("port", "max_num_streams", "max_num_batched_tokens", "max_queue", "max_num_sessions",

@@ -27,11 +27,11 @@ class Engine:
     add/abort (thread-safe) and call(fn), which runs fn between two steps and returns a Future."""
 
     def __init__(self, model: InfoMamba, max_num_streams: int, max_num_batched_tokens: int,
-                 max_queue: int = 1024, metrics: Metrics | None = None, tokenizer=None):
+                 max_queue: int = 1024, metrics: Metrics | None = None, tokenizer=None, cuda_graphs: bool = True):
         self.model = model.eval()
         self.pool = StatePool(model, max_num_streams)
         self.scheduler = Scheduler(self.pool, max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, cuda_graphs=cuda_graphs)
         self.max_queue = max_queue
         self.metrics = metrics
         self.tokenizer = tokenizer

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.infomamba import InfoMamba
+from kernels.dispatch import use_triton
+from model.cuda_graphs import DEFAULT_BATCH_SIZES, CudaGraphDecoder
+from model.infomamba import InfoMamba, ModelOutput
 from server.scheduler import ScheduledBatch
 from server.sequence import SamplingParams, Sequence
 from server.state_pool import StatePool
@@ -20,12 +22,18 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: InfoMamba, pool: StatePool):
+    def __init__(self, model: InfoMamba, pool: StatePool, cuda_graphs: bool = True):
         self.model = model
         self.pool = pool
         self.config = model.config
         self.device = model.device
         self.is_lm = model.config.head == "lm"
+        self.graphs: CudaGraphDecoder | None = None
+        probe = torch.empty(0, device=self.device)
+        if cuda_graphs and self.device.type == "cuda" and use_triton(probe) and self.config.vocab_size is not None:
+            # Graphs for padded batch sizes up to the pool size; decode-only steps replay them.
+            sizes = [bs for bs in DEFAULT_BATCH_SIZES if bs < pool.num_total] + [min(pool.num_total, 256)]
+            self.graphs = CudaGraphDecoder(model, pool.state, batch_sizes=sizes)
 
     def needs_sample(self, chunk) -> bool:
         seq = chunk.seq
@@ -34,8 +42,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         inputs, cu_seqlens, slots = self._pack(batch)
-        out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens,
-                            state_indices=self.pool.slot_indices(slots))
+        state_indices = self.pool.slot_indices(slots)
+        if self._can_replay(batch):
+            out = ModelOutput(hidden=None, head=self.graphs(inputs, state_indices))
+        else:
+            out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=state_indices)
         result = StepResult()
         starts = cu_seqlens.tolist()
         sample_rows, sample_seqs = [], []
@@ -55,6 +66,10 @@ class ModelRunner:
             tokens = sample(torch.stack(sample_rows), sample_seqs)
             result.sampled = {seq.id: t for seq, t in zip(sample_seqs, tokens)}
         return result
+
+    def _can_replay(self, batch: ScheduledBatch) -> bool:
+        return (self.graphs is not None and len(batch.chunks) <= self.graphs.batch_sizes[-1]
+                and all(chunk.is_decode for chunk in batch.chunks))
 
     def _pack(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         pieces, lengths, slots = [], [0], []
