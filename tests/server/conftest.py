@@ -1,7 +1,9 @@
-"""A real uvicorn server on 127.0.0.1 in a thread, around a tiny seeded model on the CPU."""
+"""A real uvicorn server on 127.0.0.1 in a thread, around a tiny seeded model (on the CPU, or on the device that
+INFOMAMBA_TEST_DEVICE names, e.g. cuda on the GPU machine)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -17,6 +19,8 @@ from model.tokenizer import ByteTokenizer
 from server.app import create_app
 from server.config import ServerConfig
 
+TEST_DEVICE = os.environ.get("INFOMAMBA_TEST_DEVICE", "cpu")
+
 
 def tiny_lm(seed: int = 0) -> InfoMamba:
     torch.manual_seed(seed)
@@ -25,13 +29,13 @@ def tiny_lm(seed: int = 0) -> InfoMamba:
     # random tiny models put all mass on a few tokens; spread the logits so greedy decoding varies
     with torch.no_grad():
         model.embedding.weight.mul_(25)
-    return model.eval()
+    return model.to(TEST_DEVICE).eval()
 
 
 def tiny_float(seed: int = 1) -> InfoMamba:
     torch.manual_seed(seed)
     return InfoMamba(InfoMambaConfig(d_model=16, n_layers=2, vocab_size=None, d_input=6, head="per_step",
-                                     d_output=3, n_concepts=4, d_state=8, name="tiny-float")).eval()
+                                     d_output=3, n_concepts=4, d_state=8, name="tiny-float")).to(TEST_DEVICE).eval()
 
 
 def free_port() -> int:
