@@ -1,0 +1,169 @@
+"""`infomamba generate | stream | bench` end to end against a real server on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from clients.cli import build_parser, main
+from clients.client import InfoMambaClient
+
+ROOT = Path(__file__).resolve().parents[2]
+ATOL = 1e-4
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# --- generate ---------------------------------------------------------------------------------------------------
+
+def test_generate_streams_the_completion(lm_server, capsys):
+    with InfoMambaClient(lm_server.url) as c:
+        expected = c.completions("Hello", max_tokens=7, temperature=0.0)["choices"][0]["text"]
+    rc, out, err = run(capsys, "generate", "Hello", "--max-tokens", "7", "--temperature", "0", "--url", lm_server.url)
+    assert rc == 0 and out == expected + "\n", err
+    rc, out, _ = run(capsys, "generate", "Hello", "--max-tokens", "7", "--temperature", "0", "--no-stream",
+                     "--url", lm_server.url)
+    assert rc == 0 and out == expected + "\n"
+
+
+def test_generate_reads_the_url_and_key_from_the_environment(auth_server, capsys, monkeypatch):
+    monkeypatch.setenv("INFOMAMBA_URL", auth_server.url)
+    rc, _, err = run(capsys, "generate", "Hi", "--max-tokens", "2")
+    assert rc == 1 and "401 unauthorized" in err
+    monkeypatch.setenv("INFOMAMBA_API_KEY", auth_server.config.api_key)
+    args = build_parser().parse_args(["bench"])
+    assert args.url == auth_server.url and args.api_key == auth_server.config.api_key
+    rc, out, err = run(capsys, "generate", "Hi", "--max-tokens", "2", "--seed", "3", "--top-k", "5")
+    assert rc == 0 and len(out) >= 1, err
+
+
+def test_generate_reports_errors(lm_server, capsys):
+    rc, _, err = run(capsys, "generate", "Hello", "--max-tokens", "0", "--url", lm_server.url)
+    assert rc == 1 and "infomamba generate: 422" in err and "max_tokens" in err
+
+
+def test_the_installed_command_runs(lm_server):
+    """The real entry point, in a fresh process, with the prompt on standard input."""
+    result = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "-", "--max-tokens", "3",
+                             "--temperature", "0", "--url", lm_server.url], input="Hey", capture_output=True,
+                            text=True, cwd=ROOT, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) >= 2
+
+
+# --- stream -----------------------------------------------------------------------------------------------------
+
+def test_stream_a_text_file_matches_one_forward_pass(lm_server, capsys, tmp_path):
+    text = "It was the best of times, it was the worst of times. " * 4
+    source = tmp_path / "book.txt"
+    source.write_text(text)
+    out = tmp_path / "logits.npy"
+    rc, _, err = run(capsys, "stream", str(source), "--chunk-size", "37", "--out", str(out), "--outputs", "logits",
+                     "--url", lm_server.url)
+    assert rc == 0, err
+    assert f"{len(text)} chars fed" in err
+    with InfoMambaClient(lm_server.url) as c:
+        whole = np.asarray(c.forward(text=text, outputs=["logits"])["results"][0]["logits"])
+    got = np.load(out)
+    assert got.shape == whole.shape == (len(text), 260)
+    np.testing.assert_allclose(got, whole, atol=ATOL)
+
+
+def test_stream_snapshot_and_resume_carry_on_where_it_stopped(lm_server, capsys, tmp_path):
+    ids = np.random.default_rng(0).integers(0, 256, 300)
+    np.save(tmp_path / "head.npy", ids[:200])
+    np.save(tmp_path / "full.npy", ids)
+    snap = tmp_path / "state.safetensors"
+    rc, _, err = run(capsys, "stream", str(tmp_path / "head.npy"), "--chunk-size", "64", "--snapshot", str(snap),
+                     "--snapshot-every", "1", "--quiet", "--url", lm_server.url)
+    assert rc == 0, err
+    meta = json.loads(Path(str(snap) + ".json").read_text())
+    assert meta["offset"] == 200 and meta["steps"] == 200 and snap.stat().st_size > 0
+    # the file grew: resume from the snapshot and feed only the new 100 steps
+    out = tmp_path / "rest.safetensors"
+    rc, _, err = run(capsys, "stream", str(tmp_path / "full.npy"), "--resume", str(snap), "--out", str(out),
+                     "--outputs", "logits,hidden", "--chunk-size", "33", "--url", lm_server.url)
+    assert rc == 0, err
+    assert "session at 300 steps" in err
+    saved = load_file(str(out))
+    with InfoMambaClient(lm_server.url) as c:
+        whole = c.forward(input_ids=[ids.tolist()], outputs=["logits", "hidden"])["results"][0]
+    np.testing.assert_allclose(saved["logits"], np.asarray(whole["logits"])[200:], atol=ATOL)
+    np.testing.assert_allclose(saved["hidden"], np.asarray(whole["hidden"])[200:], atol=ATOL)
+
+
+def test_stream_float_vectors_and_keep_the_session(float_server, capsys, tmp_path):
+    x = np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32)
+    np.save(tmp_path / "signal.npy", x)
+    out = tmp_path / "head.npy"
+    rc, _, err = run(capsys, "stream", str(tmp_path / "signal.npy"), "--chunk-size", "16", "--out", str(out),
+                     "--keep", "--url", float_server.url)
+    assert rc == 0, err
+    session_id = err.split("session ", 1)[1].split()[0]
+    with InfoMambaClient(float_server.url) as c:
+        whole = np.asarray(c.forward(inputs=[x], outputs=["head"])["results"][0]["head"])
+        np.testing.assert_allclose(np.load(out), whole, atol=ATOL)
+        assert c.session(session_id).append(inputs=x[:1], outputs=[])["steps"] == 51  # kept, and still live
+        c.delete_session(session_id)
+
+
+def test_stream_rejects_bad_arguments(lm_server, capsys, tmp_path):
+    (tmp_path / "t.txt").write_text("abc")
+    rc, _, err = run(capsys, "stream", str(tmp_path / "missing.txt"), "--url", lm_server.url)
+    assert rc == 1 and "missing.txt" in err
+    rc, _, err = run(capsys, "stream", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o.npy"),
+                     "--outputs", "logits,hidden", "--url", lm_server.url)
+    assert rc == 1 and ".safetensors" in err
+    rc, _, err = run(capsys, "stream", str(tmp_path / "t.txt"), "--outputs", "bogus", "--url", lm_server.url)
+    assert rc == 1 and "bogus" in err
+    np.save(tmp_path / "bad.npy", np.array([1, 999]))
+    rc, _, err = run(capsys, "stream", str(tmp_path / "bad.npy"), "--quiet", "--url", lm_server.url)
+    assert rc == 1 and "token_out_of_vocabulary" in err
+
+
+# --- bench ------------------------------------------------------------------------------------------------------
+
+def test_bench_completions(lm_server, capsys):
+    rc, out, err = run(capsys, "bench", "--requests", "6", "--concurrency", "3", "--prompt-len", "8",
+                       "--max-tokens", "4", "--json", "--url", lm_server.url)
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["mode"] == "completions" and result["ok"] == 6 and result["failed"] == 0
+    assert result["generated_tokens_per_s"] > 0 and result["input_steps_per_s"] > 0
+    for key in ("ttft_s", "tpot_s", "e2e_s"):
+        p = result[key]
+        assert 0 < p["p50"] <= p["p90"] <= p["p99"], key
+    rc, out, _ = run(capsys, "bench", "--requests", "2", "--prompt", "Hello", "--max-tokens", "3",
+                     "--url", lm_server.url)
+    assert rc == 0 and "time to first" in out and "req/s" in out
+
+
+def test_bench_forward_on_a_float_model(float_server, capsys):
+    rc, out, err = run(capsys, "bench", "--requests", "4", "--concurrency", "2", "--prompt-len", "16",
+                       "--url", float_server.url)
+    assert rc == 0, err
+    assert out.startswith("mode forward: 4/4 ok") and "end to end" in out
+
+
+def test_bench_counts_failures(auth_server, capsys):
+    rc, _, err = run(capsys, "bench", "--requests", "2", "--url", auth_server.url)
+    assert rc == 1 and "401" in err
+    rc, out, _ = run(capsys, "bench", "--requests", "2", "--concurrency", "2", "--prompt-len", "4",
+                     "--max-tokens", "2", "--api-key", auth_server.config.api_key, "--url", auth_server.url)
+    assert rc == 0 and "2/2 ok" in out
+
+
+@pytest.mark.parametrize("argv", [["bench", "--requests", "0"], ["bench", "--concurrency", "0"]])
+def test_bench_rejects_bad_arguments(argv, capsys):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and "must be >= 1" in err
