@@ -14,6 +14,9 @@ from model.config import InfoMambaConfig
 SNAPSHOT_FORMAT = "infomamba-state"
 SNAPSHOT_VERSION = "1"
 STATE_FIELDS = ("conv", "ssm", "concept_mean", "concept_mass", "steps")
+# Optional: the head output of the stream's last step (an LM's next-token logits), so a resumed stream can
+# generate without being fed again. It is output, not state: nothing the model computes reads it.
+LAST_OUTPUT = "last_output"
 
 
 class SnapshotError(ValueError):
@@ -103,11 +106,15 @@ def state_nbytes_per_stream(config: InfoMambaConfig, dtype=torch.float32) -> int
     return StreamState.empty(config, 1, device="meta", dtype=dtype).nbytes()
 
 
-def save_snapshot(state: StreamState, model_name: str, fingerprint: str) -> bytes:
-    """Serialize a single stream (batch 1) as a self-describing safetensors blob."""
+def save_snapshot(state: StreamState, model_name: str, fingerprint: str,
+                  last_output: torch.Tensor | None = None) -> bytes:
+    """Serialize a single stream (batch 1), and optionally its last step's head output (d_out,), as a
+    self-describing safetensors blob."""
     if state.batch_size != 1:
         raise ValueError(f"snapshot: expected one stream, got a batch of {state.batch_size}")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.tensors().items()}
+    if last_output is not None:
+        tensors[LAST_OUTPUT] = last_output.detach().to("cpu", torch.float32).reshape(-1).contiguous()
     metadata = {
         "format": SNAPSHOT_FORMAT,
         "format_version": SNAPSHOT_VERSION,
@@ -121,6 +128,12 @@ def save_snapshot(state: StreamState, model_name: str, fingerprint: str) -> byte
 
 def load_snapshot(data: bytes, config: InfoMambaConfig, fingerprint: str, device="cpu", dtype=torch.float32) -> StreamState:
     """Parse and check a snapshot against the serving model; raises SnapshotError naming the problem."""
+    return read_snapshot(data, config, fingerprint, device, dtype)[0]
+
+
+def read_snapshot(data: bytes, config: InfoMambaConfig, fingerprint: str, device="cpu", dtype=torch.float32,
+                  ) -> tuple[StreamState, torch.Tensor | None]:
+    """load_snapshot, plus the stream's last head output (fp32, on the CPU) when the snapshot carries one."""
     metadata = _snapshot_metadata(data)
     if metadata.get("format") != SNAPSHOT_FORMAT:
         raise SnapshotError(f"not an InfoMamba state snapshot (format {metadata.get('format')!r})")
@@ -142,11 +155,20 @@ def load_snapshot(data: bytes, config: InfoMambaConfig, fingerprint: str, device
             raise SnapshotError(f"snapshot tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}")
         if not torch.isfinite(tensors[name].float()).all():
             raise SnapshotError(f"snapshot tensor {name!r} holds NaN or infinity")
-    extra = sorted(set(tensors) - set(STATE_FIELDS))
+    extra = sorted(set(tensors) - set(STATE_FIELDS) - {LAST_OUTPUT})
     if extra:
         raise SnapshotError(f"snapshot has unexpected tensors {extra}")
-    return StreamState(**{name: tensors[name].to(device=device, dtype=getattr(expected, name).dtype)
-                          for name in STATE_FIELDS})
+    last_output = tensors.get(LAST_OUTPUT)
+    if last_output is not None:
+        if tuple(last_output.shape) != (config.d_head_output,):
+            raise SnapshotError(f"snapshot tensor {LAST_OUTPUT!r} has shape {tuple(last_output.shape)}, "
+                                f"expected ({config.d_head_output},)")
+        if not torch.isfinite(last_output).all():
+            raise SnapshotError(f"snapshot tensor {LAST_OUTPUT!r} holds NaN or infinity")
+        last_output = last_output.float()
+    state = StreamState(**{name: tensors[name].to(device=device, dtype=getattr(expected, name).dtype)
+                           for name in STATE_FIELDS})
+    return state, last_output
 
 
 def _snapshot_metadata(data: bytes) -> dict:

@@ -216,8 +216,8 @@ def decode_b64(data: str, field: str) -> bytes:
         raise APIError(422, "invalid_snapshot", "not valid base64", field) from None
 
 
-def encode_state(server: ServerState, state) -> str:
-    data = save_snapshot(state, server.model.config.name, server.model.fingerprint())
+def encode_state(server: ServerState, state, last_logits=None) -> str:
+    data = save_snapshot(state, server.model.config.name, server.model.fingerprint(), last_logits)
     return base64.b64encode(data).decode()
 
 
@@ -369,7 +369,9 @@ def create_app(config: ServerConfig, load: Callable[[], tuple[InfoMamba, object]
             tensors.append(tensor)
         if not tensors:
             raise bad_request("give exactly one of input_ids, inputs or text", "input_ids")
-        streams = [server.aengine.open(Sequence(t, outputs=kinds, want_state=req.return_state)) for t in tensors]
+        keep_logits = req.return_state and server.model.config.head == "lm"
+        streams = [server.aengine.open(Sequence(t, outputs=kinds, want_state=req.return_state,
+                                                keep_last_logits=keep_logits)) for t in tensors]
         try:
             done = await asyncio.gather(*(s.collect() for s in streams))
         finally:
@@ -381,7 +383,7 @@ def create_app(config: ServerConfig, load: Callable[[], tuple[InfoMamba, object]
             result = concat_outputs(outputs, kinds, is_classify)
             result["steps"] = info.get("steps", 0)
             if req.return_state:
-                result["state"] = encode_state(server, info["state"])
+                result["state"] = encode_state(server, info["state"], info.get("last_logits"))
             results.append(result)
         total = sum(t.shape[0] for t in tensors)
         return {"results": results, "usage": {"prompt_tokens": total, "total_tokens": total}}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from model.state import SnapshotError, load_snapshot, save_snapshot
+from model.state import SnapshotError, read_snapshot, save_snapshot
 from server.engine import AsyncEngine
 from server.errors import APIError
 from server.metrics import Metrics
@@ -83,12 +83,10 @@ class SessionManager:
             return
         slot = session.slot
         t0 = time.monotonic()
-        data = await self.engine.call(lambda: save_snapshot(self.pool.read(slot), self.model.config.name,
-                                                            self.fingerprint))
+        data = await self.engine.call(lambda: self._save(session, slot))
         snap_path, meta_path = self._paths(session.id)
         _atomic_write(snap_path, data)
-        meta = {"steps": session.steps,
-                "last_logits": session.last_logits.tolist() if session.last_logits is not None else None}
+        meta = {"steps": session.steps}
         _atomic_write(meta_path, json.dumps(meta).encode())
         await self.engine.call(lambda: self.pool.free(slot))
         session.slot = None
@@ -101,7 +99,8 @@ class SessionManager:
         t0 = time.monotonic()
         try:
             data = snap_path.read_bytes()
-            state = load_snapshot(data, self.model.config, self.fingerprint, device="cpu", dtype=self.model.dtype)
+            state, last_logits = read_snapshot(data, self.model.config, self.fingerprint, device="cpu",
+                                               dtype=self.model.dtype)
         except (OSError, SnapshotError) as exc:
             raise APIError(409, "session_unrestorable", f"session {session.id} could not be restored: {exc}",
                            "session") from None
@@ -109,13 +108,16 @@ class SessionManager:
         slot = await self._allocate()
         await self.engine.call(lambda: self.pool.write(slot, state))
         session.slot = slot
-        if meta.get("last_logits") is not None:
-            session.last_logits = torch.tensor(meta["last_logits"], dtype=torch.float32)
+        session.last_logits = last_logits
         snap_path.unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)
         if self.metrics:
             self.metrics.snapshot_bytes.observe(len(data))
             self.metrics.snapshot_restore_time.observe(time.monotonic() - t0)
+
+    def _save(self, session: Session, slot: int) -> bytes:
+        # The last logits travel with the state, so a resumed session generates without a new prompt.
+        return save_snapshot(self.pool.read(slot), self.model.config.name, self.fingerprint, session.last_logits)
 
     async def _allocate(self) -> int:
         """A zeroed slot, spilling the least recently used idle session if the pool is full."""
@@ -156,12 +158,12 @@ class SessionManager:
         if len(self.sessions) >= self.max_num_sessions:
             raise APIError(429, "too_many_sessions", f"the server holds its maximum of {self.max_num_sessions} "
                            "sessions; delete some or retry later", retry_after=5)
-        state = None
+        state, last_logits = None, None
         if snapshot is not None:
             try:
                 t0 = time.monotonic()
-                state = load_snapshot(snapshot, self.model.config, self.fingerprint, device="cpu",
-                                      dtype=self.model.dtype)
+                state, last_logits = read_snapshot(snapshot, self.model.config, self.fingerprint, device="cpu",
+                                                   dtype=self.model.dtype)
                 if self.metrics:
                     self.metrics.snapshot_restore_time.observe(time.monotonic() - t0)
                     self.metrics.snapshot_bytes.observe(len(snapshot))
@@ -171,7 +173,8 @@ class SessionManager:
             slot = await self._allocate()
         if state is not None:
             await self.engine.call(lambda: self.pool.write(slot, state))
-        session = Session(secrets.token_hex(12), slot=slot, steps=int(state.steps[0]) if state is not None else 0)
+        session = Session(secrets.token_hex(12), slot=slot, steps=int(state.steps[0]) if state is not None else 0,
+                          last_logits=last_logits)
         self.sessions[session.id] = session
         return session
 
@@ -206,8 +209,7 @@ class SessionManager:
         try:
             t0 = time.monotonic()
             slot = session.slot
-            data = await self.engine.call(lambda: save_snapshot(self.pool.read(slot), self.model.config.name,
-                                                                self.fingerprint))
+            data = await self.engine.call(lambda: self._save(session, slot))
             if self.metrics:
                 self.metrics.snapshot_bytes.observe(len(data))
                 self.metrics.snapshot_save_time.observe(time.monotonic() - t0)

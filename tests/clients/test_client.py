@@ -88,7 +88,6 @@ def test_session_chunks_match_one_pass(client):
 
 def test_session_generate_snapshot_fork_and_delete(client):
     session = client.create_session()
-    # a snapshot holds the state, not the last step's logits, so every continuation below starts from a prompt
     session.append(text="Once upon a tim", outputs=[])
     assert session.steps == 15
     snapshot = session.snapshot()

@@ -69,3 +69,18 @@ def test_snapshot_of_a_batch_is_refused():
     model = make_model(1)
     with pytest.raises(ValueError, match="one stream"):
         save_snapshot(model.empty_state(2), model.config.name, model.fingerprint())
+
+
+def test_snapshot_carries_the_last_output_when_given():
+    from model.state import read_snapshot
+
+    model = make_model(1)
+    with torch.no_grad():
+        out, state = model(make_inputs(model, 1, 6))
+    blob = save_snapshot(state, model.config.name, model.fingerprint(), last_output=out.head[-1])
+    restored, last = read_snapshot(blob, model.config, model.fingerprint())
+    assert torch.equal(last, out.head[-1].float()) and int(restored.steps[0]) == 6
+    assert read_snapshot(save_snapshot(state, "m", model.fingerprint()), model.config, model.fingerprint())[1] is None
+    wrong = save_snapshot(state, model.config.name, model.fingerprint(), last_output=torch.zeros(3))
+    with pytest.raises(SnapshotError, match="last_output"):
+        read_snapshot(wrong, model.config, model.fingerprint())

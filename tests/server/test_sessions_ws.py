@@ -164,3 +164,20 @@ def test_session_generate_continues_like_one_stream(lm_server):
         frames = [json.loads(ws.recv()) for _ in range(3)]
         assert [f["type"] for f in frames] == ["token", "token", "done"]
     assert g1["ids"] + g2 + frames[2]["ids"] == greedy_reference(model, [5, 6, 7], 9)
+
+
+def test_snapshots_carry_the_last_logits_so_a_resumed_stream_generates_without_a_prompt(lm_server):
+    url = lm_server.url
+    greedy = {"max_tokens": 6, "temperature": 0}
+    sid = httpx.post(url + "/v1/sessions", json={}).json()["id"]
+    assert httpx.post(url + f"/v1/sessions/{sid}/append", json={"text": "Once upon a tim", "outputs": []}).status_code == 200
+    blob = httpx.get(url + f"/v1/sessions/{sid}/snapshot").content
+    original = httpx.post(url + f"/v1/sessions/{sid}/generate", json=greedy).json()
+    resumed = httpx.post(url + "/v1/sessions", json={"snapshot": base64.b64encode(blob).decode()}).json()["id"]
+    again = httpx.post(url + f"/v1/sessions/{resumed}/generate", json=greedy)
+    assert again.status_code == 200, again.text
+    assert again.json()["ids"] == original["ids"] and len(original["ids"]) == 6
+    # a forward pass's returned state carries them too
+    fwd = httpx.post(url + "/v1/forward", json={"text": ["Once upon a tim"], "return_state": True, "outputs": []})
+    from_forward = httpx.post(url + "/v1/sessions", json={"snapshot": fwd.json()["results"][0]["state"]}).json()["id"]
+    assert httpx.post(url + f"/v1/sessions/{from_forward}/generate", json=greedy).json()["ids"] == original["ids"]
