@@ -1,0 +1,1 @@
+"""Training the bundled default model: corpus (corpus.py), the loop and CLI (train.py), samples (sample.py)."""
