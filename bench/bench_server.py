@@ -1,7 +1,7 @@
 """Load generator: completions over HTTP and appends over websockets at several concurrencies, beside the same
 work driven through the engine directly (no HTTP), printing throughput, latency p50/p90/p99 and the ratio.
 
-    .venv/bin/python bench/bench_server.py                      # tiny random model, CPU
+    .venv/bin/python bench/bench_server.py                      # the bundled default model
     .venv/bin/python bench/bench_server.py --model DIR --concurrency 1 8 32 --requests 64
 """
 from __future__ import annotations
@@ -10,11 +10,14 @@ import argparse
 import asyncio
 import json
 import random
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
@@ -102,9 +105,40 @@ def engine_direct(model, config, prompts, max_tokens, conc):
     return time.perf_counter() - t0, latencies
 
 
+def start_server(args, config) -> tuple[subprocess.Popen, str]:
+    """`infomamba serve` in its own process, so the load generator doesn't share its interpreter."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "clients.cli", "serve", "--port", str(port), "--device", config.device,
+           "--max-num-streams", str(config.max_num_streams),
+           "--max-num-batched-tokens", str(config.max_num_batched_tokens), "--log-level", "warning"]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not become ready")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory (default: a seeded random tiny model)")
+    parser.add_argument("--model", default=None, help="model directory (default: the bundled default model)")
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -113,30 +147,33 @@ def main() -> int:
     args = parser.parse_args()
 
     from server.serve import make_loader
-    from tests.server.conftest import ServerThread
 
-    config = ServerConfig(max_num_streams=max(64, max(args.concurrency) * 2), max_num_batched_tokens=2048)
-    model, tokenizer = make_loader(config, args.model)()
-    kw = {f: getattr(config, f) for f in ("max_num_streams", "max_num_batched_tokens")}
-    srv = ServerThread(model, tokenizer, **kw).start()
+    config = ServerConfig(device=args.device, max_num_streams=max(64, max(args.concurrency) * 2),
+                          max_num_batched_tokens=max(2048, max(args.concurrency) * 2))
+    model, _ = make_loader(config, args.model)()
+    proc, url = start_server(args, config)
+    ws_url = url.replace("http", "ws", 1) + "/v1/stream"
     rng = random.Random(0)
     vocab = min(model.config.vocab_size, 256)
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(args.prompt_len // 2, args.prompt_len))]
                for _ in range(args.requests)]
+    name = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"
     print(f"model {model.config.name}: d_model {model.config.d_model}, {model.config.n_layers} layers, "
-          f"device {model.device}; {args.requests} requests, prompt ~{args.prompt_len}, max_tokens {args.max_tokens}")
+          f"{name}; {args.requests} requests, prompt ~{args.prompt_len}, max_tokens {args.max_tokens}", flush=True)
     try:
+        engine_direct(model, config, prompts[:2], 2, 2)  # warm-up (kernel compilation) outside the timings
         for conc in args.concurrency:
             steps = sum(len(p) for p in prompts) + args.requests * args.max_tokens
-            secs, lat = asyncio.run(http_completions(srv.url, prompts, args.max_tokens, conc))
+            secs, lat = asyncio.run(http_completions(url, prompts, args.max_tokens, conc))
             http_rate = report("http completions", conc, steps, secs, lat)
             secs, lat = engine_direct(model, config, prompts, args.max_tokens, conc)
             eng_rate = report("engine direct", conc, steps, secs, lat)
-            secs, lat = asyncio.run(ws_appends(srv.ws_url, prompts, conc, args.chunk))
+            secs, lat = asyncio.run(ws_appends(ws_url, prompts, conc, args.chunk))
             report("ws appends (per chunk)", conc, sum(len(p) for p in prompts), secs, lat)
-            print(f"{'':<22} c={conc:<4} http / engine throughput ratio {http_rate / eng_rate:.2f}")
+            print(f"{'':<22} c={conc:<4} http / engine throughput ratio {http_rate / eng_rate:.2f}", flush=True)
     finally:
-        srv.stop()
+        proc.terminate()
+        proc.wait(timeout=60)
     return 0
 
 
