@@ -30,6 +30,7 @@ from server.errors import APIError, bad_request
 from server.metrics import Metrics
 from server.sequence import Sequence, SamplingParams
 from server.sessions import SessionManager
+from server.state_pool import auto_num_streams
 
 log = logging.getLogger("infomamba.server")
 OPEN_ROUTES = ("/health", "/ready", "/metrics")
@@ -250,7 +251,12 @@ def create_app(config: ServerConfig, load: Callable[[], tuple[InfoMamba, object]
             model, tokenizer = await asyncio.to_thread(load)
             server.model, server.tokenizer = model, tokenizer
             server.model_name = model_name or config.served_model_name or model.config.name
-            server.engine = Engine(model, config.max_num_streams, config.max_num_batched_tokens,
+            num_streams = config.max_num_streams or auto_num_streams(model, config.gpu_memory_fraction)
+            num_batched = max(config.max_num_batched_tokens, num_streams)  # every running stream steps each time
+            if not config.max_num_streams:
+                log.info("state pool sized to %d streams (%.1f MiB each); %d batched tokens per step", num_streams,
+                         state_nbytes_per_stream(model.config, model.dtype) / 2**20, num_batched)
+            server.engine = Engine(model, num_streams, num_batched,
                                    max_queue=config.max_queue, metrics=server.metrics, tokenizer=tokenizer,
                                    cuda_graphs=config.cuda_graphs)
             server.engine.start()

@@ -10,7 +10,8 @@ class ServerConfig:
     port: int = 8000
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    max_num_streams: int = 64  # state pool slots: live sessions + in-flight requests
+    max_num_streams: int = 64  # state pool slots: live sessions + in-flight requests; 0: sized from free GPU memory
+    gpu_memory_fraction: float = 0.5  # share of free GPU memory (after loading) the pool may take when sized
     max_num_batched_tokens: int = 2048  # input steps per engine step (prefill chunks + decode steps)
     max_queue: int = 256  # requests waiting for a slot before 429
     max_num_sessions: int = 10_000  # sessions in memory and on disk before 429
@@ -29,9 +30,11 @@ class ServerConfig:
         for name in ("port", "max_num_streams", "max_num_batched_tokens", "max_queue", "max_num_sessions",
                      "max_body_bytes", "max_request_steps", "max_batch_sequences", "max_ws_frame_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "port" else 1):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("port", "max_num_streams") else 1):
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if self.max_num_batched_tokens < self.max_num_streams:
+        if not 0 < self.gpu_memory_fraction <= 0.95:
+            raise ValueError(f"gpu_memory_fraction: expected a fraction in (0, 0.95], got {self.gpu_memory_fraction!r}")
+        if self.max_num_streams and self.max_num_batched_tokens < self.max_num_streams:
             raise ValueError(f"max_num_batched_tokens: must be >= max_num_streams ({self.max_num_streams}), "
                              f"got {self.max_num_batched_tokens}")
         if not self.session_ttl > 0:

@@ -6,7 +6,19 @@ import threading
 import torch
 
 from model.infomamba import InfoMamba
-from model.state import StreamState
+from model.state import StreamState, state_nbytes_per_stream
+
+CPU_NUM_STREAMS = 64
+MAX_AUTO_STREAMS = 16384
+
+
+def auto_num_streams(model: InfoMamba, gpu_memory_fraction: float) -> int:
+    """Slots that fit in a share of the GPU memory left free after loading; a fixed 64 on the CPU."""
+    if model.device.type != "cuda":
+        return CPU_NUM_STREAMS
+    free, _ = torch.cuda.mem_get_info(model.device)
+    per_stream = state_nbytes_per_stream(model.config, model.dtype)
+    return max(1, min(MAX_AUTO_STREAMS, int(free * gpu_memory_fraction) // per_stream))
 
 
 class StatePool:

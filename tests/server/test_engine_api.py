@@ -116,3 +116,15 @@ def test_openai_client_streamed_and_not(lm_server):
             assert chunk.usage.completion_tokens == 10
     assert "".join(pieces) == full.choices[0].text
     assert reasons[-1] == "length"
+
+
+def test_pool_sized_automatically_when_max_num_streams_is_zero():
+    from tests.server.conftest import TEST_DEVICE, running
+
+    with running(tiny_lm(), None, max_num_streams=0, max_num_batched_tokens=16) as srv:
+        counts = srv.state.engine.counts()
+        # the CPU gets a fixed pool, a GPU as many as fit; batched tokens grow to cover every stream's decode step
+        assert counts["slots_total"] == 64 if TEST_DEVICE == "cpu" else counts["slots_total"] > 64
+        assert srv.state.engine.scheduler.max_num_batched_tokens >= counts["slots_total"]
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 3
