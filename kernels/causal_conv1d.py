@@ -95,17 +95,22 @@ def _causal_conv1d_fwd_kernel(
             w = tl.load(weight_ptr + d * stride_weight_d + k, mask=d_mask, other=0.0).to(tl.float32)
             src = pos - (D_CONV - 1) + k  # tap position; < 0 reads the carried window
             in_x = (src >= 0) & row_mask
-            in_state = (src < 0) & row_mask & live
             xv = tl.load(
                 x_ptr + (start + tl.where(in_x, src, 0))[:, None] * stride_x_token + d[None, :],
                 mask=in_x[:, None] & d_mask[None, :], other=0.0,
             ).to(tl.float32)
-            sv = tl.load(
-                conv_state_ptr + slot * stride_state_slot + d[None, :] * stride_state_d
-                + tl.where(in_state, src + D_CONV - 1, 0)[:, None],
-                mask=in_state[:, None] & d_mask[None, :], other=0.0,
-            ).to(tl.float32)
-            acc += (xv + sv) * w[None, :]
+            acc += xv * w[None, :]
+        if pid_l == 0:  # only the first token block reaches back into the carried window
+            for k in tl.static_range(D_CONV - 1):
+                w = tl.load(weight_ptr + d * stride_weight_d + k, mask=d_mask, other=0.0).to(tl.float32)
+                src = pos - (D_CONV - 1) + k
+                in_state = (src < 0) & row_mask & live
+                sv = tl.load(
+                    conv_state_ptr + slot * stride_state_slot + d[None, :] * stride_state_d
+                    + tl.where(in_state, src + D_CONV - 1, 0)[:, None],
+                    mask=in_state[:, None] & d_mask[None, :], other=0.0,
+                ).to(tl.float32)
+                acc += sv * w[None, :]
         if SILU:
             acc = acc / (1.0 + tl.exp(-acc))
         acc = tl.where(live, acc, 0.0)
@@ -226,7 +231,8 @@ def causal_conv1d(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=T
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
     out = torch.empty_like(x)  # (total, d_inner); the kernel writes zeros on rows of -1 sequences
     bounds = cu_seqlens.tolist()
-    out[bounds[-1]:].zero_()
+    if bounds[-1] < x.shape[0]:
+        out[bounds[-1]:].zero_()
     if batch == 0:
         return out
     max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))

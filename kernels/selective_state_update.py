@@ -98,7 +98,8 @@ def _update_config(batch: int, d_inner: int, d_state: int):
     else:
         block_d = 64
     block_d = max(min(block_d, triton.next_power_of_2(d_inner), max(4096 // block_n, 1)), 1)
-    num_warps = 4 if block_d * block_n >= 2048 else (2 if block_d * block_n >= 512 else 1)
+    # H200 sweep (bench/RESULTS.md): 512-element tiles on 1 warp, 1024 on 2
+    num_warps = 4 if block_d * block_n > 1024 else (2 if block_d * block_n > 512 else 1)
     return block_d, block_n, num_warps
 
 
@@ -107,6 +108,12 @@ def selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indic
     D, dt_bias: (d_inner,) or None; ssm_state: (slots, d_inner, d_state) fp32 updated in place;
     state_indices: (batch,), -1 skips the row (output zero). Returns (batch, d_inner) in x.dtype.
     """
+    return _selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indices, dt_softplus)
+
+
+def _selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indices, dt_softplus=True,
+                            block_d=None, num_warps=None):
+    """selective_state_update with the launch configuration exposed (benchmark sweeps)."""
     if x.dim() != 2:
         raise ValueError(f"selective_state_update: x must be (batch, d_inner), got {tuple(x.shape)}")
     batch, d_inner = x.shape
@@ -128,7 +135,8 @@ def selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indic
     out = torch.empty_like(x)  # (batch, d_inner); every row is written (zeros for -1 slots)
     if batch == 0:
         return out
-    block_d, block_n, num_warps = _update_config(batch, d_inner, d_state)
+    config = _update_config(batch, d_inner, d_state)
+    block_d, block_n, num_warps = block_d or config[0], config[1], num_warps or config[2]
     _selective_state_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
         x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
         dt_bias if dt_bias is not None else x, ssm_state, state_indices, out,
