@@ -22,6 +22,7 @@ from model.infomamba import InfoMamba  # noqa: E402
 from model.state import state_nbytes_per_stream  # noqa: E402
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+BF16_DENSE_FLOPS = 989e12  # H100 and H200 SXM: the prefill floor is the matrix products at this rate
 
 
 def bandwidth(name: str) -> float:
@@ -72,6 +73,7 @@ def bench_decode(model, batch_sizes, floor_bw, rows):
 
 
 def bench_prefill(model, lengths, rows, skip_torch_above):
+    flops_per_token = 2 * sum(p.numel() for p in model.parameters())  # every weight is used once per token
     for n in lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
         for choice in ("torch", "triton"):
@@ -84,7 +86,8 @@ def bench_prefill(model, lengths, rows, skip_torch_above):
                     model(ids)
 
             sec = time_cuda(run, warmup=1, iters=3)
-            rows.append(("prefill", f"{n} tokens", choice, sec * 1e3, n / sec, float("nan")))
+            rows.append(("prefill", f"{n} tokens", choice, sec * 1e3, n / sec,
+                         n * flops_per_token / BF16_DENSE_FLOPS / sec))
 
 
 def bench_hf(d_layers, rows, batch_sizes, lengths):

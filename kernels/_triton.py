@@ -39,6 +39,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def rows(t):
+    """A tensor the kernels can address by row stride alone: views with unit inner stride (slices of a fused
+    projection) go through as they are on a GPU, saving a copy; the interpreter gets a contiguous copy."""
+    if t is None:
+        return None
+    return t if t.stride(-1) == 1 and not interpreting() else t.contiguous()
+
+
 def check_pool(name: str, pool, ndim: int):
     """State pools are updated in place, so they cannot be made contiguous behind the caller's back."""
     if pool.dim() != ndim:
@@ -56,4 +64,4 @@ def check_indices(name: str, t, batch: int, device):
         raise ValueError(f"{name}: on {t.device}, expected {device}")
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "interpreting", "check_pool", "check_indices"]
+__all__ = ["triton", "tl", "HAS_TRITON", "interpreting", "rows", "check_pool", "check_indices"]

@@ -58,7 +58,7 @@ def causal_conv1d_update_ref(x, weight, bias, conv_state, state_indices, silu=Tr
 # a second rewrites the carried windows; two launches because a sequence's first token block reads the old
 # window that its last token block would otherwise overwrite.
 
-from kernels._triton import HAS_TRITON, check_indices, check_pool, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, rows, check_indices, check_pool, tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -226,7 +226,7 @@ def causal_conv1d(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=T
         raise ValueError(f"causal_conv1d: x must be (total, d_inner), got {tuple(x.shape)}")
     batch = cu_seqlens.shape[0] - 1
     d_inner, d_conv = _check_conv_args(x, weight, bias, conv_state, state_indices, batch)
-    x, weight = x.contiguous(), weight.contiguous()
+    x, weight = rows(x), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
     out = torch.empty_like(x)  # (total, d_inner); the kernel writes zeros on rows of -1 sequences
@@ -268,7 +268,7 @@ def causal_conv1d_update(x, weight, bias, conv_state, state_indices, silu=True):
         raise ValueError(f"causal_conv1d_update: x must be (batch, d_inner), got {tuple(x.shape)}")
     batch = x.shape[0]
     d_inner, d_conv = _check_conv_args(x, weight, bias, conv_state, state_indices, batch)
-    x, weight = x.contiguous(), weight.contiguous()
+    x, weight = rows(x), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     state_indices = state_indices.contiguous()
     out = torch.empty_like(x)  # (batch, d_inner); every row is written (zeros for -1 slots)

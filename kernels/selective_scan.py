@@ -59,7 +59,7 @@ def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, sta
 #   pass 3 (_scan_chunk_output_kernel):  each chunk again, started from its initial state: y, D skip, gate.
 # When every sequence fits in one chunk, pass 3 alone reads and writes the pool (one launch).
 
-from kernels._triton import HAS_TRITON, check_indices, check_pool, interpreting, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, rows, check_indices, check_pool, interpreting, tl, triton  # noqa: E402
 
 TOKEN_LOOP_DEFAULT = True  # bench/RESULTS.md: the token loop beat tl.associative_scan on H200 (issue 3)
 
@@ -360,8 +360,9 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
                          f"got {ssm_state.dtype} {tuple(ssm_state.shape)}")
     batch = cu_seqlens.shape[0] - 1
     check_indices("state_indices", state_indices, batch, x.device)
-    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
-    D, z, dt_bias = (t.contiguous() if t is not None else None for t in (D, z, dt_bias))
+    x, dt, B, C, z = (rows(t) for t in (x, dt, B, C, z))
+    A = A.contiguous()
+    D, dt_bias = (t.contiguous() if t is not None else None for t in (D, dt_bias))
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
 
     out = torch.empty_like(x)  # (total, d_inner); rows of -1 sequences are written as zeros

@@ -36,7 +36,7 @@ def selective_state_update_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_i
 # Triton kernel: one program per (row, channel block) holding a (BLOCK_D, d_state) tile of the state.
 # Memory-bound: the state is read and written once (8 bytes per element); everything else is O(d_inner).
 
-from kernels._triton import HAS_TRITON, check_indices, check_pool, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, rows, check_indices, check_pool, tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -129,8 +129,9 @@ def _selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indi
         raise ValueError(f"selective_state_update: ssm_state must be fp32 (slots, {d_inner}, {d_state}), "
                          f"got {ssm_state.dtype} {tuple(ssm_state.shape)}")
     check_indices("state_indices", state_indices, batch, x.device)
-    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
-    D, z, dt_bias = (t.contiguous() if t is not None else None for t in (D, z, dt_bias))
+    x, dt, B, C, z = (rows(t) for t in (x, dt, B, C, z))
+    A = A.contiguous()
+    D, dt_bias = (t.contiguous() if t is not None else None for t in (D, dt_bias))
     state_indices = state_indices.contiguous()
     out = torch.empty_like(x)  # (batch, d_inner); every row is written (zeros for -1 slots)
     if batch == 0:

@@ -59,6 +59,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, D, bias=config.proj_bias)
         self._init_dt()
+        self._A: tuple[tuple, torch.Tensor] | None = None
 
     def _init_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         # Mamba's init: dt log-uniform in [dt_min, dt_max], stored as softplus^-1 in the bias.
@@ -68,20 +69,31 @@ class MambaMixer(nn.Module):
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
+    def neg_A(self) -> torch.Tensor:
+        """A = -exp(A_log) in fp32 (E, N), computed once per weight update rather than at every step (the
+        decode step is a few microseconds of work per layer; three extra kernels would be a third of it)."""
+        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.dtype, self.A_log.device)
+        if self._A is None or self._A[0] != key or torch.is_grad_enabled():
+            A = -torch.exp(self.A_log.float())
+            if torch.is_grad_enabled():
+                return A
+            self._A = (key, A)
+        return self._A[1]
+
     def forward(self, u: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
-        # u: (T, D) -> (T, D)
+        # u: (T, D) -> (T, D); the slices below are views the kernels address by row stride
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         xz = self.in_proj(u)  # (T, 2E)
-        x_in, z = xz[:, :E].contiguous(), xz[:, E:].contiguous()
+        x_in, z = xz[:, :E], xz[:, E:]
         conv_w = self.conv1d.weight.squeeze(1)  # (E, K)
         if batch.is_decode:
             xc = ops.causal_conv1d_update(x_in, conv_w, self.conv1d.bias, state.conv, batch.state_indices)
         else:
             xc = ops.causal_conv1d(x_in, conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens, batch.state_indices)
         dbc = self.x_proj(xc)  # (T, R + 2N)
-        dt = F.linear(dbc[:, :R], self.dt_proj.weight).contiguous()  # (T, E); bias and softplus fused in the scan
-        B, C = dbc[:, R:R + N].contiguous(), dbc[:, R + N:].contiguous()
-        A = -torch.exp(self.A_log.float())  # (E, N)
+        dt = F.linear(dbc[:, :R], self.dt_proj.weight)  # (T, E); bias and softplus fused in the scan
+        B, C = dbc[:, R:R + N], dbc[:, R + N:]
+        A = self.neg_A()  # (E, N)
         if batch.is_decode:
             y = ops.selective_state_update(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
                                            batch.state_indices)

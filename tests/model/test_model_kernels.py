@@ -8,7 +8,8 @@ from kernels.dispatch import triton_available
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-TOL = {torch.float32: dict(atol=2e-4, rtol=2e-3), torch.bfloat16: dict(atol=8e-2, rtol=5e-2)}
+# fp32: the chunked scan sums in another order than the sequential reference, over 4 layers of d_model 768
+TOL = {torch.float32: dict(atol=1e-3, rtol=2e-3), torch.bfloat16: dict(atol=8e-2, rtol=5e-2)}
 
 
 def run(model, inputs, cuts, kernels, monkeypatch):
