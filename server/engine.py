@@ -22,6 +22,34 @@ from server.state_pool import StatePool
 log = logging.getLogger("infomamba.engine")
 
 
+class EventOutbox:
+    """Events for asyncio consumers. Posted from the engine thread they are held until the step ends, then handed
+    over with one loop wake-up per step instead of one per token; from any other thread they go at once."""
+
+    def __init__(self):
+        self.owner: threading.Thread | None = None
+        self._pending: dict[asyncio.AbstractEventLoop, list] = {}
+
+    def post(self, loop: asyncio.AbstractEventLoop, deliver: Callable, event: tuple) -> None:
+        if threading.current_thread() is not self.owner:
+            loop.call_soon_threadsafe(deliver, event)
+            return
+        self._pending.setdefault(loop, []).append((deliver, event))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # the consumer's loop has closed: nobody is listening
+                pass
+
+
+def _deliver_all(items: list) -> None:
+    for deliver, event in items:
+        deliver(event)
+
+
 class Engine:
     """Owns the state pool; the only thread that touches model state. Other threads talk to it through
     add/abort (thread-safe) and call(fn), which runs fn between two steps and returns a Future."""
@@ -41,6 +69,7 @@ class Engine:
         self._ops: list[tuple[Callable, concurrent.futures.Future]] = []
         self._aborts: list[Sequence] = []
         self._thread: threading.Thread | None = None
+        self.outbox = EventOutbox()
         self._stop = False
         self.num_steps = 0
 
@@ -107,11 +136,13 @@ class Engine:
     # -- the loop (engine thread) ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self.outbox.owner = threading.current_thread()
         while True:
             with self._wake:
                 while not self._stop and not self._ops and not self._aborts and not self.scheduler.has_work():
                     self._wake.wait()
                 if self._stop:
+                    self.outbox.flush()
                     return
             self._run_ops()
             try:
@@ -121,6 +152,8 @@ class Engine:
                 with self._lock:
                     for seq in list(self.scheduler.running):
                         self._fail(seq, APIError(500, "internal_error", "the engine step failed"))
+            finally:
+                self.outbox.flush()
 
     def step(self) -> ScheduledBatch | None:
         with self._lock:
@@ -247,7 +280,7 @@ class RequestStream:
         self.seq = seq
         self.finished = False
         self._queue: asyncio.Queue = asyncio.Queue()
-        seq.emit = lambda event: loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        seq.emit = lambda event: engine.outbox.post(loop, self._queue.put_nowait, event)
         engine.add(seq)  # raises APIError(429) when the queue is full
 
     def __aiter__(self):
