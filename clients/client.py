@@ -271,21 +271,25 @@ class InfoMambaClient:
                                      timeout=self.timeout, **kwargs)
 
 
-class Session:
-    """An HTTP session handle; `steps` follows the server's count after each call."""
+class _SessionHandle:
+    """A session's id and the server's step count, updated from each answer."""
 
-    def __init__(self, client: InfoMambaClient, session_id: str, steps: int = 0):
+    def __init__(self, client, session_id: str, steps: int = 0):
         self.client = client
         self.id = session_id
         self.steps = steps
 
     def __repr__(self) -> str:
-        return f"Session(id={self.id!r}, steps={self.steps})"
+        return f"{type(self).__name__}(id={self.id!r}, steps={self.steps})"
 
     def _track(self, data: dict) -> dict:
         if isinstance(data.get("steps"), int):
             self.steps = data["steps"]
         return data
+
+
+class Session(_SessionHandle):
+    """An HTTP session handle; `steps` follows the server's count after each call."""
 
     def append(self, input_ids=None, inputs=None, text=None, outputs=None) -> dict:
         return self._track(self.client.append(self.id, input_ids, inputs, text, outputs))
@@ -454,19 +458,8 @@ class AsyncInfoMambaClient:
                                                 timeout=self.timeout, **kwargs)
 
 
-class AsyncSession:
-    def __init__(self, client: AsyncInfoMambaClient, session_id: str, steps: int = 0):
-        self.client = client
-        self.id = session_id
-        self.steps = steps
-
-    def __repr__(self) -> str:
-        return f"AsyncSession(id={self.id!r}, steps={self.steps})"
-
-    def _track(self, data: dict) -> dict:
-        if isinstance(data.get("steps"), int):
-            self.steps = data["steps"]
-        return data
+class AsyncSession(_SessionHandle):
+    """The async twin of Session."""
 
     async def append(self, input_ids=None, inputs=None, text=None, outputs=None) -> dict:
         return self._track(await self.client.append(self.id, input_ids, inputs, text, outputs))
