@@ -102,36 +102,36 @@ class ModelRunner:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """Next token per row of logits (batch, vocab): greedy rows in one argmax, sampled rows with each request's
-    own generator (so a seed reproduces regardless of batch neighbours). One host transfer for the batch."""
+    """Next token per row of logits (batch, vocab): greedy rows in one argmax, unseeded sampled rows in one
+    batched draw, seeded rows each with the request's own generator (so a seed reproduces regardless of batch
+    neighbours). One host transfer for the batch."""
     logits = logits.float()
-    greedy = torch.argmax(logits, dim=-1)
-    chosen = greedy.clone()
-    for row, seq in enumerate(seqs):
-        params = seq.sampling
-        if params.is_greedy:
+    chosen = torch.argmax(logits, dim=-1)
+    unseeded = [i for i, seq in enumerate(seqs) if not seq.sampling.is_greedy and seq.sampling.seed is None]
+    if unseeded:
+        rows = torch.tensor(unseeded, device=logits.device)
+        chosen[rows] = _sample_rows(logits[rows], [seqs[i].sampling for i in unseeded], generator=None)
+    for i, seq in enumerate(seqs):
+        if seq.sampling.is_greedy or seq.sampling.seed is None:
             continue
         if seq.generator is None:
             seq.generator = torch.Generator(device=logits.device)
-            if params.seed is not None:
-                seq.generator.manual_seed(params.seed)
-            else:
-                seq.generator.seed()
-        chosen[row] = _sample_row(logits[row], params, seq.generator)
+            seq.generator.manual_seed(seq.sampling.seed)
+        chosen[i] = _sample_rows(logits[i:i + 1], [seq.sampling], seq.generator)[0]
     return chosen.tolist()
 
 
-def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens before it already reach top_p; the first always stays
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None) -> torch.Tensor:
+    """Temperature, then top-k, then top-p over what top-k kept, then a draw: (rows, vocab) -> (rows,)."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    sorted_logits, order = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
+    keep = torch.arange(vocab, device=device)[None, :] < top_k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    # drop a token once the tokens before it already reach top_p; the most likely always stays
+    keep &= (probs.cumsum(-1) - probs) < top_p[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    picked = torch.multinomial(probs, 1, generator=generator)  # (rows, 1) positions in sorted order
+    return order.gather(1, picked).squeeze(1)
