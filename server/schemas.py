@@ -96,4 +96,9 @@ class WSClose(Strict):
     delete: StrictBool = False
 
 
-WS_FRAMES = {"open": WSOpen, "append": WSAppend, "generate": WSGenerate, "snapshot": WSSnapshot, "close": WSClose}
+class WSCancel(Strict):
+    type: Literal["cancel"]
+
+
+WS_FRAMES = {"open": WSOpen, "append": WSAppend, "generate": WSGenerate, "snapshot": WSSnapshot, "close": WSClose,
+             "cancel": WSCancel}

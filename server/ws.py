@@ -1,7 +1,9 @@
 """WS /v1/stream: one connection drives one session at a time with frames (DESIGN.md §5).
 
-Client frames (JSON text): open, append, generate, snapshot, close. Server frames: opened, outputs, token, done,
-snapshot, error. An error frame answers the frame that caused it and leaves the connection usable.
+Client frames (JSON text): open, append, generate, snapshot, close, cancel. Server frames: opened, outputs, token,
+done, snapshot, error. An error frame answers the frame that caused it and leaves the connection usable.
+While a generate runs the connection keeps reading: a cancel frame stops it (its done frame then says
+finish_reason "cancelled"), other frames wait their turn, and a disconnect stops the work at once.
 
 Binary frames carry an append's inputs without JSON number parsing:
     [u32 little-endian n][n bytes: UTF-8 JSON header][payload]
@@ -10,6 +12,7 @@ or "int32" (input_ids); the payload is that many little-endian values, row-major
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
@@ -39,8 +42,8 @@ async def serve_websocket(server, websocket: WebSocket) -> None:
     server.metrics.http_requests.labels("/v1/stream", "101").inc()
     conn = Connection(server, websocket)
     try:
-        while True:
-            message = await websocket.receive()
+        while not conn.disconnected:
+            message = conn.pending.pop(0) if conn.pending else await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
             kind = "?"
@@ -140,10 +143,14 @@ def binary_tensor(server, dtype: str, payload: bytes) -> torch.Tensor:
 
 
 class Connection:
+    MAX_PENDING = 64  # frames read ahead while a generate runs; beyond that the socket's own flow control holds
+
     def __init__(self, server, websocket: WebSocket):
         self.server = server
         self.ws = websocket
         self.session_id: str | None = None
+        self.pending: list[dict] = []  # messages read during a generate, handled after it in order
+        self.disconnected = False
 
     def _session(self) -> str:
         if self.session_id is None:
@@ -177,23 +184,13 @@ class Connection:
             await self.ws.send_json({"type": "outputs", **result})
         elif frame.type == "generate":
             session, stream = await session_generate_open(self.server, self._session(), frame)
-            tokens = []
             try:
-                async for event in stream:
-                    if event[0] == "token":
-                        tokens.append(event[1])
-                        await self.ws.send_json({"type": "token", "id": event[1], "text": event[2]})
-                    elif event[0] == "done":
-                        note_generate_done(session, event[1])
-                        text = stream.seq.detok.text if self.server.tokenizer is not None else None
-                        await self.ws.send_json({"type": "done", "ids": tokens, "text": text,
-                                                 "finish_reason": event[1]["finish_reason"],
-                                                 "steps": session.steps})
-                    elif event[0] == "error":
-                        raise event[1]
+                await self._generate(session, stream, note_generate_done)
             finally:
                 stream.cancel()
                 sessions.release(session)
+        elif frame.type == "cancel":
+            raise APIError(409, "nothing_to_cancel", "no generate is running on this connection", "type")
         elif frame.type == "snapshot":
             sid = self._session()
             data = await sessions.snapshot(sid)
@@ -205,3 +202,64 @@ class Connection:
             self.session_id = None
             return False
         return True
+
+    async def _generate(self, session, stream, note_generate_done) -> None:
+        """Send a generate's token frames, reading the socket meanwhile for a cancel frame or a disconnect."""
+        tokens, events = [], stream.__aiter__()
+        next_event = asyncio.ensure_future(events.__anext__())
+        incoming = asyncio.ensure_future(self.ws.receive())
+        try:
+            while True:
+                # once cancelled, or with the read-ahead full, only the generate is awaited
+                waiting = {next_event} if incoming is None else {next_event, incoming}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if incoming in done:
+                    message, incoming = incoming.result(), None
+                    if message["type"] == "websocket.disconnect":
+                        self.disconnected = True
+                        return  # the caller's finally cancels the work and frees the session
+                    if _is_cancel(message):
+                        # the engine stops the stream between steps and answers with its done event, which
+                        # carries the session's step count and last logits as the state now stands
+                        stream.engine.abort(stream.seq)
+                    else:
+                        self.pending.append(message)
+                        if len(self.pending) < self.MAX_PENDING:
+                            incoming = asyncio.ensure_future(self.ws.receive())
+                if next_event in done:
+                    try:
+                        event = next_event.result()
+                    except StopAsyncIteration:
+                        return
+                    if event[0] == "token":
+                        tokens.append(event[1])
+                        await self.ws.send_json({"type": "token", "id": event[1], "text": event[2]})
+                    elif event[0] == "done":
+                        await self._send_done(session, stream, tokens, event[1], note_generate_done)
+                        return
+                    elif event[0] == "error":
+                        raise event[1]
+                    next_event = asyncio.ensure_future(events.__anext__())
+        finally:
+            next_event.cancel()
+            if incoming is not None:
+                if incoming.done() and not incoming.cancelled():
+                    self.pending.append(incoming.result())  # read but not handled: keep its place
+                else:
+                    incoming.cancel()
+
+    async def _send_done(self, session, stream, tokens, info, note_generate_done) -> None:
+        note_generate_done(session, info)
+        text = stream.seq.detok.text if self.server.tokenizer is not None and stream.seq.detok is not None else None
+        await self.ws.send_json({"type": "done", "ids": tokens, "text": text, "finish_reason": info["finish_reason"],
+                                 "steps": session.steps})
+
+
+def _is_cancel(message: dict) -> bool:
+    text = message.get("text")
+    if not text or len(text) > 256:
+        return False
+    try:
+        return json.loads(text).get("type") == "cancel"
+    except (ValueError, AttributeError):
+        return False

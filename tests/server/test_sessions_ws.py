@@ -181,3 +181,35 @@ def test_snapshots_carry_the_last_logits_so_a_resumed_stream_generates_without_a
     fwd = httpx.post(url + "/v1/forward", json={"text": ["Once upon a tim"], "return_state": True, "outputs": []})
     from_forward = httpx.post(url + "/v1/sessions", json={"snapshot": fwd.json()["results"][0]["state"]}).json()["id"]
     assert httpx.post(url + f"/v1/sessions/{from_forward}/generate", json=greedy).json()["ids"] == original["ids"]
+
+
+def test_ws_cancel_stops_a_generate_and_frames_sent_meanwhile_wait_their_turn(lm_server):
+    with connect(lm_server.ws_url) as ws:
+        ws.send(json.dumps({"type": "open"}))
+        sid = json.loads(ws.recv())["session"]
+        ws.send(json.dumps({"type": "cancel"}))  # nothing running: an error frame, the connection stays usable
+        assert json.loads(ws.recv())["error"]["code"] == "nothing_to_cancel"
+        ws.send(json.dumps({"type": "generate", "prompt": "def ", "max_tokens": 2000, "temperature": 0,
+                            "ignore_eos": True}))
+        first = json.loads(ws.recv())
+        assert first["type"] == "token"
+        ws.send(json.dumps({"type": "snapshot"}))  # queued behind the generate
+        ws.send(json.dumps({"type": "cancel"}))
+        frames = [first]
+        while frames[-1]["type"] != "done":
+            frames.append(json.loads(ws.recv()))
+        done = frames[-1]
+        assert done["finish_reason"] == "cancelled"
+        assert 1 <= len(done["ids"]) < 2000 and done["ids"] == [f["id"] for f in frames if f["type"] == "token"]
+        snap = json.loads(ws.recv())
+        assert snap["type"] == "snapshot" and snap["steps"] == done["steps"]
+    # the session's count matches its state, and it generates on from where the cancel left it
+    state = httpx.get(lm_server.url + f"/v1/sessions/{sid}/snapshot")
+    from model.state import read_snapshot
+
+    restored, _ = read_snapshot(state.content, lm_server.state.model.config, lm_server.state.model.fingerprint())
+    assert int(restored.steps[0]) == done["steps"]
+    # the prompt and every generated token but possibly the last, which a cancel can catch before it is fed
+    assert done["steps"] in (4 + len(done["ids"]) - 1, 4 + len(done["ids"]))
+    more = httpx.post(lm_server.url + f"/v1/sessions/{sid}/generate", json={"max_tokens": 3, "temperature": 0})
+    assert more.status_code == 200 and more.json()["steps"] > done["steps"]
