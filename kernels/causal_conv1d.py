@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.packing import seq_lengths
+from kernels.packing import host_bounds, seq_lengths
 
 
 def causal_conv1d_ref(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=True):
@@ -230,7 +230,7 @@ def causal_conv1d(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=T
     bias = bias.contiguous() if bias is not None else None
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
     out = torch.empty_like(x)  # (total, d_inner); the kernel writes zeros on rows of -1 sequences
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     if bounds[-1] < x.shape[0]:
         out[bounds[-1]:].zero_()
     if batch == 0:

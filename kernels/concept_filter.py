@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packing import seq_lengths
+from kernels.packing import host_bounds, seq_lengths
 
 
 def concept_filter_ref(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps):
@@ -267,7 +267,7 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
     total = a.shape[0]
     out = torch.empty((total, d_c), device=a.device, dtype=torch.float32)  # (total, d_c)
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     if bounds[-1] > total:
         raise ValueError(f"concept_filter: cu_seqlens ends at {bounds[-1]}, past the {total} tokens")
     if bounds[-1] < total:

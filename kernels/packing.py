@@ -5,7 +5,32 @@ belongs to sequence i, whose carried state lives in slot `state_indices[i]` of t
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
+
+_declared = threading.local()
+
+
+@contextlib.contextmanager
+def known_bounds(cu_seqlens: torch.Tensor, bounds: list[int]):
+    """Declare cu_seqlens's values on the host for the duration of a forward pass, so the chunk kernels of every
+    layer build their grids without each waiting for the device. The caller must not change it meanwhile."""
+    previous = getattr(_declared, "value", None)
+    _declared.value = (cu_seqlens, bounds)
+    try:
+        yield
+    finally:
+        _declared.value = previous
+
+
+def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """cu_seqlens as a host list: the declared values when this very tensor was declared, else read (a sync)."""
+    declared = getattr(_declared, "value", None)
+    if declared is not None and declared[0] is cu_seqlens:
+        return declared[1]
+    return cu_seqlens.tolist()
 
 
 def seq_lengths(cu_seqlens: torch.Tensor) -> list[int]:

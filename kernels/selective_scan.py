@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.packing import pad_packed, unpad
+from kernels.packing import host_bounds, pad_packed, unpad
 
 
 def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus=True):
@@ -313,9 +313,23 @@ def _scan_chunk_output_kernel(
                  mask=in_seq[:, None] & d_mask[None, :])
 
 
+_last_chunk_tables: tuple | None = None  # (key, tables): the layers of one forward pass share them
+
+
 def _chunk_tables(bounds, chunk, device):
     """Per chunk: its sequence and its index within it; per sequence: its first chunk (a prefix sum).
-    Built on the host from cu_seqlens (already read there for the grid) and sent in one copy."""
+    Built on the host from cu_seqlens (already read there for the grid) and sent in one copy; the kernels only
+    read them, so the next call with the same sequences and chunk size reuses them."""
+    global _last_chunk_tables
+    key = (tuple(bounds), chunk, device)
+    if _last_chunk_tables is not None and _last_chunk_tables[0] == key:
+        return _last_chunk_tables[1]
+    tables = _build_chunk_tables(bounds, chunk, device)
+    _last_chunk_tables = (key, tables)
+    return tables
+
+
+def _build_chunk_tables(bounds, chunk, device):
     chunk_seq, chunk_pos, chunk_cu = [], [], [0]
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         count = max(-(-(b - a) // chunk), 1)  # an empty sequence still gets a chunk: it carries the state
@@ -366,7 +380,7 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
 
     out = torch.empty_like(x)  # (total, d_inner); rows of -1 sequences are written as zeros
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     if bounds[-1] > total:
         raise ValueError(f"selective_scan: cu_seqlens ends at {bounds[-1]}, past the {total} tokens")
     if bounds[-1] < total:

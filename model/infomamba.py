@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kernels import ops
+from kernels.packing import host_bounds, known_bounds
 from model.config import InfoMambaConfig
 from model.layers import Batch, InfoMambaLayer, RMSNorm
 from model.state import StreamState
@@ -73,7 +74,7 @@ class InfoMamba(nn.Module):
             pool and sequence i continues slot state_indices[i] (-1: padding, left untouched).
         A whole sequence, a chunk of one, or a single step (T == 1, run by the decode kernels) all go here.
         """
-        tokens, cu_seqlens = self._pack(inputs, cu_seqlens)
+        tokens, cu_seqlens, bounds = self._pack(inputs, cu_seqlens)
         num_seqs = cu_seqlens.numel() - 1
         if state is None:
             state = self.empty_state(num_seqs)
@@ -84,10 +85,11 @@ class InfoMamba(nn.Module):
             state_indices = torch.arange(num_seqs, dtype=torch.int32, device=self.device)
         state_indices = state_indices.to(device=self.device, dtype=torch.int32)
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        is_decode = tokens.shape[0] == num_seqs and bool((lengths == 1).all())
+        is_decode = tokens.shape[0] == num_seqs and all(b - a == 1 for a, b in zip(bounds[:-1], bounds[1:]))
         batch = Batch(cu_seqlens=cu_seqlens, state_indices=state_indices, is_decode=is_decode)
 
-        hidden = self._run_layers(self._embed(tokens), state, batch)
+        with known_bounds(cu_seqlens, bounds):  # every layer's chunk kernels reuse this one host read
+            hidden = self._run_layers(self._embed(tokens), state, batch)
         live = state_indices >= 0
         state.steps[state_indices[live].long()] += lengths[live].to(torch.int64)
         return ModelOutput(hidden=hidden, head=self._head(hidden, cu_seqlens)), state
@@ -115,21 +117,25 @@ class InfoMamba(nn.Module):
         hidden, _ = ops.add_rms_norm(y, residual, self.norm_f.weight, self.norm_f.eps)
         return hidden
 
-    def _pack(self, inputs: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pack(self, inputs: torch.Tensor, cu_seqlens: torch.Tensor | None,
+              ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         token_ndim = 1 if self.config.vocab_size is not None else 2
         if cu_seqlens is None:
             if inputs.ndim != token_ndim + 1:
                 raise ValueError(f"inputs: expected {token_ndim + 1} dims (batch, T{', d_input' if token_ndim == 2 else ''}),"
                                  f" got shape {tuple(inputs.shape)}")
             batch, length = inputs.shape[:2]
-            cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=self.device)
+            bounds = [i * length for i in range(batch + 1)]
+            cu_seqlens = torch.tensor(bounds, dtype=torch.int32).to(self.device, non_blocking=True)
             inputs = inputs.reshape(batch * length, *inputs.shape[2:])
         elif inputs.ndim != token_ndim:
             raise ValueError(f"inputs: packed inputs need {token_ndim} dims, got shape {tuple(inputs.shape)}")
-        cu_seqlens = cu_seqlens.to(device=self.device, dtype=torch.int32)
-        if int(cu_seqlens[-1]) != inputs.shape[0]:
-            raise ValueError(f"cu_seqlens: ends at {int(cu_seqlens[-1])} but there are {inputs.shape[0]} tokens")
-        return inputs.to(self.device), cu_seqlens
+        else:
+            cu_seqlens = cu_seqlens.to(device=self.device, dtype=torch.int32).contiguous()
+            bounds = host_bounds(cu_seqlens)  # at most one host read of the batch layout per forward pass
+        if bounds[-1] != inputs.shape[0]:
+            raise ValueError(f"cu_seqlens: ends at {bounds[-1]} but there are {inputs.shape[0]} tokens")
+        return inputs.to(self.device), cu_seqlens, bounds
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.config.vocab_size is not None:

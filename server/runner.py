@@ -2,11 +2,13 @@
 place, and samples the next token of every stream whose inputs are used up."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from kernels.dispatch import use_triton
+from kernels.packing import known_bounds
 from model.cuda_graphs import DEFAULT_BATCH_SIZES, CudaGraphDecoder
 from model.infomamba import InfoMamba, ModelOutput
 from server.scheduler import ScheduledBatch
@@ -41,14 +43,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
-        inputs, cu_seqlens, slots = self._pack(batch)
+        inputs, cu_seqlens, starts, slots = self._pack(batch)
         state_indices = self.pool.slot_indices(slots)
         if self._can_replay(batch):
             out = ModelOutput(hidden=None, head=self.graphs(inputs, state_indices))
         else:
-            out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=state_indices)
+            with known_bounds(cu_seqlens, starts):  # the layout is known here: no device read for it
+                out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=state_indices)
         result = StepResult()
-        starts = cu_seqlens.tolist()
         sample_rows, sample_seqs = [], []
         for i, chunk in enumerate(batch.chunks):
             seq, lo, hi = chunk.seq, starts[i], starts[i + 1]
@@ -71,7 +73,7 @@ class ModelRunner:
         return (self.graphs is not None and len(batch.chunks) <= self.graphs.batch_sizes[-1]
                 and all(chunk.is_decode for chunk in batch.chunks))
 
-    def _pack(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def _pack(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
         pieces, lengths, slots = [], [0], []
         for chunk in batch.chunks:
             seq = chunk.seq
@@ -84,8 +86,9 @@ class ModelRunner:
             lengths.append(chunk.num_tokens)
             slots.append(seq.slot)
         inputs = torch.cat(pieces).to(self.device, non_blocking=True)
-        cu_seqlens = torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
-        return inputs, cu_seqlens, slots
+        starts = list(itertools.accumulate(lengths))  # host copy: row ranges without reading the device
+        cu_seqlens = torch.tensor(starts, dtype=torch.int32).to(self.device)
+        return inputs, cu_seqlens, starts, slots
 
     def _per_step(self, kinds, out, lo: int, hi: int, i: int) -> dict[str, torch.Tensor]:
         got = {}

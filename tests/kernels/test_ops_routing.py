@@ -48,3 +48,16 @@ def test_modules_import_without_triton():
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, env={"PATH": "", "INFOMAMBA_KERNELS": "auto"})
+
+
+def test_declared_bounds_are_used_only_for_the_declared_tensor():
+    from kernels.packing import host_bounds, known_bounds
+
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    other = torch.tensor([0, 3, 5], dtype=torch.int32)
+    with known_bounds(cu, [0, 3, 5]):
+        cu_declared = host_bounds(cu)
+        cu[2] = 9  # a caller that breaks the promise is not detected, so only the declared tensor is trusted
+        assert host_bounds(cu) is cu_declared
+        assert host_bounds(other) == [0, 3, 5]
+    assert host_bounds(cu) == [0, 3, 9]  # outside the block it is read again
