@@ -75,16 +75,25 @@ class ModelRunner:
 
     def _pack(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
         pieces, lengths, slots = [], [0], []
+        decode_tokens: list[int] = []  # a run of decode steps becomes one tensor, not one each
+
+        def flush_decode_tokens():
+            if decode_tokens:
+                pieces.append(torch.tensor(decode_tokens, dtype=torch.int64))
+                decode_tokens.clear()
+
         for chunk in batch.chunks:
             seq = chunk.seq
             if chunk.is_decode:
                 if self.config.vocab_size is None:
                     raise RuntimeError("decode step on a model without token inputs")
-                pieces.append(torch.tensor([seq.pending_token], dtype=torch.int64))
+                decode_tokens.append(seq.pending_token)
             else:
+                flush_decode_tokens()
                 pieces.append(seq.inputs[chunk.start:chunk.start + chunk.num_tokens])
             lengths.append(chunk.num_tokens)
             slots.append(seq.slot)
+        flush_decode_tokens()
         inputs = torch.cat(pieces).to(self.device, non_blocking=True)
         starts = list(itertools.accumulate(lengths))  # host copy: row ranges without reading the device
         cu_seqlens = torch.tensor(starts, dtype=torch.int32).to(self.device)
