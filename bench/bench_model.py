@@ -128,7 +128,7 @@ def main() -> None:
     bench_prefill(model, lengths, rows, skip_torch_above=2048)
     if args.concepts == 0:
         bench_hf(args.layers, rows, batch_sizes, lengths[:1])
-    print(f"| kind | size | path | ms | items/s | floor/time |")
+    print("| kind | size | path | ms | items/s | floor/time |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for kind, size, path, ms, rate, ratio in rows:
         print(f"| {kind} | {size} | {path} | {ms:.3f} | {rate:,.0f} | {ratio:.2f} |")

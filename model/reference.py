@@ -34,7 +34,7 @@ def reference_forward(model: InfoMamba, inputs: torch.Tensor) -> torch.Tensor:
     Returns the head output per step (T, d_out), or (n_classes,) for a classify head. fp32 throughout."""
     cfg = model.config
     p = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
-    E, N, K, R = cfg.d_inner, cfg.d_state, cfg.d_conv, cfg.dt_rank
+    E, N, K = cfg.d_inner, cfg.d_state, cfg.d_conv
     states = [_LayerState(E, K, N, cfg.n_concepts, cfg.d_concept) for _ in range(cfg.n_layers)]
     outputs = []
     for t in range(inputs.shape[0]):

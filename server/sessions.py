@@ -104,7 +104,6 @@ class SessionManager:
         except (OSError, SnapshotError) as exc:
             raise APIError(409, "session_unrestorable", f"session {session.id} could not be restored: {exc}",
                            "session") from None
-        meta = self._read_meta(session.id)
         slot = await self._allocate()
         await self.engine.call(lambda: self.pool.write(slot, state))
         session.slot = slot

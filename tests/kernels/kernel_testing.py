@@ -73,3 +73,19 @@ def join_parts(outs, parts_cu):
 def assert_close(actual, expected, tol, what):
     atol, rtol = tol
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def ssm_inputs(rows, d_inner, d_state, dtype, slots, seed=0):
+    """Inputs of a selective scan or state update over `rows` tokens: x, dt, A, B, C, D, z, dt_bias, state."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    x = rand(rows, d_inner).to(DEVICE, dtype)
+    dt = (rand(rows, d_inner) - 1.0).to(DEVICE, dtype)  # softplus(dt + dt_bias) around 0.1..1
+    A = -torch.exp(rand(d_inner, d_state) * 0.5).to(DEVICE)
+    B = rand(rows, d_state).to(DEVICE, dtype)
+    C = rand(rows, d_state).to(DEVICE, dtype)
+    D = rand(d_inner).to(DEVICE)
+    z = rand(rows, d_inner).to(DEVICE, dtype)
+    dt_bias = (rand(d_inner) * 0.5 - 1.0).to(DEVICE)
+    state = rand(slots, d_inner, d_state).to(DEVICE)
+    return x, dt, A, B, C, D, z, dt_bias, state

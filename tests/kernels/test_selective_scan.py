@@ -1,7 +1,7 @@
 import pytest
 import torch
-from kernel_testing import (DEVICE, DTYPES, LENGTHS, ON_GPU, STATE_TOL, TOL, assert_close, join_parts,
-                            packed_batch, split_packed)
+from kernel_testing import (DTYPES, LENGTHS, ON_GPU, STATE_TOL, TOL, assert_close, join_parts, packed_batch,
+                            split_packed, ssm_inputs)
 
 from kernels.selective_scan import _selective_scan, selective_scan, selective_scan_ref
 
@@ -9,18 +9,7 @@ D_INNER = [1536, 40] if ON_GPU else [24, 40]
 
 
 def make(d_inner, d_state, dtype, total, slots, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    x = rand(total, d_inner).to(DEVICE, dtype)
-    dt = (rand(total, d_inner) - 1.0).to(DEVICE, dtype)  # softplus(dt + dt_bias) around 0.1..1
-    A = -torch.exp(rand(d_inner, d_state) * 0.5).to(DEVICE)
-    B = rand(total, d_state).to(DEVICE, dtype)
-    C = rand(total, d_state).to(DEVICE, dtype)
-    D = rand(d_inner).to(DEVICE)
-    z = rand(total, d_inner).to(DEVICE, dtype)
-    dt_bias = (rand(d_inner) * 0.5 - 1.0).to(DEVICE)
-    state = rand(slots, d_inner, d_state).to(DEVICE)
-    return x, dt, A, B, C, D, z, dt_bias, state
+    return ssm_inputs(total, d_inner, d_state, dtype, slots, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from kernel_testing import DEVICE, DTYPES, ON_GPU, STATE_TOL, TOL, assert_close, packed_batch
+from kernel_testing import DEVICE, DTYPES, ON_GPU, STATE_TOL, TOL, assert_close, packed_batch, ssm_inputs
 
 from kernels.selective_scan import selective_scan
 from kernels.selective_state_update import selective_state_update, selective_state_update_ref
@@ -10,18 +10,7 @@ BATCHES = [1, 64, 256] if ON_GPU else [1, 6]
 
 
 def make(batch, d_inner, d_state, dtype, slots, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    x = rand(batch, d_inner).to(DEVICE, dtype)
-    dt = (rand(batch, d_inner) - 1.0).to(DEVICE, dtype)
-    A = -torch.exp(rand(d_inner, d_state) * 0.5).to(DEVICE)
-    B = rand(batch, d_state).to(DEVICE, dtype)
-    C = rand(batch, d_state).to(DEVICE, dtype)
-    D = rand(d_inner).to(DEVICE)
-    z = rand(batch, d_inner).to(DEVICE, dtype)
-    dt_bias = (rand(d_inner) * 0.5 - 1.0).to(DEVICE)
-    state = rand(slots, d_inner, d_state).to(DEVICE)
-    return x, dt, A, B, C, D, z, dt_bias, state
+    return ssm_inputs(batch, d_inner, d_state, dtype, slots, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -9,7 +9,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from model.tokenizer import ByteTokenizer
-from tests.server.conftest import running, tiny_float, tiny_lm
+from tests.server.conftest import running, tiny_lm
 
 
 def error_of(r, status, field="__any__"):

@@ -1,6 +1,5 @@
 """A real Prometheus server scrapes /metrics every second and sees the counters move."""
 import shutil
-import socket
 import subprocess
 import time
 

@@ -7,7 +7,6 @@ import struct
 import time
 
 import httpx
-import pytest
 import torch
 from websockets.sync.client import connect
 
