@@ -49,12 +49,16 @@ class InfoMamba(nn.Module):
         return StreamState.empty(self.config, batch, device=self.device, dtype=self.dtype)
 
     def fingerprint(self) -> str:
-        """A hash of the config and every weight: snapshots carry it so they only load into this model."""
+        """A hash of the config and every weight: snapshots carry it so they only load into this model.
+
+        Weights are hashed as fp32 on the CPU, so the same weights give the same fingerprint on any device, and
+        `load_model` takes it before casting: a bf16 GPU replica and an fp32 CPU replica of one model directory
+        accept each other's snapshots. Call `invalidate_fingerprint` after changing weights in place."""
         if self._fingerprint is None:
             digest = hashlib.sha256(repr(sorted(self.config.to_dict().items())).encode())
             for name, tensor in sorted(self.state_dict().items()):
                 digest.update(name.encode())
-                digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy().tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 

@@ -52,6 +52,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     check_tensors(tensors, expected)
     model = InfoMamba(config)
     model.load_state_dict(tensors, strict=True)
+    model.fingerprint()  # of the weights as stored, before any cast: every dtype of this model shares it
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 

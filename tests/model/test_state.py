@@ -84,3 +84,21 @@ def test_snapshot_carries_the_last_output_when_given():
     wrong = save_snapshot(state, model.config.name, model.fingerprint(), last_output=torch.zeros(3))
     with pytest.raises(SnapshotError, match="last_output"):
         read_snapshot(wrong, model.config, model.fingerprint())
+
+
+def test_a_snapshot_moves_between_replicas_of_one_model_in_different_dtypes(tmp_path):
+    from model.weights import load_model, save_model
+
+    save_model(make_model(3), tmp_path / "m")
+    fp32, bf16 = load_model(tmp_path / "m"), load_model(tmp_path / "m", dtype=torch.bfloat16)
+    assert fp32.fingerprint() == bf16.fingerprint()
+    inputs = make_inputs(fp32, 1, 9)
+    with torch.no_grad():
+        _, state = bf16(inputs[:, :5])
+        blob = save_snapshot(state, bf16.config.name, bf16.fingerprint())
+        moved = load_snapshot(blob, fp32.config, fp32.fingerprint(), dtype=fp32.dtype)
+        assert moved.conv.dtype == torch.float32 and int(moved.steps[0]) == 5
+        rest, _ = fp32(inputs[:, 5:], moved)
+        whole, _ = fp32(inputs)
+    # the bf16 prefix leaves the fp32 continuation within bf16 rounding of never having moved
+    torch.testing.assert_close(rest.head, whole.head[5:], atol=0.1, rtol=0.05)
