@@ -40,8 +40,9 @@ class InfoMambaConfig:
     def __post_init__(self) -> None:
         if self.architecture != ARCHITECTURE:
             raise ValueError(f"architecture: expected {ARCHITECTURE!r}, got {self.architecture!r}")
-        for field in ("d_model", "n_layers", "d_state", "d_conv", "expand"):
+        for field in ("d_model", "n_layers", "d_state", "expand"):
             _require_positive_int(self, field)
+        _require_int(self, "d_conv", minimum=2)  # the carried window holds d_conv - 1 inputs
         for field in ("dt_rank", "n_concepts", "d_concept"):
             _require_int(self, field, minimum=0)
         if (self.vocab_size is None) == (self.d_input is None):

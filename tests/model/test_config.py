@@ -23,6 +23,7 @@ def test_defaults_are_resolved():
     (dict(n_layers=-1), "n_layers"),
     (dict(d_state=2.5), "d_state"),
     (dict(n_concepts=-3), "n_concepts"),
+    (dict(d_conv=1), "d_conv"),
     (dict(head="regress"), "head"),
     (dict(vocab_size=None), "vocab_size/d_input"),
     (dict(vocab_size=None, d_input=8, head="lm"), "head"),
