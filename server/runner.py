@@ -114,27 +114,37 @@ class ModelRunner:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """Next token per row of logits (batch, vocab): greedy rows in one argmax, unseeded sampled rows in one
-    batched draw, seeded rows each with the request's own generator (so a seed reproduces regardless of batch
-    neighbours). One host transfer for the batch."""
+    """Next token per row of logits (batch, vocab), all rows in one batched pass and one host transfer.
+
+    Sampled rows draw by Gumbel-max over the tokens that temperature, top-k and top-p keep; their uniform noise
+    comes from the request's own generator when it has a seed (so a seed reproduces whatever its batch
+    neighbours), else from the global one in a single call."""
     logits = logits.float()
     chosen = torch.argmax(logits, dim=-1)
-    unseeded = [i for i, seq in enumerate(seqs) if not seq.sampling.is_greedy and seq.sampling.seed is None]
+    rows = [i for i, seq in enumerate(seqs) if not seq.sampling.is_greedy]
+    if not rows:
+        return chosen.tolist()
+    vocab, device = logits.shape[-1], logits.device
+    noise = torch.empty(len(rows), vocab, device=device)
+    unseeded = [j for j, i in enumerate(rows) if seqs[i].sampling.seed is None]
     if unseeded:
-        rows = torch.tensor(unseeded, device=logits.device)
-        chosen[rows] = _sample_rows(logits[rows], [seqs[i].sampling for i in unseeded], generator=None)
-    for i, seq in enumerate(seqs):
-        if seq.sampling.is_greedy or seq.sampling.seed is None:
+        noise[unseeded] = torch.rand(len(unseeded), vocab, device=device)
+    for j, i in enumerate(rows):
+        seq = seqs[i]
+        if seq.sampling.seed is None:
             continue
         if seq.generator is None:
-            seq.generator = torch.Generator(device=logits.device)
+            seq.generator = torch.Generator(device=device)
             seq.generator.manual_seed(seq.sampling.seed)
-        chosen[i] = _sample_rows(logits[i:i + 1], [seq.sampling], seq.generator)[0]
+        noise[j] = torch.rand(vocab, generator=seq.generator, device=device)
+    index = torch.tensor(rows, device=device)
+    chosen[index] = _sample_rows(logits[index], [seqs[i].sampling for i in rows], noise)
     return chosen.tolist()
 
 
-def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None) -> torch.Tensor:
-    """Temperature, then top-k, then top-p over what top-k kept, then a draw: (rows, vocab) -> (rows,)."""
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniform: torch.Tensor) -> torch.Tensor:
+    """Temperature, then top-k, then top-p over what top-k kept, then a Gumbel-max draw with the given uniform
+    noise: (rows, vocab) -> (rows,) token ids."""
     device, vocab = logits.device, logits.shape[-1]
     temperature = torch.tensor([p.temperature for p in params], device=device)
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
@@ -144,6 +154,6 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generator: 
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
     # drop a token once the tokens before it already reach top_p; the most likely always stays
     keep &= (probs.cumsum(-1) - probs) < top_p[:, None]
-    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    picked = torch.multinomial(probs, 1, generator=generator)  # (rows, 1) positions in sorted order
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(torch.float32).tiny)))
+    picked = torch.argmax(sorted_logits.masked_fill(~keep, float("-inf")) + gumbel, dim=-1, keepdim=True)
     return order.gather(1, picked).squeeze(1)
