@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.infomamba import InfoMamba
+from kernels.dispatch import use_triton
 from model.state import save_snapshot, state_nbytes_per_stream
 from server import schemas
 from server.config import ServerConfig
@@ -248,14 +249,21 @@ def create_app(config: ServerConfig, load: Callable[[], tuple[InfoMamba, object]
 
     async def start() -> None:
         try:
+            t0 = time.monotonic()
             model, tokenizer = await asyncio.to_thread(load)
             server.model, server.tokenizer = model, tokenizer
             server.model_name = model_name or config.served_model_name or model.config.name
+            cfg = model.config
+            log.info("loaded %s: %.1fM parameters, %d layers, d_model %d, k %d, %s head; %s %s; kernels: %s",
+                     server.model_name, sum(p.numel() for p in model.parameters()) / 1e6, cfg.n_layers,
+                     cfg.d_model, cfg.n_concepts, cfg.head, model.device, str(model.dtype).replace("torch.", ""),
+                     "triton" if use_triton(model.norm_f.weight) else "pytorch")
             num_streams = config.max_num_streams or auto_num_streams(model, config.gpu_memory_fraction)
             num_batched = max(config.max_num_batched_tokens, num_streams)  # every running stream steps each time
-            if not config.max_num_streams:
-                log.info("state pool sized to %d streams (%.1f MiB each); %d batched tokens per step", num_streams,
-                         state_nbytes_per_stream(model.config, model.dtype) / 2**20, num_batched)
+            log.info("state pool: %d streams x %.2f MiB (%s); %d input steps per engine step", num_streams,
+                     state_nbytes_per_stream(cfg, model.dtype) / 2**20,
+                     "sized from free GPU memory" if not config.max_num_streams else "--max-num-streams",
+                     num_batched)
             server.engine = Engine(model, num_streams, num_batched,
                                    max_queue=config.max_queue, metrics=server.metrics, tokenizer=tokenizer,
                                    cuda_graphs=config.cuda_graphs)
@@ -269,6 +277,8 @@ def create_app(config: ServerConfig, load: Callable[[], tuple[InfoMamba, object]
             server.metrics.state_bytes_per_stream.set(state_nbytes_per_stream(model.config, model.dtype))
             await warm_up(server)
             server.is_ready = True
+            log.info("ready in %.1f s; sessions spill to %s%s", time.monotonic() - t0, state_dir,
+                     "" if config.state_dir else " (temporary: set --state-dir to keep them across restarts)")
         except Exception as exc:  # /ready keeps answering 503 with the reason
             log.exception("model load failed")
             server.load_error = f"model load failed: {exc}"
