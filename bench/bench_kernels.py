@@ -119,17 +119,25 @@ def num_sets(bytes_per_set: float) -> int:
     return max(1, min(8, math.ceil(4 * L2_BYTES / max(bytes_per_set, 1))))
 
 
+def layer_weights():
+    """One layer's parameters at the benchmark config: A, D, dt_bias, conv weight and bias, concept mix, norm."""
+    E, N, K, k, D = (CFG[n] for n in ("d_inner", "d_state", "d_conv", "k", "d_model"))
+    dev = DEV
+    A = -torch.exp(torch.randn(E, N, device=dev) * 0.5)
+    Dv, dt_bias = torch.randn(E, device=dev), torch.randn(E, device=dev) * 0.5 - 1
+    w_conv, b_conv = torch.randn(E, K, device=dev, dtype=DTYPE) / 2, torch.randn(E, device=dev, dtype=DTYPE)
+    mix = torch.eye(k, device=dev) + 0.1 * torch.randn(k, k, device=dev)
+    w_norm = torch.ones(D, device=dev, dtype=DTYPE)
+    return A, Dv, dt_bias, w_conv, b_conv, mix, w_norm
+
+
 # --- decode-step ops -------------------------------------------------------------------------------------
 
 def decode_cases(batch):
     E, N, K, k, dc, D = (CFG[n] for n in ("d_inner", "d_state", "d_conv", "k", "d_c", "d_model"))
     dev = DEV
     idx = torch.randperm(batch, device=dev).to(torch.int32)
-    A = -torch.exp(torch.randn(E, N, device=dev) * 0.5)
-    Dv, dt_bias = torch.randn(E, device=dev), torch.randn(E, device=dev) * 0.5 - 1
-    w_conv, b_conv = torch.randn(E, K, device=dev, dtype=DTYPE) / 2, torch.randn(E, device=dev, dtype=DTYPE)
-    mix = torch.eye(k, device=dev) + 0.1 * torch.randn(k, k, device=dev)
-    w_norm = torch.ones(D, device=dev, dtype=DTYPE)
+    A, Dv, dt_bias, w_conv, b_conv, mix, w_norm = layer_weights()
     act = lambda *s: torch.randn(*s, device=dev, dtype=DTYPE)  # noqa: E731
     cases = {}
 
@@ -185,11 +193,7 @@ def chunk_cases(L, scan_kwargs=None):
     dev = DEV
     cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
     idx = torch.zeros(1, dtype=torch.int32, device=dev)
-    A = -torch.exp(torch.randn(E, N, device=dev) * 0.5)
-    Dv, dt_bias = torch.randn(E, device=dev), torch.randn(E, device=dev) * 0.5 - 1
-    w_conv, b_conv = torch.randn(E, K, device=dev, dtype=DTYPE) / 2, torch.randn(E, device=dev, dtype=DTYPE)
-    mix = torch.eye(k, device=dev) + 0.1 * torch.randn(k, k, device=dev)
-    w_norm = torch.ones(D, device=dev, dtype=DTYPE)
+    A, Dv, dt_bias, w_conv, b_conv, mix, w_norm = layer_weights()
     act = lambda *s: torch.randn(*s, device=dev, dtype=DTYPE)  # noqa: E731
     cases = {}
 

@@ -8,10 +8,6 @@ from kernels.selective_scan import _selective_scan, selective_scan, selective_sc
 D_INNER = [1536, 40] if ON_GPU else [24, 40]
 
 
-def make(d_inner, d_state, dtype, total, slots, seed=0):
-    return ssm_inputs(total, d_inner, d_state, dtype, slots, seed)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d_inner", D_INNER)
 @pytest.mark.parametrize("d_state", [4, 16])
@@ -20,7 +16,7 @@ def test_selective_scan_matches_ref(dtype, d_inner, d_state, lengths):
     num_slots = len(lengths) + 2
     dead = (2,) if len(lengths) > 2 else ()
     cu, idx = packed_batch(lengths, num_slots, dead)
-    x, dt, A, B, C, D, z, dt_bias, state = make(d_inner, d_state, dtype, sum(lengths), num_slots)
+    x, dt, A, B, C, D, z, dt_bias, state = ssm_inputs(sum(lengths), d_inner, d_state, dtype, num_slots)
     s_ref, s_ours = state.clone(), state.clone()
     y_ref = selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, s_ref, cu, idx)
     y = selective_scan(x, dt, A, B, C, D, z, dt_bias, s_ours, cu, idx)
@@ -40,7 +36,7 @@ def test_selective_scan_internal_chunking(chunk_size, optional, token_loop):
     lengths = LENGTHS[0]
     d_inner, d_state = (D_INNER[-1], 16) if ON_GPU or token_loop else (12, 4)
     cu, idx = packed_batch(lengths, len(lengths) + 1, dead=(2,))
-    x, dt, A, B, C, D, z, dt_bias, state = make(d_inner, d_state, torch.float32, sum(lengths), len(lengths) + 1)
+    x, dt, A, B, C, D, z, dt_bias, state = ssm_inputs(sum(lengths), d_inner, d_state, torch.float32, len(lengths) + 1)
     if optional == "none":  # no softplus: pass positive step sizes (negative ones make the state grow)
         D = z = dt_bias = None
         dt = torch.nn.functional.softplus(dt.float()).to(dt.dtype)
@@ -59,7 +55,7 @@ def test_selective_scan_single_chunk_scan_variant(token_loop):
     lengths = [3, 1, 9, 0]
     d_state = 16 if ON_GPU or token_loop else 4
     cu, idx = packed_batch(lengths, 6, dead=(1,))
-    x, dt, A, B, C, D, z, dt_bias, state = make(12, d_state, torch.float32, sum(lengths), 6)
+    x, dt, A, B, C, D, z, dt_bias, state = ssm_inputs(sum(lengths), 12, d_state, torch.float32, 6)
     s_ref, s_ours = state.clone(), state.clone()
     y_ref = selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, s_ref, cu, idx)
     y = _selective_scan(x, dt, A, B, C, D, z, dt_bias, s_ours, cu, idx, chunk_size=16, token_loop=token_loop)
@@ -73,7 +69,7 @@ def test_selective_scan_chunks_carry_state(dtype, pieces):
     """Calling the op on consecutive pieces, state carried in the pool, equals one pass."""
     lengths = LENGTHS[0]
     cu, idx = packed_batch(lengths, len(lengths) + 1, dead=(0,))
-    x, dt, A, B, C, D, z, dt_bias, state = make(D_INNER[-1], 16, dtype, sum(lengths), len(lengths) + 1)
+    x, dt, A, B, C, D, z, dt_bias, state = ssm_inputs(sum(lengths), D_INNER[-1], 16, dtype, len(lengths) + 1)
     one = state.clone()
     y_one = selective_scan(x, dt, A, B, C, D, z, dt_bias, one, cu, idx)
     chunked = state.clone()

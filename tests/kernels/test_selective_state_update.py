@@ -9,10 +9,6 @@ D_INNER = [1536, 40] if ON_GPU else [24, 40]
 BATCHES = [1, 64, 256] if ON_GPU else [1, 6]
 
 
-def make(batch, d_inner, d_state, dtype, slots, seed=0):
-    return ssm_inputs(batch, d_inner, d_state, dtype, slots, seed)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d_inner", D_INNER)
 @pytest.mark.parametrize("d_state", [4, 16])
@@ -22,7 +18,7 @@ def test_selective_state_update_matches_ref(dtype, d_inner, d_state, batch, opti
     num_slots = batch + 3
     dead = (batch // 2,) if batch > 1 else ()
     _, idx = packed_batch([1] * batch, num_slots, dead)
-    x, dt, A, B, C, D, z, dt_bias, state = make(batch, d_inner, d_state, dtype, num_slots)
+    x, dt, A, B, C, D, z, dt_bias, state = ssm_inputs(batch, d_inner, d_state, dtype, num_slots)
     if optional == "none":  # no softplus: pass positive step sizes (negative ones make the state grow)
         D = z = dt_bias = None
         dt = torch.nn.functional.softplus(dt.float()).to(dt.dtype)
@@ -41,7 +37,7 @@ def test_steps_equal_one_chunk(dtype):
     """Stepping a batch of slots T times equals the chunk scan over the same T tokens per sequence."""
     batch, steps, d_inner, d_state = 3, 5, D_INNER[-1], 16
     _, idx = packed_batch([steps] * batch, batch + 2, dead=(1,))
-    x, dt, A, B, C, D, z, dt_bias, state = make(batch * steps, d_inner, d_state, dtype, batch + 2, seed=3)
+    x, dt, A, B, C, D, z, dt_bias, state = ssm_inputs(batch * steps, d_inner, d_state, dtype, batch + 2, seed=3)
     stepped = state.clone()
     ys = []
     for t in range(steps):
