@@ -94,8 +94,7 @@ class InfoMamba(nn.Module):
 
         with known_bounds(cu_seqlens, bounds):  # every layer's chunk kernels reuse this one host read
             hidden = self._run_layers(self._embed(tokens), state, batch)
-        live = state_indices >= 0
-        state.steps[state_indices[live].long()] += lengths[live].to(torch.int64)
+        _advance_steps(state, state_indices, lengths)
         return ModelOutput(hidden=hidden, head=self._head(hidden, cu_seqlens)), state
 
     def decode_step(self, tokens: torch.Tensor, state: StreamState, state_indices: torch.Tensor) -> ModelOutput:
@@ -106,8 +105,7 @@ class InfoMamba(nn.Module):
         batch = Batch(cu_seqlens=self._decode_cu_seqlens(tokens.shape[0]), state_indices=state_indices,
                       is_decode=True)
         hidden = self._run_layers(self._embed(tokens), state, batch)
-        live = (state_indices >= 0).to(torch.int64)
-        state.steps.index_add_(0, state_indices.clamp(min=0).long(), live)  # padding adds 0 to slot 0
+        _advance_steps(state, state_indices, torch.ones_like(state_indices))
         return ModelOutput(hidden=hidden, head=self._head(hidden, batch.cu_seqlens))
 
     def _decode_cu_seqlens(self, n: int) -> torch.Tensor:
@@ -152,3 +150,9 @@ class InfoMamba(nn.Module):
         weight = self.embedding.weight if self.config.is_tied else self.head.weight
         bias = None if self.config.is_tied else self.head.bias
         return nn.functional.linear(hidden, weight, bias)
+
+
+def _advance_steps(state: StreamState, state_indices: torch.Tensor, lengths: torch.Tensor) -> None:
+    """steps[slot] += length for every live slot, without reading the device (padding adds 0 to slot 0)."""
+    live = (state_indices >= 0).to(torch.int64)
+    state.steps.index_add_(0, state_indices.clamp(min=0).long(), lengths.to(torch.int64) * live)
