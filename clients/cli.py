@@ -46,7 +46,9 @@ SERVE_FLAGS = (
     ("--max-batch-sequences", "max_batch_sequences", int, "sequences in one /v1/forward or completions request"),
     ("--max-ws-frame-bytes", "max_ws_frame_bytes", int, "websocket frame limit"),
     ("--session-ttl", "session_ttl", float, "seconds idle before a session is spilled to disk"),
-    ("--state-dir", "state_dir", str, "where sessions are spilled and persisted across restarts"),
+    ("--state-dir", "state_dir", str, "where sessions are written through and persist across restarts"),
+    ("--api-server-count", "api_server_count", int, "HTTP frontend processes sharing the port (one engine)"),
+    ("--max-response-bytes", "max_response_bytes", int, "estimated size of one answer's outputs (413 above)"),
     ("--api-key", "api_key", str, "bearer token required on /v1 routes and the websocket"),
     ("--served-model-name", "served_model_name", str, "model id in /v1/models and completions"),
     ("--shutdown-timeout", "shutdown_timeout", float, "seconds to drain requests on shutdown"),
@@ -64,8 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"infomamba serve: {exc}", file=sys.stderr)
         return 2
-    serve(config, args.model, log_level=args.log_level)
-    return 0
+    return serve(config, args.model, log_level=args.log_level)
 
 
 def _env(field: str, kind):

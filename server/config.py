@@ -19,8 +19,10 @@ class ServerConfig:
     max_request_steps: int = 65_536  # input steps + max_tokens of one request, 413 above
     max_batch_sequences: int = 64  # sequences in one /v1/forward request
     max_ws_frame_bytes: int = 16 * 1024 * 1024
+    max_response_bytes: int = 64 * 1024 * 1024  # estimated size of one answer's outputs, 413 above
     session_ttl: float = 600.0  # seconds idle before a session is spilled to disk
-    state_dir: str | None = None  # where spilled/persisted sessions live; None: a temporary directory
+    state_dir: str | None = None  # where sessions are written through and persist; None: a temporary directory
+    api_server_count: int = 1  # HTTP frontend processes sharing the port, all talking to one engine process
     api_key: str | None = None  # bearer token for HTTP and websocket; None: no auth
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0
@@ -28,7 +30,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in ("port", "max_num_streams", "max_num_batched_tokens", "max_queue", "max_num_sessions",
-                     "max_body_bytes", "max_request_steps", "max_batch_sequences", "max_ws_frame_bytes"):
+                     "max_body_bytes", "max_request_steps", "max_batch_sequences", "max_ws_frame_bytes",
+                     "max_response_bytes", "api_server_count"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("port", "max_num_streams") else 1):
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")

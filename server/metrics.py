@@ -2,7 +2,6 @@
 clash). Names follow vLLM's where the meaning matches, with the `infomamba:` prefix."""
 from __future__ import annotations
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
@@ -15,8 +14,6 @@ class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         p = "infomamba:"
-        self.http_requests = Counter(p + "http_requests", "HTTP requests and websocket frames by route and status",
-                                     ["route", "status"], registry=r)
         self.queue_time = Histogram(p + "request_queue_time_seconds", "Time from arrival to first scheduled step",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.time_to_first_output = Histogram(p + "time_to_first_token_seconds",
@@ -57,22 +54,18 @@ class Metrics:
         self.batch_tokens.observe(batch.num_tokens)
         self.engine_steps.inc()
 
-    def refresh(self, engine, sessions=None) -> None:
-        """Gauges read at scrape time."""
-        counts = engine.counts()
-        self.requests_running.set(counts["running"])
-        self.requests_waiting.set(counts["waiting"])
-        self.slots_used.set(counts["slots_used"])
-        self.slots_total.set(counts["slots_total"])
-        if sessions is not None:
-            self.sessions_live.set(sessions.num_live)
-            self.sessions_spilled.set(sessions.num_spilled)
-        if torch.cuda.is_available():
-            self.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated())
-            self.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved())
-        else:
-            self.gpu_memory.labels("allocated").set(0)
-            self.gpu_memory.labels("reserved").set(0)
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EdgeMetrics:
+    """What a frontend measures itself; /metrics joins it with the engine's."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.http_requests = Counter("infomamba:http_requests", "HTTP requests and websocket frames by route and "
+                                     "status (of the frontend that answered the scrape)", ["route", "status"],
+                                     registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,7 +1,21 @@
-"""`infomamba serve`: pick the model, build the app, run uvicorn."""
+"""`infomamba serve`: one engine process and `api_server_count` HTTP frontend processes sharing one port, under a
+launcher that stops them in order (frontends drain, then the engine saves its sessions) and exits non-zero when
+the engine dies, so docker or Kubernetes restarts the server.
+
+    launcher ── spawns ──> engine process   (model, state pool, sessions; ZMQ ipc)
+             └─ spawns ──> frontend 1..N    (uvicorn on one shared socket; validation, detokenizing, framing)
+"""
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -54,12 +68,92 @@ def make_loader(config: ServerConfig, model_dir: str | None):
     return load
 
 
-def serve(config: ServerConfig, model_dir: str | None, log_level: str = "info") -> None:
+def configure_logging(log_level: str) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+
+
+def frontend_main(config: ServerConfig, engine_address: str, run_dir: str, sock: socket.socket, log_level: str) -> None:
     import uvicorn
 
-    from server.app import create_app
+    from server.api.app import create_app
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(config, make_loader(config, model_dir))
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, ws="websockets-sansio",
-                timeout_graceful_shutdown=int(config.shutdown_timeout))
+    configure_logging(log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher stops frontends with SIGTERM, in order
+    app = create_app(config, engine_address, run_dir)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, ws="websockets-sansio",
+                                           timeout_graceful_shutdown=int(config.shutdown_timeout)))
+    server.run(sockets=[sock])
+
+
+def serve(config: ServerConfig, model_dir: str | None, log_level: str = "info") -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until a child process dies (exit 1)."""
+    from server.engine.process import engine_main
+
+    configure_logging(log_level)
+    run_dir = tempfile.mkdtemp(prefix="infomamba-run-")
+    state_dir, temporary = config.state_dir, config.state_dir is None
+    if temporary:
+        state_dir = tempfile.mkdtemp(prefix="infomamba-sessions-")
+        log.warning("sessions are kept in %s and removed at exit: set --state-dir to keep them across restarts",
+                    state_dir)
+    engine_address = f"ipc://{run_dir}/engine"
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
+        return 2
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    spawn = multiprocessing.get_context("spawn")
+    engine = spawn.Process(target=engine_main, name="infomamba-engine",
+                           args=(config, model_dir, engine_address, state_dir, log_level))
+    engine.start()
+    frontends = [spawn.Process(target=frontend_main, name=f"infomamba-api-{i}",
+                               args=(config, engine_address, run_dir, sock, log_level))
+                 for i in range(config.api_server_count)]
+    for p in frontends:
+        p.start()
+    log.info("listening on http://%s:%d with %d API frontend(s) (pids %s) and the engine (pid %d)", config.host,
+             config.port, len(frontends), ", ".join(str(p.pid) for p in frontends), engine.pid)
+    code = _supervise(engine, frontends, config.shutdown_timeout)
+    sock.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if temporary:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return code
+
+
+def _supervise(engine, frontends, shutdown_timeout: float) -> int:
+    stop_r, stop_w = os.pipe()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: os.write(stop_w, b"x"))
+    waits = [engine.sentinel, stop_r] + [p.sentinel for p in frontends]
+    ready = multiprocessing.connection.wait(waits)
+    code = 0
+    if stop_r not in ready:
+        dead = engine if engine.sentinel in ready else next(p for p in frontends if p.sentinel in ready)
+        log.error("%s (pid %d) exited with code %s: stopping the server", dead.name, dead.pid, dead.exitcode)
+        code = 1
+        if dead is engine:
+            time.sleep(1.0)  # the frontends answer 503 meanwhile, so health checks see why
+    _stop(frontends, shutdown_timeout + 5)
+    if engine.is_alive():
+        _stop([engine], 60)  # the engine flushes its session writes before it exits
+    elif code == 0 and engine.exitcode:
+        code = 1
+    return code
+
+
+def _stop(processes, timeout: float) -> None:
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            log.error("%s (pid %d) did not stop in time; killing it", p.name, p.pid)
+            p.kill()
+            p.join()

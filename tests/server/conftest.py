@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 
@@ -16,8 +18,10 @@ import uvicorn
 from model.config import InfoMambaConfig
 from model.infomamba import InfoMamba
 from model.tokenizer import ByteTokenizer
-from server.app import create_app
+from server.api.app import create_app
 from server.config import ServerConfig
+from server.engine.core import EngineCore
+from server.engine.process import EngineLoop, warm_up
 
 TEST_DEVICE = os.environ.get("INFOMAMBA_TEST_DEVICE", "cpu")
 
@@ -45,21 +49,33 @@ def free_port() -> int:
 
 
 class ServerThread:
-    def __init__(self, model, tokenizer=None, **config):
+    """The engine loop on one thread and uvicorn on another, talking over ZMQ exactly as the processes of
+    `infomamba serve` do (tests/server/test_processes.py runs those)."""
+
+    def __init__(self, model, tokenizer=None, state_dir=None, **config):
         self.port = free_port()
         self.config = ServerConfig(host="127.0.0.1", port=self.port, **config)
-        self.app = create_app(self.config, lambda: (model, tokenizer))
+        self.run_dir = tempfile.mkdtemp(prefix="infomamba-test-")
+        self.state_dir = state_dir or os.path.join(self.run_dir, "sessions")
+        address = f"ipc://{self.run_dir}/engine"
+        self.core = EngineCore(model, tokenizer, self.config, self.state_dir)
+        warm_up(self.core)
+        self.core.sessions.pick_up_persisted()
+        self.loop = EngineLoop(self.core, address)
+        self.engine_thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.app = create_app(self.config, address, self.run_dir, tokenizer=tokenizer)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     ws="websockets-sansio", timeout_graceful_shutdown=10))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/stream"
 
-    @property
-    def state(self):
-        return self.app.state.server
+    def stats(self) -> dict:
+        """The engine's counters, as /health reports them."""
+        return httpx.get(self.url + "/health", timeout=10).json()["engine"]
 
     def start(self) -> "ServerThread":
+        self.engine_thread.start()
         self.thread.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -72,6 +88,9 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
+        self.loop.stop()
+        self.engine_thread.join(timeout=60)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

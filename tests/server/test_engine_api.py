@@ -25,11 +25,11 @@ def greedy_reference(model, prompt: list[int], max_tokens: int) -> list[int]:
 def wait_all_slots_free(srv, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        counts = srv.state.engine.counts()
+        counts = srv.stats()
         if counts["slots_used"] == 0 and counts["running"] == 0 and counts["waiting"] == 0:
             return counts
         time.sleep(0.02)
-    raise AssertionError(f"slots still held: {srv.state.engine.counts()}")
+    raise AssertionError(f"slots still held: {srv.stats()}")
 
 
 def test_concurrent_batched_equals_sequential_with_cancellations(lm_server):
@@ -69,18 +69,19 @@ def test_concurrent_batched_equals_sequential_with_cancellations(lm_server):
             return await asyncio.gather(*(one(client, j) for j in jobs))
 
     results = asyncio.run(main())
-    steps_before = lm_server.state.engine.num_steps
+    steps_before = lm_server.stats()["num_steps"]
     for job, want, (got, cancelled) in zip(jobs, expected, results):
         if cancelled:
             assert got == want[:len(got)]
         else:
             assert got == want
     assert any(cancelled for _, cancelled in results)
-    reg = lm_server.state.metrics.registry
+    reg = lm_server.core.metrics.registry
     assert reg.get_sample_value("infomamba:batch_size_sum") > reg.get_sample_value("infomamba:batch_size_count")
     wait_all_slots_free(lm_server)
     assert steps_before > len(jobs) // 2  # the work really went through the engine
-    assert lm_server.state.engine.pool.num_free == lm_server.state.engine.pool.num_total
+    counts = lm_server.stats()
+    assert counts["slots_used"] == 0 and counts["slots_total"] == 8
 
 
 def test_seeded_sampling_reproduces(lm_server):
@@ -122,9 +123,9 @@ def test_pool_sized_automatically_when_max_num_streams_is_zero():
     from tests.server.conftest import TEST_DEVICE, running
 
     with running(tiny_lm(), None, max_num_streams=0, max_num_batched_tokens=16) as srv:
-        counts = srv.state.engine.counts()
+        counts = srv.stats()
         # the CPU gets a fixed pool, a GPU as many as fit; batched tokens grow to cover every stream's decode step
         assert counts["slots_total"] == 64 if TEST_DEVICE == "cpu" else counts["slots_total"] > 64
-        assert srv.state.engine.scheduler.max_num_batched_tokens >= counts["slots_total"]
+        assert counts["max_num_batched_tokens"] >= counts["slots_total"]
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3})
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 3

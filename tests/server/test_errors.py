@@ -137,31 +137,24 @@ def test_queue_full_429():
         waiter = threading.Thread(target=lambda: httpx.post(srv.url + "/v1/completions", timeout=60,
                                                             json={"prompt": [1], "max_tokens": 1}))
         waiter.start()
-        while srv.state.engine.counts()["waiting"] < 1:
+        while srv.stats()["waiting"] < 1:
             pass
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": [1], "max_tokens": 1})
         assert error_of(r, 429)["code"] == "queue_full" and r.headers["Retry-After"]
         stop.set()
         threads[0].join(30)
         waiter.join(30)
-        assert srv.state.engine.counts()["waiting"] == 0
+        assert srv.stats()["waiting"] == 0
 
 
-def test_ready_is_503_until_loaded():
+def test_ready_is_503_until_the_engine_answers():
+    """The frontend answers /health and /ready at once; /ready and /v1 say 503 until the engine has loaded."""
     import time as _time
 
     from tests.server.conftest import ServerThread
 
-    model = tiny_lm()
-
-    def slow_load():
-        _time.sleep(1.5)
-        return model, None
-
-    srv = ServerThread(model)
-    srv.app = __import__("server.app", fromlist=["create_app"]).create_app(srv.config, slow_load)
-    srv.server.config.app = srv.app
-    srv.thread.start()
+    srv = ServerThread(tiny_lm())
+    srv.thread.start()  # the frontend alone: the engine loop has not started
     try:
         deadline = _time.monotonic() + 10
         while _time.monotonic() < deadline:
@@ -171,8 +164,10 @@ def test_ready_is_503_until_loaded():
             except httpx.HTTPError:
                 _time.sleep(0.05)
         assert r.status_code == 503 and r.headers["Retry-After"]
-        assert httpx.get(srv.url + "/health").status_code == 200
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 200 and health.json()["engine"]["loaded"] is False
         assert error_of(httpx.get(srv.url + "/v1/models"), 503)["code"] == "not_ready"
+        srv.engine_thread.start()
         while httpx.get(srv.url + "/ready").status_code != 200:
             _time.sleep(0.05)
         assert httpx.get(srv.url + "/v1/models").status_code == 200

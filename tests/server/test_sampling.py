@@ -1,8 +1,8 @@
 """Sampling: batched unseeded rows and per-request seeded rows obey temperature, top-k and top-p."""
 import torch
 
-from server.runner import _sample_rows, sample
-from server.sequence import SamplingParams, Sequence
+from server.engine.sampler import _sample_rows, sample
+from server.engine.sequence import SamplingParams, Sequence
 
 
 def seq(**params):

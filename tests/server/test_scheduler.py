@@ -1,8 +1,8 @@
 """The scheduler alone, with a fake pool: budgets, chunking, admission order, no starvation."""
 import torch
 
-from server.scheduler import Scheduler
-from server.sequence import SamplingParams, Sequence
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import SamplingParams, Sequence
 
 
 class FakePool:

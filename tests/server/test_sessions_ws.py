@@ -123,9 +123,9 @@ def test_idle_sessions_spill_and_restart_loses_nothing(tmp_path):
         outs = {sid: c.post(f"/v1/sessions/{sid}/append", json={"inputs": seq[:10]}).json()["results"]["head"]
                 for sid in sids}
         deadline = time.monotonic() + 10
-        while srv.state.sessions.num_live and time.monotonic() < deadline:
+        while srv.stats()["sessions_live"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert srv.state.sessions.num_spilled == 3  # idle past the TTL
+        assert srv.stats()["sessions_spilled"] == 3  # idle past the TTL
         more = c.post(f"/v1/sessions/{sids[0]}/append", json={"inputs": seq[10:20]}).json()  # restored on use
         assert more["steps"] == 20
         outs[sids[0]] += more["results"]["head"]
@@ -206,7 +206,7 @@ def test_ws_cancel_stops_a_generate_and_frames_sent_meanwhile_wait_their_turn(lm
     state = httpx.get(lm_server.url + f"/v1/sessions/{sid}/snapshot")
     from model.state import read_snapshot
 
-    restored, _ = read_snapshot(state.content, lm_server.state.model.config, lm_server.state.model.fingerprint())
+    restored, _ = read_snapshot(state.content, lm_server.core.model.config, lm_server.core.model.fingerprint())
     assert int(restored.steps[0]) == done["steps"]
     # the prompt and every generated token but possibly the last, which a cancel can catch before it is fed
     assert done["steps"] in (4 + len(done["ids"]) - 1, 4 + len(done["ids"]))

@@ -81,6 +81,7 @@ class WSOpen(Strict):
 
 class WSAppend(AppendRequest):
     type: Literal["append"]
+    binary: StrictBool = False  # answer with a binary outputs frame (server/api/ws.py) instead of JSON
 
 
 class WSGenerate(GenerateRequest):

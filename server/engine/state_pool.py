@@ -61,9 +61,12 @@ class StatePool:
             self._used.remove(slot)
             self._free.append(slot)
 
-    def read(self, slot: int) -> StreamState:
-        """A batch-1 copy of one slot (for snapshots)."""
-        return self.state.select([slot])
+    def read(self, slot: int, device=None) -> StreamState:
+        """A batch-1 copy of one slot (for snapshots), on `device` if given."""
+        state = self.state.select([slot])
+        if device is None:
+            return state
+        return StreamState(**{name: t.to(device) for name, t in state.tensors().items()})
 
     def write(self, slot: int, state: StreamState) -> None:
         self.state.assign([slot], state)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from server.sequence import Sequence, SeqStatus
+from server.engine.sequence import Sequence, SeqStatus
 
 
 @dataclass(slots=True)

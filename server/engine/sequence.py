@@ -1,14 +1,14 @@
 """A request as the engine sees it: inputs to feed into one state slot, then (optionally) tokens to generate."""
 from __future__ import annotations
 
-import codecs
 import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
+
+from server.detokenizer import Detokenizer
 
 OUTPUT_KINDS = ("logits", "logprobs", "hidden", "head")
 _ids = itertools.count()
@@ -34,6 +34,8 @@ class SamplingParams:
             raise ValueError(f"top_k: expected >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed: expected in [0, 2**63), got {self.seed}")
 
     @property
     def is_greedy(self) -> bool:
@@ -44,53 +46,6 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class Detokenizer:
-    """Incremental text for generated ids, holding back text that may still turn into a stop string."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.text = ""
-        self.num_emitted = 0
-        self._ids: list[int] = []
-        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace") if _is_byte_level(tokenizer) else None
-
-    def add(self, token_id: int) -> bool:
-        """Append one token; True when a stop string completed (the text is cut before it)."""
-        if self.tokenizer is None:
-            return False
-        if self._bytes is not None:
-            self.text += self._bytes.decode(self.tokenizer.decode_bytes([token_id]))
-        else:
-            self._ids.append(token_id)
-            self.text = self.tokenizer.decode(self._ids)
-        for s in self.stop:
-            # only the tail can hold a new match: the text before it was checked already
-            at = self.text.find(s, max(0, self.num_emitted - len(s)))
-            if at >= 0:
-                self.text = self.text[:at]
-                return True
-        return False
-
-    def delta(self, is_final: bool) -> str:
-        """Text not yet handed out that no stop string can still claim."""
-        end = len(self.text)
-        if not is_final:
-            for s in self.stop:  # hold back a tail that may still grow into a stop string
-                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                    if self.text.endswith(s[:k]):
-                        end = min(end, len(self.text) - k)
-                        break
-            end = max(end, self.num_emitted)
-        out = self.text[self.num_emitted:end]
-        self.num_emitted = end
-        return out
-
-
-def _is_byte_level(tokenizer) -> bool:
-    return tokenizer is not None and hasattr(tokenizer, "decode_bytes") and type(tokenizer).__name__ == "ByteTokenizer"
 
 
 @dataclass(eq=False)
@@ -109,12 +64,14 @@ class Sequence:
     keep_last_logits: bool = False  # report the last step's logits (a session generates from them later)
     want_state: bool = False  # report a copy of the slot's state when done (forward's return_state)
     initial_logits: torch.Tensor | None = None  # (vocab,) to sample the first token from when inputs is empty
-    tokenizer: object = None
-    emit: Callable[[tuple], None] = lambda event: None
+    tokenizer: object = None  # set only where the engine itself must check stop strings (session generates)
+    rid: str = ""
+    client: str = ""
+    session: object = None  # the Session this request runs in, if any
     id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self) -> None:
-        self.owns_slot = self.slot is None
+        self.owns_slot = self.slot is None and self.session is None
         self.status = SeqStatus.WAITING
         self.num_fed = 0
         self.num_prompt = int(self.inputs.shape[0])
@@ -124,7 +81,8 @@ class Sequence:
         self.is_cancelled = False
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
-        self.detok = Detokenizer(self.tokenizer, self.sampling.stop) if self.sampling else None
+        self.detok = Detokenizer(self.tokenizer, self.sampling.stop) if self.sampling and self.sampling.stop \
+            and self.tokenizer is not None else None
         self.arrival_time = time.monotonic()
         self.scheduled_time: float | None = None
         self.first_output_time: float | None = None

@@ -1,0 +1,37 @@
+"""The one error type of the API: a 4xx (or 503/507) with the contract's body {"error": {code, message, field}};
+and the map from engine error codes to HTTP statuses (the engine knows nothing of HTTP)."""
+from __future__ import annotations
+
+from server.engine.protocol import Error
+
+ENGINE_STATUS = {
+    "queue_full": 429, "too_many_sessions": 429, "no_free_slots": 503, "engine_unavailable": 503,
+    "session_busy": 409, "session_unrestorable": 409, "session_not_found": 404, "invalid_snapshot": 422,
+    "invalid_field": 422, "non_finite_output": 422, "nothing_to_run": 400, "invalid_request": 400,
+    "state_not_persisted": 507, "internal_error": 500,
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_engine(cls, error: Error) -> "APIError":
+        return cls(ENGINE_STATUS.get(error.code, 500), error.code, error.message, error.field, error.retry_after)
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+def bad_request(message: str, field: str | None = None, code: str = "invalid_request") -> APIError:
+    return APIError(400, code, message, field)

@@ -1,0 +1,138 @@
+"""Running requests from a frontend: submit to the engine, then turn its step outputs into what routes answer
+with: per-step output arrays, or generated tokens with their text (detokenizing and stop strings happen here)."""
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.api.edge import Edge
+from server.api.errors import APIError
+from server.detokenizer import Detokenizer
+from server.engine.client import EngineDead, RequestStream
+from server.engine.protocol import Array, RequestOutput, Sampling
+
+
+async def submit(edge: Edge, inputs: np.ndarray, **fields) -> RequestStream:
+    try:
+        return await edge.engine.add(edge.engine.new_add(inputs=Array.of(inputs), **fields))
+    except EngineDead:
+        raise edge.not_ready() from None
+
+
+async def session_call(edge: Edge, op: str, session: str | None = None, snapshot: bytes | None = None,
+                       wait_if_busy: bool = False):
+    try:
+        reply = await edge.engine.session_op(op, session, snapshot, wait_if_busy)
+    except EngineDead:
+        raise edge.not_ready() from None
+    if not reply.ok:
+        raise APIError.from_engine(reply.error)
+    return reply
+
+
+@dataclass
+class Collected:
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
+    final: RequestOutput | None = None
+
+    def joined(self, kinds: tuple[str, ...], is_classify: bool) -> dict:
+        """kind -> (steps, width) array, or [] when nothing was produced; a classify head keeps its last row."""
+        result = {}
+        for kind in kinds:
+            parts = self.outputs.get(kind)
+            if not parts:
+                result[kind] = []
+            elif kind == "head" and is_classify:
+                result[kind] = parts[-1][-1]
+            else:
+                result[kind] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return result
+
+
+async def collect(stream: RequestStream) -> Collected:
+    """A request without generation, run to its end; raises APIError on an engine error."""
+    got = Collected()
+    try:
+        async for out in stream:
+            for kind, array in out.outputs.items():
+                got.outputs[kind].append(array.numpy())
+            if out.error is not None:
+                raise APIError.from_engine(out.error)
+            if out.finish_reason is not None:
+                got.final = out
+    finally:
+        stream.cancel()
+    return got
+
+
+@dataclass
+class Token:
+    id: int | None  # None: a last piece of text held back until the end
+    text: str
+
+
+@dataclass
+class Finish:
+    reason: str
+    output: RequestOutput
+    text: str | None  # the whole generated text (None without a tokenizer)
+    ids: list[int]
+
+
+async def generate(edge: Edge, stream: RequestStream, sampling: Sampling, engine_checks_stop: bool):
+    """Tokens with their text as they come, then one Finish. Stop strings cut the text here; for stateless
+    requests a stop string also ends the request (the engine is told to stop), while a session's engine checks
+    them itself so its state ends exactly at the stop."""
+    detok = Detokenizer(edge.tokenizer, tuple(sampling.stop)) if edge.tokenizer is not None else None
+    ids: list[int] = []
+    stopped = False
+    try:
+        async for out in stream:
+            if out.error is not None:
+                raise APIError.from_engine(out.error)
+            for token in out.token_ids:
+                if stopped:
+                    break
+                ids.append(token)
+                stopped = detok.add(token) if detok is not None else False
+                is_last = stopped or (out.finish_reason is not None and token == out.token_ids[-1])
+                yield Token(token, detok.delta(is_final=is_last) if detok is not None else "")
+            if stopped and not engine_checks_stop:
+                stream.cancel()
+                yield Finish("stop", out, detok.text, ids)
+                return
+            if out.finish_reason is not None:
+                if detok is not None and (tail := detok.delta(is_final=True)):
+                    yield Token(None, tail)
+                reason = "stop" if stopped else out.finish_reason
+                yield Finish(reason, out, detok.text if detok is not None else None, ids)
+                return
+    finally:
+        stream.cancel()
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+async def unless_disconnected(request, work):
+    """Await `work`, cancelling it (and so its engine requests) if the HTTP client goes away first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientGone()
+
+
+async def _disconnected(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,66 @@
+"""Sessions over HTTP: create (optionally from a snapshot), append, generate, snapshot, fork, delete. The engine
+owns every session; these routes and the websocket are two doors to the same operations (server/api/session_ops)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from server.api import schemas
+from server.api.requests import unless_disconnected
+from server.api.responses import JSON, json_response, sse, sse_response
+from server.api.session_ops import (append, create, generate_events, generate_result, open_generate, session_call)
+from server.api.validation import loads, parse
+
+router = APIRouter()
+
+
+@router.post("/v1/sessions")
+async def create_session(request: Request):
+    raw = await request.body()
+    req = parse(schemas.SessionCreateRequest, loads(raw) if raw.strip() else {})
+    reply = await create(request.app.state.edge, req.snapshot)
+    return JSON({"id": reply.session, "steps": reply.steps}, status_code=201)
+
+
+@router.post("/v1/sessions/{sid}/append")
+async def append_route(sid: str, request: Request):
+    edge = request.app.state.edge
+    req = parse(schemas.AppendRequest, loads(await request.body()))
+    kinds = edge.validator.output_kinds(req.outputs)
+    inputs = edge.validator.inputs(req.input_ids, req.inputs, req.text)
+    result = await unless_disconnected(request, append(edge, sid, inputs, kinds))
+    width = sum(edge.model.d_model if k == "hidden" else edge.model.d_head_output for k in kinds)
+    return await json_response(result, num_values=inputs.shape[0] * width)
+
+
+@router.post("/v1/sessions/{sid}/generate")
+async def generate_route(sid: str, request: Request):
+    edge = request.app.state.edge
+    req = parse(schemas.GenerateRequest, loads(await request.body()))
+    run = await open_generate(edge, sid, req)
+    if req.stream:
+        async def events():
+            async for kind, body in generate_events(edge, run):
+                yield sse(body if kind != "done" else {"done": True, **body})
+            yield sse("[DONE]")
+        return sse_response(events())
+    return JSON(await unless_disconnected(request, generate_result(edge, run)))
+
+
+@router.get("/v1/sessions/{sid}/snapshot")
+async def snapshot(sid: str, request: Request):
+    reply = await session_call(request.app.state.edge, "snapshot", sid)
+    return Response(reply.data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{sid}.safetensors"',
+                             "X-Session-Steps": str(reply.steps)})
+
+
+@router.post("/v1/sessions/{sid}/fork")
+async def fork(sid: str, request: Request):
+    reply = await session_call(request.app.state.edge, "fork", sid)
+    return JSON({"id": reply.session, "steps": reply.steps}, status_code=201)
+
+
+@router.delete("/v1/sessions/{sid}")
+async def delete(sid: str, request: Request):
+    await session_call(request.app.state.edge, "delete", sid)
+    return Response(status_code=204)

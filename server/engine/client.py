@@ -1,0 +1,181 @@
+"""The frontends' side of the engine: asyncio, one PUSH socket to the engine and one PULL socket for its step
+outputs. Each request gets a stream of RequestOutputs; each session operation or utility call a future."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from server.engine.protocol import (Abort, Add, EngineInfo, Error, Hello, Reply, RequestOutput, SessionOp, Utility,
+                                    output_decoder, request_encoder)
+
+log = logging.getLogger("infomamba.frontend")
+LIVENESS_INTERVAL = 0.2  # seconds between checks that the engine process is alive
+
+ENGINE_DEAD = Error("engine_unavailable", "the engine process has stopped; the server is restarting", None, 5)
+
+
+class EngineDead(Exception):
+    pass
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class RequestStream:
+    """One request's outputs in order; the last one has finish_reason or error set. Closing early aborts it."""
+
+    def __init__(self, client: "EngineClient", rid: str):
+        self.client = client
+        self.rid = rid
+        self.finished = False
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self.queue.get()
+        except BaseException:
+            self.cancel()
+            raise
+        if out.finish_reason is not None or out.error is not None:
+            self.finished = True
+            self.client.streams.pop(self.rid, None)
+        return out
+
+    def abort(self) -> None:
+        """Ask the engine to stop the request; its outputs keep coming, ending with finish_reason "cancelled"."""
+        if not self.finished:
+            self.client.send_nowait(Abort(self.client.id, self.rid))
+
+    def cancel(self) -> None:
+        """Stop the request (the engine finishes it between two steps); its outputs are dropped from now on."""
+        if not self.finished:
+            self.finished = True
+            self.client.streams.pop(self.rid, None)
+            self.client.send_nowait(Abort(self.client.id, self.rid))
+
+
+class EngineClient:
+    def __init__(self, input_address: str, ipc_dir: str):
+        self.id = new_id()
+        self.input_address = input_address
+        self.output_path = Path(ipc_dir) / f"out-{self.id[:12]}"
+        self.info: EngineInfo | None = None
+        self.ready = asyncio.Event()
+        self.dead = False
+        self.streams: dict[str, RequestStream] = {}
+        self.pending: dict[str, asyncio.Future] = {}
+        self._ctx = zmq.asyncio.Context()
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._pull.bind(f"ipc://{self.output_path}")
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.connect(self.input_address)
+        self._tasks.append(asyncio.create_task(self._listen()))
+        self._tasks.append(asyncio.create_task(self._watch()))
+        await self._push.send(request_encoder.encode(Hello(self.id, f"ipc://{self.output_path}")))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._ctx.destroy(linger=0)
+        self.output_path.unlink(missing_ok=True)
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    async def add(self, request: Add) -> RequestStream:
+        self._check_alive()
+        stream = self.streams[request.rid] = RequestStream(self, request.rid)
+        await self._push.send(request_encoder.encode(request))
+        return stream
+
+    def new_add(self, **fields) -> Add:
+        return Add(client=self.id, rid=new_id(), **fields)
+
+    async def session_op(self, op: str, session: str | None = None, snapshot: bytes | None = None,
+                         wait_if_busy: bool = False) -> Reply:
+        return await self._call(SessionOp(self.id, new_id(), op, session, snapshot, wait_if_busy))
+
+    async def utility(self, name: str) -> Reply:
+        return await self._call(Utility(self.id, new_id(), name))
+
+    async def _call(self, message) -> Reply:
+        self._check_alive()
+        future = self.pending[message.rid] = asyncio.get_running_loop().create_future()
+        try:
+            await self._push.send(request_encoder.encode(message))
+            return await future
+        finally:
+            self.pending.pop(message.rid, None)
+
+    def send_nowait(self, message) -> None:
+        if not self.dead:
+            asyncio.ensure_future(self._push.send(request_encoder.encode(message)))
+
+    def _check_alive(self) -> None:
+        if self.dead:
+            raise EngineDead()
+
+    # -- background --------------------------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        while True:
+            frames = await self._pull.recv(copy=False)
+            step = output_decoder.decode(frames.buffer)
+            if step.welcome is not None:
+                self.info = step.welcome
+                self.ready.set()
+            for out in step.outputs:
+                stream = self.streams.get(out.rid)
+                if stream is not None:
+                    stream.queue.put_nowait(out)
+            for reply in step.replies:
+                future = self.pending.get(reply.rid)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+
+    async def _watch(self) -> None:
+        """Fail everything at once when the engine process dies (the launcher then restarts the server)."""
+        while True:
+            await asyncio.sleep(LIVENESS_INTERVAL)
+            if self.info is not None and not process_alive(self.info.pid):
+                log.error("the engine process (pid %d) has stopped", self.info.pid)
+                self.dead = True
+                for stream in list(self.streams.values()):
+                    stream.queue.put_nowait(RequestOutput(stream.rid, error=ENGINE_DEAD))
+                for future in self.pending.values():
+                    if not future.done():
+                        future.set_result(Reply("", ok=False, error=ENGINE_DEAD))
+                return
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its parent to reap it counts as stopped)."""
+    if pid == os.getpid():
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True

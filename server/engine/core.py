@@ -1,0 +1,460 @@
+"""The engine core: requests in, one batch of outputs per step out. No HTTP, no asyncio, no sockets (those are in
+server/engine/process.py and the frontends); one thread owns everything here, so no locks.
+
+    handle(request) ... -> step(): schedule() -> runner.run(batch) -> postprocess() -> take_outputs()
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from model.state import save_snapshot, state_nbytes_per_stream
+from server.config import ServerConfig
+from server.engine import errors
+from server.engine.errors import EngineError
+from server.engine.protocol import (Abort, Add, Array, EngineInfo, Error, Hello, Reply, RequestOutput, Sampling,
+                                    SessionOp, StepOutputs, Utility)
+from server.engine.runner import ModelRunner, StepResult
+from server.engine.sampler import sample
+from server.engine.scheduler import ScheduledBatch, Scheduler
+from server.engine.sequence import SamplingParams, Sequence, SeqStatus
+from server.engine.sessions import Session, SessionTable
+from server.engine.state_pool import StatePool, auto_num_streams
+from server.engine.store import Persisted, SessionStore
+from server.metrics import Metrics
+
+log = logging.getLogger("infomamba.engine")
+REAP_INTERVAL = 0.25  # seconds between looks for sessions idle past their TTL
+
+
+class EngineCore:
+    def __init__(self, model, tokenizer, config: ServerConfig, state_dir: str, model_name: str | None = None,
+                 model_dir: str | None = None, runner=None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_name = model_name or config.served_model_name or model.config.name
+        self.model_dir = model_dir
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+        self.metrics = Metrics()
+        num_streams = config.max_num_streams or auto_num_streams(model, config.gpu_memory_fraction)
+        self.pool = StatePool(model, num_streams)
+        self.scheduler = Scheduler(self.pool, max(config.max_num_batched_tokens, num_streams))
+        self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs)
+        # events from other threads (frontend requests, finished writes), handled by the engine thread in order
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.store = SessionStore(state_dir, model.config.name, model.fingerprint(), self.inbox.put)
+        self.sessions = SessionTable(self.pool, model, self.store, config.max_num_sessions, config.session_ttl)
+        self.requests: dict[tuple[str, str], Sequence] = {}
+        self.num_steps = 0
+        self._outputs: dict[tuple[str, str], RequestOutput] = {}  # this step's, by (client, rid)
+        self._replies: dict[str, list[Reply]] = defaultdict(list)
+        self._welcomes: set[str] = set()
+        self._held: dict[int, tuple[str, RequestOutput | Reply, Session | None]] = {}  # store ticket -> answer
+        self._next_reap = 0.0
+        self.metrics.state_bytes_per_stream.set(state_nbytes_per_stream(model.config, model.dtype))
+
+    @property
+    def info(self) -> EngineInfo:
+        from kernels.dispatch import use_triton
+
+        return EngineInfo(pid=os.getpid(), model_name=self.model_name, config=self.model.config.to_dict(),
+                          fingerprint=self.model.fingerprint(), model_dir=self.model_dir,
+                          state_bytes_per_stream=state_nbytes_per_stream(self.model.config, self.model.dtype),
+                          num_slots=self.pool.num_total,
+                          kernels="triton" if use_triton(self.model.norm_f.weight) else "pytorch")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one turn of the loop ------------------------------------------------------------------------------
+
+    def run_once(self, timeout: float | None = None) -> dict[str, StepOutputs]:
+        """Handle what arrived (waiting up to `timeout` for something when idle), run one step, and return
+        the step's outputs by frontend."""
+        block = not self.has_work()
+        try:
+            self.handle(self.inbox.get(block=block, timeout=timeout if block else None))
+            while True:
+                self.handle(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        if now >= self._next_reap:
+            self._next_reap = now + REAP_INTERVAL
+            self.sessions.spill_expired(now)
+        starved = self.scheduler.num_waiting_for_slot
+        if starved and self.pool.num_free == 0:  # idle sessions give their slots to waiting requests
+            self.sessions.spill_lru(starved)
+        self.step()
+        return self.take_outputs()
+
+    def handle(self, message) -> None:
+        try:
+            if isinstance(message, Add):
+                self._add(message)
+            elif isinstance(message, Abort):
+                seq = self.requests.get((message.client, message.rid))
+                if seq is not None:
+                    self._abort(seq)
+            elif isinstance(message, SessionOp):
+                self._session_op(message)
+            elif isinstance(message, Persisted):
+                self._persisted(message)
+            elif isinstance(message, Utility):
+                self._replies[message.client].append(self._utility(message))
+            elif isinstance(message, Hello):
+                self._welcomes.add(message.client)
+        except EngineError as exc:
+            rid = getattr(message, "rid", "")
+            if isinstance(message, Add):
+                self._output(message.client, rid).error = exc.to_struct()
+            else:
+                self._replies[message.client].append(Reply(rid, ok=False, error=exc.to_struct()))
+
+    def step(self) -> ScheduledBatch | None:
+        for seq in list(self.scheduler.waiting):
+            if seq.num_prompt == 0 and seq.pending_token is None:
+                self._start_from_logits(seq)
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return None
+        t0 = time.monotonic()
+        for chunk in batch.chunks:
+            if chunk.seq.scheduled_time is None:
+                chunk.seq.scheduled_time = t0
+                self.metrics.queue_time.observe(t0 - chunk.seq.arrival_time)
+        try:
+            result = self.runner.run(batch)
+        except Exception:  # a bug must not take the engine down: fail what ran, keep serving
+            log.exception("engine step failed")
+            for chunk in batch.chunks:
+                self._fail(chunk.seq, EngineError("internal_error", "the engine step failed"))
+            return batch
+        self.metrics.observe_step(batch, time.monotonic() - t0)
+        self.postprocess(batch, result)
+        self.num_steps += 1
+        return batch
+
+    def take_outputs(self) -> dict[str, StepOutputs]:
+        by_client: dict[str, StepOutputs] = {}
+        for (client, _), out in self._outputs.items():
+            by_client.setdefault(client, StepOutputs()).outputs.append(out)
+        for client, replies in self._replies.items():
+            by_client.setdefault(client, StepOutputs()).replies.extend(replies)
+        for client in self._welcomes:
+            by_client.setdefault(client, StepOutputs()).welcome = self.info
+        self._outputs, self._replies, self._welcomes = {}, defaultdict(list), set()
+        return by_client
+
+    # -- requests ----------------------------------------------------------------------------------------------
+
+    def _add(self, req: Add) -> None:
+        key = (req.client, req.rid)
+        inputs = torch.from_numpy(req.inputs.numpy().copy())
+        session = self.sessions.get(req.session) if req.session is not None else None
+        sampling = _sampling(req.sampling) if req.sampling is not None else None
+        seq = Sequence(inputs, outputs=tuple(req.outputs), sampling=sampling, want_state=req.want_state,
+                       feed_last=session is not None and sampling is not None,
+                       keep_last_logits=(session is not None or req.want_state) and self.model.config.head == "lm",
+                       tokenizer=self.tokenizer if session is not None else None, rid=req.rid, client=req.client,
+                       session=session)
+        if session is None:
+            if self.scheduler.num_waiting_for_slot >= self.config.max_queue:
+                raise errors.queue_full(self.config.max_queue)
+            self.requests[key] = seq
+            self.scheduler.add(seq)
+            return
+        if session.is_busy or session.queue:
+            if not req.wait_if_busy:
+                raise errors.session_busy(session.id)
+            self.requests[key] = seq
+            session.queue.append(seq)
+            return
+        self.requests[key] = seq
+        self._start_in_session(seq)
+
+    def _start_in_session(self, seq: Sequence) -> None:
+        session = seq.session
+        try:
+            self.sessions.make_resident(session)
+            if seq.num_prompt == 0 and seq.sampling is not None and session.last_logits is None:
+                raise EngineError("nothing_to_run", "the session has no previous output to continue from; give a "
+                                  "prompt or input_ids", "prompt")
+        except EngineError as exc:
+            self.requests.pop((seq.client, seq.rid), None)
+            self._output(seq.client, seq.rid).error = exc.to_struct()
+            seq.status = SeqStatus.FINISHED
+            self._next_in_session(session)
+            return
+        session.running = seq
+        seq.slot = session.slot
+        seq.initial_logits = session.last_logits if seq.num_prompt == 0 else None
+        self.scheduler.add(seq)
+
+    def _next_in_session(self, session: Session) -> None:
+        while session.queue and not session.is_busy and session.id in self.sessions.sessions:
+            item = session.queue.popleft()
+            if isinstance(item, SessionOp):
+                self._session_op(item, queued=True)
+            else:
+                self._start_in_session(item)
+
+    def _abort(self, seq: Sequence) -> None:
+        session = seq.session
+        if session is not None and seq in session.queue:
+            session.queue.remove(seq)
+            self.requests.pop((seq.client, seq.rid), None)
+            self._output(seq.client, seq.rid).finish_reason = "cancelled"
+            return
+        seq.is_cancelled = True
+        self._finish(seq, "cancelled")
+
+    # -- after a step ------------------------------------------------------------------------------------------
+
+    def postprocess(self, batch: ScheduledBatch, result: StepResult) -> None:
+        now = time.monotonic()
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if seq.status is SeqStatus.FINISHED:
+                continue
+            if chunk.is_decode:
+                seq.pending_token = None
+            else:
+                seq.num_fed += chunk.num_tokens
+                self.metrics.prompt_steps.inc(chunk.num_tokens)
+            if seq.id in result.last_logits:
+                seq.initial_logits = result.last_logits[seq.id]
+            if seq.id in result.outputs:
+                arrays = {kind: t.numpy() for kind, t in result.outputs[seq.id].items()}
+                if not all(np.isfinite(a).all() for a in arrays.values()):
+                    self._fail(seq, EngineError("non_finite_output", "the model produced NaN or infinity for "
+                                                "this input (its state may hold extreme values)"))
+                    continue
+                self._mark_output(seq, now, chunk.num_tokens)
+                out = self._output(seq.client, seq.rid)
+                for kind, a in arrays.items():
+                    out.outputs[kind] = Array.of(_join(out.outputs.get(kind), a))
+            if seq.id in result.sampled:
+                self._on_token(seq, result.sampled[seq.id], now)
+            elif seq.num_pending == 0:
+                self._finish(seq, seq.finish_reason or "done")
+
+    def _on_token(self, seq: Sequence, token: int, now: float) -> None:
+        self._mark_output(seq, now, 1)
+        seq.output_ids.append(token)
+        self._output(seq.client, seq.rid).token_ids.append(token)
+        self.metrics.generation_steps.inc()
+        params = seq.sampling
+        reason = None
+        if seq.detok is not None and seq.detok.add(token):
+            reason = "stop"
+        elif token in params.stop_token_ids or (token == self.eos_id and not params.ignore_eos):
+            reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens:
+            reason = "length"
+        if reason is None:
+            seq.pending_token = token
+        elif seq.feed_last:  # a session's state covers every token it answered with
+            seq.pending_token = token
+            seq.is_draining = True
+            seq.finish_reason = reason
+        else:
+            self._finish(seq, reason)
+
+    def _start_from_logits(self, seq: Sequence) -> None:
+        if seq.initial_logits is None or seq.sampling is None:
+            self._fail(seq, EngineError("nothing_to_run", "no inputs to run"))
+            return
+        token = sample(seq.initial_logits[None], [seq])[0]
+        self._on_token(seq, token, time.monotonic())
+
+    def _mark_output(self, seq: Sequence, now: float, n: int) -> None:
+        if seq.first_output_time is None:
+            self.metrics.time_to_first_output.observe(now - seq.arrival_time)
+            seq.first_output_time = now
+        elif seq.last_output_time is not None:
+            self.metrics.time_per_output_step.observe((now - seq.last_output_time) / max(n, 1))
+        seq.last_output_time = now
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SeqStatus.FINISHED:
+            return
+        out = self._output(seq.client, seq.rid)
+        out.finish_reason, out.num_prompt = reason, seq.num_fed
+        if seq.slot is not None and seq.status is SeqStatus.RUNNING:
+            out.steps = self.pool.steps(seq.slot)
+            if seq.want_state and reason != "cancelled":
+                out.state = save_snapshot(self.pool.read(seq.slot), self.model.config.name,
+                                          self.sessions.fingerprint, seq.initial_logits)
+        was_running = seq.status is SeqStatus.RUNNING
+        self.scheduler.finish(seq, reason)
+        self.requests.pop((seq.client, seq.rid), None)
+        if reason != "cancelled":
+            self.metrics.e2e_latency.observe(time.monotonic() - seq.arrival_time)
+        if seq.session is not None:
+            self._session_request_done(seq, out, was_running)
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        out = self._output(seq.client, seq.rid)
+        out.error = error.to_struct()
+        was_running = seq.status is SeqStatus.RUNNING
+        self.scheduler.finish(seq, "error")
+        self.requests.pop((seq.client, seq.rid), None)
+        if seq.session is not None:
+            self._session_request_done(seq, out, was_running)
+
+    def _session_request_done(self, seq: Sequence, out: RequestOutput, was_running: bool) -> None:
+        session = seq.session
+        if session.running is seq:
+            session.running = None
+        session.last_used = time.monotonic()
+        if session.id not in self.sessions.sessions:
+            return
+        if was_running and session.slot is not None:
+            session.steps = self.pool.steps(session.slot) if out.steps is None else out.steps
+            out.steps = session.steps
+            if seq.keep_last_logits and seq.initial_logits is not None:
+                session.last_logits = seq.initial_logits
+            if seq.num_fed or seq.output_ids:  # its state moved: on disk before the answer goes out
+                self._hold(self.sessions.persist(session), seq.client, out, session)
+        self._next_in_session(session)
+
+    # -- session operations ------------------------------------------------------------------------------------
+
+    def _session_op(self, op: SessionOp, queued: bool = False) -> None:
+        client, rid = op.client, op.rid
+        try:
+            if op.op == "create":
+                session = self.sessions.create(op.snapshot)
+                self._hold(self.sessions.persist(session), client, Reply(rid, session=session.id,
+                                                                         steps=session.steps), session)
+                return
+            session = self.sessions.get(op.session)
+            if not queued and (session.is_busy or session.queue) and op.op != "info":
+                if not op.wait_if_busy:
+                    raise errors.session_busy(session.id)
+                session.queue.append(op)
+                return
+            if op.op == "info":
+                reply = Reply(rid, session=session.id, steps=session.steps)
+            elif op.op == "snapshot":
+                reply = Reply(rid, session=session.id, steps=session.steps, data=self.sessions.snapshot(session))
+                self.metrics.snapshot_bytes.observe(len(reply.data))
+            elif op.op == "fork":
+                child = self.sessions.fork(session)
+                self._hold(self.sessions.persist(child), client, Reply(rid, session=child.id, steps=child.steps),
+                           child)
+                return
+            elif op.op == "delete":
+                self._hold(self.sessions.delete(session), client, Reply(rid, session=session.id), None)
+                return
+            else:
+                raise EngineError("invalid_request", f"unknown session operation {op.op!r}", "op")
+        except EngineError as exc:
+            reply = Reply(rid, ok=False, error=exc.to_struct())
+        self._replies[client].append(reply)
+
+    def _hold(self, ticket: int, client: str, answer, session: Session | None) -> None:
+        """Send `answer` once the store has the write `ticket` (write-through durability)."""
+        self._held[ticket] = (client, answer, session)
+        if isinstance(answer, RequestOutput):
+            self._outputs.pop((client, answer.rid), None)
+
+    def _persisted(self, done: Persisted) -> None:
+        client, answer, session = self._held.pop(done.ticket)
+        if session is not None:
+            session.writes_in_flight -= 1
+        if done.error is not None:
+            error = Error("state_not_persisted", f"{done.error}; the session's state in memory includes this "
+                          "request, but it would not survive a restart", "session")
+            if isinstance(answer, Reply):
+                answer.ok, answer.error = False, error
+                if session is not None and answer.session == session.id and session.steps == 0 \
+                        and session.id in self.sessions.sessions and not session.is_busy:
+                    self.sessions.delete(session)  # a session that could never be saved is not created
+            else:
+                answer.error = error
+        if isinstance(answer, Reply):
+            self._replies[client].append(answer)
+        else:
+            self._outputs[(client, answer.rid)] = _merge(self._outputs.get((client, answer.rid)), answer)
+
+    # -- engine-wide -------------------------------------------------------------------------------------------
+
+    def _utility(self, u: Utility) -> Reply:
+        if u.name == "metrics":
+            self.refresh_metrics()
+            return Reply(u.rid, data=self.metrics.render())
+        if u.name == "stats":
+            return Reply(u.rid, info=self.stats())
+        raise EngineError("invalid_request", f"unknown utility {u.name!r}")
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+                "waiting_for_slot": self.scheduler.num_waiting_for_slot, "slots_used": self.pool.num_used,
+                "slots_total": self.pool.num_total, "sessions_live": self.sessions.num_live,
+                "sessions_spilled": self.sessions.num_spilled, "num_steps": self.num_steps,
+                "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
+                "state_dir": str(self.store.directory), "state_store_error": self.store.error}
+
+    def refresh_metrics(self) -> None:
+        s = self.stats()
+        m = self.metrics
+        m.requests_running.set(s["running"])
+        m.requests_waiting.set(s["waiting"])
+        m.slots_used.set(s["slots_used"])
+        m.slots_total.set(s["slots_total"])
+        m.sessions_live.set(s["sessions_live"])
+        m.sessions_spilled.set(s["sessions_spilled"])
+        allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        reserved = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
+        m.gpu_memory.labels("allocated").set(allocated)
+        m.gpu_memory.labels("reserved").set(reserved)
+
+    def shutdown(self) -> None:
+        """Finish what is queued for the disk; every resident session's last state is already there."""
+        self.store.stop()
+        while True:
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(message, Persisted):
+                self._persisted(message)
+
+    def _output(self, client: str, rid: str) -> RequestOutput:
+        out = self._outputs.get((client, rid))
+        if out is None:
+            out = self._outputs[(client, rid)] = RequestOutput(rid)
+        return out
+
+
+def _sampling(s: Sampling) -> SamplingParams:
+    try:
+        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                              seed=s.seed, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+                              ignore_eos=s.ignore_eos)
+    except ValueError as exc:
+        raise EngineError("invalid_field", str(exc), str(exc).split(":")[0]) from None
+
+
+def _join(previous: Array | None, new: np.ndarray) -> np.ndarray:
+    return new if previous is None else np.concatenate([previous.numpy(), new])
+
+
+def _merge(current: RequestOutput | None, held: RequestOutput) -> RequestOutput:
+    """A held finish joins whatever the same request has produced since (nothing, as it has finished)."""
+    if current is None:
+        return held
+    current.token_ids = held.token_ids + current.token_ids
+    for name in ("finish_reason", "error", "steps", "num_prompt", "state"):
+        if getattr(held, name) not in (None, 0):
+            setattr(current, name, getattr(held, name))
+    return current

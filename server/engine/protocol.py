@@ -1,0 +1,148 @@
+"""What frontends and the engine core say to each other, as msgspec Structs (msgpack on the wire).
+
+Frontend -> engine: one message per request or operation, on one PUSH/PULL socket shared by every frontend.
+Engine -> frontend: one `StepOutputs` per engine step per frontend (never one per token), on the frontend's own
+socket. Arrays travel as raw little-endian bytes with their shape, never as nested lists.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+import numpy as np
+
+
+class Array(msgspec.Struct, array_like=True):
+    """A numpy array as bytes: float32 per-step outputs, int64/float32 inputs."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "Array":
+        array = np.ascontiguousarray(array)
+        return cls(array.dtype.str, list(array.shape), array.tobytes())
+
+    def numpy(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
+
+
+class Sampling(msgspec.Struct, array_like=True, omit_defaults=True):
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []  # stop strings: the engine checks them only for session generates (their state must end
+    stop_token_ids: list[int] = []  # exactly at the stop); for stateless requests the frontend does
+    ignore_eos: bool = False
+
+
+# -- frontend -> engine ----------------------------------------------------------------------------------------
+
+class Hello(msgspec.Struct, tag="hello"):
+    client: str
+    address: str  # where the frontend's output socket listens
+
+
+class Add(msgspec.Struct, tag="add", omit_defaults=True):
+    """Feed `inputs` (token ids (n,) int64 or vectors (n, d_input) float32), then optionally generate."""
+
+    client: str
+    rid: str
+    inputs: Array
+    outputs: list[str] = []  # per-step outputs to send back for every fed step
+    sampling: Sampling | None = None
+    session: str | None = None  # run in this session's state (it is carried, and persisted before the answer)
+    wait_if_busy: bool = False  # session busy: queue behind its running request (websocket pipelining) or refuse
+    want_state: bool = False  # send a snapshot of the final state with the finish (forward's return_state)
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    client: str
+    rid: str
+
+
+class SessionOp(msgspec.Struct, tag="session", omit_defaults=True):
+    """create (optionally from a snapshot), snapshot, fork, delete, info."""
+
+    client: str
+    rid: str
+    op: str
+    session: str | None = None
+    snapshot: bytes | None = None
+    wait_if_busy: bool = False  # as in Add
+
+
+class Utility(msgspec.Struct, tag="utility"):
+    """Engine-wide questions: "stats" (counts and health), "metrics" (Prometheus text)."""
+
+    client: str
+    rid: str
+    name: str
+
+
+EngineRequest = Union[Hello, Add, Abort, SessionOp, Utility]
+
+
+# -- engine -> frontend ----------------------------------------------------------------------------------------
+
+class Error(msgspec.Struct, omit_defaults=True):
+    """An engine error; the edge maps `code` to an HTTP status (server/api/errors.py)."""
+
+    code: str
+    message: str
+    field: str | None = None
+    retry_after: int | None = None
+
+
+class RequestOutput(msgspec.Struct, omit_defaults=True):
+    """What one request produced in one engine step."""
+
+    rid: str
+    outputs: dict[str, Array] = {}  # kind -> (steps, width) float32 for the steps fed this engine step
+    token_ids: list[int] = []  # sampled this step
+    finish_reason: str | None = None  # set on the request's last output
+    error: Error | None = None
+    steps: int | None = None  # the stream's steps seen, on finish
+    num_prompt: int = 0  # on finish: steps fed from the request's inputs
+    state: bytes | None = None  # snapshot, on finish (want_state)
+    text: str | None = None  # session generates: the text up to the stop, cut by the engine's stop check
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    """The answer to a SessionOp or Utility."""
+
+    rid: str
+    ok: bool = True
+    error: Error | None = None
+    session: str | None = None
+    steps: int | None = None
+    data: bytes | None = None  # snapshot bytes, or Prometheus text
+    info: dict = {}
+
+
+class EngineInfo(msgspec.Struct):
+    """The engine's answer to Hello: what a frontend needs to validate requests and answer /v1/models."""
+
+    pid: int
+    model_name: str
+    config: dict
+    fingerprint: str
+    model_dir: str | None
+    state_bytes_per_stream: int
+    num_slots: int
+    kernels: str
+
+
+class StepOutputs(msgspec.Struct, omit_defaults=True):
+    outputs: list[RequestOutput] = []
+    replies: list[Reply] = []
+    welcome: EngineInfo | None = None
+
+
+request_encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(EngineRequest)
+output_encoder = msgspec.msgpack.Encoder()
+output_decoder = msgspec.msgpack.Decoder(StepOutputs)

@@ -1,0 +1,176 @@
+"""Sessions: named streams whose state the engine carries between requests. Owned by the engine loop alone, so
+spill, restore, append, generate, fork, snapshot and delete of one session can never interleave: a request that
+finds its session busy waits in the session's own queue (websocket pipelining) or is refused.
+
+Durability (write-through): every change of a session's state is written to the state dir before the request
+that made it is answered, so after a crash every acknowledged step is there. A resident session whose disk copy is
+current can give its slot back at any time without a write (spilling is just freeing the slot)."""
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from model.state import SnapshotError, read_snapshot, save_snapshot
+from server.engine import errors
+from server.engine.errors import EngineError
+from server.engine.state_pool import StatePool
+from server.engine.store import SessionStore
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    slot: int | None = None  # None: not resident (its state is in the store)
+    steps: int = 0
+    last_logits: torch.Tensor | None = None  # (vocab,) the last step's logits, to generate without a prompt
+    running: object = None  # the request running in it now
+    queue: deque = field(default_factory=deque)  # requests waiting their turn, in arrival order
+    last_used: float = field(default_factory=time.monotonic)
+    writes_in_flight: int = 0  # snapshots submitted to the store and not yet on disk
+
+    @property
+    def is_busy(self) -> bool:
+        return self.running is not None
+
+    @property
+    def is_clean(self) -> bool:
+        """Its disk copy is current: the slot may be given back without a write."""
+        return self.writes_in_flight == 0
+
+
+class SessionTable:
+    def __init__(self, pool: StatePool, model, store: SessionStore, max_num_sessions: int, ttl: float):
+        self.pool = pool
+        self.config = model.config
+        self.dtype = model.dtype
+        self.fingerprint = model.fingerprint()
+        self.store = store
+        self.max_num_sessions = max_num_sessions
+        self.ttl = ttl
+        self.sessions: dict[str, Session] = {}
+
+    @property
+    def num_live(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.slot is not None)
+
+    @property
+    def num_spilled(self) -> int:
+        return len(self.sessions) - self.num_live
+
+    def pick_up_persisted(self) -> int:
+        """Register every session the store holds (restored lazily on first use)."""
+        for sid, steps in self.store.persisted_sessions().items():
+            self.sessions[sid] = Session(sid, steps=steps)
+        return len(self.sessions)
+
+    def get(self, sid: str | None) -> Session:
+        session = self.sessions.get(sid) if sid is not None else None
+        if session is None:
+            raise errors.session_not_found(str(sid))
+        return session
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    def create(self, snapshot: bytes | None) -> Session:
+        if len(self.sessions) >= self.max_num_sessions:
+            raise errors.too_many_sessions(self.max_num_sessions)
+        state, last_logits = self.parse(snapshot, "snapshot") if snapshot is not None else (None, None)
+        slot = self.allocate()
+        if state is not None:
+            self.pool.write(slot, state)
+        session = Session(secrets.token_hex(12), slot=slot, steps=int(state.steps[0]) if state is not None else 0,
+                          last_logits=last_logits)
+        self.sessions[session.id] = session
+        return session
+
+    def fork(self, source: Session) -> Session:
+        if len(self.sessions) >= self.max_num_sessions:
+            raise errors.too_many_sessions(self.max_num_sessions)
+        self.make_resident(source)
+        slot = self.allocate(keep=source)
+        self.pool.copy(source.slot, slot)
+        child = Session(secrets.token_hex(12), slot=slot, steps=source.steps,
+                        last_logits=None if source.last_logits is None else source.last_logits.clone())
+        self.sessions[child.id] = child
+        return child
+
+    def delete(self, session: Session) -> int:
+        """Forget the session; returns the store ticket of its file's removal."""
+        del self.sessions[session.id]
+        if session.slot is not None:
+            self.pool.free(session.slot)
+            session.slot = None
+        return self.store.delete(session.id)
+
+    def snapshot(self, session: Session) -> bytes:
+        if session.slot is None:
+            try:
+                return self.store.read(session.id)
+            except OSError as exc:
+                raise EngineError("session_unrestorable", f"session {session.id} could not be read: {exc}",
+                                  "session") from None
+        return save_snapshot(self.pool.read(session.slot), self.config.name, self.fingerprint, session.last_logits)
+
+    def persist(self, session: Session) -> int:
+        """Queue a write of the session's current state; returns the store ticket."""
+        session.writes_in_flight += 1
+        state = self.pool.read(session.slot, device="cpu")  # the copy the writer serializes; the slot moves on
+        last = None if session.last_logits is None else session.last_logits.clone()
+        return self.store.write(session.id, state, last)
+
+    def make_resident(self, session: Session) -> None:
+        """Bring a spilled session back into a slot (reading the store, which keeps its copy)."""
+        if session.slot is not None:
+            return
+        try:
+            data = self.store.read(session.id)
+        except OSError as exc:
+            raise EngineError("session_unrestorable", f"session {session.id} could not be read: {exc}",
+                              "session") from None
+        state, last_logits = self.parse(data, "session", code="session_unrestorable")
+        slot = self.allocate(keep=session)
+        self.pool.write(slot, state)
+        session.slot, session.last_logits = slot, last_logits
+        session.steps = int(state.steps[0])
+
+    def parse(self, data: bytes, field: str, code: str = "invalid_snapshot"):
+        try:
+            return read_snapshot(data, self.config, self.fingerprint, device="cpu", dtype=self.dtype)
+        except SnapshotError as exc:
+            raise EngineError(code, str(exc), field) from None
+
+    # -- slots ---------------------------------------------------------------------------------------------
+
+    def allocate(self, keep: Session | None = None) -> int:
+        """A zeroed slot, taking one from the least recently used idle session if the pool is full."""
+        slot = self.pool.allocate()
+        if slot is None:
+            if not self.spill_lru(1, keep=keep):
+                raise errors.no_free_slots()
+            slot = self.pool.allocate()
+        return slot
+
+    def spill(self, session: Session) -> None:
+        self.pool.free(session.slot)
+        session.slot = None
+
+    def spillable(self, keep: Session | None = None) -> list[Session]:
+        return [s for s in self.sessions.values()
+                if s.slot is not None and not s.is_busy and not s.queue and s.is_clean and s is not keep]
+
+    def spill_lru(self, n: int, keep: Session | None = None) -> int:
+        """Give back up to n slots of idle sessions, least recently used first; returns how many."""
+        idle = sorted(self.spillable(keep), key=lambda s: s.last_used)[:n]
+        for session in idle:
+            self.spill(session)
+        return len(idle)
+
+    def spill_expired(self, now: float) -> int:
+        expired = [s for s in self.spillable() if now - s.last_used > self.ttl]
+        for session in expired:
+            self.spill(session)
+        return len(expired)

@@ -1,0 +1,164 @@
+"""The state dir: each session's latest snapshot as one file, written by one writer thread so the engine loop never
+waits on a disk. Writes are atomic (temporary file, fsync, rename, fsync of the directory) and applied in the order
+they were submitted, so a later snapshot of a session never loses to an earlier one, and a delete is never undone by
+a write that was still queued."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from model.state import SnapshotError, StreamState, _snapshot_metadata, save_snapshot
+
+log = logging.getLogger("infomamba.store")
+SNAPSHOT_SUFFIX = ".state.safetensors"
+TMP_SUFFIX = ".tmp"
+
+
+@dataclass(slots=True)
+class Persisted:
+    """A write (or delete) has reached the disk, or failed with `error`."""
+
+    ticket: int
+    session: str
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Job:
+    ticket: int
+    session: str
+    state: StreamState | None  # None: delete the session's file
+    last_logits: torch.Tensor | None = None
+
+
+class SessionStore:
+    def __init__(self, directory: str | Path, model_name: str, fingerprint: str,
+                 on_done: Callable[[Persisted], None]):
+        self.directory = Path(directory)
+        self.model_name = model_name
+        self.fingerprint = fingerprint
+        self.on_done = on_done
+        self.error: str | None = None  # the last write failure, until a write succeeds again
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._tickets = 0
+        self._thread: threading.Thread | None = None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for tmp in self.directory.glob("*" + TMP_SUFFIX):  # a crash mid-write leaves only these behind
+            tmp.unlink(missing_ok=True)
+        self.error = self.check_writable()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="infomamba-store", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every queued write, then stop."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def path(self, sid: str) -> Path:
+        return self.directory / (sid + SNAPSHOT_SUFFIX)
+
+    def check_writable(self) -> str | None:
+        probe = self.directory / (".probe" + TMP_SUFFIX)
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"x")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as exc:
+            return describe(exc, self.directory)
+        return None
+
+    # -- engine thread -----------------------------------------------------------------------------------------
+
+    def write(self, sid: str, state: StreamState, last_logits: torch.Tensor | None) -> int:
+        """Queue a snapshot of one stream (a CPU copy the caller will not touch again); returns its ticket."""
+        return self._submit(_Job(0, sid, state, last_logits))
+
+    def delete(self, sid: str) -> int:
+        return self._submit(_Job(0, sid, None))
+
+    def _submit(self, job: _Job) -> int:
+        self._tickets += 1
+        job.ticket = self._tickets
+        if self._thread is None:  # not started (unit tests, shutdown): write inline
+            self.on_done(self._apply(job))
+        else:
+            self._jobs.put(job)
+        return job.ticket
+
+    def read(self, sid: str) -> bytes:
+        return self.path(sid).read_bytes()
+
+    def persisted_sessions(self) -> dict[str, int]:
+        """Session id -> steps, for every snapshot in the directory (read from the headers only)."""
+        found = {}
+        for path in sorted(self.directory.glob("*" + SNAPSHOT_SUFFIX)):
+            sid = path.name[:-len(SNAPSHOT_SUFFIX)]
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(8)
+                    head += f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+                found[sid] = int(_snapshot_metadata(head).get("steps", 0))
+            except (OSError, SnapshotError, ValueError) as exc:
+                log.warning("ignoring unreadable session file %s: %s", path, exc)
+        return found
+
+    # -- writer thread -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self.on_done(self._apply(job))
+
+    def _apply(self, job: _Job) -> Persisted:
+        path = self.path(job.session)
+        try:
+            if job.state is None:
+                path.unlink(missing_ok=True)
+            else:
+                data = save_snapshot(job.state, self.model_name, self.fingerprint, job.last_logits)
+                atomic_write(path, data)
+        except OSError as exc:
+            self.error = describe(exc, self.directory)
+            log.error("session %s: %s", job.session, self.error)
+            return Persisted(job.ticket, job.session, self.error)
+        self.error = None
+        return Persisted(job.ticket, job.session)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Whole file or nothing: a crash or a full disk leaves the previous version, never a partial one."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself is durable only once the directory is
+    finally:
+        os.close(fd)
+
+
+def describe(exc: OSError, directory: Path) -> str:
+    reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+              errno.EDQUOT: "the disk quota is exceeded"}.get(exc.errno, exc.strerror or str(exc))
+    return f"cannot write to the state dir {directory}: {reason}"
