@@ -28,7 +28,8 @@ def greedy(**kw):
 # --- health, metrics, models ------------------------------------------------------------------------------------
 
 def test_health_ready_metrics_and_models(client):
-    assert client.health() == {"status": "ok"}
+    health = client.health()
+    assert health["status"] == "ok" and health["engine"]["alive"] and health["engine"]["pid"] > 0
     assert client.ready()["status"] == "ready" and client.is_ready()
     models = client.models()
     assert models[0]["id"] == "tiny-lm" and models[0]["config"]["vocab_size"] == 260
