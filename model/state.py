@@ -353,6 +353,20 @@ def _snapshot_header(data: bytes) -> tuple[dict, dict]:
     return metadata, entries
 
 
+def snapshot_metadata(head: bytes) -> dict:
+    """A snapshot's metadata from its first bytes (the u64 length and the JSON header), unverified: for listing
+    stored snapshots without reading them whole. read_snapshot checks everything before a state is used."""
+    if len(head) < 8 or 8 + int.from_bytes(head[:8], "little") > len(head):
+        raise SnapshotError("snapshot is corrupt: too short for its header")
+    try:
+        metadata = json.loads(bytes(head[8:8 + int.from_bytes(head[:8], "little")])).get("__metadata__")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError):
+        raise SnapshotError("snapshot is corrupt: header is not JSON") from None
+    if not isinstance(metadata, dict):
+        raise SnapshotError("snapshot is corrupt: no metadata")
+    return metadata
+
+
 class _DuplicateKey(Exception):
     pass
 

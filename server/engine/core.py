@@ -368,7 +368,10 @@ class EngineCore:
             self._outputs.pop((client, answer.rid), None)
 
     def _persisted(self, done: Persisted) -> None:
-        client, answer, session = self._held.pop(done.ticket)
+        held = self._held.pop(done.ticket, None)
+        if held is None:  # a write nobody waits for (the removal of a session that could not be saved)
+            return
+        client, answer, session = held
         if session is not None:
             session.writes_in_flight -= 1
         if done.error is not None:

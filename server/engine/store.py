@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from model.state import SnapshotError, StreamState, _snapshot_metadata, save_snapshot
+from model.state import SnapshotError, StreamState, save_snapshot, snapshot_metadata
 
 log = logging.getLogger("infomamba.store")
 SNAPSHOT_SUFFIX = ".state.safetensors"
@@ -111,7 +111,7 @@ class SessionStore:
                 with open(path, "rb") as f:
                     head = f.read(8)
                     head += f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
-                found[sid] = int(_snapshot_metadata(head).get("steps", 0))
+                found[sid] = int(snapshot_metadata(head).get("steps", 0))
             except (OSError, SnapshotError, ValueError) as exc:
                 log.warning("ignoring unreadable session file %s: %s", path, exc)
         return found

@@ -1,0 +1,217 @@
+"""The engine core alone, with a fake runner: no HTTP, no sockets, no model arithmetic. Scheduling across steps,
+waiting requests, aborts, busy sessions, queue limits and write-through durability."""
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import torch
+
+from server.config import ServerConfig
+from server.engine.core import EngineCore
+from server.engine.protocol import Abort, Add, Array, Sampling, SessionOp, Utility
+from server.engine import store as store_module
+from server.engine.runner import StepResult
+from tests.server.conftest import tiny_lm
+
+VOCAB = 260
+
+
+class FakeRunner:
+    """Advances each slot's step count like the model would; 'logits' of a step is its position in the stream;
+    the sampled token is (last fed token + 1) mod vocab, so a generate's tokens are predictable."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.num_runs = 0
+        self.fail_next = False
+
+    def run(self, batch) -> StepResult:
+        self.num_runs += 1
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("boom")
+        result = StepResult()
+        for chunk in batch.chunks:
+            seq, steps = chunk.seq, self.pool.state.steps
+            start = int(steps[seq.slot])
+            steps[seq.slot] += chunk.num_tokens
+            last = seq.pending_token if chunk.is_decode else int(seq.inputs[chunk.start + chunk.num_tokens - 1])
+            if seq.outputs and not chunk.is_decode:
+                positions = torch.arange(start, start + chunk.num_tokens, dtype=torch.float32)[:, None]
+                result.outputs[seq.id] = {kind: positions for kind in seq.outputs}
+            logits = torch.zeros(VOCAB)
+            logits[(last + 1) % VOCAB] = 1.0
+            if seq.keep_last_logits:
+                result.last_logits[seq.id] = logits
+            if seq.is_generating and chunk.start + chunk.num_tokens >= seq.num_prompt:
+                result.sampled[seq.id] = (last + 1) % VOCAB
+        return result
+
+
+def make_core(tmp_path, **config) -> EngineCore:
+    config = ServerConfig(**{"max_num_streams": 4, "max_num_batched_tokens": 8, **config})
+    model = tiny_lm()
+    core = EngineCore(model, None, config, str(tmp_path / "sessions"), runner=object())
+    core.runner = FakeRunner(core.pool)
+    return core
+
+
+def add(core, rid, ids, client="c", **fields):
+    core.inbox.put(Add(client, rid, Array.of(np.asarray(ids, dtype=np.int64)), **fields))
+
+
+def op(core, rid, name, session=None, client="c", **fields):
+    core.inbox.put(SessionOp(client, rid, name, session, **fields))
+
+
+def run_until_quiet(core, max_turns=200) -> dict:
+    """Run turns until nothing is left; every output and reply by rid, in order."""
+    outputs, replies = {}, {}
+    for _ in range(max_turns):
+        for batch in core.run_once(timeout=0.01).values():
+            for out in batch.outputs:
+                outputs.setdefault(out.rid, []).append(out)
+            for reply in batch.replies:
+                replies[reply.rid] = reply
+        if not core.has_work() and core.inbox.empty() and not core._held:
+            break
+    return {"outputs": outputs, "replies": replies}
+
+
+def finish_of(outs):
+    return [o for o in outs if o.finish_reason is not None or o.error is not None][-1]
+
+
+def test_long_inputs_are_chunked_and_outputs_come_per_step(tmp_path):
+    core = make_core(tmp_path)
+    add(core, "a", list(range(20)), outputs=["logits"])
+    got = run_until_quiet(core)["outputs"]["a"]
+    chunks = [o.outputs["logits"].numpy()[:, 0].tolist() for o in got if o.outputs]
+    assert [len(c) for c in chunks] == [8, 8, 4]  # the step budget splits the input
+    assert sum(chunks, []) == list(range(20))
+    assert finish_of(got).finish_reason == "done" and finish_of(got).steps == 20
+    assert core.pool.num_used == 0
+
+
+def test_requests_wait_for_slots_and_are_admitted_in_order(tmp_path):
+    core = make_core(tmp_path, max_num_streams=2, max_num_batched_tokens=2)
+    for i in range(5):
+        add(core, f"r{i}", [1, 2, 3], sampling=Sampling(max_tokens=2, temperature=0))
+    core.run_once(timeout=0.01)
+    assert core.pool.num_used == 2 and core.scheduler.num_waiting == 3
+    outs = run_until_quiet(core)["outputs"]
+    finished_order = sorted(outs, key=lambda rid: int(rid[1:]))
+    assert all(finish_of(outs[r]).finish_reason == "length" for r in finished_order)
+    assert all(sum((o.token_ids for o in outs[r]), []) == [4, 5] for r in outs)
+    assert core.pool.num_used == 0
+
+
+def test_queue_full_is_refused_and_others_are_unharmed(tmp_path):
+    core = make_core(tmp_path, max_num_streams=1, max_num_batched_tokens=1, max_queue=1)
+    add(core, "r0", [1, 2], sampling=Sampling(max_tokens=1, temperature=0))
+    first = core.run_once(timeout=0.01)  # r0 holds the only slot
+    assert core.pool.num_used == 1 and not first
+    for i in (1, 2):  # r1 waits; the queue is then full for r2
+        add(core, f"r{i}", [1, 2], sampling=Sampling(max_tokens=1, temperature=0))
+    outs = run_until_quiet(core)["outputs"]
+    errors = [r for r in outs if finish_of(outs[r]).error is not None]
+    assert errors == ["r2"] and finish_of(outs["r2"]).error.code == "queue_full"
+    assert all(finish_of(outs[r]).finish_reason == "length" for r in ("r0", "r1"))
+
+
+def test_abort_frees_the_slot_and_says_cancelled(tmp_path):
+    core = make_core(tmp_path, max_num_batched_tokens=4)
+    add(core, "long", list(range(100)))
+    core.run_once(timeout=0.01)
+    assert core.pool.num_used == 1
+    core.inbox.put(Abort("c", "long"))
+    outs = run_until_quiet(core)["outputs"]["long"]
+    assert finish_of(outs).finish_reason == "cancelled" and core.pool.num_used == 0
+
+
+def test_a_failed_step_fails_only_what_ran_and_the_engine_keeps_serving(tmp_path):
+    core = make_core(tmp_path)
+    core.runner.fail_next = True
+    add(core, "a", [1, 2, 3])
+    outs = run_until_quiet(core)["outputs"]
+    assert finish_of(outs["a"]).error.code == "internal_error"
+    add(core, "b", [1, 2, 3])
+    assert finish_of(run_until_quiet(core)["outputs"]["b"]).finish_reason == "done"
+    assert core.pool.num_used == 0
+
+
+def test_busy_session_refuses_or_queues_in_order(tmp_path):
+    core = make_core(tmp_path, max_num_batched_tokens=4)
+    op(core, "create", "create")
+    sid = run_until_quiet(core)["replies"]["create"].session
+    add(core, "a1", list(range(10)), session=sid, outputs=["logits"])
+    add(core, "a2", [7], session=sid)  # busy, no waiting: refused
+    add(core, "a3", list(range(5)), session=sid, outputs=["logits"], wait_if_busy=True)
+    op(core, "snap", "snapshot", sid, wait_if_busy=True)
+    got = run_until_quiet(core)
+    outs = got["outputs"]
+    assert finish_of(outs["a2"]).error.code == "session_busy"
+    positions = [o.outputs["logits"].numpy()[:, 0].tolist() for r in ("a1", "a3") for o in outs[r] if o.outputs]
+    assert sum(positions, []) == list(range(15))  # a3 ran after a1, in the same stream
+    assert finish_of(outs["a3"]).steps == 15
+    assert got["replies"]["snap"].steps == 15  # the snapshot waited for both appends
+
+
+def test_session_answers_wait_for_the_disk_and_report_a_failed_write(tmp_path, monkeypatch):
+    core = make_core(tmp_path)
+    op(core, "create", "create")
+    sid = run_until_quiet(core)["replies"]["create"].session
+    assert core.store.path(sid).is_file()  # created = on disk before the answer
+    add(core, "a", [1, 2, 3], session=sid)
+    core.run_once(timeout=0.01)
+    assert core.sessions.get(sid).writes_in_flight == 1 and core._held  # the finish is held for the write
+    run_until_quiet(core)
+    assert not core._held
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "atomic_write", disk_full)
+    add(core, "b", [4], session=sid)
+    outs = run_until_quiet(core)["outputs"]["b"]
+    assert finish_of(outs).error.code == "state_not_persisted" and "disk is full" in finish_of(outs).error.message
+    assert core.store.error is not None  # /health reports it until a write succeeds again
+    op(core, "create2", "create")
+    reply = run_until_quiet(core)["replies"]["create2"]
+    assert not reply.ok and reply.error.code == "state_not_persisted"
+    assert len(core.sessions.sessions) == 1  # a session that could not be saved was not created
+    monkeypatch.undo()
+    add(core, "c", [5], session=sid)
+    assert finish_of(run_until_quiet(core)["outputs"]["c"]).steps == 5 and core.store.error is None
+
+
+def test_idle_sessions_give_their_slots_to_waiting_requests(tmp_path):
+    core = make_core(tmp_path, max_num_streams=2, max_num_batched_tokens=2)
+    for i in range(2):
+        op(core, f"s{i}", "create")
+    sids = [r.session for r in run_until_quiet(core)["replies"].values()]
+    assert core.pool.num_free == 0
+    add(core, "x", [1, 2, 3], sampling=Sampling(max_tokens=2, temperature=0))
+    outs = run_until_quiet(core)["outputs"]["x"]
+    assert finish_of(outs).finish_reason == "length"
+    assert core.sessions.num_spilled >= 1
+    add(core, "back", [5], session=sids[0])  # a spilled session comes back into a slot
+    assert finish_of(run_until_quiet(core)["outputs"]["back"]).steps == 1
+
+
+def test_session_limit_holds_for_simultaneous_creates(tmp_path):
+    core = make_core(tmp_path, max_num_sessions=3)
+    for i in range(10):
+        op(core, f"s{i}", "create")
+    replies = run_until_quiet(core)["replies"].values()
+    assert sum(r.ok for r in replies) == 3
+    assert {r.error.code for r in replies if not r.ok} == {"too_many_sessions"}
+
+
+def test_stats_and_metrics_utilities(tmp_path):
+    core = make_core(tmp_path)
+    core.inbox.put(Utility("c", "u1", "stats"))
+    core.inbox.put(Utility("c", "u2", "metrics"))
+    replies = run_until_quiet(core)["replies"]
+    assert replies["u1"].info["slots_total"] == 4
+    assert b"infomamba:state_slots_total" in replies["u2"].data
