@@ -1,6 +1,8 @@
 """/health, /ready, /metrics: for operators and orchestrators, never behind the API key."""
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request, Response
 
 from server.api.responses import JSON
@@ -14,7 +16,7 @@ async def health(request: Request):
     """200 while this frontend, its engine process and the state store all work; 503 (with the reason) when not."""
     edge = request.app.state.edge
     info = edge.engine.info
-    body = {"status": "ok", "engine": {"pid": info.pid if info else None, "alive": not edge.engine.dead,
+    body = {"status": "ok", "frontend": {"pid": os.getpid()}, "engine": {"pid": info.pid if info else None, "alive": not edge.engine.dead,
                                        "loaded": info is not None}}
     if edge.engine.dead:
         body.update(status="unhealthy", error={"code": "engine_unavailable", "message": "the engine process has "
