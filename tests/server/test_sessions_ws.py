@@ -212,3 +212,51 @@ def test_ws_cancel_stops_a_generate_and_frames_sent_meanwhile_wait_their_turn(lm
     assert done["steps"] in (4 + len(done["ids"]) - 1, 4 + len(done["ids"]))
     more = httpx.post(lm_server.url + f"/v1/sessions/{sid}/generate", json={"max_tokens": 3, "temperature": 0})
     assert more.status_code == 200 and more.json()["steps"] > done["steps"]
+
+
+def test_pipelined_ws_appends_equal_one_at_a_time_and_one_forward(float_server):
+    """Frames sent without waiting are applied and answered in order: the same outputs as waiting for each, and
+    as one /v1/forward over the whole sequence; binary output frames carry the same numbers."""
+    seq = torch.randn(90, 6, generator=torch.Generator().manual_seed(5)).tolist()
+    want_head, _ = forward_whole(float_server, seq)
+    chunks = random_chunks(random.Random(5), len(seq))
+
+    def run(pipelined: bool) -> list:
+        heads = []
+        with connect(float_server.ws_url) as ws:
+            ws.send(json.dumps({"type": "open"}))
+            assert json.loads(ws.recv())["type"] == "opened"
+            frames = []
+            for i, (lo, hi) in enumerate(chunks):
+                if i % 2:
+                    frames.append(binary_append(seq[lo:hi]))
+                else:
+                    frames.append(json.dumps({"type": "append", "inputs": seq[lo:hi], "outputs": ["head"],
+                                              "binary": i % 4 == 0}))
+            answers = []
+            for frame in frames:
+                ws.send(frame)
+                if not pipelined:
+                    answers.append(ws.recv())
+            ws.send(json.dumps({"type": "snapshot"}))  # queued behind every append
+            answers += [ws.recv() for _ in range(len(frames) - len(answers))]
+            snapshot = json.loads(ws.recv())
+            assert snapshot["type"] == "snapshot" and snapshot["steps"] == len(seq)
+            for (lo, hi), answer in zip(chunks, answers):
+                if isinstance(answer, bytes):
+                    n = struct.unpack("<I", answer[:4])[0]
+                    header = json.loads(answer[4:4 + n])
+                    rows, width = header["kinds"]["head"]
+                    assert header["steps"] == hi and rows == hi - lo
+                    heads += torch.frombuffer(bytearray(answer[4 + n:]), dtype=torch.float32).reshape(rows,
+                                                                                                      width).tolist()
+                else:
+                    frame = json.loads(answer)
+                    assert frame["type"] == "outputs" and frame["steps"] == hi, frame
+                    heads += frame["results"]["head"]
+            ws.send(json.dumps({"type": "close", "delete": True}))
+        return heads
+
+    one_at_a_time, pipelined = run(False), run(True)
+    torch.testing.assert_close(torch.tensor(pipelined), torch.tensor(one_at_a_time), atol=0, rtol=0)
+    torch.testing.assert_close(torch.tensor(pipelined), want_head, atol=ATOL, rtol=1e-4)
