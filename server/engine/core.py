@@ -9,7 +9,7 @@ import logging
 import os
 import queue
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ class EngineCore:
         self._welcomes: set[str] = set()
         self._held: dict[int, tuple[str, RequestOutput | Reply, Session | None]] = {}  # store ticket -> answer
         self._next_reap = 0.0
+        self._awaiting_slot: deque[Sequence] = deque()  # session requests whose session needs a slot
         self.metrics.state_bytes_per_stream.set(state_nbytes_per_stream(model.config, model.dtype))
 
     @property
@@ -71,14 +72,14 @@ class EngineCore:
                           kernels="triton" if use_triton(self.model.norm_f.weight) else "pytorch")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._awaiting_slot)
 
     # -- one turn of the loop ------------------------------------------------------------------------------
 
     def run_once(self, timeout: float | None = None) -> dict[str, StepOutputs]:
         """Handle what arrived (waiting up to `timeout` for something when idle), run one step, and return
         the step's outputs by frontend."""
-        block = not self.has_work()
+        block = not self.scheduler.has_work()
         try:
             self.handle(self.inbox.get(block=block, timeout=timeout if block else None))
             while True:
@@ -89,6 +90,10 @@ class EngineCore:
         if now >= self._next_reap:
             self._next_reap = now + REAP_INTERVAL
             self.sessions.spill_expired(now)
+        while self._awaiting_slot and (self.pool.num_free or self.sessions.spillable()):
+            seq = self._awaiting_slot.popleft()
+            seq.session.running = None
+            self._start_in_session(seq)
         starved = self.scheduler.num_waiting_for_slot
         if starved and self.pool.num_free == 0:  # idle sessions give their slots to waiting requests
             self.sessions.spill_lru(starved)
@@ -182,18 +187,22 @@ class EngineCore:
 
     def _start_in_session(self, seq: Sequence) -> None:
         session = seq.session
+        session.running = seq  # busy from now on: later requests of the session queue behind this one
+        if session.slot is None and self.pool.num_free == 0 and not self.sessions.spillable(keep=session):
+            self._awaiting_slot.append(seq)  # every slot is running something: wait for one, in order
+            return
         try:
             self.sessions.make_resident(session)
             if seq.num_prompt == 0 and seq.sampling is not None and session.last_logits is None:
                 raise EngineError("nothing_to_run", "the session has no previous output to continue from; give a "
                                   "prompt or input_ids", "prompt")
         except EngineError as exc:
+            session.running = None
             self.requests.pop((seq.client, seq.rid), None)
             self._output(seq.client, seq.rid).error = exc.to_struct()
             seq.status = SeqStatus.FINISHED
             self._next_in_session(session)
             return
-        session.running = seq
         seq.slot = session.slot
         seq.initial_logits = session.last_logits if seq.num_prompt == 0 else None
         self.scheduler.add(seq)
@@ -208,6 +217,13 @@ class EngineCore:
 
     def _abort(self, seq: Sequence) -> None:
         session = seq.session
+        if seq in self._awaiting_slot:
+            self._awaiting_slot.remove(seq)
+            session.running = None
+            self.requests.pop((seq.client, seq.rid), None)
+            self._output(seq.client, seq.rid).finish_reason = "cancelled"
+            self._next_in_session(session)
+            return
         if session is not None and seq in session.queue:
             session.queue.remove(seq)
             self.requests.pop((seq.client, seq.rid), None)

@@ -134,7 +134,8 @@ class SessionStore:
             self.error = describe(exc, self.directory)
             log.error("session %s: %s", job.session, self.error)
             return Persisted(job.ticket, job.session, self.error)
-        self.error = None
+        if job.state is not None:
+            self.error = None  # a write went through: the store works again
         return Persisted(job.ticket, job.session)
 
 
