@@ -63,7 +63,7 @@ class EdgeMetrics:
 
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.http_requests = Counter("infomamba:http_requests", "HTTP requests and websocket frames by route and "
+        self.http_requests = Counter("infomamba:" + "http_requests", "HTTP requests and websocket frames by route and "
                                      "status (of the frontend that answered the scrape)", ["route", "status"],
                                      registry=r)
 

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.api.edge import _UNSET, Edge, RedactSecrets
 from server.api.errors import APIError
 from server.api.middleware import EdgeMiddleware
+from server.api.openapi import install as install_openapi
 from server.api.requests import ClientGone
 from server.api.responses import JSON, error_response
 from server.api.routes import forward, health, openai, sessions
@@ -43,6 +44,7 @@ def create_app(config: ServerConfig, engine_address: str, ipc_dir: str, tokenize
     app.add_middleware(EdgeMiddleware, edge=_EdgeProxy(app))
     for module in (health, openai, forward, sessions):
         app.include_router(module.router)
+    install_openapi(app)
 
     @app.websocket("/v1/stream")
     async def stream(websocket: WebSocket):

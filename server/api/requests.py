@@ -22,6 +22,16 @@ async def submit(edge: Edge, inputs: np.ndarray, **fields) -> RequestStream:
         raise edge.not_ready() from None
 
 
+async def started(stream: RequestStream) -> RequestStream:
+    """Wait for a request's first output: an error the engine answers at once (unknown session, full queue)
+    becomes the HTTP status of a streamed answer instead of a broken stream."""
+    first = await stream.peek()
+    if first.error is not None:
+        stream.cancel()
+        raise APIError.from_engine(first.error)
+    return stream
+
+
 async def session_call(edge: Edge, op: str, session: str | None = None, snapshot: bytes | None = None,
                        wait_if_busy: bool = False):
     try:

@@ -36,15 +36,22 @@ class RequestStream:
         self.rid = rid
         self.finished = False
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._peeked: RequestOutput | None = None
 
     def __aiter__(self):
         return self
+
+    async def peek(self) -> RequestOutput:
+        """The next output, left in place (a streamed answer waits for it, so early errors get a status)."""
+        if self._peeked is None:
+            self._peeked = await self.queue.get()
+        return self._peeked
 
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
         try:
-            out = await self.queue.get()
+            out, self._peeked = (self._peeked, None) if self._peeked is not None else (await self.queue.get(), None)
         except BaseException:
             self.cancel()
             raise

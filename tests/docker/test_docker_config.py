@@ -175,12 +175,12 @@ def test_prometheus_config_passes_promtool():
 
 def _exported_series() -> set[str]:
     """Series names the server's /metrics can carry, from the metric objects in server/metrics.py."""
-    from server.metrics import Metrics
+    from server.metrics import EdgeMetrics, Metrics
 
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
                 "gauge": ("",), "summary": ("", "_sum", "_count", "_created")}
     names = set()
-    for family in Metrics().registry.collect():
+    for family in [*Metrics().registry.collect(), *EdgeMetrics().registry.collect()]:
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))
     return names
 

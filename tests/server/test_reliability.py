@@ -11,7 +11,9 @@ import random
 import socket
 import struct
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -252,3 +254,18 @@ def test_api_keys_never_reach_the_access_log():
                                ("127.0.0.1:5", "GET", "/v1/stream?api_key=sekrit&x=1", "1.1", 101), None)
     RedactSecrets().filter(record)
     assert "sekrit" not in record.getMessage() and "api_key=[redacted]&x=1" in record.getMessage()
+
+
+def test_schema_fuzzing_finds_no_server_error(lm_server):
+    """schemathesis against /openapi.json: every generated request is answered without a 5xx."""
+    st = Path(sys.executable).with_name("st")
+    if not st.exists():
+        pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
+    sid = httpx.post(lm_server.url + "/v1/sessions", json={}).json()["id"]
+    result = subprocess.run([str(st), "run", lm_server.url + "/openapi.json", "--checks", "not_a_server_error",
+                             "--max-examples", "10", "--workers", "1", "--seed", "1", "--no-color",
+                             "--phases", "examples,coverage,fuzzing"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "passed" in result.stdout
+    assert httpx.post(lm_server.url + f"/v1/sessions/{sid}/append", json={"input_ids": [1]}).status_code == 200

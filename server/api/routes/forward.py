@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 
 from server.api import schemas
 from server.api.errors import APIError, bad_request
+from server.api.openapi import body, errors
 from server.api.requests import collect, submit, unless_disconnected
 from server.api.responses import json_response
 from server.api.validation import loads, parse
@@ -15,7 +16,7 @@ from server.api.validation import loads, parse
 router = APIRouter()
 
 
-@router.post("/v1/forward")
+@router.post("/v1/forward", openapi_extra=body(schemas.ForwardRequest), responses=errors(413, 422))
 async def forward(request: Request):
     edge = request.app.state.edge
     check = edge.validator

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request
 
 from server.api import schemas
 from server.api.errors import APIError, bad_request
-from server.api.requests import Finish, Token, generate, submit, unless_disconnected
+from server.api.openapi import body, errors
+from server.api.requests import Finish, Token, generate, started, submit, unless_disconnected
 from server.api.responses import JSON, sse, sse_response
 from server.api.validation import loads, parse
 
@@ -29,7 +30,7 @@ async def models(request: Request):
     return JSON({"object": "list", "data": [model_card(request.app.state.edge)]})
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=errors(404))
 async def model(model_id: str, request: Request):
     edge = request.app.state.edge
     if model_id != edge.model_name:
@@ -38,7 +39,7 @@ async def model(model_id: str, request: Request):
     return JSON(model_card(edge))
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=body(schemas.CompletionRequest), responses=errors(404, 413, 422, 429))
 async def completions(request: Request):
     edge = request.app.state.edge
     req = parse(schemas.CompletionRequest, loads(await request.body()))
@@ -62,6 +63,13 @@ async def completions(request: Request):
     num_prompt = sum(ids.shape[0] for ids in prompts)
     base = {"id": rid, "object": "text_completion", "created": created, "model": edge.model_name}
     if req.stream:
+        try:
+            for s in streams:
+                await started(s)
+        except APIError:
+            for s in streams:
+                s.cancel()
+            raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return sse_response(completion_events(runs, base, num_prompt, include_usage))
     finishes = await unless_disconnected(request, asyncio.gather(*(_last(run) for run in runs)))

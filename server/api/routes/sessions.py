@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from server.api import schemas
-from server.api.requests import unless_disconnected
+from server.api.openapi import body, errors
+from server.api.errors import APIError
+from server.api.requests import started, unless_disconnected
 from server.api.responses import JSON, json_response, sse, sse_response
 from server.api.session_ops import (append, create, generate_events, generate_result, open_generate, session_call)
 from server.api.validation import loads, parse
@@ -13,7 +15,8 @@ from server.api.validation import loads, parse
 router = APIRouter()
 
 
-@router.post("/v1/sessions")
+@router.post("/v1/sessions", status_code=201, openapi_extra=body(schemas.SessionCreateRequest, required=False),
+             responses=errors(422, 429, 507))
 async def create_session(request: Request):
     raw = await request.body()
     req = parse(schemas.SessionCreateRequest, loads(raw) if raw.strip() else {})
@@ -21,7 +24,8 @@ async def create_session(request: Request):
     return JSON({"id": reply.session, "steps": reply.steps}, status_code=201)
 
 
-@router.post("/v1/sessions/{sid}/append")
+@router.post("/v1/sessions/{sid}/append", openapi_extra=body(schemas.AppendRequest),
+             responses=errors(404, 409, 413, 422, 507))
 async def append_route(sid: str, request: Request):
     edge = request.app.state.edge
     req = parse(schemas.AppendRequest, loads(await request.body()))
@@ -32,21 +36,28 @@ async def append_route(sid: str, request: Request):
     return await json_response(result, num_values=inputs.shape[0] * width)
 
 
-@router.post("/v1/sessions/{sid}/generate")
+@router.post("/v1/sessions/{sid}/generate", openapi_extra=body(schemas.GenerateRequest),
+             responses=errors(404, 409, 413, 422, 507))
 async def generate_route(sid: str, request: Request):
     edge = request.app.state.edge
     req = parse(schemas.GenerateRequest, loads(await request.body()))
     run = await open_generate(edge, sid, req)
     if req.stream:
+        await started(run.stream)
+
         async def events():
-            async for kind, body in generate_events(edge, run):
-                yield sse(body if kind != "done" else {"done": True, **body})
+            try:
+                async for kind, body in generate_events(edge, run):
+                    yield sse(body if kind != "done" else {"done": True, **body})
+            except APIError as exc:
+                yield sse(exc.body())
             yield sse("[DONE]")
         return sse_response(events())
     return JSON(await unless_disconnected(request, generate_result(edge, run)))
 
 
-@router.get("/v1/sessions/{sid}/snapshot")
+@router.get("/v1/sessions/{sid}/snapshot", responses={200: {"content": {"application/octet-stream": {}}},
+                                                       **errors(404, 409)})
 async def snapshot(sid: str, request: Request):
     reply = await session_call(request.app.state.edge, "snapshot", sid)
     return Response(reply.data, media_type="application/octet-stream",
@@ -54,13 +65,13 @@ async def snapshot(sid: str, request: Request):
                              "X-Session-Steps": str(reply.steps)})
 
 
-@router.post("/v1/sessions/{sid}/fork")
+@router.post("/v1/sessions/{sid}/fork", status_code=201, responses=errors(404, 409, 429, 507))
 async def fork(sid: str, request: Request):
     reply = await session_call(request.app.state.edge, "fork", sid)
     return JSON({"id": reply.session, "steps": reply.steps}, status_code=201)
 
 
-@router.delete("/v1/sessions/{sid}")
+@router.delete("/v1/sessions/{sid}", status_code=204, responses=errors(404, 409))
 async def delete(sid: str, request: Request):
     await session_call(request.app.state.edge, "delete", sid)
     return Response(status_code=204)
