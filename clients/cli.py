@@ -39,6 +39,8 @@ SERVE_FLAGS = (
      "state pool slots (live sessions + in-flight requests); 0: as many as fit in --gpu-memory-fraction"),
     ("--gpu-memory-fraction", "gpu_memory_fraction", float, "share of free GPU memory the sized pool may take"),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int, "input steps per engine step"),
+    ("--max-num-prefill-tokens", "max_num_prefill_tokens", int,
+     "input steps per engine step while no stream decodes (long appends go through in few steps)"),
     ("--max-queue", "max_queue", int, "requests waiting for a slot before 429"),
     ("--max-num-sessions", "max_num_sessions", int, "sessions (in memory and on disk) before 429"),
     ("--max-body-bytes", "max_body_bytes", int, "request body limit (413 above)"),

@@ -13,6 +13,7 @@ class ServerConfig:
     max_num_streams: int = 64  # state pool slots: live sessions + in-flight requests; 0: sized from free GPU memory
     gpu_memory_fraction: float = 0.5  # share of free GPU memory (after loading) the pool may take when sized
     max_num_batched_tokens: int = 2048  # input steps per engine step (prefill chunks + decode steps)
+    max_num_prefill_tokens: int = 65_536  # input steps per engine step while no stream decodes (long appends)
     max_queue: int = 256  # requests waiting for a slot before 429
     max_num_sessions: int = 10_000  # sessions in memory and on disk before 429
     max_body_bytes: int = 16 * 1024 * 1024  # 413 above
@@ -31,7 +32,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name in ("port", "max_num_streams", "max_num_batched_tokens", "max_queue", "max_num_sessions",
                      "max_body_bytes", "max_request_steps", "max_batch_sequences", "max_ws_frame_bytes",
-                     "max_response_bytes", "api_server_count"):
+                     "max_response_bytes", "api_server_count", "max_num_prefill_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("port", "max_num_streams") else 1):
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")

@@ -45,7 +45,8 @@ class EngineCore:
         self.metrics = Metrics()
         num_streams = config.max_num_streams or auto_num_streams(model, config.gpu_memory_fraction)
         self.pool = StatePool(model, num_streams)
-        self.scheduler = Scheduler(self.pool, max(config.max_num_batched_tokens, num_streams))
+        self.scheduler = Scheduler(self.pool, max(config.max_num_batched_tokens, num_streams),
+                                   config.max_num_prefill_tokens)
         self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs)
         # events from other threads (frontend requests, finished writes), handled by the engine thread in order
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()

@@ -31,13 +31,16 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool, max_num_batched_tokens: int):
-        """pool: anything with allocate() -> slot | None and free(slot) (the StatePool, or a fake in tests)."""
+    def __init__(self, pool, max_num_batched_tokens: int, max_num_prefill_tokens: int | None = None):
+        """pool: anything with allocate() -> slot | None and free(slot) (the StatePool, or a fake in tests).
+        max_num_prefill_tokens: the budget of a step in which no stream decodes; nobody waits on such a step's
+        latency, and a long append then goes through in a few large steps instead of many small ones."""
         if max_num_batched_tokens < pool.num_total:
             raise ValueError(f"max_num_batched_tokens: must be >= max_num_streams ({pool.num_total}), "
                              f"got {max_num_batched_tokens}")
         self.pool = pool
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_prefill_tokens = max(max_num_prefill_tokens or 0, max_num_batched_tokens)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
 
@@ -93,7 +96,8 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         self._admit()
-        budget = self.max_num_batched_tokens
+        is_decoding = any(seq.is_decode for seq in self.running)
+        budget = self.max_num_batched_tokens if is_decoding else self.max_num_prefill_tokens
         chunks: list[ScheduledChunk] = []
         for seq in self.running:  # decode steps first: one token each, cheap, latency-bound
             if budget and seq.is_decode:

@@ -86,3 +86,19 @@ def test_session_requests_skip_the_slot_queue():
     assert {c.seq.slot for c in batch.chunks} == {0, 7}
     sched.finish(owned, "done")
     assert pool.free_slots == []  # a session's slot is not the request's to free
+
+
+def test_prefill_only_steps_take_the_larger_budget_until_someone_decodes():
+    sched = Scheduler(FakePool(2), max_num_batched_tokens=4, max_num_prefill_tokens=16)
+    long = Sequence(torch.arange(40))
+    sched.add(long)
+    batch = sched.schedule()
+    assert batch.num_tokens == 16  # nobody decodes: the big budget
+    feed(batch)
+    gen = Sequence(torch.arange(2), sampling=SamplingParams(max_tokens=4))
+    sched.add(gen)
+    while gen.num_fed < 2:
+        feed(sched.schedule())
+    gen.pending_token = 7  # gen now decodes: steps shrink back to the latency budget
+    batch = sched.schedule()
+    assert batch.num_tokens <= 4 and any(c.is_decode for c in batch.chunks)
