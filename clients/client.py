@@ -527,6 +527,35 @@ def binary_append_frame(array, outputs=None) -> bytes:
     return len(head).to_bytes(4, "little") + head + np.ascontiguousarray(payload).tobytes()
 
 
+PIPELINE_WINDOW = 8  # append frames in flight per websocket: enough to hide the round trip, few enough to stop early
+
+
+class _Pipeline:
+    """Which chunk to send next with at most `window` unanswered."""
+
+    def __init__(self, chunks, window: int):
+        self._chunks = iter(chunks)
+        self.window = max(1, window)
+        self.in_flight = 0
+
+    def next_to_send(self):
+        if self.in_flight >= self.window:
+            return None
+        piece = next(self._chunks, None)
+        if piece is not None:
+            self.in_flight += 1
+        return piece
+
+    def answered(self) -> None:
+        self.in_flight -= 1
+
+
+def _append_message(piece, outputs) -> bytes | str:
+    if isinstance(piece, str):
+        return json.dumps({"type": "append", **_inputs_body(None, None, piece, outputs)})
+    return binary_append_frame(piece, outputs)
+
+
 def _open_frame(session: str | None, snapshot: bytes | str | None) -> dict:
     frame: dict[str, Any] = {"type": "open"}
     if session is not None:
@@ -610,6 +639,21 @@ class StreamSession:
             reply, _ = self._recv()
             if reply.get("type") == "outputs":
                 return reply
+
+    def append_many(self, chunks, outputs=None, window: int = PIPELINE_WINDOW) -> Iterator[dict]:
+        """Feed chunks (numpy arrays, sent as binary frames, or text) with up to `window` frames in flight;
+        yields each chunk's `outputs` frame in order. The server applies them in order, so the result equals
+        appending one at a time, without a round trip per chunk. After an error, close the session."""
+        pending = _Pipeline(chunks, window)
+        while (piece := pending.next_to_send()) is not None:
+            self._ws.send(_append_message(piece, outputs))
+        while pending.in_flight:
+            reply, _ = self._recv()
+            if reply.get("type") == "outputs":
+                yield reply
+                pending.answered()
+                while (piece := pending.next_to_send()) is not None:
+                    self._ws.send(_append_message(piece, outputs))
 
     def generate(self, prompt: str | None = None, input_ids=None, **fields) -> Iterator[dict]:
         """`token` frames as they are sampled, then the `done` frame."""
@@ -717,6 +761,19 @@ class AsyncStreamSession:
             reply, _ = await self._recv()
             if reply.get("type") == "outputs":
                 return reply
+
+    async def append_many(self, chunks, outputs=None, window: int = PIPELINE_WINDOW) -> AsyncIterator[dict]:
+        """As StreamSession.append_many."""
+        pending = _Pipeline(chunks, window)
+        while (piece := pending.next_to_send()) is not None:
+            await self._ws.send(_append_message(piece, outputs))
+        while pending.in_flight:
+            reply, _ = await self._recv()
+            if reply.get("type") == "outputs":
+                yield reply
+                pending.answered()
+                while (piece := pending.next_to_send()) is not None:
+                    await self._ws.send(_append_message(piece, outputs))
 
     async def generate(self, prompt: str | None = None, input_ids=None, **fields) -> AsyncIterator[dict]:
         body = _generate_body(prompt, input_ids, fields, True)

@@ -307,3 +307,18 @@ def test_error_parsing_keeps_retry_after_and_odd_bodies():
     assert (e.status, e.code, e.message) == (502, "error", "bad gateway")
     e = InfoMambaError.from_response(httpx.Response(422, json={"detail": "nope"}))
     assert e.message == "nope"
+
+
+def test_pipelined_appends_equal_one_at_a_time(lm_server):
+    import numpy as np
+
+    from clients.client import StreamSession
+
+    rng = np.random.default_rng(3)
+    chunks = [rng.integers(0, 256, size=int(n)) for n in rng.integers(1, 30, size=12)]
+    with StreamSession.connect(lm_server.url) as one:
+        single = [one.append_array(c, outputs=["logits"])["results"]["logits"] for c in chunks]
+    with StreamSession.connect(lm_server.url) as many:
+        replies = list(many.append_many(chunks, outputs=["logits"], window=4))
+        assert many.steps == sum(len(c) for c in chunks)
+    assert [r["results"]["logits"] for r in replies] == single
