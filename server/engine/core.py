@@ -237,14 +237,12 @@ class EngineCore:
 
     def postprocess(self, batch: ScheduledBatch, result: StepResult) -> None:
         now = time.monotonic()
+        self.scheduler.update_from_output(batch)
         for chunk in batch.chunks:
             seq = chunk.seq
             if seq.status is SeqStatus.FINISHED:
                 continue
-            if chunk.is_decode:
-                seq.pending_token = None
-            else:
-                seq.num_fed += chunk.num_tokens
+            if not chunk.is_decode:
                 self.metrics.prompt_steps.inc(chunk.num_tokens)
             if seq.id in result.last_logits:
                 seq.initial_logits = result.last_logits[seq.id]

@@ -94,6 +94,17 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
 
+    def update_from_output(self, batch: ScheduledBatch) -> None:
+        """What a step did to each stream's position: its chunk's inputs are fed, its pending token consumed."""
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if seq.status is SeqStatus.FINISHED:
+                continue
+            if chunk.is_decode:
+                seq.pending_token = None
+            else:
+                seq.num_fed += chunk.num_tokens
+
     def schedule(self) -> ScheduledBatch | None:
         self._admit()
         is_decoding = any(seq.is_decode for seq in self.running)

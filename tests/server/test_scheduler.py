@@ -18,12 +18,8 @@ class FakePool:
 
 
 def feed(batch):
-    """What the engine's postprocess does to the bookkeeping, without a model."""
-    for c in batch.chunks:
-        if c.is_decode:
-            c.seq.pending_token = None
-        else:
-            c.seq.num_fed += c.num_tokens
+    """A step ran: the scheduler's own bookkeeping, as the engine calls it after every step."""
+    Scheduler.update_from_output(None, batch)
 
 
 def test_chunks_respect_budget_and_carry_position():
