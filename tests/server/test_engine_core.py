@@ -50,7 +50,9 @@ class FakeRunner:
 
 
 def make_core(tmp_path, **config) -> EngineCore:
-    config = ServerConfig(**{"max_num_streams": 4, "max_num_batched_tokens": 8, **config})
+    config = {"max_num_streams": 4, "max_num_batched_tokens": 8, **config}
+    config.setdefault("max_num_prefill_tokens", config["max_num_batched_tokens"])  # one budget, easy to reason on
+    config = ServerConfig(**config)
     model = tiny_lm()
     core = EngineCore(model, None, config, str(tmp_path / "sessions"), runner=object())
     core.runner = FakeRunner(core.pool)
