@@ -54,6 +54,8 @@ class ServerThread:
 
     def __init__(self, model, tokenizer=None, state_dir=None, **config):
         self.port = free_port()
+        # small steps even when nothing decodes, so long inputs really go through in chunks
+        config.setdefault("max_num_prefill_tokens", config.get("max_num_batched_tokens", 2048))
         self.config = ServerConfig(host="127.0.0.1", port=self.port, **config)
         self.run_dir = tempfile.mkdtemp(prefix="infomamba-test-")
         self.state_dir = state_dir or os.path.join(self.run_dir, "sessions")
