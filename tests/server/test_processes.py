@@ -33,7 +33,7 @@ class ServeProcess:
              "--state-dir", str(state_dir), "--max-num-streams", "8", "--max-num-batched-tokens", "64",
              "--log-level", "warning", *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
 
     def wait_ready(self, timeout: float = 120) -> "ServeProcess":
         deadline = time.monotonic() + timeout
