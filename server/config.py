@@ -23,6 +23,8 @@ class ServerConfig:
     max_response_bytes: int = 64 * 1024 * 1024  # estimated size of one answer's outputs, 413 above
     session_ttl: float = 600.0  # seconds idle before a session is spilled to disk
     state_dir: str | None = None  # where sessions are written through and persist; None: a temporary directory
+    snapshot_every: int = 4096  # a session's logged steps before its state is snapshotted (and its log dropped)
+    max_log_bytes: int = 64 * 1024 * 1024  # the write-ahead log segment size that starts a compacting rotation
     api_server_count: int = 1  # HTTP frontend processes sharing the port, all talking to one engine process
     api_key: str | None = None  # bearer token for HTTP and websocket; None: no auth
     served_model_name: str | None = None
@@ -32,7 +34,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name in ("port", "max_num_streams", "max_num_batched_tokens", "max_queue", "max_num_sessions",
                      "max_body_bytes", "max_request_steps", "max_batch_sequences", "max_ws_frame_bytes",
-                     "max_response_bytes", "api_server_count", "max_num_prefill_tokens"):
+                     "max_response_bytes", "api_server_count", "max_num_prefill_tokens", "snapshot_every",
+                     "max_log_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("port", "max_num_streams") else 1):
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")

@@ -10,6 +10,7 @@ import os
 import queue
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,10 +28,22 @@ from server.engine.sequence import SamplingParams, Sequence, SeqStatus
 from server.engine.sessions import Session, SessionTable
 from server.engine.state_pool import StatePool, auto_num_streams
 from server.engine.store import Persisted, SessionStore
+from server.engine.wal import LogRecord
 from server.metrics import Metrics
 
 log = logging.getLogger("infomamba.engine")
 REAP_INTERVAL = 0.25  # seconds between looks for sessions idle past their TTL
+INTERNAL = ""  # the client of the engine's own requests (replays of logged inputs): their outputs go nowhere
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """An answer held until a store write lands."""
+
+    client: str
+    answer: object  # RequestOutput or Reply
+    session: object = None
+    snapshot_steps: int | None = None  # set when the write is a snapshot of the session at that step
 
 
 class EngineCore:
@@ -57,9 +70,14 @@ class EngineCore:
         self._outputs: dict[tuple[str, str], RequestOutput] = {}  # this step's, by (client, rid)
         self._replies: dict[str, list[Reply]] = defaultdict(list)
         self._welcomes: set[str] = set()
-        self._held: dict[int, tuple[str, RequestOutput | Reply, Session | None]] = {}  # store ticket -> answer
+        self._held: dict[int, list[_Waiter]] = {}  # store ticket -> the answers waiting for that write
+        self._log_batch: list[LogRecord] = []  # this turn's log records, written together
+        self._log_waiters: list[_Waiter] = []
+        self._rotation: int | None = None  # the ticket of a log rotation under way
+        self._snapshot_nbytes = state_nbytes_per_stream(model.config, model.dtype)
         self._next_reap = 0.0
-        self._awaiting_slot: deque[Sequence] = deque()  # session requests whose session needs a slot
+        # session requests and operations whose session needs a slot while every slot runs something
+        self._awaiting_slot: deque[Sequence | SessionOp] = deque()
         self.metrics.state_bytes_per_stream.set(state_nbytes_per_stream(model.config, model.dtype))
 
     @property
@@ -92,9 +110,14 @@ class EngineCore:
             self._next_reap = now + REAP_INTERVAL
             self.sessions.spill_expired(now)
         while self._awaiting_slot and (self.pool.num_free or self.sessions.spillable()):
-            seq = self._awaiting_slot.popleft()
-            seq.session.running = None
-            self._start_in_session(seq)
+            item = self._awaiting_slot.popleft()
+            session = self._session_of(item)
+            session.running = None
+            if isinstance(item, SessionOp):
+                self._session_op(item, queued=True)
+                self._next_in_session(session)
+            else:
+                self._start_in_session(item)
         starved = self.scheduler.num_waiting_for_slot
         if starved and self.pool.num_free == 0:  # idle sessions give their slots to waiting requests
             self.sessions.spill_lru(starved)
@@ -149,8 +172,11 @@ class EngineCore:
         return batch
 
     def take_outputs(self) -> dict[str, StepOutputs]:
+        self._flush_log()
         by_client: dict[str, StepOutputs] = {}
         for (client, _), out in self._outputs.items():
+            if client == INTERNAL:
+                continue
             by_client.setdefault(client, StepOutputs()).outputs.append(out)
         for client, replies in self._replies.items():
             by_client.setdefault(client, StepOutputs()).replies.extend(replies)
@@ -189,11 +215,11 @@ class EngineCore:
     def _start_in_session(self, seq: Sequence) -> None:
         session = seq.session
         session.running = seq  # busy from now on: later requests of the session queue behind this one
-        if session.slot is None and self.pool.num_free == 0 and not self.sessions.spillable(keep=session):
-            self._awaiting_slot.append(seq)  # every slot is running something: wait for one, in order
+        if self._must_wait_for_slot(session, seq):
             return
         try:
-            self.sessions.make_resident(session)
+            if not self._resident(session, seq):
+                return  # a replay of its logged inputs runs first; seq waits at the front of the queue
             if seq.num_prompt == 0 and seq.sampling is not None and session.last_logits is None:
                 raise EngineError("nothing_to_run", "the session has no previous output to continue from; give a "
                                   "prompt or input_ids", "prompt")
@@ -207,6 +233,31 @@ class EngineCore:
         seq.slot = session.slot
         seq.initial_logits = session.last_logits if seq.num_prompt == 0 else None
         self.scheduler.add(seq)
+
+    def _must_wait_for_slot(self, session: Session, item) -> bool:
+        """Park `item` (a request or an operation of a spilled session) while every slot runs something."""
+        if session.slot is None and self.pool.num_free == 0 and not self.sessions.spillable(keep=session):
+            session.running = item
+            self._awaiting_slot.append(item)
+            return True
+        return False
+
+    def _session_of(self, item) -> Session:
+        return item.session if isinstance(item, Sequence) else self.sessions.sessions[item.session]
+
+    def _resident(self, session: Session, then) -> bool:
+        """Make the session resident; True when its state is ready now. Else a replay of the inputs logged after
+        its snapshot is scheduled, and `then` (a request or an operation) waits at the front of its queue."""
+        replay = self.sessions.make_resident(session)
+        if replay is None:
+            return True
+        seq = Sequence(torch.from_numpy(replay.astype(np.int64) if replay.dtype.kind in "iu" else replay.copy()),
+                       slot=session.slot, keep_last_logits=self.model.config.head == "lm", session=session,
+                       rid=f"replay-{session.id}", client=INTERNAL)
+        session.running = seq
+        session.queue.appendleft(then)
+        self.scheduler.add(seq)
+        return False
 
     def _next_in_session(self, session: Session) -> None:
         while session.queue and not session.is_busy and session.id in self.sessions.sessions:
@@ -333,13 +384,37 @@ class EngineCore:
         if session.id not in self.sessions.sessions:
             return
         if was_running and session.slot is not None:
+            steps_before = session.steps
             session.steps = self.pool.steps(session.slot) if out.steps is None else out.steps
             out.steps = session.steps
             if seq.keep_last_logits and seq.initial_logits is not None:
                 session.last_logits = seq.initial_logits
-            if seq.num_fed or seq.output_ids:  # its state moved: on disk before the answer goes out
-                self._hold(self.sessions.persist(session), seq.client, out, session)
+            fed = _fed_inputs(seq)
+            if seq.client != INTERNAL and len(fed):  # its state moved: on disk before the answer goes out
+                self._make_durable(session, steps_before, fed, seq.client, out)
         self._next_in_session(session)
+
+    def _make_durable(self, session: Session, steps_before: int, fed: np.ndarray, client: str, answer) -> None:
+        """A log record of the inputs (group-committed with the step's others), or a snapshot when that is
+        smaller or the session's log has grown long."""
+        if session.logged_steps + len(fed) >= self.config.snapshot_every or fed.nbytes >= self._snapshot_nbytes:
+            self._hold(self.sessions.persist(session), client, answer, session, snapshot_steps=session.steps)
+            return
+        record = LogRecord.of(session.id, steps_before, fed)
+        session.log.append(record)
+        self._log_batch.append(record)
+        self._log_waiters.append(_Waiter(client, answer, session))
+        if isinstance(answer, RequestOutput):
+            self._outputs.pop((client, answer.rid), None)
+
+    def _flush_log(self) -> None:
+        """One log write (one fsync) for every session answer of this turn."""
+        if self._log_batch:
+            ticket = self.store.append_log(self._log_batch)
+            self._held.setdefault(ticket, []).extend(self._log_waiters)
+            self._log_batch, self._log_waiters = [], []
+        if self.store.log_bytes > self.config.max_log_bytes and self._rotation is None:
+            self._rotation = self.store.rotate_log([r for s in self.sessions.sessions.values() for r in s.log])
 
     # -- session operations ------------------------------------------------------------------------------------
 
@@ -349,7 +424,8 @@ class EngineCore:
             if op.op == "create":
                 session = self.sessions.create(op.snapshot)
                 self._hold(self.sessions.persist(session), client, Reply(rid, session=session.id,
-                                                                         steps=session.steps), session)
+                                                                         steps=session.steps), session,
+                           snapshot_steps=session.steps)
                 return
             session = self.sessions.get(op.session)
             if not queued and (session.is_busy or session.queue) and op.op != "info":
@@ -357,6 +433,9 @@ class EngineCore:
                     raise errors.session_busy(session.id)
                 session.queue.append(op)
                 return
+            if op.op in ("snapshot", "fork") and (self._must_wait_for_slot(session, op)
+                                                  or not self._resident(session, op)):
+                return  # answered once it has a slot and its logged inputs are replayed
             if op.op == "info":
                 reply = Reply(rid, session=session.id, steps=session.steps)
             elif op.op == "snapshot":
@@ -365,7 +444,7 @@ class EngineCore:
             elif op.op == "fork":
                 child = self.sessions.fork(session)
                 self._hold(self.sessions.persist(child), client, Reply(rid, session=child.id, steps=child.steps),
-                           child)
+                           child, snapshot_steps=child.steps)
                 return
             elif op.op == "delete":
                 self._hold(self.sessions.delete(session), client, Reply(rid, session=session.id), None)
@@ -376,19 +455,25 @@ class EngineCore:
             reply = Reply(rid, ok=False, error=exc.to_struct())
         self._replies[client].append(reply)
 
-    def _hold(self, ticket: int, client: str, answer, session: Session | None) -> None:
-        """Send `answer` once the store has the write `ticket` (write-through durability)."""
-        self._held[ticket] = (client, answer, session)
+    def _hold(self, ticket: int, client: str, answer, session: Session | None,
+              snapshot_steps: int | None = None) -> None:
+        """Send `answer` once the store has the write `ticket` (durability before the answer)."""
+        self._held.setdefault(ticket, []).append(_Waiter(client, answer, session, snapshot_steps))
         if isinstance(answer, RequestOutput):
             self._outputs.pop((client, answer.rid), None)
 
     def _persisted(self, done: Persisted) -> None:
-        held = self._held.pop(done.ticket, None)
-        if held is None:  # a write nobody waits for (the removal of a session that could not be saved)
-            return
-        client, answer, session = held
-        if session is not None:
+        if done.ticket == self._rotation:
+            self._rotation = None
+        for waiter in self._held.pop(done.ticket, []):  # none: a write nobody waits for (a removal)
+            self._release(waiter, done)
+
+    def _release(self, waiter: "_Waiter", done: Persisted) -> None:
+        client, answer, session = waiter.client, waiter.answer, waiter.session
+        if session is not None and waiter.snapshot_steps is not None:
             session.writes_in_flight -= 1
+            if done.error is None:
+                self.sessions.snapshot_landed(session, waiter.snapshot_steps)
         if done.error is not None:
             error = Error("state_not_persisted", f"{done.error}; the session's state in memory includes this "
                           "request, but it would not survive a restart", "session")
@@ -476,3 +561,11 @@ def _merge(current: RequestOutput | None, held: RequestOutput) -> RequestOutput:
         if getattr(held, name) not in (None, 0):
             setattr(current, name, getattr(held, name))
     return current
+
+
+def _fed_inputs(seq: Sequence) -> np.ndarray:
+    """What a request fed into its stream: its inputs, then the generated tokens that were fed back."""
+    prompt = seq.inputs[:seq.num_fed].numpy()
+    if not seq.num_decoded:
+        return prompt
+    return np.concatenate([prompt.astype(np.int64), np.asarray(seq.output_ids[:seq.num_decoded], np.int64)])

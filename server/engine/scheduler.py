@@ -102,6 +102,7 @@ class Scheduler:
                 continue
             if chunk.is_decode:
                 seq.pending_token = None
+                seq.num_decoded += 1
             else:
                 seq.num_fed += chunk.num_tokens
 

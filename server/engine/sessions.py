@@ -2,16 +2,20 @@
 spill, restore, append, generate, fork, snapshot and delete of one session can never interleave: a request that
 finds its session busy waits in the session's own queue (websocket pipelining) or is refused.
 
-Durability (write-through): every change of a session's state is written to the state dir before the request
-that made it is answered, so after a crash every acknowledged step is there. A resident session whose disk copy is
-current can give its slot back at any time without a write (spilling is just freeing the slot)."""
+Durability: every change of a session's state is on disk before the request that made it is answered, as a
+snapshot (create, fork, and every `snapshot_every` steps) or as a write-ahead log record of the inputs fed since
+(server/engine/wal.py). The engine keeps each session's unsnapshotted records in memory too, so a session can give
+its slot back at any time without a write (spilling is freeing the slot); coming back, it loads its snapshot and
+replays the records after it."""
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from model.state import SnapshotError, read_snapshot, save_snapshot
@@ -19,6 +23,9 @@ from server.engine import errors
 from server.engine.errors import EngineError
 from server.engine.state_pool import StatePool
 from server.engine.store import SessionStore
+from server.engine.wal import LogRecord
+
+log = logging.getLogger("infomamba.sessions")
 
 
 @dataclass(eq=False)
@@ -31,6 +38,11 @@ class Session:
     queue: deque = field(default_factory=deque)  # requests waiting their turn, in arrival order
     last_used: float = field(default_factory=time.monotonic)
     writes_in_flight: int = 0  # snapshots submitted to the store and not yet on disk
+    log: list[LogRecord] = field(default_factory=list)  # inputs fed since the snapshot on disk, in order
+
+    @property
+    def logged_steps(self) -> int:
+        return sum(r.num_steps for r in self.log)
 
     @property
     def is_busy(self) -> bool:
@@ -38,7 +50,7 @@ class Session:
 
     @property
     def is_clean(self) -> bool:
-        """Its disk copy is current: the slot may be given back without a write."""
+        """No snapshot write in flight: the file on disk plus `log` is the session (its slot may go)."""
         return self.writes_in_flight == 0
 
 
@@ -62,9 +74,21 @@ class SessionTable:
         return len(self.sessions) - self.num_live
 
     def pick_up_persisted(self) -> int:
-        """Register every session the store holds (restored lazily on first use)."""
+        """Register every session the store holds, with the logged inputs after its snapshot (restored lazily on
+        first use); then compact the log to just those records."""
         for sid, steps in self.store.persisted_sessions().items():
             self.sessions[sid] = Session(sid, steps=steps)
+        for record in self.store.read_log():
+            session = self.sessions.get(record.session)
+            if session is None or record.steps_before < session.steps:
+                continue  # a deleted session, or inputs a snapshot already holds
+            if record.steps_before > session.steps:
+                log.error("session %s: the log skips from step %d to %d; it resumes at %d", session.id,
+                          session.steps, record.steps_before, session.steps)
+                continue
+            session.log.append(record)
+            session.steps += record.num_steps
+        self.store.rotate_log([r for s in self.sessions.values() for r in s.log])
         return len(self.sessions)
 
     def get(self, sid: str | None) -> Session:
@@ -90,8 +114,7 @@ class SessionTable:
     def fork(self, source: Session) -> Session:
         if len(self.sessions) >= self.max_num_sessions:
             raise errors.too_many_sessions(self.max_num_sessions)
-        self.make_resident(source)
-        slot = self.allocate(keep=source)
+        slot = self.allocate(keep=source)  # the source is resident and replayed (the engine sees to it)
         self.pool.copy(source.slot, slot)
         child = Session(secrets.token_hex(12), slot=slot, steps=source.steps,
                         last_logits=None if source.last_logits is None else source.last_logits.clone())
@@ -107,25 +130,25 @@ class SessionTable:
         return self.store.delete(session.id)
 
     def snapshot(self, session: Session) -> bytes:
-        if session.slot is None:
-            try:
-                return self.store.read(session.id)
-            except OSError as exc:
-                raise EngineError("session_unrestorable", f"session {session.id} could not be read: {exc}",
-                                  "session") from None
+        """The session's state as a snapshot blob (it must be resident and replayed)."""
         return save_snapshot(self.pool.read(session.slot), self.config.name, self.fingerprint, session.last_logits)
 
     def persist(self, session: Session) -> int:
-        """Queue a write of the session's current state; returns the store ticket."""
+        """Queue a snapshot of the session's current state; returns the store ticket. Once it lands
+        (snapshot_landed), the log records it covers are dropped."""
         session.writes_in_flight += 1
         state = self.pool.read(session.slot, device="cpu")  # the copy the writer serializes; the slot moves on
         last = None if session.last_logits is None else session.last_logits.clone()
         return self.store.write(session.id, state, last)
 
-    def make_resident(self, session: Session) -> None:
-        """Bring a spilled session back into a slot (reading the store, which keeps its copy)."""
+    def snapshot_landed(self, session: Session, steps: int) -> None:
+        session.log = [r for r in session.log if r.steps_before >= steps]
+
+    def make_resident(self, session: Session) -> np.ndarray | None:
+        """Bring a spilled session back into a slot (reading the store, which keeps its copy). Returns the logged
+        inputs after the snapshot, which the caller must feed before anything else, or None."""
         if session.slot is not None:
-            return
+            return None
         try:
             data = self.store.read(session.id)
         except OSError as exc:
@@ -135,7 +158,8 @@ class SessionTable:
         slot = self.allocate(keep=session)
         self.pool.write(slot, state)
         session.slot, session.last_logits = slot, last_logits
-        session.steps = int(state.steps[0])
+        pending = [r for r in session.log if r.steps_before >= int(state.steps[0])]
+        return np.concatenate([r.array() for r in pending]) if pending else None
 
     def parse(self, data: bytes, field: str, code: str = "invalid_snapshot"):
         try:

@@ -1,7 +1,7 @@
-"""The state dir: each session's latest snapshot as one file, written by one writer thread so the engine loop never
-waits on a disk. Writes are atomic (temporary file, fsync, rename, fsync of the directory) and applied in the order
-they were submitted, so a later snapshot of a session never loses to an earlier one, and a delete is never undone by
-a write that was still queued."""
+"""The state dir: each session's latest snapshot as one file, and the write-ahead log of the inputs fed since
+(server/engine/wal.py), written by one writer thread so the engine loop never waits on a disk. Snapshot writes are
+atomic (temporary file, fsync, rename, fsync of the directory); every job is applied in the order it was
+submitted, so a later snapshot never loses to an earlier one and a delete is never undone by a queued write."""
 from __future__ import annotations
 
 import errno
@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 
 from model.state import SnapshotError, StreamState, save_snapshot, snapshot_metadata
+from server.engine import wal
+from server.engine.wal import LogRecord, LogWriter
 
 log = logging.getLogger("infomamba.store")
 SNAPSHOT_SUFFIX = ".state.safetensors"
@@ -35,8 +37,10 @@ class Persisted:
 class _Job:
     ticket: int
     session: str
-    state: StreamState | None  # None: delete the session's file
+    state: StreamState | None  # None: delete the session's file (unless `log` is set)
     last_logits: torch.Tensor | None = None
+    log: bytes | None = None  # encoded log records to append
+    rotate: bool = False  # start a new log segment with `log` in it, drop the old segments
 
 
 class SessionStore:
@@ -51,6 +55,7 @@ class SessionStore:
         self._tickets = 0
         self._thread: threading.Thread | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.wal = LogWriter(self.directory)
         for tmp in self.directory.glob("*" + TMP_SUFFIX):  # a crash mid-write leaves only these behind
             tmp.unlink(missing_ok=True)
         self.error = self.check_writable()
@@ -65,6 +70,7 @@ class SessionStore:
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
+        self.wal.close()
 
     def path(self, sid: str) -> Path:
         return self.directory / (sid + SNAPSHOT_SUFFIX)
@@ -89,6 +95,21 @@ class SessionStore:
 
     def delete(self, sid: str) -> int:
         return self._submit(_Job(0, sid, None))
+
+    def append_log(self, records: list[LogRecord]) -> int:
+        """Queue log records (group commit: one fsync for all); returns the ticket."""
+        return self._submit(_Job(0, "", None, log=wal.encode(records)))
+
+    def rotate_log(self, carried: list[LogRecord]) -> int:
+        return self._submit(_Job(0, "", None, log=wal.encode(carried), rotate=True))
+
+    @property
+    def log_bytes(self) -> int:
+        """Size of the newest log segment (read from the engine thread: approximate)."""
+        return self.wal.size
+
+    def read_log(self) -> list[LogRecord]:
+        return wal.read_all(self.directory)
 
     def _submit(self, job: _Job) -> int:
         self._tickets += 1
@@ -125,7 +146,11 @@ class SessionStore:
     def _apply(self, job: _Job) -> Persisted:
         path = self.path(job.session)
         try:
-            if job.state is None:
+            if job.rotate:
+                self.wal.rotate(job.log)
+            elif job.log is not None:
+                self.wal.append(job.log)
+            elif job.state is None:
                 path.unlink(missing_ok=True)
             else:
                 data = save_snapshot(job.state, self.model_name, self.fingerprint, job.last_logits)
@@ -134,7 +159,7 @@ class SessionStore:
             self.error = describe(exc, self.directory)
             log.error("session %s: %s", job.session, self.error)
             return Persisted(job.ticket, job.session, self.error)
-        if job.state is not None:
+        if job.state is not None or job.log is not None:
             self.error = None  # a write went through: the store works again
         return Persisted(job.ticket, job.session)
 

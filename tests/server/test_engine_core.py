@@ -12,6 +12,7 @@ from server.engine.core import EngineCore
 from server.engine.protocol import Abort, Add, Array, Sampling, SessionOp, Utility
 from server.engine import store as store_module
 from server.engine.runner import StepResult
+from server.engine.wal import LogWriter
 from tests.server.conftest import tiny_lm
 
 VOCAB = 260
@@ -167,13 +168,15 @@ def test_session_answers_wait_for_the_disk_and_report_a_failed_write(tmp_path, m
     assert core.store.path(sid).is_file()  # created = on disk before the answer
     add(core, "a", [1, 2, 3], session=sid)
     core.run_once(timeout=0.01)
-    assert core.sessions.get(sid).writes_in_flight == 1 and core._held  # the finish is held for the write
+    assert core._held and len(core.sessions.get(sid).log) == 1  # the finish waits for its log record
     run_until_quiet(core)
     assert not core._held
+    assert [r.array().tolist() for r in core.store.read_log()] == [[1, 2, 3]]
     def disk_full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store_module, "atomic_write", disk_full)
+    monkeypatch.setattr(LogWriter, "append", lambda self, data: disk_full(None, data))
     add(core, "b", [4], session=sid)
     outs = run_until_quiet(core)["outputs"]["b"]
     assert finish_of(outs).error.code == "state_not_persisted" and "disk is full" in finish_of(outs).error.message
@@ -217,3 +220,38 @@ def test_stats_and_metrics_utilities(tmp_path):
     replies = run_until_quiet(core)["replies"]
     assert replies["u1"].info["slots_total"] == 4
     assert b"infomamba:state_slots_total" in replies["u2"].data
+
+
+def test_logged_inputs_survive_a_crash_and_replay_on_first_use(tmp_path):
+    core = make_core(tmp_path)
+    op(core, "create", "create")
+    sid = run_until_quiet(core)["replies"]["create"].session
+    for i, n in enumerate((3, 5, 2)):
+        add(core, f"a{i}", list(range(n)), session=sid, wait_if_busy=True)
+    run_until_quiet(core)
+    assert core.sessions.get(sid).logged_steps == 10 and len(core.store.read_log()) >= 1
+    # a crash: no shutdown, nothing more written; a new engine on the same directory
+    again = make_core(tmp_path)
+    assert again.sessions.pick_up_persisted() == 1
+    assert again.sessions.get(sid).steps == 10 and again.sessions.get(sid).slot is None
+    runs_before = again.runner.num_runs
+    add(again, "more", [9], session=sid)
+    outs = run_until_quiet(again)["outputs"]
+    assert finish_of(outs["more"]).steps == 11  # the snapshot (0 steps) + 10 replayed + 1
+    assert again.runner.num_runs > runs_before + 1 and set(outs) == {"more"}  # the replay ran and said nothing
+
+
+def test_long_logs_become_snapshots_and_rotation_compacts(tmp_path):
+    core = make_core(tmp_path, snapshot_every=12, max_log_bytes=200)
+    op(core, "create", "create")
+    sid = run_until_quiet(core)["replies"]["create"].session
+    for i in range(6):
+        add(core, f"a{i}", [1, 2, 3, 4, 5], session=sid)
+        run_until_quiet(core)
+    session = core.sessions.get(sid)
+    assert session.logged_steps < 12  # a snapshot took the log over
+    segments = sorted(p.name for p in core.store.directory.glob("wal-*.log"))
+    assert len(segments) == 1 and segments[0] != "wal-00000001.log"  # rotated, the old segments gone
+    again = make_core(tmp_path)
+    again.sessions.pick_up_persisted()
+    assert again.sessions.get(sid).steps == 30
