@@ -102,13 +102,15 @@ def _typed(kind):
     return convert
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _log_level(value: str) -> str:
     if value not in LOG_LEVELS:
         raise ValueError(value)
     return value
 
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 _log_level.__name__ = "log level (" + ", ".join(LOG_LEVELS) + ")"
 
 
