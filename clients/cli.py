@@ -71,18 +71,64 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(config, args.model, log_level=args.log_level)
 
 
-def _env(field: str, kind):
-    value = os.environ.get("INFOMAMBA_" + field.upper())
+class _EnvValue(str):
+    """A flag's default read from the environment. argparse converts a string default with the flag's type only
+    when the flag is missing from the command line of the subcommand being run, so a bad value is reported by
+    that subcommand alone (never by --help or another subcommand), and the message names the variable."""
+
+    env: str
+
+
+def _env(field: str) -> _EnvValue | None:
+    name = "INFOMAMBA_" + field.upper()
+    value = os.environ.get(name)
     if value is None or value == "":
         return None
+    default = _EnvValue(value)
+    default.env = name
+    return default
+
+
+def _typed(kind):
+    """`kind`, with a message naming the environment variable when the value came from one."""
+
+    def convert(value: str):
+        try:
+            return kind(value)
+        except ValueError:
+            if isinstance(value, _EnvValue):
+                raise argparse.ArgumentTypeError(
+                    f"{value.env}={str(value)!r} is not a valid {kind.__name__}") from None
+            raise
+
+    convert.__name__ = kind.__name__  # argparse's own message for a bad command-line value
+    return convert
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(value: str) -> str:
+    if value not in LOG_LEVELS:
+        raise ValueError(value)
+    return value
+
+
+_log_level.__name__ = "log level (" + ", ".join(LOG_LEVELS) + ")"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return kind(value)
-    except ValueError:
-        raise SystemExit(f"infomamba serve: INFOMAMBA_{field.upper()}={value!r} is not a valid {kind.__name__}")
+        return version("infomamba-serve")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infomamba", description="InfoMamba Serve: a recurrent-state model server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="convert a Hugging Face MambaForCausalLM directory to InfoMamba (k = 0)")
     convert.add_argument("src", help="directory with config.json and model.safetensors")
@@ -94,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=os.environ.get("INFOMAMBA_MODEL") or None,
                        help="model directory (default: the bundled model, else a random tiny one)")
     for flag, field, kind, help_text in SERVE_FLAGS:
-        serve.add_argument(flag, dest=field, type=kind, default=_env(field, kind),
+        serve.add_argument(flag, dest=field, type=_typed(kind), default=_env(field),
                            help=f"{help_text} [env INFOMAMBA_{field.upper()}]")
-    serve.add_argument("--log-level", default=os.environ.get("INFOMAMBA_LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", type=_typed(_log_level), default=_env("log_level") or "info",
+                       help=f"one of {', '.join(LOG_LEVELS)} [env INFOMAMBA_LOG_LEVEL]")
     serve.set_defaults(func=_serve)
     from clients.commands import add_client_commands
 

@@ -243,6 +243,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0, greedy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _connection_args(p)
     p.set_defaults(func=_bench)
 
@@ -287,13 +288,21 @@ async def _bench_one(client: AsyncInfoMambaClient, mode: str, prompt, args, reco
         record["errors"][exc.code] = record["errors"].get(exc.code, 0) + 1
 
 
-async def _bench_run(args: argparse.Namespace) -> dict:
+def _new_record() -> dict:
+    return {"mode": None, "start": None, "ok": 0, "errors": {}, "ttft": [], "tpot": [], "e2e": [], "generated": 0,
+            "input_steps": 0}
+
+
+async def _bench_run(args: argparse.Namespace, record: dict) -> None:
+    """Fill `record` as requests finish, so an interrupted run still has what completed."""
     import numpy as np
+    from tqdm import tqdm
 
     rng = np.random.default_rng(args.seed)
     async with AsyncInfoMambaClient(args.url, args.api_key, timeout=args.timeout,
                                     max_connections=args.concurrency) as client:
-        config = (await client.models())[0].get("config", {})
+        model = (await client.models())[0]
+        config = model.get("config", {})
         is_lm = config.get("head", "lm") == "lm" and config.get("vocab_size")
         mode = args.mode if args.mode != "auto" else ("completions" if is_lm else "forward")
         if mode == "completions" and not is_lm:
@@ -309,24 +318,47 @@ async def _bench_run(args: argparse.Namespace) -> dict:
 
         if args.prompt is not None and mode == "forward":
             raise InfoMambaError(0, "bad_mode", "--prompt works with completions only")
-        record = {"ok": 0, "errors": {}, "ttft": [], "tpot": [], "e2e": [], "generated": 0, "input_steps": 0}
+        if not args.quiet:
+            size = "text prompt" if args.prompt is not None else f"{args.prompt_len} input steps"
+            size += f", {args.max_tokens} tokens each" if mode == "completions" else ""
+            print(f"bench: {args.requests} {mode} requests ({size}) at concurrency {args.concurrency} "
+                  f"against {model.get('id', '?')} at {args.url}", file=sys.stderr, flush=True)
+        record["mode"] = mode
         gate = asyncio.Semaphore(args.concurrency)
+        # the bar's postfix carries the running numbers, so a long run shows its results as it goes
+        bar = tqdm(total=args.requests, unit="req", desc="bench", disable=args.quiet, file=sys.stderr)
 
         async def one(prompt):
             async with gate:
                 await _bench_one(client, mode, prompt, args, record)
+            elapsed = time.perf_counter() - record["start"]
+            live = {"ok": record["ok"], "failed": sum(record["errors"].values())}
+            if mode == "completions":
+                live["tok/s"] = f"{record['generated'] / elapsed:.1f}"
+            else:
+                live["steps/s"] = f"{record['input_steps'] / elapsed:.1f}"
+            if record["e2e"]:
+                live["p50 e2e"] = f"{percentiles(record['e2e'], (50,))['p50'] * 1000:.0f}ms"
+            bar.set_postfix(live, refresh=False)
+            bar.update(1)
 
         prompts = [make_prompt() for _ in range(args.requests)]
-        start = time.perf_counter()
-        await asyncio.gather(*(one(p) for p in prompts))
-        wall = time.perf_counter() - start
+        record["start"] = time.perf_counter()
+        try:
+            await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            bar.close()
+
+
+def _summary(args: argparse.Namespace, record: dict, interrupted: bool = False) -> dict:
+    wall = time.perf_counter() - record["start"]
     return {
-        "mode": mode, "requests": args.requests, "concurrency": args.concurrency, "ok": record["ok"],
+        "mode": record["mode"], "requests": args.requests, "concurrency": args.concurrency, "ok": record["ok"],
         "failed": sum(record["errors"].values()), "errors": record["errors"], "wall_s": wall,
         "requests_per_s": record["ok"] / wall, "input_steps_per_s": record["input_steps"] / wall,
         "generated_tokens_per_s": record["generated"] / wall,
         "ttft_s": percentiles(record["ttft"]), "tpot_s": percentiles(record["tpot"]),
-        "e2e_s": percentiles(record["e2e"]),
+        "e2e_s": percentiles(record["e2e"]), "interrupted": interrupted,
     }
 
 
@@ -336,7 +368,8 @@ def _format_bench(r: dict) -> str:
 
     lines = [
         f"mode {r['mode']}: {r['ok']}/{r['requests']} ok, {r['failed']} failed"
-        + (f" {r['errors']}" if r["errors"] else "") + f", concurrency {r['concurrency']}, {r['wall_s']:.2f} s",
+        + (f" {r['errors']}" if r["errors"] else "") + f", concurrency {r['concurrency']}, {r['wall_s']:.2f} s"
+        + (" (interrupted: partial results)" if r["interrupted"] else ""),
         f"throughput       {r['requests_per_s']:.2f} req/s   {r['input_steps_per_s']:.1f} input steps/s   "
         f"{r['generated_tokens_per_s']:.1f} generated tokens/s",
     ]
@@ -350,9 +383,18 @@ def _format_bench(r: dict) -> str:
 def _bench(args: argparse.Namespace) -> int:
     if args.requests < 1 or args.concurrency < 1 or args.prompt_len < 1 or args.max_tokens < 1:
         return _fail("bench", ValueError("--requests, --concurrency, --prompt-len and --max-tokens must be >= 1"))
+    record = _new_record()
+    interrupted = False
     try:
-        result = asyncio.run(_bench_run(args))
+        asyncio.run(_bench_run(args, record))
     except InfoMambaError as exc:
         return _fail("bench", exc)
-    print(json.dumps(result, indent=2) if args.json else _format_bench(result))
+    except KeyboardInterrupt:
+        if record["start"] is None:
+            return 130
+        interrupted = True  # Ctrl-C: report what finished so far
+    result = _summary(args, record, interrupted)
+    print(json.dumps(result, indent=2) if args.json else _format_bench(result), flush=True)
+    if interrupted:
+        return 130
     return 0 if result["ok"] else 1

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from model.config import InfoMambaConfig
 from model.infomamba import InfoMamba
-from model.weights import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, WeightsError, check_tensors, read_json,
-                           read_safetensors, save_model)
+from model.weights import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, WeightsError, check_tensors, make_readable,
+                           read_json, read_safetensors, save_model)
 
 # Hugging Face name pattern -> ours.
 NAME_MAP = (
@@ -26,9 +26,18 @@ NAME_MAP = (
 )
 
 
+ACCEPTS = ("a Hugging Face MambaForCausalLM directory: config.json (model_type \"mamba\", hidden_size, "
+           "num_hidden_layers, vocab_size) and model.safetensors")
+REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size")
+
+
 def config_from_hf(hf: dict, name: str) -> InfoMambaConfig:
     if hf.get("model_type") not in (None, "mamba"):
-        raise WeightsError(f"{CONFIG_FILE}: model_type {hf.get('model_type')!r} is not a Mamba-1 checkpoint")
+        raise WeightsError(f"{CONFIG_FILE}: model_type {hf.get('model_type')!r} is not a Mamba-1 checkpoint; "
+                           f"expected {ACCEPTS}")
+    missing = [key for key in REQUIRED_KEYS if key not in hf]
+    if missing:
+        raise WeightsError(f"{CONFIG_FILE}: no {', '.join(missing)}; expected {ACCEPTS}")
     d_model = hf["hidden_size"]
     expand = hf.get("expand", 2)
     if hf.get("intermediate_size", expand * d_model) != expand * d_model:
@@ -54,9 +63,19 @@ def rename(hf_name: str) -> str | None:
 
 def convert_mamba(src: str | Path, dst: str | Path, name: str | None = None, progress: bool = True) -> Path:
     src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise WeightsError(f"{src}: not a directory; expected {ACCEPTS}")
     if not (src / CONFIG_FILE).is_file():
-        raise WeightsError(f"{src}: no {CONFIG_FILE}; expected a Hugging Face MambaForCausalLM directory")
-    config = config_from_hf(read_json(src / CONFIG_FILE), name or src.name)
+        raise WeightsError(f"{src}: no {CONFIG_FILE}; expected {ACCEPTS}")
+    hf = read_json(src / CONFIG_FILE)
+    if not isinstance(hf, dict):
+        raise WeightsError(f"{src / CONFIG_FILE}: not a JSON object; expected {ACCEPTS}")
+    config = config_from_hf(hf, name or src.name)
+    if not (src / WEIGHTS_FILE).is_file():
+        found = sorted(p.name for p in src.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
+                       or p.name.endswith(".index.json"))
+        raise WeightsError(f"{src}: no {WEIGHTS_FILE} (found: {', '.join(found) or 'no weight files'}); only a "
+                           f"single-file safetensors checkpoint is read (pickled .bin/.pt files never are)")
     hf_tensors = read_safetensors(src / WEIGHTS_FILE)
     if config.tie_embeddings:
         hf_tensors.pop("lm_head.weight", None)  # some exports write the tied head out as well
@@ -74,4 +93,5 @@ def convert_mamba(src: str | Path, dst: str | Path, name: str | None = None, pro
     save_model(model, dst, metadata={"converted_from": "MambaForCausalLM"})
     if (src / TOKENIZER_FILE).is_file():
         shutil.copyfile(src / TOKENIZER_FILE, dst / TOKENIZER_FILE)
+        make_readable(dst / TOKENIZER_FILE)
     return dst

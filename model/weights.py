@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,12 +21,21 @@ class WeightsError(ValueError):
     """A model directory that can't be loaded; the message names the file or tensor at fault."""
 
 
+def make_readable(path: Path) -> None:
+    """A model is read by whoever serves it (a container's uid 1000, another user), whatever the umask it was
+    written under: files 0644, directories 0755."""
+    os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
 def save_model(model: InfoMamba, directory: str | Path, metadata: dict[str, str] | None = None) -> Path:
     directory = Path(directory)
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / CONFIG_FILE)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", **(metadata or {})})
+    for path in (*created, directory / CONFIG_FILE, directory / WEIGHTS_FILE):
+        make_readable(path)
     return directory
 
 

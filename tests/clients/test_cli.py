@@ -24,6 +24,61 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+# --- the command itself ------------------------------------------------------------------------------------------
+
+def test_version(capsys):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        expected = version("infomamba-serve")
+    except PackageNotFoundError:
+        expected = "unknown (not installed)"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"infomamba {expected}\n"
+
+
+def test_a_bad_env_var_is_reported_only_by_the_subcommand_that_reads_it(monkeypatch, capsys):
+    monkeypatch.setenv("INFOMAMBA_PORT", "eighty")
+    monkeypatch.setenv("INFOMAMBA_CUDA_GRAPHS", "maybe")
+    monkeypatch.setenv("INFOMAMBA_LOG_LEVEL", "loud")
+    for argv in (["--help"], ["serve", "--help"], ["bench", "--help"], ["convert", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0, argv
+    capsys.readouterr()
+    assert build_parser().parse_args(["bench", "--requests", "3"]).requests == 3
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve"])  # fails while parsing: no server starts
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "infomamba serve: error:" in err and "INFOMAMBA_PORT='eighty'" in err
+    # a flag on the command line wins over its variable, which is then never parsed
+    args = build_parser().parse_args(["serve", "--port", "9000", "--cuda-graphs", "off", "--log-level", "debug"])
+    assert (args.port, args.cuda_graphs, args.log_level) == (9000, False, "debug")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--port", "9000", "--log-level", "debug"])
+    assert "INFOMAMBA_CUDA_GRAPHS='maybe' is not a valid boolean" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--port", "9000", "--cuda-graphs", "on"])
+    assert "INFOMAMBA_LOG_LEVEL='loud'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--port", "x"])
+    assert "argument --port: invalid int value: 'x'" in capsys.readouterr().err
+
+
+def test_valid_env_vars_are_typed_like_their_flags(monkeypatch):
+    monkeypatch.setenv("INFOMAMBA_PORT", "8123")
+    monkeypatch.setenv("INFOMAMBA_SESSION_TTL", "2.5")
+    monkeypatch.setenv("INFOMAMBA_CUDA_GRAPHS", "false")
+    monkeypatch.setenv("INFOMAMBA_LOG_LEVEL", "warning")
+    args = build_parser().parse_args(["serve"])
+    assert type(args.port) is int and args.port == 8123
+    assert type(args.session_ttl) is float and args.session_ttl == 2.5
+    assert args.cuda_graphs is False and args.log_level == "warning"
+    monkeypatch.delenv("INFOMAMBA_LOG_LEVEL")
+    assert build_parser().parse_args(["serve"]).log_level == "info"
+
+
 # --- generate ---------------------------------------------------------------------------------------------------
 
 def test_generate_streams_the_completion(lm_server, capsys):
@@ -72,6 +127,7 @@ def test_stream_a_text_file_matches_one_forward_pass(lm_server, capsys, tmp_path
                      "--url", lm_server.url)
     assert rc == 0, err
     assert f"{len(text)} chars fed" in err
+    assert "book.txt: 100%" in err and f"{len(text)}/{len(text)}" in err  # the progress bar
     with InfoMambaClient(lm_server.url) as c:
         whole = np.asarray(c.forward(text=text, outputs=["logits"])["results"][0]["logits"])
     got = np.load(out)
@@ -87,6 +143,7 @@ def test_stream_snapshot_and_resume_carry_on_where_it_stopped(lm_server, capsys,
     rc, _, err = run(capsys, "stream", str(tmp_path / "head.npy"), "--chunk-size", "64", "--snapshot", str(snap),
                      "--snapshot-every", "1", "--quiet", "--url", lm_server.url)
     assert rc == 0, err
+    assert "%" not in err  # --quiet: no progress bar
     meta = json.loads(Path(str(snap) + ".json").read_text())
     assert meta["offset"] == 200 and meta["steps"] == 200 and snap.stat().st_size > 0
     # the file grew: resume from the snapshot and feed only the new 100 steps
@@ -137,7 +194,10 @@ def test_bench_completions(lm_server, capsys):
     rc, out, err = run(capsys, "bench", "--requests", "6", "--concurrency", "3", "--prompt-len", "8",
                        "--max-tokens", "4", "--json", "--url", lm_server.url)
     assert rc == 0, err
+    assert err.startswith("bench: 6 completions requests (8 input steps, 4 tokens each) at concurrency 3")
+    assert "6/6" in err and "ok=6" in err  # the progress bar and its running results, on stderr
     result = json.loads(out)
+    assert result["interrupted"] is False
     assert result["mode"] == "completions" and result["ok"] == 6 and result["failed"] == 0
     assert result["generated_tokens_per_s"] > 0 and result["input_steps_per_s"] > 0
     for key in ("ttft_s", "tpot_s", "e2e_s"):
@@ -161,6 +221,29 @@ def test_bench_counts_failures(auth_server, capsys):
     rc, out, _ = run(capsys, "bench", "--requests", "2", "--concurrency", "2", "--prompt-len", "4",
                      "--max-tokens", "2", "--api-key", auth_server.config.api_key, "--url", auth_server.url)
     assert rc == 0 and "2/2 ok" in out
+
+
+def test_bench_interrupted_prints_what_finished(lm_server, capsys, monkeypatch):
+    import asyncio
+    import signal
+
+    import clients.commands as commands
+
+    real, calls = commands._bench_one, []
+
+    async def stop_at_the_fourth(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C: asyncio.run cancels the run, then raises KeyboardInterrupt
+            await asyncio.sleep(30)
+        await real(*args)
+
+    monkeypatch.setattr(commands, "_bench_one", stop_at_the_fourth)
+    rc, out, err = run(capsys, "bench", "--requests", "10", "--concurrency", "1", "--prompt-len", "4",
+                       "--max-tokens", "2", "--quiet", "--url", lm_server.url)
+    assert rc == 130, err
+    assert out.startswith("mode completions: 3/10 ok, 0 failed") and "interrupted: partial results" in out
+    assert "time to first" in out and err == ""
 
 
 @pytest.mark.parametrize("argv", [["bench", "--requests", "0"], ["bench", "--concurrency", "0"]])
