@@ -190,7 +190,7 @@ def test_the_model_and_server_run_without_triton():
         "        return PathFinder.find_spec(name, path, target)\n"
         "sys.meta_path[:] = [NoTriton if f is PathFinder else f for f in sys.meta_path]\n"
         "import torch\n"
-        "import server.app, server.runner\n"
+        "import server.api.app, server.engine.core, server.engine.runner\n"
         "from kernels.dispatch import triton_available, use_triton\n"
         "from model.weights import load_model\n"
         "assert not triton_available() and not use_triton(torch.zeros(1))\n"
