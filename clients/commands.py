@@ -165,7 +165,6 @@ def _stream(args: argparse.Namespace) -> int:
             return _fail("stream", ValueError(f"--resume: the snapshot saw {offset} {unit}s, {source} has {total}"))
 
     collected: dict[str, list] = {k: [] for k in kinds}
-    chunks_done = 0
     # a session this run created is deleted when it ends (even on an error) unless --keep; an attached one stays
     delete = args.session is None and not args.keep
     try:
@@ -174,19 +173,18 @@ def _stream(args: argparse.Namespace) -> int:
         try:
             with tqdm(total=total, initial=offset, unit=unit, unit_scale=True, disable=args.quiet,
                       desc=source.name, file=sys.stderr) as bar:
+                every = args.snapshot_every if args.snapshot else 0
                 while offset < total:
-                    piece = units[offset:offset + chunk_size]
-                    if is_array:
-                        reply = ws.append_array(piece, outputs=kinds)
-                    else:
-                        reply = ws.append(text=piece, outputs=kinds)
-                    for kind in kinds:
-                        collected[kind].append(reply["results"].get(kind, []))
-                    offset += len(piece)
-                    chunks_done += 1
-                    bar.update(len(piece))
-                    bar.set_postfix(steps=ws.steps)
-                    if args.snapshot and args.snapshot_every and chunks_done % args.snapshot_every == 0:
+                    # chunks go pipelined (a window in flight, answers in order) up to the next snapshot point
+                    end = min(total, offset + every * chunk_size) if every else total
+                    pieces = [units[i:i + chunk_size] for i in range(offset, end, chunk_size)]
+                    for piece, reply in zip(pieces, ws.append_many(pieces, outputs=kinds)):
+                        for kind in kinds:
+                            collected[kind].append(reply["results"].get(kind, []))
+                        offset += len(piece)
+                        bar.update(len(piece))
+                        bar.set_postfix(steps=ws.steps)
+                    if every and offset < total:
                         _save_snapshot(ws, args.snapshot, source, offset)
             if args.snapshot:
                 _save_snapshot(ws, args.snapshot, source, offset)
