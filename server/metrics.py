@@ -20,7 +20,7 @@ class Metrics:
                                               "Time from arrival to the first output (token or per-step output)",
                                               buckets=LATENCY_BUCKETS, registry=r)
         self.time_per_output_step = Histogram(p + "time_per_output_token_seconds",
-                                              "Time between consecutive outputs of a request, per step",
+                                              "Mean time per output step after the first, one observation per request",
                                               buckets=LATENCY_BUCKETS, registry=r)
         self.e2e_latency = Histogram(p + "e2e_request_latency_seconds", "Time from arrival to finish",
                                      buckets=LATENCY_BUCKETS, registry=r)

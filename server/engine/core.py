@@ -289,12 +289,13 @@ class EngineCore:
     def postprocess(self, batch: ScheduledBatch, result: StepResult) -> None:
         now = time.monotonic()
         self.scheduler.update_from_output(batch)
+        # counters once per step, not once per token: they cost microseconds each, times hundreds of streams
+        self.metrics.prompt_steps.inc(sum(c.num_tokens for c in batch.chunks if not c.is_decode))
+        self.metrics.generation_steps.inc(len(result.sampled))
         for chunk in batch.chunks:
             seq = chunk.seq
             if seq.status is SeqStatus.FINISHED:
                 continue
-            if not chunk.is_decode:
-                self.metrics.prompt_steps.inc(chunk.num_tokens)
             if seq.id in result.last_logits:
                 seq.initial_logits = result.last_logits[seq.id]
             if seq.id in result.outputs:
@@ -316,7 +317,6 @@ class EngineCore:
         self._mark_output(seq, now, 1)
         seq.output_ids.append(token)
         self._output(seq.client, seq.rid).token_ids.append(token)
-        self.metrics.generation_steps.inc()
         params = seq.sampling
         reason = None
         if seq.detok is not None and seq.detok.add(token):
@@ -345,8 +345,8 @@ class EngineCore:
         if seq.first_output_time is None:
             self.metrics.time_to_first_output.observe(now - seq.arrival_time)
             seq.first_output_time = now
-        elif seq.last_output_time is not None:
-            self.metrics.time_per_output_step.observe((now - seq.last_output_time) / max(n, 1))
+        else:
+            seq.num_outputs_after_first += n
         seq.last_output_time = now
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -364,6 +364,9 @@ class EngineCore:
         self.requests.pop((seq.client, seq.rid), None)
         if reason != "cancelled":
             self.metrics.e2e_latency.observe(time.monotonic() - seq.arrival_time)
+            if seq.num_outputs_after_first:  # one observation per request: its mean time per output step
+                self.metrics.time_per_output_step.observe((seq.last_output_time - seq.first_output_time)
+                                                          / seq.num_outputs_after_first)
         if seq.session is not None:
             self._session_request_done(seq, out, was_running)
 

@@ -88,6 +88,7 @@ class Sequence:
         self.scheduled_time: float | None = None
         self.first_output_time: float | None = None
         self.last_output_time: float | None = None
+        self.num_outputs_after_first = 0  # output steps after the first (for the mean time per output step)
 
     @property
     def num_pending(self) -> int:
