@@ -186,8 +186,11 @@ class Clients:
 
     def close(self) -> None:
         for conn, proc in zip(self.conns, self.procs):
-            conn.send(None)
-            proc.join(5)
+            try:
+                conn.send(None)
+                proc.join(5)
+            except OSError:  # it is gone already (a timeout signals the whole process group)
+                pass
             if proc.is_alive():
                 proc.terminate()
 
@@ -361,7 +364,7 @@ def parse_args():
     p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
-    p.add_argument("--requests", type=int, default=0, help="completions per level (default: max(128, 8c))")
+    p.add_argument("--requests", type=int, default=0, help="completions per level (default: max(64, 8c))")
     p.add_argument("--prompt-len", type=int, default=48, help="prompt length, +-8")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--ws-sessions", type=int, default=64)
@@ -379,7 +382,7 @@ def parse_args():
 class Workload:
     def __init__(self, args, vocab: int):
         rng = np.random.default_rng(0)
-        self.levels = {c: max(args.requests, c) if args.requests else max(128, 8 * c) for c in args.concurrency}
+        self.levels = {c: max(args.requests, c) if args.requests else max(64, 8 * c) for c in args.concurrency}
         self.prompts = [rng.integers(0, vocab, rng.integers(args.prompt_len - 8, args.prompt_len + 9)).tolist()
                         for _ in range(max(self.levels.values()))]
         self.chunks = [[rng.integers(0, vocab, args.chunk_steps) for _ in range(args.chunks)]
@@ -503,10 +506,10 @@ def main() -> int:
             finally:
                 server.stop()
     finally:
-        if clients is not None:
-            clients.close()
         if "ws_engine" in r:
             print(summary(args, r, config, title), flush=True)
+        if clients is not None:
+            clients.close()
     return 0
 
 

@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 INFOMAMBA_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/server 2>&1 | tail -15 | tee "$OUT/gpu_server_tests.log"
-timeout 330 python3 bench/bench_server.py 2>&1 | tee "$OUT/bench_server.log"
+timeout 360 python3 bench/bench_server.py 2>&1 | tee "$OUT/bench_server.log"
 if [ "${1:-}" = all ]; then
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/model/test_model_kernels.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -8 | tee "$OUT/gpu_kernel_tests.log"
