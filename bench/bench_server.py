@@ -1,181 +1,515 @@
-"""Load generator: completions over HTTP and appends over websockets at several concurrencies, beside the same
-work driven through the engine directly (no HTTP), printing throughput, latency p50/p90/p99 and the ratio.
+"""The server against the engine it wraps, in one run: what `infomamba serve` delivers to outside clients over
+HTTP and websockets beside the same work driven through an EngineCore in this process (same config, no HTTP),
+and a long append beside the model alone. Prints progress, one line per measurement, and a markdown summary.
 
-    .venv/bin/python bench/bench_server.py                      # the bundled default model
-    .venv/bin/python bench/bench_server.py --model DIR --concurrency 1 8 32 --requests 64
+    python bench/bench_server.py                                # bundled model, full sizes (GPU, ~5 min)
+    OMP_NUM_THREADS=1 python bench/bench_server.py --concurrency 1 4 --requests 8 --ws-sessions 8 --chunks 4 \
+        --long-ids 4096 --frame 1024 --api-server-counts 1 2    # a quick CPU run (~3 min)
+
+Phases: (1) completions, greedy, ignore_eos, at each concurrency: engine direct, HTTP and HTTP streaming (SSE)
+through the server; steps/s counts prompt + generated steps; (2) websocket appends of --chunk-steps chunks on
+--ws-sessions sessions: engine direct (one outstanding per session), websocket one at a time, websocket with
+--window frames in flight; (3) one session fed --long-ids ids in binary int32 frames of --frame ids, no outputs:
+websocket, engine direct and the model alone (model(chunk, state) with the state carried). (1) and (2) run
+against a server per --api-server-counts value, (3) against the first. Clients are closed loops spread over
+min(--client-procs, c) processes, each running asyncio; they start together after their setup.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import random
+import multiprocessing
+import os
+import shlex
+import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import time
+from collections import deque
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-import torch  # noqa: E402
-from websockets.asyncio.client import connect  # noqa: E402
-
-from server.config import ServerConfig  # noqa: E402
-from server.engine import Engine  # noqa: E402
-from server.sequence import SamplingParams, Sequence  # noqa: E402
+T_START = time.perf_counter()
 
 
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+def progress(message: str) -> None:
+    print(f"[{time.perf_counter() - T_START:7.1f}s] {message}", flush=True)
 
 
-def report(name, conc, n_steps, seconds, latencies):
-    print(f"{name:<22} c={conc:<4} {n_steps / seconds:10.1f} steps/s   p50 {pct(latencies, .5) * 1e3:8.1f} ms   "
-          f"p90 {pct(latencies, .9) * 1e3:8.1f} ms   p99 {pct(latencies, .99) * 1e3:8.1f} ms")
-    return n_steps / seconds
+class Run:
+    """One measurement: steps moved, wall seconds, per-request latencies and times to first token (seconds)."""
+
+    def __init__(self, steps, seconds, latencies, ttfts=(), procs=1):
+        self.steps, self.seconds, self.latencies, self.ttfts, self.procs = steps, seconds, latencies, list(ttfts), procs
+        self.rate = steps / seconds
+
+    def line(self, name: str, base: "Run | None" = None, of: str = "engine") -> str:
+        text = f"  {name:<26} {self.rate:12,.0f} steps/s   latency p50/p99 {pp(self.latencies)} ms"
+        text += f"   ttft p50/p99 {pp(self.ttfts)} ms" if self.ttfts else ""
+        return text + (f"   x{self.rate / base.rate:.2f} of {of}" if base else "")
 
 
-async def http_completions(url, prompts, max_tokens, conc):
-    sem = asyncio.Semaphore(conc)
-    latencies = []
+def pp(values) -> str:
+    """p50 / p99 in ms."""
+    return "%.1f / %.1f" % tuple(np.percentile(values, [50, 99]) * 1e3) if len(values) else "-"
 
-    async def one(client, prompt):
-        async with sem:
-            t0 = time.perf_counter()
-            r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens,
-                                                           "temperature": 0, "ignore_eos": True})
-            r.raise_for_status()
-            latencies.append(time.perf_counter() - t0)
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=conc + 4)) as c:
+# -- load-generating client processes (import no torch: they only speak HTTP and websockets) -------------------
+
+async def http_client(client, prompts, max_tokens, stream, lat, ttft):
+    for ids in prompts:
+        body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(c, p) for p in prompts))
-        return time.perf_counter() - t0, latencies
+        if not stream:
+            r = await client.post("/v1/completions", json=body)
+            if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != max_tokens:
+                raise RuntimeError(f"completion failed: {r.status_code} {r.text[:300]}")
+        else:
+            tokens, first = 0, None
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"stream failed: {r.status_code} {(await r.aread())[:300]!r}")
+                async for line in r.aiter_lines():
+                    if '"finish_reason":null' in line:
+                        tokens += 1
+                        first = first or time.perf_counter()
+                    elif line.startswith('data: {"error'):
+                        raise RuntimeError(line)
+            if tokens != max_tokens:
+                raise RuntimeError(f"streamed {tokens} tokens, expected {max_tokens}")
+            ttft.append(first - t0)
+        lat.append(time.perf_counter() - t0)
 
 
-async def ws_appends(ws_url, prompts, conc, chunk):
-    """conc websocket sessions, each appending its share of the prompts chunk by chunk."""
-    latencies = []
+async def ws_client(url, frames, window, lat, opened, go):
+    """Open a session, wait for the go, send the frames with up to `window` unanswered, close it."""
+    from websockets.asyncio.client import connect
 
-    async def client(share):
-        async with connect(ws_url, max_size=None) as ws:
-            await ws.send(json.dumps({"type": "open"}))
-            sid = json.loads(await ws.recv())["session"]
-            for prompt in share:
-                for lo in range(0, len(prompt), chunk):
-                    t0 = time.perf_counter()
-                    await ws.send(json.dumps({"type": "append", "input_ids": prompt[lo:lo + chunk],
-                                              "outputs": ["logprobs"]}))
-                    frame = json.loads(await ws.recv())
-                    assert frame["type"] == "outputs", frame
-                    latencies.append(time.perf_counter() - t0)
-            await ws.send(json.dumps({"type": "close", "delete": True}))
-            return sid
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(prompts[i::conc]) for i in range(conc)))
-    return time.perf_counter() - t0, latencies
+    async with connect(url, max_size=None, ping_interval=None) as ws:
+        await ws.send(json.dumps({"type": "open"}))
+        answer = json.loads(await ws.recv())
+        if answer.get("type") != "opened":
+            raise RuntimeError(f"open failed: {answer}")
+        opened.set_result(None)
+        await go
+        sent_at: deque = deque()
+        for frame in frames:
+            if len(sent_at) >= window:
+                await ws_answer(ws, sent_at, lat)
+            await ws.send(frame)
+            sent_at.append(time.perf_counter())
+        while sent_at:
+            await ws_answer(ws, sent_at, lat)
+        await ws.send(json.dumps({"type": "close", "delete": True}))
 
 
-def engine_direct(model, config, prompts, max_tokens, conc):
-    """The same completions through a fresh Engine's own loop, conc in flight at a time."""
-    engine = Engine(model, config.max_num_streams, config.max_num_batched_tokens, max_queue=10 ** 6)
-    pending = list(prompts)
-    live, latencies = {}, []
-    t0 = time.perf_counter()
-
-    def submit():
-        prompt = pending.pop()
-        seq = Sequence(torch.tensor(prompt), sampling=SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                                     ignore_eos=True))
-        started = time.perf_counter()
-        seq.emit = lambda event, s=seq, t=started: (event[0] == "done" and (latencies.append(time.perf_counter() - t),
-                                                                           live.pop(s.id)))
-        live[seq.id] = seq
-        engine.add(seq)
-
-    while pending or live:
-        while pending and len(live) < conc:
-            submit()
-        engine.step()
-    return time.perf_counter() - t0, latencies
+async def ws_answer(ws, sent_at, lat):
+    answer = await ws.recv()
+    if not (isinstance(answer, str) and answer.startswith('{"type":"outputs"')):
+        raise RuntimeError(f"append failed: {answer[:300]!r}")
+    lat.append(time.perf_counter() - sent_at.popleft())
 
 
-def start_server(args, config) -> tuple[subprocess.Popen, str]:
-    """`infomamba serve` in its own process, so the load generator doesn't share its interpreter."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "clients.cli", "serve", "--port", str(port), "--device", config.device,
-           "--max-num-streams", str(config.max_num_streams),
-           "--max-num-batched-tokens", str(config.max_num_batched_tokens), "--log-level", "warning"]
-    if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
+async def run_job(conn, job: dict):
+    """Set up (connections, sessions), say ready, wait for the go, run every client of this process."""
+    import httpx
+
+    lat, ttft, loop = [], [], asyncio.get_running_loop()
+    go = loop.create_future()
+    if job["kind"] == "http":
+        limits = httpx.Limits(max_connections=len(job["shares"]) + 4)
+        async with httpx.AsyncClient(base_url=job["url"], timeout=600, limits=limits) as client:
+            conn.send("ready")
+            await loop.run_in_executor(None, conn.recv)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(http_client(client, share, job["max_tokens"], job["stream"], lat, ttft)
+                                   for share in job["shares"]))
+    else:
+        opened = [loop.create_future() for _ in job["shares"]]
+        waiting = asyncio.gather(*(ws_client(job["url"], share, job["window"], lat, o, go)
+                                   for share, o in zip(job["shares"], opened)))
+        await asyncio.wait([asyncio.gather(*opened), waiting], return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            waiting.result()  # a client failed before the go
+        conn.send("ready")  # every session is open (not timed)
+        await loop.run_in_executor(None, conn.recv)
+        t0 = time.perf_counter()
+        go.set_result(None)
+        await waiting
+    return {"t0": t0, "t1": time.perf_counter(), "lat": lat, "ttft": ttft}
+
+
+def client_process(conn) -> None:
+    while (job := conn.recv()) is not None:
         try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+            conn.send(asyncio.run(run_job(conn, job)))
+        except Exception as exc:  # noqa: BLE001 - reported by the parent
+            conn.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Clients:
+    """Long-lived client processes; run() spreads clients over them and times them from a common start."""
+
+    def __init__(self, count: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs = [], []
+        for _ in range(count):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=client_process, args=(child,), daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def run(self, job: dict, shares: list, steps: int) -> Run:
+        n = min(len(self.conns), len(shares))
+        conns = self.conns[:n]
+        for i, conn in enumerate(conns):
+            conn.send({**job, "shares": shares[i::n]})
+        for conn in conns:
+            if (msg := conn.recv()) != "ready":
+                raise RuntimeError(msg)
+        for conn in conns:
+            conn.send("go")
+        results = [conn.recv() for conn in conns]
+        if errors := [r["error"] for r in results if "error" in r]:
+            raise RuntimeError(errors[0])
+        seconds = max(r["t1"] for r in results) - min(r["t0"] for r in results)
+        return Run(steps, seconds, sum((r["lat"] for r in results), []), sum((r["ttft"] for r in results), []), n)
+
+    def close(self) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            try:
+                conn.send(None)
+                proc.join(5)
+            except OSError:  # it is gone already (a timeout signals the whole process group)
+                pass
+            if proc.is_alive():
+                proc.terminate()
+
+
+# -- the engine core in this process ---------------------------------------------------------------------------
+
+def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
+    """Closed loop over the core: client i sends the messages scripts[i] in order, up to `window` unanswered."""
+    nxt, inflight, owner, sent_at, first, lat, ttft = [0] * len(scripts), [0] * len(scripts), {}, {}, set(), [], []
+
+    def submit(i):
+        msg = scripts[i][nxt[i]]
+        nxt[i], inflight[i] = nxt[i] + 1, inflight[i] + 1
+        owner[msg.rid], sent_at[msg.rid] = i, time.perf_counter()
+        core.handle(msg)
+
+    t0 = time.perf_counter()
+    for i, script in enumerate(scripts):
+        while nxt[i] < len(script) and inflight[i] < window:
+            submit(i)
+    while owner:
+        for batch in core.run_once(timeout=0.05).values():
+            for out in batch.outputs:
+                if out.error is not None:
+                    raise RuntimeError(f"engine error on {out.rid}: {out.error}")
+                if out.token_ids and out.rid not in first:
+                    first.add(out.rid)
+                    ttft.append(time.perf_counter() - sent_at[out.rid])
+                if out.finish_reason is not None:
+                    lat.append(time.perf_counter() - sent_at.pop(out.rid))
+                    i = owner.pop(out.rid)
+                    inflight[i] -= 1
+                    if nxt[i] < len(scripts[i]):
+                        submit(i)
+    return Run(steps, time.perf_counter() - t0, lat, ttft)
+
+
+class EngineSide:
+    """An EngineCore in this process with the server's config; its session writes on the store's thread."""
+
+    def __init__(self, model, tokenizer, config):
+        from server.engine.core import EngineCore
+        from server.engine.process import warm_up
+
+        self.state_dir = tempfile.mkdtemp(prefix="bench-sessions-")
+        self.core = EngineCore(model, tokenizer, config, self.state_dir)
+        self.core.store.start()
+        warm_up(self.core)
+        self.count = 0
+
+    def rid(self) -> str:
+        self.count += 1
+        return f"r{self.count}"
+
+    def call(self, op: str, session: str | None = None):
+        """A session operation, waiting for its reply (sent once the state is on disk)."""
+        from server.engine.protocol import SessionOp
+
+        message = SessionOp("bench", self.rid(), op, session)
+        self.core.handle(message)
+        while True:
+            for batch in self.core.run_once(timeout=0.05).values():
+                for reply in batch.replies:
+                    if reply.rid == message.rid:
+                        if not reply.ok:
+                            raise RuntimeError(f"session {op}: {reply.error}")
+                        return reply
+
+    def completions(self, prompts: list[list[int]], conc: int, max_tokens: int) -> Run:
+        from server.engine.protocol import Add, Array, Sampling
+
+        sampling = Sampling(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        scripts = [[Add("bench", self.rid(), Array.of(np.asarray(p, np.int64)), sampling=sampling)
+                    for p in prompts[i::conc]] for i in range(conc)]
+        return drive(self.core, scripts, sum(len(p) for p in prompts) + len(prompts) * max_tokens)
+
+    def appends(self, chunks_per_session: list[list[np.ndarray]], window: int = 1) -> Run:
+        from server.engine.protocol import Add, Array
+
+        sids = [self.call("create").session for _ in chunks_per_session]
+        scripts = [[Add("bench", self.rid(), Array.of(c.astype(np.int64)), session=sid, wait_if_busy=True)
+                    for c in chunks] for sid, chunks in zip(sids, chunks_per_session)]
+        run = drive(self.core, scripts, sum(len(c) for chunks in chunks_per_session for c in chunks), window)
+        for sid in sids:
+            self.call("delete", sid)
+        return run
+
+    def close(self) -> None:
+        self.core.shutdown()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def model_alone(model, ids: np.ndarray, frame: int) -> Run:
+    """The model fed the same chunks from the host with its state carried, as one long append runs."""
+    import torch
+
+    chunks = [torch.from_numpy(ids[i:i + frame].astype(np.int64))[None] for i in range(0, len(ids), frame)]
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        for chunk in {c.shape[1]: c for c in chunks}.values():  # warm up every chunk shape
+            model(chunk.to(model.device))
+        sync()
+        t0, state = time.perf_counter(), model.empty_state(1)
+        for chunk in chunks:
+            _, state = model(chunk.to(model.device), state)
+        sync()
+    return Run(len(ids), time.perf_counter() - t0, [])
+
+
+# -- the server in its own processes ----------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, args, config, api_servers: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "clients.cli", "serve", "--port", str(self.port), "--device", config.device,
+               "--max-num-streams", str(config.max_num_streams), "--max-num-batched-tokens",
+               str(config.max_num_batched_tokens), "--api-server-count", str(api_servers), "--log-level", "warning"]
+        cmd += ["--model", args.model] if args.model else []
+        progress(f"starting infomamba {shlex.join(cmd[3:])}")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit("server not ready in time:\n" + self.tail())
+
+    def tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-3000:]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.unlink(self.log.name)
+
+
+def append_frame(ids: np.ndarray) -> str:
+    return json.dumps({"type": "append", "input_ids": ids.tolist(), "outputs": []})
+
+
+def binary_frame(ids: np.ndarray) -> bytes:
+    header = json.dumps({"type": "append", "dtype": "int32", "outputs": []}).encode()
+    return struct.pack("<I", len(header)) + header + ids.astype("<i4").tobytes()
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--requests", type=int, default=0, help="completions per level (default: max(64, 8c))")
+    p.add_argument("--prompt-len", type=int, default=48, help="prompt length, +-8")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--ws-sessions", type=int, default=64)
+    p.add_argument("--chunk-steps", type=int, default=16, help="steps per websocket append")
+    p.add_argument("--chunks", type=int, default=16, help="appends per websocket session")
+    p.add_argument("--window", type=int, default=8, help="frames in flight per connection when pipelined")
+    p.add_argument("--long-ids", type=int, default=2_000_000)
+    p.add_argument("--frame", type=int, default=65536, help="ids per binary frame in the long append")
+    p.add_argument("--api-server-counts", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--client-procs", type=int, default=8, help="most load-generating processes")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="as in infomamba serve")
+    return p.parse_args()
+
+
+class Workload:
+    def __init__(self, args, vocab: int):
+        rng = np.random.default_rng(0)
+        self.levels = {c: max(args.requests, c) if args.requests else max(64, 8 * c) for c in args.concurrency}
+        self.prompts = [rng.integers(0, vocab, rng.integers(args.prompt_len - 8, args.prompt_len + 9)).tolist()
+                        for _ in range(max(self.levels.values()))]
+        self.chunks = [[rng.integers(0, vocab, args.chunk_steps) for _ in range(args.chunks)]
+                       for _ in range(args.ws_sessions)]
+        self.long_ids = rng.integers(0, vocab, args.long_ids).astype(np.int32)
+        self.long_chunks = [self.long_ids[i:i + args.frame] for i in range(0, args.long_ids, args.frame)]
+
+
+def bench_engine(args, model, tokenizer, config, w: Workload, r: dict) -> None:
+    progress("engine direct: warming up")
+    engine = EngineSide(model, tokenizer, config)
+    top = max(args.concurrency)
+    engine.completions(w.prompts[:top], top, args.max_tokens)
+    engine.appends([c[:1] for c in w.chunks] + [w.long_chunks[:2]])
+    for c, n in w.levels.items():
+        progress(f"engine direct: completions c={c}, {n} requests")
+        r["engine", c] = engine.completions(w.prompts[:n], c, args.max_tokens)
+        print(r["engine", c].line("engine"), flush=True)
+    progress(f"engine direct: {args.ws_sessions} sessions appending {args.chunk_steps}-step chunks, one at a time")
+    r["ws_engine"] = engine.appends(w.chunks)
+    print(r["ws_engine"].line("engine appends"), flush=True)
+    progress(f"engine direct: long append, {args.long_ids:,} ids in chunks of {args.frame}, window {args.window}")
+    r["long_engine"] = engine.appends([w.long_chunks], args.window)
+    print(r["long_engine"].line("engine long append"), flush=True)
+    engine.close()
+    progress("model alone: long append")
+    r["long_model"] = model_alone(model, w.long_ids, args.frame)
+    print(r["long_model"].line("model alone long append"), flush=True)
+
+
+def bench_server(args, server: Server, clients: Clients, count: int, w: Workload, r: dict) -> None:
+    ws = {"kind": "ws", "url": server.url.replace("http", "ws", 1) + "/v1/stream", "window": args.window}
+    http = {"kind": "http", "url": server.url, "max_tokens": args.max_tokens}
+    progress(f"{count} API server(s): warming up")
+    top = max(args.concurrency)
+    for stream in (False, True):
+        clients.run({**http, "stream": stream}, [[p] for p in w.prompts[:top]], 1)
+    clients.run(ws, [[append_frame(c) for c in s[:1]] for s in w.chunks], 1)
+    for c, n in w.levels.items():
+        shares = [w.prompts[:n][i::c] for i in range(c)]
+        steps = sum(len(p) for p in w.prompts[:n]) + n * args.max_tokens
+        for stream in (False, True):
+            progress(f"{count} API server(s): HTTP completions c={c}, {'streaming' if stream else 'not streaming'}")
+            r["http", count, c, stream] = run = clients.run({**http, "stream": stream}, shares, steps)
+            print(run.line(f"HTTP {'SSE' if stream else 'plain'}, {run.procs} client procs", r["engine", c]),
+                  flush=True)
+    frames = [[append_frame(c) for c in s] for s in w.chunks]
+    for window in (1, args.window):
+        progress(f"{count} API server(s): websocket appends, {len(frames)} sessions, window {window}")
+        r["ws", count, window] = run = clients.run({**ws, "window": window}, frames, r["ws_engine"].steps)
+        print(run.line(f"websocket, window {window}", r["ws_engine"]), flush=True)
+    if "long_ws" not in r:
+        progress(f"{count} API server(s): long append over one websocket, binary frames, window {args.window}")
+        binary = [binary_frame(c) for c in w.long_chunks]
+        clients.run(ws, [binary[:2]], 1)
+        r["long_ws"] = run = clients.run(ws, [binary], args.long_ids)
+        print(run.line("websocket long append", r["long_model"], "the model"), flush=True)
+
+
+def summary(args, r: dict, config, title: str) -> str:
+    n, x = "{:,.0f}".format, lambda run, base: f"{run.rate / base.rate:.2f}"
+    out = [f"\n### {title}\n", f"`python bench/bench_server.py {shlex.join(sys.argv[1:])}`: "
+           f"{config.max_num_streams} slots, {config.max_num_batched_tokens} steps per engine step. Completions: "
+           f"greedy, prompts of {args.prompt_len - 8}-{args.prompt_len + 8} ids, {args.max_tokens} tokens; steps/s "
+           "counts prompt + generated steps; latency and time to first token (TTFT): p50 / p99 ms.\n",
+           "| API servers | c | client procs | engine steps/s | HTTP steps/s | HTTP/engine | SSE steps/s | SSE/engine "
+           "| engine latency | HTTP latency | SSE latency | engine TTFT | SSE TTFT |", "|" + " ---: |" * 13]
+    for count in args.api_server_counts:
+        for c in [c for c in args.concurrency if ("http", count, c, True) in r]:
+            e, h, s = r["engine", c], r["http", count, c, False], r["http", count, c, True]
+            out.append(f"| {count} | {c} | {h.procs} | {n(e.rate)} | {n(h.rate)} | {x(h, e)} | {n(s.rate)} | {x(s, e)} "
+                       f"| {pp(e.latencies)} | {pp(h.latencies)} | {pp(s.latencies)} | {pp(e.ttfts)} | {pp(s.ttfts)} |")
+    e, win = r.get("ws_engine"), args.window
+    if e is None:
+        return "\n".join(out)
+    out += [f"\nWebsocket appends: {args.ws_sessions} sessions x {args.chunks} JSON appends of {args.chunk_steps} "
+            f"steps, no outputs. Engine direct (one outstanding per session): {n(e.rate)} steps/s, p50 / p99 "
+            f"{pp(e.latencies)} ms per append.\n",
+            f"| API servers | one at a time steps/s | /engine | window {win} steps/s | /engine | latency (one at a time) "
+            f"| latency (window {win}) |", "|" + " ---: |" * 7]
+    for count in [count for count in args.api_server_counts if ("ws", count, win) in r]:
+        one, many = r["ws", count, 1], r["ws", count, win]
+        out.append(f"| {count} | {n(one.rate)} | {x(one, e)} | {n(many.rate)} | {x(many, e)} | {pp(one.latencies)} "
+                   f"| {pp(many.latencies)} |")
+    m, le, lw = r.get("long_model"), r.get("long_engine"), r.get("long_ws")
+    if lw is None:
+        return "\n".join(out)
+    out += [f"\nLong append: {args.long_ids:,} ids in frames of {args.frame} (binary int32 over one websocket, "
+            f"window {win}; {args.api_server_counts[0]} API server(s)), no outputs.\n",
+            "| model alone tokens/s | engine direct tokens/s | websocket tokens/s | engine/model | websocket/model |",
+            "|" + " ---: |" * 5, f"| {n(m.rate)} | {n(le.rate)} | {n(lw.rate)} | {x(le, m)} | {x(lw, m)} |"]
+    return "\n".join(out)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory (default: the bundled default model)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--chunk", type=int, default=16, help="websocket append chunk size")
-    args = parser.parse_args()
+    args = parse_args()
+    import torch
 
-    from server.serve import make_loader
+    from server.config import ServerConfig
+    from server.serve import make_loader, resolve_device_dtype
 
-    config = ServerConfig(device=args.device, max_num_streams=max(64, max(args.concurrency) * 2),
-                          max_num_batched_tokens=max(2048, max(args.concurrency) * 2))
-    model, _ = make_loader(config, args.model)()
-    proc, url = start_server(args, config)
-    ws_url = url.replace("http", "ws", 1) + "/v1/stream"
-    rng = random.Random(0)
-    vocab = min(model.config.vocab_size, 256)
-    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(args.prompt_len // 2, args.prompt_len))]
-               for _ in range(args.requests)]
-    name = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"
-    print(f"model {model.config.name}: d_model {model.config.d_model}, {model.config.n_layers} layers, "
-          f"{name}; {args.requests} requests, prompt ~{args.prompt_len}, max_tokens {args.max_tokens}", flush=True)
+    top = max(args.concurrency + [args.ws_sessions])
+    config = ServerConfig(device=args.device, max_num_streams=max(64, 2 * top),
+                          max_num_batched_tokens=max(args.max_num_batched_tokens, 2 * top))
+    config.device = resolve_device_dtype(config)[0]
+    model, tokenizer = make_loader(config, args.model)()
+    card = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"
+    cfg = model.config
+    title = (f"Server vs engine: {card}, {cfg.name} (d_model {cfg.d_model}, {cfg.n_layers} layers, "
+             f"{str(model.dtype).replace('torch.', '')})")
+    progress(title)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (timeout) stop the server, print what was measured
+    w, r, clients = Workload(args, min(cfg.vocab_size, 256)), {}, None
     try:
-        # Warm-up outside the timings: both processes compile their kernels for the shapes this load produces.
-        asyncio.run(http_completions(url, prompts, args.max_tokens, max(args.concurrency)))
-        engine_direct(model, config, prompts, args.max_tokens, max(args.concurrency))
-        for conc in args.concurrency:
-            steps = sum(len(p) for p in prompts) + args.requests * args.max_tokens
-            secs, lat = asyncio.run(http_completions(url, prompts, args.max_tokens, conc))
-            http_rate = report("http completions", conc, steps, secs, lat)
-            secs, lat = engine_direct(model, config, prompts, args.max_tokens, conc)
-            eng_rate = report("engine direct", conc, steps, secs, lat)
-            secs, lat = asyncio.run(ws_appends(ws_url, prompts, conc, args.chunk))
-            report("ws appends (per chunk)", conc, sum(len(p) for p in prompts), secs, lat)
-            print(f"{'':<22} c={conc:<4} http / engine throughput ratio {http_rate / eng_rate:.2f}", flush=True)
+        bench_engine(args, model, tokenizer, config, w, r)
+        clients = Clients(min(args.client_procs, top))
+        for count in args.api_server_counts:
+            server = Server(args, config, count)
+            try:
+                bench_server(args, server, clients, count, w, r)
+            finally:
+                server.stop()
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        if "ws_engine" in r:
+            print(summary(args, r, config, title), flush=True)
+        if clients is not None:
+            clients.close()
     return 0
 
 
