@@ -33,6 +33,16 @@ class Detokenizer:
                 return True
         return False
 
+    def add_many(self, token_ids: list[int]) -> str:
+        """The text of many tokens at once, as adding them one by one gives when no stop string is set."""
+        if self.tokenizer is not None:
+            if self._bytes is not None:
+                self.text += self._bytes.decode(self.tokenizer.decode_bytes(token_ids))
+            else:
+                self._ids += token_ids
+                self.text = self.tokenizer.decode(self._ids)
+        return self.text
+
     def delta(self, is_final: bool) -> str:
         """Text not yet handed out that no stop string can still claim."""
         end = len(self.text)

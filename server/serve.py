@@ -72,7 +72,18 @@ def configure_logging(log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
 
-def frontend_main(config: ServerConfig, engine_address: str, run_dir: str, sock: socket.socket, log_level: str) -> None:
+def listen_socket(config: ServerConfig) -> socket.socket:
+    """A listening socket of its own per frontend, all on one port (SO_REUSEPORT): the kernel spreads new
+    connections evenly over them, where one shared socket lets whichever process wakes first take most."""
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((config.host, config.port))
+    sock.listen(2048)
+    return sock
+
+
+def frontend_main(config: ServerConfig, engine_address: str, run_dir: str, log_level: str) -> None:
     import uvicorn
 
     from server.api.app import create_app
@@ -80,6 +91,7 @@ def frontend_main(config: ServerConfig, engine_address: str, run_dir: str, sock:
     configure_logging(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher stops frontends with SIGTERM, in order
     app = create_app(config, engine_address, run_dir)
+    sock = listen_socket(config)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, ws="websockets-sansio",
                                            timeout_graceful_shutdown=int(config.shutdown_timeout)))
     server.run(sockets=[sock])
@@ -97,28 +109,23 @@ def serve(config: ServerConfig, model_dir: str | None, log_level: str = "info") 
         log.warning("sessions are kept in %s and removed at exit: set --state-dir to keep them across restarts",
                     state_dir)
     engine_address = f"ipc://{run_dir}/engine"
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((config.host, config.port))
+        listen_socket(config).close()  # fail now, with a clear message, if the port is taken
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
         return 2
-    sock.listen(2048)
-    sock.set_inheritable(True)
     spawn = multiprocessing.get_context("spawn")
     engine = spawn.Process(target=engine_main, name="infomamba-engine",
                            args=(config, model_dir, engine_address, state_dir, log_level))
     engine.start()
     frontends = [spawn.Process(target=frontend_main, name=f"infomamba-api-{i}",
-                               args=(config, engine_address, run_dir, sock, log_level))
+                               args=(config, engine_address, run_dir, log_level))
                  for i in range(config.api_server_count)]
     for p in frontends:
         p.start()
     log.info("listening on http://%s:%d with %d API frontend(s) (pids %s) and the engine (pid %d)", config.host,
              config.port, len(frontends), ", ".join(str(p.pid) for p in frontends), engine.pid)
     code = _supervise(engine, frontends, config.shutdown_timeout)
-    sock.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     if temporary:
         shutil.rmtree(state_dir, ignore_errors=True)

@@ -92,6 +92,22 @@ class Finish:
     ids: list[int]
 
 
+async def finish_plain(edge: Edge, stream: RequestStream) -> Finish:
+    """A generation without stop strings, run to its end: ids as they come, the text decoded once."""
+    ids: list[int] = []
+    try:
+        async for out in stream:
+            if out.error is not None:
+                raise APIError.from_engine(out.error)
+            ids += out.token_ids
+            if out.finish_reason is not None:
+                text = Detokenizer(edge.tokenizer, ()).add_many(ids) if edge.tokenizer is not None else None
+                return Finish(out.finish_reason, out, text, ids)
+    finally:
+        stream.cancel()
+    raise APIError(500, "internal_error", "the request ended without finishing")
+
+
 async def generate(edge: Edge, stream: RequestStream, sampling: Sampling, engine_checks_stop: bool):
     """Tokens with their text as they come, then one Finish. Stop strings cut the text here; for stateless
     requests a stop string also ends the request (the engine is told to stop), while a session's engine checks

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from server.api import schemas
 from server.api.errors import APIError, bad_request
 from server.api.openapi import body, errors
-from server.api.requests import Finish, Token, generate, started, submit, unless_disconnected
+from server.api.requests import Finish, Token, finish_plain, generate, started, submit, unless_disconnected
 from server.api.responses import JSON, sse, sse_response
 from server.api.validation import loads, parse
 
@@ -72,7 +72,12 @@ async def completions(request: Request):
             raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return sse_response(completion_events(runs, base, num_prompt, include_usage))
-    finishes = await unless_disconnected(request, asyncio.gather(*(_last(run) for run in runs)))
+    if not any(s.stop for s in samplings):  # nothing to watch token by token: collect ids, decode once
+        for run in runs:
+            await run.aclose()
+        finishes = await unless_disconnected(request, asyncio.gather(*(finish_plain(edge, s) for s in streams)))
+    else:
+        finishes = await unless_disconnected(request, asyncio.gather(*(_last(run) for run in runs)))
     choices = [{"index": i, "text": f.text if f.text is not None else "", "logprobs": None,
                 "finish_reason": f.reason, "token_ids": f.ids} for i, f in enumerate(finishes)]
     generated = sum(len(f.ids) for f in finishes)
