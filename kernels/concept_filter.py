@@ -29,6 +29,7 @@ def concept_filter_ref(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_
     slots = state_indices.tolist()
     mix = mix.float()
     lam = _log_decay64(log_decay, a.shape[1], a.device)
+    tables = {}  # chunk length -> its decay tables: every full chunk shares one
     for i, (start, length) in enumerate(zip(cu_seqlens[:-1].tolist(), seq_lengths(cu_seqlens))):
         slot = slots[i]
         if slot < 0 or length == 0:
@@ -36,7 +37,10 @@ def concept_filter_ref(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_
         mean, mass = concept_mean[slot].float(), concept_mass[slot]  # (k, d_c) fp32, (k,) fp64
         for lo in range(start, start + length, REF_CHUNK):
             hi = min(lo + REF_CHUNK, start + length)
-            out[lo:hi], mean, mass = _chunk_ref(a[lo:hi].float(), v[lo:hi].float(), mix, mean, mass, eps, lam)
+            if hi - lo not in tables:
+                tables[hi - lo] = _decay_tables(hi - lo, lam)
+            out[lo:hi], mean, mass = _chunk_ref(a[lo:hi].float(), v[lo:hi].float(), mix, mean, mass, eps,
+                                                tables[hi - lo])
         concept_mean[slot] = mean
         concept_mass[slot] = mass
     return out
@@ -49,22 +53,27 @@ def _log_decay64(log_decay, k, device):
     return log_decay.to(device=device, dtype=torch.float64)
 
 
-def _chunk_ref(a, v, mix, mean_prev, mass_prev, eps, lam):
-    """One chunk from (mean_prev (k, d_c) fp32, mass_prev (k,) fp64): returns read (L, d_c), mean, mass."""
-    length = a.shape[0]
-    t = torch.arange(length, device=a.device)
+def _decay_tables(length, lam):
+    """For a chunk of `length` rows: within (L, L, k) fp64, γ^(t-s) for s <= t else 0, and growth (L, k) fp64,
+    γ^(t+1), the entry state's weight at row t. The exponent is clamped first so no masked entry overflows."""
+    t = torch.arange(length, device=lam.device)
     gap = (t[:, None] - t[None, :]).double()  # (L, L): t - s
     causal = gap >= 0
-    # γ^(t-s) for s <= t, else 0; the exponent is clamped first so no masked entry overflows
-    within = torch.exp(torch.where(causal, gap, 0.0)[..., None] * lam) * causal[..., None]  # (L, L, k) fp64
-    growth = torch.exp((t + 1).double()[:, None] * lam)  # (L, k): γ^(t+1), the entry state's weight at row t
+    within = torch.exp(torch.where(causal, gap, 0.0)[..., None] * lam) * causal[..., None]
+    growth = torch.exp((t + 1).double()[:, None] * lam)
+    return within, within.float(), growth
+
+
+def _chunk_ref(a, v, mix, mean_prev, mass_prev, eps, tables):
+    """One chunk from (mean_prev (k, d_c) fp32, mass_prev (k,) fp64): returns read (L, d_c), mean, mass."""
+    within, within32, growth = tables
     mass = growth * mass_prev + torch.einsum("tsj,sj->tj", within, a.double())  # (L, k) fp64
     q = (a @ mix) / (mass + eps).float()  # (L, k)
     carried = (q * (growth * (mass_prev + eps)).float()) @ mean_prev  # (L, d_c)
-    scores = torch.einsum("tj,sj,tsj->ts", q, a, within.float())  # (L, L): q_t γ^(t-s) . a_s
+    scores = torch.einsum("tj,tsj->ts", q, within32 * a)  # (L, L): q_t γ^(t-s) . a_s
     final = mass[-1]
     keep = (growth[-1] * (mass_prev + eps) / (final + eps)).float()  # (k,) <= 1
-    sums = (a * within[-1].float()).t() @ v  # (k, d_c): sum_s γ^(L-1-s) a_s v_s
+    sums = (a * within32[-1]).t() @ v  # (k, d_c): sum_s γ^(L-1-s) a_s v_s
     mean = mean_prev * keep[:, None] + sums / (final + eps).float()[:, None]
     return carried + scores @ v, mean, final
 

@@ -1,6 +1,8 @@
 """Tiny models and inputs for model tests."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from model.config import InfoMambaConfig
@@ -26,6 +28,25 @@ def _perturb(model: InfoMamba, seed: int) -> None:
                 continue
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
     model.invalidate_fingerprint()
+
+
+# Concept decays far from 1 and near it (horizons of 2, 10^5 and 10 steps), cycled over the concepts.
+GAMMAS = (0.5, 1 - 1e-5, 0.9)
+
+
+def set_decays(model: InfoMamba, gammas=GAMMAS) -> InfoMamba:
+    """Set every layer's γ = sigmoid(θ) to `gammas` cycled over its concepts (the model needs concept_decay
+    "learned"); the random init's horizons (10^2..10^5) barely decay within a short test sequence."""
+    with torch.no_grad():
+        for layer in model.layers:
+            theta = layer.concept.decay_logit
+            theta.copy_(torch.tensor([math.log(g / (1 - g)) for g in _cycle(gammas, theta.numel())]))
+    model.invalidate_fingerprint()
+    return model
+
+
+def _cycle(values, n):
+    return [values[i % len(values)] for i in range(n)]
 
 
 def make_inputs(model: InfoMamba, batch: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -88,3 +88,26 @@ def test_bad_config(saved):
     (directory / "config.json").write_text(json.dumps(data))
     with pytest.raises(WeightsError, match="d_state"):
         load_model(directory)
+
+
+def test_learned_decay_adds_one_tensor_per_layer_and_round_trips(tmp_path):
+    model = make_model(0, concept_decay="learned")
+    save_model(model, tmp_path / "m")
+    names = load_file(str(tmp_path / "m" / "model.safetensors")).keys()
+    assert sorted(n for n in names if "decay" in n) == ["layers.0.concept.decay_logit", "layers.1.concept.decay_logit"]
+    assert not any("decay" in n for n in make_model(0).state_dict())  # "none" stores nothing new
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config.concept_decay == "learned"
+    inputs = make_inputs(model, 2, 7)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs)[0].head, model(inputs)[0].head)
+    assert loaded.fingerprint() == model.fingerprint() != make_model(0).fingerprint()
+
+
+def test_learned_decay_directory_without_its_tensors_names_them(tmp_path):
+    save_model(make_model(0), tmp_path / "m")
+    data = json.loads((tmp_path / "m" / "config.json").read_text())
+    data["concept_decay"] = "learned"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match=r"missing tensors: layers\.0\.concept\.decay_logit, layers\.1\.concept"):
+        load_model(tmp_path / "m")
