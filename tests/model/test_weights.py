@@ -1,4 +1,5 @@
 """Loading a model directory: round trip, and a clear error for each kind of bad weights."""
+import hashlib
 import json
 
 import pytest
@@ -111,3 +112,14 @@ def test_learned_decay_directory_without_its_tensors_names_them(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(data))
     with pytest.raises(WeightsError, match=r"missing tensors: layers\.0\.concept\.decay_logit, layers\.1\.concept"):
         load_model(tmp_path / "m")
+
+
+def test_concept_decay_none_keeps_the_fingerprint_of_models_saved_before_the_field(saved):
+    # Spilled sessions and snapshots of an existing model must still load after the upgrade.
+    model, _ = saved
+    before = hashlib.sha256(repr(sorted(
+        (k, v) for k, v in model.config.to_dict().items() if k != "concept_decay")).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        before.update(name.encode())
+        before.update(tensor.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy().tobytes())
+    assert model.fingerprint() == before.hexdigest()
