@@ -132,8 +132,9 @@ class ConceptBottleneck(nn.Module):
         self._log_decay: tuple[tuple, torch.Tensor] | None = None
 
     def log_decay(self) -> torch.Tensor | None:
-        """λ = log γ = logsigmoid(θ) in fp32 (k,), or None with no decay. Passing λ rather than γ keeps γ near 1
-        exact (1 - 1e-5 is 1e-5 in λ, but a few ulps in fp32 γ). Cached between weight updates, like neg_A."""
+        """λ = log γ = logsigmoid(θ) in fp32 (k,), or None with no decay. The kernels take λ rather than γ because
+        fp32 keeps 1 - γ = 1e-5 to full precision in λ but to only about 0.6% in γ itself. Cached between weight
+        updates, like neg_A."""
         theta = self.decay_logit
         if theta is None:
             return None
