@@ -31,6 +31,7 @@ from model.tokenizer import ByteTokenizer
 from model.train_forward import train_forward
 from model.training.corpus import (IGNORE_INDEX, DocumentStreams, eval_windows, load_corpus, random_windows,
                                    split_documents)
+from model.training.evaluate import stream_bpb
 from model.weights import save_model
 
 DEFAULT_NAME = "infomamba-pystdlib-byte"
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per periodic evaluation")
     p.add_argument("--final-eval-windows", type=int, default=4096)
+    p.add_argument("--stream-eval", action="store_true",
+                   help="also stream each held-out file whole through the serving path: bpb by position, and the "
+                        "same files in --seq-len windows from an empty state (model/training/evaluate.py)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--max-files", type=int, default=None, help="use only the first files (smoke tests)")
     p.add_argument("--corpus-root", default=None, help="default: this interpreter's stdlib")
@@ -203,6 +207,10 @@ def train(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "args": vars(args), "command": "python -m model.training.train " + " ".join(sys.argv[1:]),
     }
+    if args.stream_eval:
+        metrics["held_out_streamed"] = streamed_eval(model, corpus, args.seq_len)
+        print(f"[{args.name}] held-out streamed {metrics['held_out_streamed']['streamed']['bpb']:.4f} bpb, "
+              f"in {args.seq_len}-byte windows {metrics['held_out_streamed']['windows']['bpb']:.4f}", flush=True)
     out = Path(args.out)
     model.cpu().eval()
     save_model(model, out, metadata={"name": args.name, "steps": str(step), "tokens_seen": str(tokens_seen),
@@ -210,6 +218,14 @@ def train(args: argparse.Namespace) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "README.md").write_text(model_card(metrics))
     return metrics
+
+
+def streamed_eval(model: InfoMamba, corpus, window: int) -> dict:
+    """The held-out files streamed whole, and in `window`-token windows from an empty state, through the serving
+    path (bits per token by position and per file; see evaluate.py)."""
+    documents = split_documents(corpus.held_out)
+    return {"streamed": stream_bpb(model, documents, corpus.held_out_files),
+            "windows": stream_bpb(model, documents, corpus.held_out_files, reset_every=window)}
 
 
 def next_batch(args: argparse.Namespace, tokens: torch.Tensor, generator: torch.Generator,

@@ -46,7 +46,7 @@ def test_redundancy_penalty_sees_correlation():
     assert float(same) > 5 * float(independent) > 0
 
 
-@pytest.mark.parametrize("extra", [[], ["--stateful", "--concept-decay", "learned"]])
+@pytest.mark.parametrize("extra", [[], ["--stateful", "--concept-decay", "learned", "--stream-eval"]])
 def test_tiny_training_run(tmp_path, extra):
     write_corpus(tmp_path / "corpus")
     out = tmp_path / "model"
@@ -57,6 +57,10 @@ def test_tiny_training_run(tmp_path, extra):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and math.isfinite(metrics["held_out_bpb"])
     assert metrics["stateful"] == bool(extra) and metrics["concept_decay"] == ("learned" if extra else "none")
+    if extra:  # the held-out file streamed whole and in windows: the same tokens, scored differently
+        streamed = metrics["held_out_streamed"]
+        assert streamed["streamed"]["tokens"] == streamed["windows"]["tokens"] > 0
+        assert streamed["streamed"]["bpb"] != streamed["windows"]["bpb"]
     assert all(math.isfinite(h["train_ce"]) for h in metrics["history"])
     model = load_model(out)
     assert model.config.n_concepts == 3 and (out / "README.md").is_file()
