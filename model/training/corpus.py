@@ -85,14 +85,15 @@ def eval_windows(tokens: torch.Tensor, length: int, max_windows: int) -> torch.T
     return tokens[starts[:, None] + torch.arange(length + 1, device=tokens.device)].long()
 
 
-def split_documents(tokens: torch.Tensor) -> list[torch.Tensor]:
-    """The stream cut after each end-of-file token: one (n,) tensor per file, its eos included. Bytes are < 256, so
-    an eos id in the stream is always a file's end."""
+def split_documents(tokens: torch.Tensor, min_tokens: int = 2) -> list[torch.Tensor]:
+    """The stream cut after each end-of-file token: one (n,) tensor per file, its eos included, keeping those of at
+    least `min_tokens` (an empty file is its eos alone: nothing to predict). Bytes are < 256, so an eos id in the
+    stream is always a file's end."""
     ends = (torch.nonzero(tokens == ByteTokenizer.eos_id).flatten() + 1).tolist()
     if not ends or ends[-1] != tokens.numel():
         ends.append(tokens.numel())
     starts = [0] + ends[:-1]
-    return [tokens[a:b] for a, b in zip(starts, ends) if b - a >= 2]
+    return [tokens[a:b] for a, b in zip(starts, ends) if b - a >= min_tokens]
 
 
 @dataclass

@@ -223,7 +223,7 @@ def train(args: argparse.Namespace) -> dict:
 def streamed_eval(model: InfoMamba, corpus, window: int) -> dict:
     """The held-out files streamed whole, and in `window`-token windows from an empty state, through the serving
     path (bits per token by position and per file; see evaluate.py)."""
-    documents = split_documents(corpus.held_out)
+    documents = split_documents(corpus.held_out, min_tokens=1)  # one per file, so the names line up
     return {"streamed": stream_bpb(model, documents, corpus.held_out_files),
             "windows": stream_bpb(model, documents, corpus.held_out_files, reset_every=window)}
 

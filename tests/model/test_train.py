@@ -72,6 +72,9 @@ def test_documents_stream_whole_in_consecutive_windows():
     eos = ByteTokenizer.eos_id
     docs = [torch.tensor([1, 2, 3, 4, 5, 6, 7, eos]), torch.tensor([8, 9, eos]), torch.tensor([10, 11, 12, 13, eos])]
     assert [d.tolist() for d in split_documents(torch.cat(docs))] == [d.tolist() for d in docs]
+    empty_file = torch.tensor([eos])
+    assert len(split_documents(torch.cat([docs[0], empty_file]))) == 1
+    assert len(split_documents(torch.cat([docs[0], empty_file]), min_tokens=1)) == 2
     streams = DocumentStreams(split_documents(torch.cat(docs)), batch=2, length=3,
                               generator=torch.Generator().manual_seed(0))
     seen = {0: [], 1: []}  # per lane: (fresh, inputs, targets) of real positions
