@@ -72,7 +72,7 @@ class StreamEval:
             "by_position": [{"start": start, "end": end, "tokens": t.tokens, "bpb": t.bits_per_token()}
                             for start, end, t in zip(self.buckets, ends, self.by_position) if t.tokens],
             "documents": [{"name": name, "tokens": t.tokens, "bpb": t.bits_per_token()}
-                          for name, t in zip(names, self.by_document)],
+                          for name, t in zip(names, self.by_document) if t.tokens],  # empty files score nothing
         }
 
 
