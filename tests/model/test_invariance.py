@@ -163,7 +163,8 @@ def test_concept_term_holds_the_invariant_1e5_steps_into_a_stream():
     # The model's PyTorch path for the concept term over 10^5 + 256 steps, with decays near 1 and far from it:
     # one pass, odd chunks, and the last 256 steps one at a time all agree, and agree with DESIGN.md §1's sums
     # done directly in fp64. (Without decay the mass only grows; test_concept_state_stays_exact_deep_into_a_stream
-    # covers 10^6 steps in.) The whole model is not run 10^5 steps: its PyTorch SSM scan loops over steps in Python.
+    # covers 10^6 steps in.) The whole model runs 10^5 steps in test_train_forward.py, on the training forward: the
+    # serving path's PyTorch SSM scan loops over steps in Python, 10 s per 10^5 steps.
     k, d_c, eps, tail = 3, 4, 1e-6, 256
     total = DEEP_STEPS + tail
     gen = torch.Generator().manual_seed(9)
