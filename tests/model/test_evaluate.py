@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from helpers import make_model
+from helpers import make_model, one_thread
 from model.training.evaluate import read_documents, stream_bpb
 
 
@@ -21,6 +21,11 @@ def one_pass_nats(model, doc, window=None):
 
 
 def test_streamed_bpb_by_position_equals_one_pass_per_document():
+    with one_thread():
+        check_streamed_bpb()
+
+
+def check_streamed_bpb():
     model = make_model(0, concept_decay="learned")
     gen = torch.Generator().manual_seed(0)
     docs = [torch.randint(0, 50, (n,), generator=gen) for n in (100, 10, 300)]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import make_inputs, make_model, set_decays
+from helpers import make_inputs, make_model, one_thread, set_decays
 from model import train_forward as train_forward_module
 from model.reference import reference_forward
 from model.train_forward import _scan, linear_scan, train_forward
@@ -112,7 +112,7 @@ def test_whole_model_holds_the_invariant_1e5_steps_into_a_stream(decay):
                   concept_decay=decay)
     deep, tail = 100_000, 48
     ids = make_inputs(model, batch=1, length=deep + tail, seed=5)
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         whole = train_forward(model, ids, model.empty_state(1))
         state, cuts = model.empty_state(1), [0, 1, 777, 64_001, deep]
         for lo, hi in zip(cuts[:-1], cuts[1:]):
