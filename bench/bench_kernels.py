@@ -131,6 +131,12 @@ def layer_weights():
     return A, Dv, dt_bias, w_conv, b_conv, mix, w_norm
 
 
+def concept_log_decay():
+    """λ = log γ (k,) for concept_decay "learned" at its initial horizons (10^2..10^5 steps)."""
+    from model.layers import initial_decay_logits  # noqa: E402  (only the init; the kernels never import model)
+    return torch.nn.functional.logsigmoid(initial_decay_logits(CFG["k"])).to(DEV)
+
+
 # --- decode-step ops -------------------------------------------------------------------------------------
 
 def decode_cases(batch):
@@ -162,18 +168,20 @@ def decode_cases(batch):
         2 * batch * E * (K - 1) * 2 + 2 * batch * E * 2 + E * K * 2 + E * 2,
         batch * E * (2 * K + 4))
 
-    def concept(impl):
+    def concept(impl, log_decay=None):
         def build():
             a = torch.softmax(torch.randn(batch, k, device=dev), -1).to(DTYPE)
             v = act(batch, dc)
             mean = torch.randn(batch, k, dc, device=dev)
             mass = torch.rand(batch, k, device=dev, dtype=torch.float64) * 100
-            return lambda: impl(a, v, mix, mean, mass, idx, 1e-6)
+            return lambda: impl(a, v, mix, mean, mass, idx, 1e-6, log_decay)
         return build
-    cases["concept_filter_update"] = (
-        concept(concept_mod.concept_filter_update), concept(concept_mod.concept_filter_update_ref),
-        2 * batch * k * dc * 4 + 2 * batch * k * 8 + batch * (k * 2 + dc * 2 + dc * 4) + k * k * 4,
-        batch * (k * dc * 4 + 2 * k * k + 2 * k * dc))
+    for suffix, log_decay in (("", None), ("_decay", concept_log_decay())):
+        cases["concept_filter_update" + suffix] = (
+            concept(concept_mod.concept_filter_update, log_decay),
+            concept(concept_mod.concept_filter_update_ref, log_decay),
+            2 * batch * k * dc * 4 + 2 * batch * k * 8 + batch * (k * 2 + dc * 2 + dc * 4) + k * k * 4,
+            batch * (k * dc * 4 + 2 * k * k + 2 * k * dc))
 
     def norm(impl):
         def build():
@@ -217,18 +225,21 @@ def chunk_cases(L, scan_kwargs=None):
     cases["causal_conv1d"] = (conv(conv_mod.causal_conv1d), conv(conv_mod.causal_conv1d_ref),
                               2 * L * E * 2 + E * K * 2, L * E * (2 * K + 4))
 
-    def concept(impl):
+    def concept(impl, log_decay=None):
         def build():
             a = torch.softmax(torch.randn(L, k, device=dev), -1).to(DTYPE)
             v = act(L, dc)
             mean = torch.randn(1, k, dc, device=dev)
             mass = torch.rand(1, k, device=dev, dtype=torch.float64) * 100
-            return lambda: impl(a, v, mix, mean, mass, cu, idx, 1e-6)
+            return lambda: impl(a, v, mix, mean, mass, cu, idx, 1e-6, log_decay)
         return build
     T = 64  # the kernel's chunk: flops it does (a@M, carried, scores, local, chunk sums)
-    cases["concept_filter"] = (concept(concept_mod.concept_filter), concept(concept_mod.concept_filter_ref),
-                               L * (k * 2 + dc * 2 + dc * 4) + 2 * k * dc * 4,
-                               L * 2 * (k * k + k * dc + T * k + T * dc + k * dc))
+    for suffix, log_decay in (("", None), ("_decay", concept_log_decay())):
+        # with decay the (T, T) scores are k decayed outer products rather than one product (and k T^2 exps)
+        cases["concept_filter" + suffix] = (
+            concept(concept_mod.concept_filter, log_decay), concept(concept_mod.concept_filter_ref, log_decay),
+            L * (k * 2 + dc * 2 + dc * 4) + 2 * k * dc * 4,
+            L * 2 * (k * k + k * dc + T * k + T * dc + k * dc))
 
     def norm(impl):
         def build():
@@ -338,7 +349,7 @@ def main():
             ref_reps = 3 if L <= 2048 else 1
             if op == "selective_scan" and L > 32768:
                 ref_reps = 0
-            if op == "concept_filter" and L > 32768:  # the ref builds an (L, L) matrix: 64 GB at 128K
+            if op.startswith("concept_filter") and L > 32768:  # the ref loops over 64-token chunks from Python
                 ref_reps = 0
             rows.append(run_case(op, f"{L // 1024}K tokens", ours, ref, nbytes, flops, peak, False, ref_reps,
                                  reps=20 if L <= 32768 else 10))

@@ -1,8 +1,11 @@
-"""The concept bottleneck's causal linear attention with k-dimensional keys (DESIGN.md §1).
+"""The concept bottleneck's causal linear attention with k-dimensional keys and per-concept decay (DESIGN.md §1).
 
 The pool stores concept means `S / (m + eps)` (fp32, bounded by the values) and the mass m (fp64), not raw sums,
-so a stream millions of steps long keeps full precision (DESIGN.md §2). Over a chunk, with
-q_t = (a_t M) / (m_t + eps):  read_t = (q_t * (m_prev + eps)) @ mean_prev + sum_{s<=t} (q_t . a_s) v_s.
+so a stream millions of steps long keeps full precision (DESIGN.md §2). With per-concept decay γ = exp(λ)
+(`log_decay` λ <= 0, None for γ = 1):  S_t = γ S_{t-1} + a_t v_t,  m_t = γ m_{t-1} + a_t. Over a chunk entered
+with (mean_prev, mass_prev), row t (0-based) and q_t = (a_t M) / (m_t + eps):
+    read_t = (q_t γ^(t+1) (mass_prev + eps)) @ mean_prev + sum_{s<=t} (q_t γ^(t-s) . a_s) v_s
+and the chunk leaves S_end = γ^L S_start + sum_s γ^(L-1-s) a_s v_s.
 """
 from __future__ import annotations
 
@@ -10,48 +13,84 @@ import torch
 
 from kernels.packing import host_bounds, seq_lengths
 
+REF_CHUNK = 64  # the reference works chunk by chunk too, so a 10^5-step sequence costs no (L, L) matrix
 
-def concept_filter_ref(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps):
+
+def concept_filter_ref(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None):
     """Chunk form.
 
     a: (total, k) routing weights (rows sum to 1); v: (total, d_c); mix: (k, k) the matrix M;
     concept_mean: (slots, k, d_c) fp32 and concept_mass: (slots, k) fp64, read and updated in place;
-    state_indices: (batch,), -1 skips the sequence (output rows zero).
+    state_indices: (batch,), -1 skips the sequence (output rows zero);
+    log_decay: (k,) λ = log γ <= 0 per concept, or None (γ = 1, a running mean over the whole past).
     Returns read_t = a_t^T M (S_t / (m_t + eps)): (total, d_c) fp32.
     """
     out = a.new_zeros((a.shape[0], v.shape[1]), dtype=torch.float32)
     slots = state_indices.tolist()
     mix = mix.float()
+    lam = _log_decay64(log_decay, a.shape[1], a.device)
+    tables = {}  # chunk length -> its decay tables: every full chunk shares one
     for i, (start, length) in enumerate(zip(cu_seqlens[:-1].tolist(), seq_lengths(cu_seqlens))):
         slot = slots[i]
         if slot < 0 or length == 0:
             continue
-        ai, vi = a[start:start + length].float(), v[start:start + length].float()  # (L, k), (L, d_c)
-        mass_prev, mean_prev = concept_mass[slot], concept_mean[slot].float()  # (k,) fp64, (k, d_c)
-        mass = mass_prev + torch.cumsum(ai.double(), dim=0)  # (L, k)
-        q = (ai @ mix) / (mass + eps).float()  # (L, k)
-        carried = (q * (mass_prev + eps).float()) @ mean_prev  # (L, d_c)
-        local = torch.tril(q @ ai.t()) @ vi  # (L, d_c)
-        out[start:start + length] = carried + local
-        final = mass[-1]
-        keep = ((mass_prev + eps) / (final + eps)).float()  # (k,) <= 1
-        concept_mean[slot] = mean_prev * keep[:, None] + (ai.t() @ vi) / (final + eps).float()[:, None]
-        concept_mass[slot] = final
+        mean, mass = concept_mean[slot].float(), concept_mass[slot]  # (k, d_c) fp32, (k,) fp64
+        for lo in range(start, start + length, REF_CHUNK):
+            hi = min(lo + REF_CHUNK, start + length)
+            if hi - lo not in tables:
+                tables[hi - lo] = _decay_tables(hi - lo, lam)
+            out[lo:hi], mean, mass = _chunk_ref(a[lo:hi].float(), v[lo:hi].float(), mix, mean, mass, eps,
+                                                tables[hi - lo])
+        concept_mean[slot] = mean
+        concept_mass[slot] = mass
     return out
 
 
-def concept_filter_update_ref(a, v, mix, concept_mean, concept_mass, state_indices, eps):
-    """One step for a batch of slots: a (batch, k), v (batch, d_c); state updated in place; -1 rows skipped.
-    Returns (batch, d_c) fp32."""
+def _log_decay64(log_decay, k, device):
+    """λ as fp64 (k,): zeros for no decay, so γ^n is exactly 1 and the sums stay plain cumulative sums."""
+    if log_decay is None:
+        return torch.zeros(k, dtype=torch.float64, device=device)
+    return log_decay.to(device=device, dtype=torch.float64)
+
+
+def _decay_tables(length, lam):
+    """For a chunk of `length` rows: within (L, L, k) fp64, γ^(t-s) for s <= t else 0, and growth (L, k) fp64,
+    γ^(t+1), the entry state's weight at row t. The exponent is clamped first so no masked entry overflows."""
+    t = torch.arange(length, device=lam.device)
+    gap = (t[:, None] - t[None, :]).double()  # (L, L): t - s
+    causal = gap >= 0
+    within = torch.exp(torch.where(causal, gap, 0.0)[..., None] * lam) * causal[..., None]
+    growth = torch.exp((t + 1).double()[:, None] * lam)
+    return within, within.float(), growth
+
+
+def _chunk_ref(a, v, mix, mean_prev, mass_prev, eps, tables):
+    """One chunk from (mean_prev (k, d_c) fp32, mass_prev (k,) fp64): returns read (L, d_c), mean, mass."""
+    within, within32, growth = tables
+    mass = growth * mass_prev + torch.einsum("tsj,sj->tj", within, a.double())  # (L, k) fp64
+    q = (a @ mix) / (mass + eps).float()  # (L, k)
+    carried = (q * (growth * (mass_prev + eps)).float()) @ mean_prev  # (L, d_c)
+    scores = torch.einsum("tj,tsj->ts", q, within32 * a)  # (L, L): q_t γ^(t-s) . a_s
+    final = mass[-1]
+    keep = (growth[-1] * (mass_prev + eps) / (final + eps)).float()  # (k,) <= 1
+    sums = (a * within32[-1]).t() @ v  # (k, d_c): sum_s γ^(L-1-s) a_s v_s
+    mean = mean_prev * keep[:, None] + sums / (final + eps).float()[:, None]
+    return carried + scores @ v, mean, final
+
+
+def concept_filter_update_ref(a, v, mix, concept_mean, concept_mass, state_indices, eps, log_decay=None):
+    """One step for a batch of slots: a (batch, k), v (batch, d_c); state updated in place; -1 rows skipped;
+    log_decay: (k,) or None as in concept_filter. Returns (batch, d_c) fp32."""
     out = a.new_zeros((a.shape[0], v.shape[1]), dtype=torch.float32)
     live = state_indices >= 0
     if not bool(live.any()):
         return out
     slots = state_indices[live].long()
     al, vl = a[live].float(), v[live].float()
+    gamma = torch.exp(_log_decay64(log_decay, a.shape[1], a.device))  # (k,) fp64
     mass_prev = concept_mass[slots]
-    mass = mass_prev + al.double()
-    keep = ((mass_prev + eps) / (mass + eps)).float()
+    mass = gamma * mass_prev + al.double()
+    keep = (gamma * (mass_prev + eps) / (mass + eps)).float()
     mean = concept_mean[slots].float() * keep[..., None] + al[..., None] * vl[:, None, :] / (mass + eps).float()[..., None]
     concept_mean[slots] = mean
     concept_mass[slots] = mass
@@ -67,6 +106,9 @@ def concept_filter_update_ref(a, v, mix, concept_mean, concept_mass, state_indic
 #   pass 3 (_concept_chunk_output_kernel):  per chunk, read_t = carried + causal local part (two dots), and the
 #                                           pool's final mass (written here: pass 2's programs all read it).
 # Raw sums live only within one chunk, so they stay bounded however long the stream is (DESIGN.md §2).
+# With decay (HAS_DECAY) every power γ^n has n >= 0, so nothing overflows however small γ is: pass 1 weights row s
+# by γ^(last-s), pass 2 scales the carried state by γ^(chunk length), and pass 3 runs the mass as a decayed scan and
+# the local scores as one decayed outer product per concept (Mamba-2's per-head decay matrix, with k heads).
 
 from kernels._triton import HAS_TRITON, check_indices, check_pool, tl, triton  # noqa: E402
 
@@ -74,7 +116,8 @@ from kernels._triton import HAS_TRITON, check_indices, check_pool, tl, triton  #
 @triton.jit
 def _concept_chunk_sums_kernel(
     # pointers
-    a_ptr, v_ptr, cu_seqlens_ptr, state_indices_ptr, chunk_seq_ptr, chunk_pos_ptr, chunk_sum_ptr, chunk_mass_ptr,
+    a_ptr, v_ptr, log_decay_ptr, cu_seqlens_ptr, state_indices_ptr, chunk_seq_ptr, chunk_pos_ptr, chunk_sum_ptr,
+    chunk_mass_ptr,
     # sizes
     k, d_c,
     # strides
@@ -83,6 +126,7 @@ def _concept_chunk_sums_kernel(
     CHUNK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_DC: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     pid_dc = tl.program_id(1)
@@ -98,26 +142,34 @@ def _concept_chunk_sums_kernel(
                 other=0.0).to(tl.float32)  # (T, K)
     v = tl.load(v_ptr + rows[:, None] * stride_v_token + e[None, :], mask=row_mask[:, None] & (e < d_c)[None, :],
                 other=0.0).to(tl.float32)  # (T, E)
+    a64 = a.to(tl.float64)
+    if HAS_DECAY:  # row s counts γ^(last - s) times: the decay it meets before the chunk's end
+        lam = tl.load(log_decay_ptr + j, mask=j < k, other=0.0).to(tl.float64)  # (K,)
+        back = (tl.minimum(seq_end - first, CHUNK) - 1 - tl.arange(0, CHUNK)).to(tl.float64)  # (T,)
+        a64 = a64 * tl.exp(tl.maximum(back, 0.0)[:, None] * lam[None, :])  # rows past the end have a = 0
+        a = a64.to(tl.float32)
     sums = tl.dot(tl.trans(a), v, input_precision="ieee")  # (K, E)
     tl.store(chunk_sum_ptr + chunk * stride_chunk_sum_chunk + j[:, None] * stride_chunk_sum_k + e[None, :], sums,
              mask=(j < k)[:, None] & (e < d_c)[None, :])
     if pid_dc == 0:
-        tl.store(chunk_mass_ptr + chunk * stride_chunk_mass_chunk + j, tl.sum(a.to(tl.float64), axis=0), mask=j < k)
+        tl.store(chunk_mass_ptr + chunk * stride_chunk_mass_chunk + j, tl.sum(a64, axis=0), mask=j < k)
 
 
 @triton.jit
 def _concept_chunk_combine_kernel(
     # pointers
-    concept_mean_ptr, concept_mass_ptr, state_indices_ptr, chunk_cu_ptr, chunk_sum_ptr, chunk_mass_ptr,
-    entry_mean_ptr, entry_mass_ptr,
+    concept_mean_ptr, concept_mass_ptr, log_decay_ptr, cu_seqlens_ptr, state_indices_ptr, chunk_cu_ptr,
+    chunk_sum_ptr, chunk_mass_ptr, entry_mean_ptr, entry_mass_ptr,
     # sizes
     k, d_c, eps,
     # strides
     stride_mean_slot, stride_mean_k, stride_mass_slot,
     stride_chunk_sum_chunk, stride_chunk_sum_k, stride_chunk_mass_chunk,
     # meta-parameters
+    CHUNK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_DC: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
 ):
     seq = tl.program_id(0)
     pid_dc = tl.program_id(1)
@@ -133,15 +185,26 @@ def _concept_chunk_combine_kernel(
         mass = tl.load(concept_mass_ptr + slot * stride_mass_slot + j, mask=k_mask, other=0.0)  # (K,) fp64
         c_first = tl.load(chunk_cu_ptr + seq).to(tl.int64)
         num_chunks = tl.load(chunk_cu_ptr + seq + 1).to(tl.int64) - c_first
+        if HAS_DECAY:
+            lam = tl.load(log_decay_ptr + j, mask=k_mask, other=0.0).to(tl.float64)  # (K,)
+            seq_len = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64) - tl.load(cu_seqlens_ptr + seq).to(tl.int64)
         for i in tl.range(0, num_chunks):
             c = c_first + i
             tl.store(entry_mean_ptr + c * stride_chunk_sum_chunk + tile, mean, mask=mask)
             if pid_dc == 0:
                 tl.store(entry_mass_ptr + c * stride_chunk_mass_chunk + j, mass, mask=k_mask)
             sums = tl.load(chunk_sum_ptr + c * stride_chunk_sum_chunk + tile, mask=mask, other=0.0)
-            new_mass = mass + tl.load(chunk_mass_ptr + c * stride_chunk_mass_chunk + j, mask=k_mask, other=0.0)
-            denom = tl.where(k_mask, new_mass + eps, 1.0)
-            keep = ((mass + eps) / denom).to(tl.float32)  # <= 1
+            chunk_mass = tl.load(chunk_mass_ptr + c * stride_chunk_mass_chunk + j, mask=k_mask, other=0.0)
+            if HAS_DECAY:  # the carried state decays once per row of this chunk: γ^(chunk length)
+                length = tl.maximum(tl.minimum(seq_len - i * CHUNK, CHUNK), 0).to(tl.float64)
+                carry = tl.exp(lam * length)  # (K,) fp64
+                new_mass = carry * mass + chunk_mass
+                denom = tl.where(k_mask, new_mass + eps, 1.0)
+                keep = (carry * (mass + eps) / denom).to(tl.float32)  # <= 1
+            else:
+                new_mass = mass + chunk_mass
+                denom = tl.where(k_mask, new_mass + eps, 1.0)
+                keep = ((mass + eps) / denom).to(tl.float32)  # <= 1
             mean = mean * keep[:, None] + sums / denom.to(tl.float32)[:, None]
             mass = new_mass
         tl.store(mean_ptrs, mean, mask=mask)
@@ -150,8 +213,8 @@ def _concept_chunk_combine_kernel(
 @triton.jit
 def _concept_chunk_output_kernel(
     # pointers
-    a_ptr, v_ptr, mix_ptr, concept_mass_ptr, cu_seqlens_ptr, state_indices_ptr, chunk_seq_ptr, chunk_pos_ptr,
-    entry_mean_ptr, entry_mass_ptr, out_ptr,
+    a_ptr, v_ptr, mix_ptr, log_decay_ptr, concept_mass_ptr, cu_seqlens_ptr, state_indices_ptr, chunk_seq_ptr,
+    chunk_pos_ptr, entry_mean_ptr, entry_mass_ptr, out_ptr,
     # sizes
     k, d_c, eps,
     # strides
@@ -161,6 +224,7 @@ def _concept_chunk_output_kernel(
     CHUNK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_DC: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     pid_dc = tl.program_id(1)
@@ -186,11 +250,24 @@ def _concept_chunk_output_kernel(
     mass_prev = tl.load(entry_mass_ptr + chunk * stride_chunk_mass_chunk + j, mask=k_mask & live, other=0.0)
     mean_prev = tl.load(entry_mean_ptr + chunk * stride_chunk_sum_chunk + j[:, None] * stride_chunk_sum_k
                         + e[None, :], mask=(k_mask & live)[:, None] & e_mask[None, :], other=0.0)  # (K, E)
-    mass = mass_prev[None, :] + tl.cumsum(a.to(tl.float64), axis=0)  # (T, K) fp64
+    if HAS_DECAY:
+        lam = tl.load(log_decay_ptr + j, mask=k_mask, other=0.0).to(tl.float32)  # (K,)
+        # per row: γ, or 1 past the sequence's end so that the last row's mass is the final mass
+        gamma = tl.where(in_seq[:, None], tl.exp(lam.to(tl.float64))[None, :], 1.0)  # (T, K) fp64
+        growth, local = tl.associative_scan((gamma, a.to(tl.float64)), 0, _scan_combine)  # γ^(t+1), decayed sums
+        mass = growth * mass_prev[None, :] + local  # (T, K) fp64
+        entry_weight = (growth * (mass_prev + eps)[None, :]).to(tl.float32)  # (T, K)
+    else:
+        mass = mass_prev[None, :] + tl.cumsum(a.to(tl.float64), axis=0)  # (T, K) fp64
+        entry_weight = (mass_prev + eps).to(tl.float32)[None, :]
     q = tl.dot(a, mix, input_precision="ieee") / tl.where(k_mask[None, :], mass + eps, 1.0).to(tl.float32)
-    carried = tl.dot(q * (mass_prev + eps).to(tl.float32)[None, :], mean_prev, input_precision="ieee")  # (T, E)
-    scores = tl.dot(q, tl.trans(a), input_precision="ieee")  # (T, T): q_t . a_s
-    scores = tl.where(t[:, None] >= t[None, :], scores, 0.0)
+    carried = tl.dot(q * entry_weight, mean_prev, input_precision="ieee")  # (T, E)
+    causal = t[:, None] >= t[None, :]
+    if HAS_DECAY:
+        scores = _decayed_scores(q, a, lam, t, j, k, CHUNK)
+    else:
+        scores = tl.dot(q, tl.trans(a), input_precision="ieee")  # (T, T): q_t . a_s
+    scores = tl.where(causal, scores, 0.0)
     out = carried + tl.dot(scores, v, input_precision="ieee")
     out = tl.where(row_mask[:, None], out, 0.0)
     tl.store(out_ptr + rows[:, None] * stride_out_token + e[None, :], out, mask=in_seq[:, None] & e_mask[None, :])
@@ -200,9 +277,24 @@ def _concept_chunk_output_kernel(
 
 
 @triton.jit
+def _decayed_scores(q, a, lam, t, j, k, CHUNK: tl.constexpr):
+    """(T, T): sum_c q[t, c] γ_c^(t-s) a[s, c], one outer product per concept (the decay differs per concept, so
+    it is no single matrix product); the exponent is clamped at 0 above the diagonal, which the caller masks."""
+    gap = tl.maximum(t[:, None] - t[None, :], 0).to(tl.float32)  # (T, T)
+    scores = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+    for c in range(0, k):
+        pick = j == c
+        q_c = tl.sum(tl.where(pick[None, :], q, 0.0), axis=1)  # (T,)
+        a_c = tl.sum(tl.where(pick[None, :], a, 0.0), axis=1)  # (T,)
+        lam_c = tl.sum(tl.where(pick, lam, 0.0), axis=0)
+        scores += q_c[:, None] * a_c[None, :] * tl.exp(gap * lam_c)
+    return scores
+
+
+@triton.jit
 def _concept_filter_update_kernel(
     # pointers
-    a_ptr, v_ptr, mix_ptr, concept_mean_ptr, concept_mass_ptr, state_indices_ptr, out_ptr,
+    a_ptr, v_ptr, mix_ptr, log_decay_ptr, concept_mean_ptr, concept_mass_ptr, state_indices_ptr, out_ptr,
     # sizes
     k, d_c, eps,
     # strides
@@ -211,6 +303,7 @@ def _concept_filter_update_kernel(
     # meta-parameters
     BLOCK_K: tl.constexpr,
     BLOCK_DC: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(state_indices_ptr + row).to(tl.int64)
@@ -227,9 +320,15 @@ def _concept_filter_update_kernel(
     v = tl.load(v_ptr + row * stride_v_row + e, mask=e_mask & live, other=0.0).to(tl.float32)
     mix = tl.load(mix_ptr + j[:, None] * stride_mix_row + j[None, :], mask=k_mask[:, None] & k_mask[None, :],
                   other=0.0).to(tl.float32)  # (K, K)
-    mass = mass_prev + a.to(tl.float64)
-    denom = tl.where(k_mask, mass + eps, 1.0)
-    keep = ((mass_prev + eps) / denom).to(tl.float32)
+    if HAS_DECAY:
+        gamma = tl.exp(tl.load(log_decay_ptr + j, mask=k_mask, other=0.0).to(tl.float64))  # (K,)
+        mass = gamma * mass_prev + a.to(tl.float64)
+        denom = tl.where(k_mask, mass + eps, 1.0)
+        keep = (gamma * (mass_prev + eps) / denom).to(tl.float32)
+    else:
+        mass = mass_prev + a.to(tl.float64)
+        denom = tl.where(k_mask, mass + eps, 1.0)
+        keep = ((mass_prev + eps) / denom).to(tl.float32)
     mean = mean * keep[:, None] + a[:, None] * v[None, :] / denom.to(tl.float32)[:, None]
     tl.store(mean_ptrs, mean, mask=mask)
     tl.store(concept_mass_ptr + slot * stride_mass_slot + j, mass, mask=k_mask)
@@ -238,7 +337,7 @@ def _concept_filter_update_kernel(
     tl.store(out_ptr + row * stride_out_row + e, out, mask=e_mask)
 
 
-def _check_concept_args(a, v, mix, concept_mean, concept_mass, state_indices, batch):
+def _check_concept_args(a, v, mix, concept_mean, concept_mass, state_indices, batch, log_decay):
     tokens, k = a.shape
     d_c = v.shape[1]
     if v.shape[0] != tokens:
@@ -254,17 +353,29 @@ def _check_concept_args(a, v, mix, concept_mean, concept_mass, state_indices, ba
         raise ValueError(f"concept_filter: concept_mass must be fp64 ({concept_mean.shape[0]}, {k}), "
                          f"got {concept_mass.dtype} {tuple(concept_mass.shape)}")
     check_indices("state_indices", state_indices, batch, a.device)
+    if log_decay is not None and (log_decay.shape != (k,) or not log_decay.is_floating_point()):
+        raise ValueError(f"concept_filter: log_decay must be a float ({k},), got {log_decay.dtype} "
+                         f"{tuple(log_decay.shape)}")
     return k, d_c
 
 
-def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, chunk_size=None):
+def _decay_args(log_decay, placeholder):
+    """(pointer, HAS_DECAY): fp32 λ, or any tensor as a placeholder the kernels never read."""
+    if log_decay is None:
+        return placeholder, False
+    return log_decay.to(torch.float32).contiguous(), True
+
+
+def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None,
+                    chunk_size=None):
     """concept_filter with the chunk length exposed (tests)."""
     if a.dim() != 2 or v.dim() != 2:
         raise ValueError(f"concept_filter: a and v must be 2-D, got {tuple(a.shape)} and {tuple(v.shape)}")
     batch = cu_seqlens.shape[0] - 1
-    k, d_c = _check_concept_args(a, v, mix, concept_mean, concept_mass, state_indices, batch)
+    k, d_c = _check_concept_args(a, v, mix, concept_mean, concept_mass, state_indices, batch, log_decay)
     a, v, mix = a.contiguous(), v.contiguous(), mix.contiguous()
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
+    log_decay, has_decay = _decay_args(log_decay, mix)
     total = a.shape[0]
     out = torch.empty((total, d_c), device=a.device, dtype=torch.float32)  # (total, d_c)
     bounds = host_bounds(cu_seqlens)
@@ -286,62 +397,66 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
     entry_mass = torch.empty_like(chunk_mass)
     grid = (num_chunks, triton.cdiv(d_c, block_dc))
     _concept_chunk_sums_kernel[grid](
-        a, v, cu_seqlens, state_indices, chunk_seq, chunk_pos, chunk_sum, chunk_mass,
+        a, v, log_decay, cu_seqlens, state_indices, chunk_seq, chunk_pos, chunk_sum, chunk_mass,
         k, d_c,
         a.stride(0), v.stride(0), chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0),
-        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, num_warps=4,
+        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, num_warps=4,
     )
     _concept_chunk_combine_kernel[(batch, triton.cdiv(d_c, block_dc))](
-        concept_mean, concept_mass, state_indices, chunk_cu, chunk_sum, chunk_mass, entry_mean, entry_mass,
+        concept_mean, concept_mass, log_decay, cu_seqlens, state_indices, chunk_cu, chunk_sum, chunk_mass,
+        entry_mean, entry_mass,
         k, d_c, float(eps),
         concept_mean.stride(0), concept_mean.stride(1), concept_mass.stride(0),
         chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0),
-        BLOCK_K=block_k, BLOCK_DC=block_dc, num_warps=4,
+        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, num_warps=4,
     )
     _concept_chunk_output_kernel[grid](
-        a, v, mix, concept_mass, cu_seqlens, state_indices, chunk_seq, chunk_pos, entry_mean, entry_mass, out,
+        a, v, mix, log_decay, concept_mass, cu_seqlens, state_indices, chunk_seq, chunk_pos, entry_mean, entry_mass,
+        out,
         k, d_c, float(eps),
         a.stride(0), v.stride(0), mix.stride(0), concept_mass.stride(0),
         chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0), out.stride(0),
-        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, num_warps=4,
+        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, num_warps=4,
     )
     return out
 
 
-def concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps):
+def concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None):
     """Chunk form.
 
     a: (total, k) routing weights (rows sum to 1); v: (total, d_c); mix: (k, k) the matrix M;
     concept_mean: (slots, k, d_c) fp32 and concept_mass: (slots, k) fp64, read and updated in place;
-    state_indices: (batch,), -1 skips the sequence (output rows zero).
+    state_indices: (batch,), -1 skips the sequence (output rows zero);
+    log_decay: (k,) λ = log γ <= 0 per concept, or None (γ = 1, a running mean over the whole past).
     Returns read_t = a_t^T M (S_t / (m_t + eps)): (total, d_c) fp32.
     """
-    return _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps)
+    return _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay)
 
 
-def concept_filter_update(a, v, mix, concept_mean, concept_mass, state_indices, eps):
-    """One step for a batch of slots: a (batch, k), v (batch, d_c); state updated in place; -1 rows skipped.
-    Returns (batch, d_c) fp32."""
+def concept_filter_update(a, v, mix, concept_mean, concept_mass, state_indices, eps, log_decay=None):
+    """One step for a batch of slots: a (batch, k), v (batch, d_c); state updated in place; -1 rows skipped;
+    log_decay: (k,) or None as in concept_filter. Returns (batch, d_c) fp32."""
     if a.dim() != 2 or v.dim() != 2:
         raise ValueError(f"concept_filter_update: a and v must be 2-D, got {tuple(a.shape)} and {tuple(v.shape)}")
     batch = a.shape[0]
-    k, d_c = _check_concept_args(a, v, mix, concept_mean, concept_mass, state_indices, batch)
+    k, d_c = _check_concept_args(a, v, mix, concept_mean, concept_mass, state_indices, batch, log_decay)
     a, v, mix, state_indices = a.contiguous(), v.contiguous(), mix.contiguous(), state_indices.contiguous()
+    log_decay, has_decay = _decay_args(log_decay, mix)
     out = torch.empty((batch, d_c), device=a.device, dtype=torch.float32)  # (batch, d_c), -1 rows zero
     if batch == 0:
         return out
     block_k, block_dc = triton.next_power_of_2(k), triton.next_power_of_2(d_c)
     _concept_filter_update_kernel[(batch,)](
-        a, v, mix, concept_mean, concept_mass, state_indices, out,
+        a, v, mix, log_decay, concept_mean, concept_mass, state_indices, out,
         k, d_c, float(eps),
         a.stride(0), v.stride(0), mix.stride(0), concept_mean.stride(0), concept_mean.stride(1),
         concept_mass.stride(0), out.stride(0),
-        BLOCK_K=block_k, BLOCK_DC=block_dc, num_warps=4 if block_k * block_dc <= 4096 else 8,
+        BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, num_warps=4 if block_k * block_dc <= 4096 else 8,
     )
     return out
 
 
 if HAS_TRITON:
-    from kernels.selective_scan import _chunk_tables  # noqa: E402  (shared chunk bookkeeping)
+    from kernels.selective_scan import _chunk_tables, _scan_combine  # noqa: E402  (shared chunk bookkeeping)
 else:  # pragma: no cover
     del concept_filter, concept_filter_update

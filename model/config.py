@@ -10,6 +10,9 @@ from pathlib import Path
 ARCHITECTURE = "InfoMamba"
 HEAD_TYPES = ("lm", "per_step", "classify")
 SSM_VARIANTS = ("mamba1",)  # "mamba2" is planned (DESIGN.md §1)
+# The concepts' memory γ (DESIGN.md §1): "none" is γ = 1, a running mean over the whole past (the first form, so
+# model directories written before the field existed load unchanged); "learned" is γ = sigmoid(θ) per concept.
+CONCEPT_DECAYS = ("none", "learned")
 
 
 @dataclass(slots=True)
@@ -28,6 +31,7 @@ class InfoMambaConfig:
     dt_rank: int = 0  # 0 means ceil(d_model / 16), Mamba's default
     n_concepts: int = 8  # k; 0 turns the concept bottleneck and IMF off (a plain Mamba block)
     d_concept: int = 0  # d_c; 0 means d_model // 4
+    concept_decay: str = "none"  # one of CONCEPT_DECAYS; no effect when n_concepts = 0
     norm_eps: float = 1e-5
     concept_eps: float = 1e-6
     tie_embeddings: bool = True
@@ -61,6 +65,8 @@ class InfoMambaConfig:
             _require_positive_int(self, "n_classes")
         if self.ssm_variant not in SSM_VARIANTS:
             raise ValueError(f"ssm_variant: expected one of {SSM_VARIANTS}, got {self.ssm_variant!r}")
+        if self.concept_decay not in CONCEPT_DECAYS:
+            raise ValueError(f"concept_decay: expected one of {CONCEPT_DECAYS}, got {self.concept_decay!r}")
         for field in ("norm_eps", "concept_eps"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1):
@@ -82,6 +88,10 @@ class InfoMambaConfig:
     @property
     def has_concepts(self) -> bool:
         return self.n_concepts > 0
+
+    @property
+    def has_concept_decay(self) -> bool:
+        return self.has_concepts and self.concept_decay == "learned"
 
     @property
     def is_tied(self) -> bool:

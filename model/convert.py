@@ -48,7 +48,7 @@ def config_from_hf(hf: dict, name: str) -> InfoMambaConfig:
     return InfoMambaConfig(
         d_model=d_model, n_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], head="lm",
         d_state=hf.get("state_size", 16), d_conv=hf.get("conv_kernel", 4), expand=expand,
-        dt_rank=0 if rank == "auto" else rank, n_concepts=0, d_concept=0,
+        dt_rank=0 if rank == "auto" else rank, n_concepts=0, d_concept=0, concept_decay="none",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         conv_bias=bool(hf.get("use_conv_bias", True)), proj_bias=bool(hf.get("use_bias", False)), name=name,
     )

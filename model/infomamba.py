@@ -55,7 +55,7 @@ class InfoMamba(nn.Module):
         `load_model` takes it before casting: a bf16 GPU replica and an fp32 CPU replica of one model directory
         accept each other's snapshots. Call `invalidate_fingerprint` after changing weights in place."""
         if self._fingerprint is None:
-            digest = hashlib.sha256(repr(sorted(self.config.to_dict().items())).encode())
+            digest = hashlib.sha256(repr(sorted(_fingerprint_fields(self.config).items())).encode())
             for name, tensor in sorted(self.state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy().tobytes())
@@ -150,6 +150,20 @@ class InfoMamba(nn.Module):
         weight = self.embedding.weight if self.config.is_tied else self.head.weight
         bias = None if self.config.is_tied else self.head.bias
         return nn.functional.linear(hidden, weight, bias)
+
+
+# Config fields added after the first release, with the value that keeps the first behaviour: left out of the
+# fingerprint at that value, so models saved before them keep their fingerprint, and their streams' snapshots
+# (a server's spilled sessions included) still load.
+_LATER_FIELDS = {"concept_decay": "none"}
+
+
+def _fingerprint_fields(config: InfoMambaConfig) -> dict:
+    fields = config.to_dict()
+    for name, original in _LATER_FIELDS.items():
+        if fields.get(name) == original:
+            del fields[name]
+    return fields
 
 
 def _advance_steps(state: StreamState, state_indices: torch.Tensor, lengths: torch.Tensor) -> None:

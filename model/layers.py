@@ -103,8 +103,21 @@ class MambaMixer(nn.Module):
         return self.out_proj(y)
 
 
+# Initial concept horizons 1 / (1 - γ), spread log-uniformly: short enough to track a function, long enough to
+# hold a whole file (DESIGN.md §1); training moves them.
+DECAY_HORIZONS = (1e2, 1e5)
+
+
+def initial_decay_logits(k: int, horizons: tuple[float, float] = DECAY_HORIZONS) -> torch.Tensor:
+    """θ (k,) with 1 / (1 - sigmoid(θ)) log-spaced over `horizons`: θ = logit(1 - 1/H) = log(H - 1)."""
+    lo, hi = (math.log(h) for h in horizons)
+    log_h = torch.linspace(lo, hi, k) if k > 1 else torch.tensor([(lo + hi) / 2])
+    return torch.log(torch.exp(log_h) - 1)
+
+
 class ConceptBottleneck(nn.Module):
-    """k routing weights per token, a causal running mean of values per concept, read back through M."""
+    """k routing weights per token, a causal (decayed, with concept_decay "learned") mean of values per concept,
+    read back through M."""
 
     def __init__(self, config: InfoMambaConfig):
         super().__init__()
@@ -114,17 +127,35 @@ class ConceptBottleneck(nn.Module):
         self.value = nn.Linear(config.d_model, C, bias=False)
         self.mix = nn.Parameter(torch.eye(k))
         self.norm = RMSNorm(C, config.norm_eps)
+        # θ, γ = sigmoid(θ); absent for "none" so that model directories written without it still load
+        self.decay_logit = nn.Parameter(initial_decay_logits(k)) if config.has_concept_decay else None
+        self._log_decay: tuple[tuple, torch.Tensor] | None = None
+
+    def log_decay(self) -> torch.Tensor | None:
+        """λ = log γ = logsigmoid(θ) in fp32 (k,), or None with no decay. The kernels take λ rather than γ because
+        fp32 keeps 1 - γ = 1e-5 to full precision in λ but to only about 0.6% in γ itself. Cached between weight
+        updates, like neg_A."""
+        theta = self.decay_logit
+        if theta is None:
+            return None
+        if torch.is_grad_enabled():
+            return F.logsigmoid(theta.float())
+        key = (theta.data_ptr(), theta._version, theta.dtype, theta.device)
+        if self._log_decay is None or self._log_decay[0] != key:
+            self._log_decay = (key, F.logsigmoid(theta.float()))
+        return self._log_decay[1]
 
     def forward(self, h: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
         # h: (T, D) -> r: (T, C) global context for each token
         a = torch.softmax(self.route(h).float(), dim=-1)  # (T, k)
         v = self.value(h)  # (T, C)
+        log_decay = self.log_decay()  # (k,) or None
         if batch.is_decode:
             read = ops.concept_filter_update(a, v, self.mix, state.concept_mean, state.concept_mass,
-                                             batch.state_indices, self.eps)
+                                             batch.state_indices, self.eps, log_decay)
         else:
             read = ops.concept_filter(a, v, self.mix, state.concept_mean, state.concept_mass,
-                                      batch.cu_seqlens, batch.state_indices, self.eps)
+                                      batch.cu_seqlens, batch.state_indices, self.eps, log_decay)
         normed, _ = ops.add_rms_norm(read, None, self.norm.weight, self.norm_eps)  # one kernel on a GPU
         return F.gelu(normed)
 

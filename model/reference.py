@@ -5,7 +5,7 @@ fp64 (the fast paths store means instead). It reads the parameters of an `InfoMa
 code path with it.
 
 Glossary (paper symbols): x_t hidden, h_t normed hidden, a_t concept routing (k), v_t concept value (d_c),
-S/m concept sums/mass, r_t global context, g_s/g_o IMF gates, u_t SSM input, s_t SSM state (E x N),
+S/m concept sums/mass, γ concept decay, r_t global context, g_s/g_o IMF gates, u_t SSM input, s_t SSM state (E x N),
 Δ step size, A/B/C/D the S6 parameters, K conv width.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from model.infomamba import InfoMamba
+from model.state import StreamState
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,14 +29,35 @@ class _LayerState:
         self.m = torch.zeros(k, dtype=torch.float64)  # concept mass
 
 
+    @classmethod
+    def from_stream(cls, state: StreamState, i: int, eps: float) -> "_LayerState":
+        """Layer i of a one-stream StreamState, with its stored means turned back into raw sums S = (m + eps) mean."""
+        st = cls.__new__(cls)
+        st.window = state.conv[i, 0].float().t().clone()
+        st.s = state.ssm[i, 0].float().clone()
+        st.m = state.concept_mass[i, 0].double().clone()
+        st.S = (st.m[:, None] + eps) * state.concept_mean[i, 0].double()
+        return st
+
+    def write_to(self, state: StreamState, i: int, eps: float) -> None:
+        state.conv[i, 0] = self.window.t().to(state.conv.dtype)
+        state.ssm[i, 0] = self.s
+        state.concept_mass[i, 0] = self.m
+        state.concept_mean[i, 0] = (self.S / (self.m[:, None] + eps)).float()
+
+
 @torch.no_grad()
-def reference_forward(model: InfoMamba, inputs: torch.Tensor) -> torch.Tensor:
-    """inputs: (T,) token ids or (T, d_input) floats for ONE sequence, from a zero state.
+def reference_forward(model: InfoMamba, inputs: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
+    """inputs: (T,) token ids or (T, d_input) floats for ONE sequence, from a zero state, or from `state` (a
+    StreamState of one stream on the CPU), which then receives the final state (steps included).
     Returns the head output per step (T, d_out), or (n_classes,) for a classify head. fp32 throughout."""
     cfg = model.config
     p = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
     E, N, K = cfg.d_inner, cfg.d_state, cfg.d_conv
-    states = [_LayerState(E, K, N, cfg.n_concepts, cfg.d_concept) for _ in range(cfg.n_layers)]
+    if state is None:
+        states = [_LayerState(E, K, N, cfg.n_concepts, cfg.d_concept) for _ in range(cfg.n_layers)]
+    else:
+        states = [_LayerState.from_stream(state, i, cfg.concept_eps) for i in range(cfg.n_layers)]
     outputs = []
     for t in range(inputs.shape[0]):
         if cfg.vocab_size is not None:
@@ -50,8 +72,22 @@ def reference_forward(model: InfoMamba, inputs: torch.Tensor) -> torch.Tensor:
         if not cfg.is_tied and "head.bias" in p:
             out = out + p["head.bias"]
         outputs.append(out)
+    if state is not None:
+        for i, st in enumerate(states):
+            st.write_to(state, i, cfg.concept_eps)
+        state.steps += inputs.shape[0]
     out = torch.stack(outputs)
     return out[-1] if cfg.head == "classify" else out
+
+
+def concept_step(S: torch.Tensor, m: torch.Tensor, a: torch.Tensor, v: torch.Tensor, mix: torch.Tensor,
+                 gamma: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the concept recurrence in raw fp64 sums: S (k, C), m (k,), a (k,), v (C,), gamma (k,) fp64.
+    Returns a_t^T M c_t (C,) fp32 before the norm, and the new S and m."""
+    S = gamma[:, None] * S + torch.outer(a, v).double()
+    m = gamma * m + a.double()
+    c = mix @ (S / (m[:, None] + eps)).float()  # (k, C)
+    return a @ c, S, m
 
 
 def _layer_step(p: dict, pre: str, cfg, st: _LayerState, x: torch.Tensor) -> torch.Tensor:
@@ -60,15 +96,21 @@ def _layer_step(p: dict, pre: str, cfg, st: _LayerState, x: torch.Tensor) -> tor
     if cfg.n_concepts > 0:
         a = torch.softmax(p[pre + "concept.route.weight"] @ h + p[pre + "concept.route.bias"], dim=0)  # (k,)
         v = p[pre + "concept.value.weight"] @ h  # (C,)
-        st.S += torch.outer(a, v).double()
-        st.m += a.double()
-        c = p[pre + "concept.mix"] @ (st.S / (st.m[:, None] + cfg.concept_eps)).float()  # (k, C)
-        r = F.gelu(_rms(a @ c, p[pre + "concept.norm.weight"], cfg.norm_eps))
+        gamma = _decay(p, pre, cfg)  # (k,) fp64, ones without decay
+        read, st.S, st.m = concept_step(st.S, st.m, a, v, p[pre + "concept.mix"], gamma, cfg.concept_eps)
+        r = F.gelu(_rms(read, p[pre + "concept.norm.weight"], cfg.norm_eps))
         gates = torch.sigmoid(p[pre + "fusion.gate.weight"] @ torch.cat([h, r]) + p[pre + "fusion.gate.bias"])
         g_s, g_o = gates[:cfg.d_concept], gates[cfg.d_concept:]
         u = h + p[pre + "fusion.to_input.weight"] @ (g_s * r)
         extra = p[pre + "fusion.to_output.weight"] @ (g_o * r)
     return _mamba_step(p, pre + "mixer.", cfg, st, u) + extra
+
+
+def _decay(p: dict, pre: str, cfg) -> torch.Tensor:
+    """γ = sigmoid(θ) per concept, in fp64 from the stored θ; ones for concept_decay "none"."""
+    if cfg.concept_decay == "none":
+        return torch.ones(cfg.n_concepts, dtype=torch.float64)
+    return torch.sigmoid(p[pre + "concept.decay_logit"].double())
 
 
 def _mamba_step(p: dict, pre: str, cfg, st: _LayerState, u: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,11 @@
     python -m model.training.train --out runs/k16 --n-concepts 16 --minutes 6
 
 Loss = next-byte cross-entropy + imf_weight * the IMF redundancy penalty (DESIGN.md §1, training only).
+
+Windows: random --seq-len windows from an empty state (the default), or with --stateful whole documents read in
+consecutive --seq-len windows with the state carried and detached between them (truncated backpropagation through
+time), which is how a long-stream model must be trained (DESIGN.md §1); --seq-len may then be long (2048+): the
+training forward's memory grows linearly with it.
 Writes into --out: config.json + model.safetensors (save_model), metrics.json, README.md (a model card), and
 prints progress lines. Needs only torch and safetensors (no tqdm, no tokenizers).
 """
@@ -19,11 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.config import InfoMambaConfig
+from model.config import CONCEPT_DECAYS, InfoMambaConfig
 from model.infomamba import InfoMamba
+from model.state import StreamState
 from model.tokenizer import ByteTokenizer
 from model.train_forward import train_forward
-from model.training.corpus import eval_windows, load_corpus, random_windows
+from model.training.corpus import (IGNORE_INDEX, DocumentStreams, eval_windows, load_corpus, random_windows,
+                                   split_documents)
+from model.training.evaluate import stream_bpb
 from model.weights import save_model
 
 DEFAULT_NAME = "infomamba-pystdlib-byte"
@@ -37,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-layers", type=int, default=6)
     p.add_argument("--n-concepts", type=int, default=16, help="k; 0 trains a plain Mamba of the same size")
     p.add_argument("--d-state", type=int, default=16)
+    p.add_argument("--concept-decay", choices=CONCEPT_DECAYS, default="none", help="the concepts' memory γ")
+    p.add_argument("--stateful", action="store_true",
+                   help="stream whole documents in consecutive windows, state carried (truncated BPTT)")
     p.add_argument("--steps", type=int, default=100_000, help="step limit (the time budget usually ends first)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for the training loop")
     p.add_argument("--batch-size", type=int, default=32)
@@ -51,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per periodic evaluation")
     p.add_argument("--final-eval-windows", type=int, default=4096)
+    p.add_argument("--stream-eval", action="store_true",
+                   help="also stream each held-out file whole through the serving path: bpb by position, and the "
+                        "same files in --seq-len windows from an empty state (model/training/evaluate.py)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--max-files", type=int, default=None, help="use only the first files (smoke tests)")
     p.add_argument("--corpus-root", default=None, help="default: this interpreter's stdlib")
@@ -129,11 +143,17 @@ def train(args: argparse.Namespace) -> dict:
                          f"({json.dumps(corpus.describe())})")
     train_tokens, held_out = corpus.train.to(device), corpus.held_out.to(device)
     config = InfoMambaConfig(d_model=args.d_model, n_layers=args.n_layers, vocab_size=ByteTokenizer.vocab_size,
-                             d_state=args.d_state, n_concepts=args.n_concepts, name=args.name)
+                             d_state=args.d_state, n_concepts=args.n_concepts, concept_decay=args.concept_decay,
+                             name=args.name)
     model = InfoMamba(config).to(device).train()
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    streams, state = None, None
+    if args.stateful:
+        documents = split_documents(corpus.train)
+        streams = DocumentStreams(documents, args.batch_size, args.seq_len, torch.Generator().manual_seed(args.seed))
+        state = model.empty_state(args.batch_size)
     periodic_windows = eval_windows(held_out, args.seq_len, args.eval_windows)
     print(f"[{args.name}] k={args.n_concepts} params={num_params:,} corpus={json.dumps(corpus.describe())} "
           f"device={device}", flush=True)
@@ -147,18 +167,20 @@ def train(args: argparse.Namespace) -> dict:
         progress = max(step / args.steps, elapsed / budget_s if budget_s else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, progress, args)
-        batch = random_windows(train_tokens, args.batch_size, args.seq_len, generator)
+        inputs, targets, state = next_batch(args, train_tokens, generator, streams, state)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = train_forward(model, batch[:, :-1])
-            ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1))
+            out = train_forward(model, inputs, state)
+            ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=IGNORE_INDEX)
             penalty = redundancy_penalty(out.branches, args.imf_pool).to(ce.device)
             loss = ce + args.imf_weight * penalty
+        state = out.state  # detached by train_forward: the next window's gradient stops here
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         step += 1
-        tokens_seen += batch[:, 1:].numel()
+        tokens_seen += int((targets != IGNORE_INDEX).sum())
         if step % args.log_every == 0 or step == 1:
             ce_v, pen_v = float(ce.detach()), float(penalty.detach())
             elapsed = time.time() - start
@@ -177,13 +199,18 @@ def train(args: argparse.Namespace) -> dict:
     print(f"[{args.name}] done: {step} steps, {tokens_seen:,} tokens, {train_seconds:.0f}s, "
           f"held-out {final_bpb:.4f} bpb over {final_windows[:, 1:].numel():,} tokens", flush=True)
     metrics = {
-        "name": args.name, "n_concepts": args.n_concepts, "num_params": num_params, "steps": step,
+        "name": args.name, "n_concepts": args.n_concepts, "concept_decay": args.concept_decay,
+        "stateful": args.stateful, "num_params": num_params, "steps": step,
         "tokens_seen": tokens_seen, "train_seconds": round(train_seconds, 1), "held_out_bpb": final_bpb,
         "held_out_eval_tokens": int(final_windows[:, 1:].numel()), "history": history,
         "corpus": corpus.describe(), "python": platform.python_version(), "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "args": vars(args), "command": "python -m model.training.train " + " ".join(sys.argv[1:]),
     }
+    if args.stream_eval:
+        metrics["held_out_streamed"] = streamed_eval(model, corpus, args.seq_len)
+        print(f"[{args.name}] held-out streamed {metrics['held_out_streamed']['streamed']['bpb']:.4f} bpb, "
+              f"in {args.seq_len}-byte windows {metrics['held_out_streamed']['windows']['bpb']:.4f}", flush=True)
     out = Path(args.out)
     model.cpu().eval()
     save_model(model, out, metadata={"name": args.name, "steps": str(step), "tokens_seen": str(tokens_seen),
@@ -193,11 +220,33 @@ def train(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def streamed_eval(model: InfoMamba, corpus, window: int) -> dict:
+    """The held-out files streamed whole, and in `window`-token windows from an empty state, through the serving
+    path (bits per token by position and per file; see evaluate.py)."""
+    documents = split_documents(corpus.held_out, min_tokens=1)  # one per file, so the names line up
+    return {"streamed": stream_bpb(model, documents, corpus.held_out_files),
+            "windows": stream_bpb(model, documents, corpus.held_out_files, reset_every=window)}
+
+
+def next_batch(args: argparse.Namespace, tokens: torch.Tensor, generator: torch.Generator,
+               streams: DocumentStreams | None, state: StreamState | None,
+               ) -> tuple[torch.Tensor, torch.Tensor, StreamState | None]:
+    """(inputs (B, L), targets (B, L), state): random windows from an empty state (state None), or each lane's next
+    window of its document with the state carried from its last window, reset where a document starts."""
+    if streams is None:
+        batch = random_windows(tokens, args.batch_size, args.seq_len, generator)
+        return batch[:, :-1], batch[:, 1:], None
+    windows = streams.next_windows()
+    state.reset(torch.nonzero(windows.fresh).flatten().to(state.steps.device))
+    return windows.inputs.to(tokens.device), windows.targets.to(tokens.device), state
+
+
 def model_card(m: dict) -> str:
     c = m["corpus"]
     return f"""# {m['name']}
 
-A byte-level causal InfoMamba (k = {m['n_concepts']} concepts{' — a plain Mamba' if m['n_concepts'] == 0 else ''}),
+A byte-level causal InfoMamba (k = {m['n_concepts']} concepts{' — a plain Mamba' if m['n_concepts'] == 0 else ''},
+concept_decay {m['concept_decay']}),
 {m['num_params']:,} parameters, trained by `model/training/train.py`.
 
 - Corpus: the `.py` files of the Python {m['python']} standard library at `{c['root']}` (site-packages skipped),
@@ -205,12 +254,19 @@ A byte-level causal InfoMamba (k = {m['n_concepts']} concepts{' — a plain Mamb
   Train: {c['num_train_files']} files, {c['num_train_tokens']:,} tokens; held out: {c['num_held_out_files']} files,
   {c['num_held_out_tokens']:,} tokens (bytes, plus one end-of-file token after each file).
 - Training: {m['steps']} steps, {m['tokens_seen']:,} tokens seen, {m['train_seconds']:.0f} s on {m['device']}
-  (torch {m['torch']}); random {m['args']['seq_len']}-byte windows, batch {m['args']['batch_size']}, AdamW
+  (torch {m['torch']}); {_windows_text(m)}, batch {m['args']['batch_size']}, AdamW
   (lr {m['args']['lr']}, cosine), bf16 autocast on GPU, IMF redundancy weight {m['args']['imf_weight']}.
 - Held-out: **{m['held_out_bpb']:.4f} bits per byte** over {m['held_out_eval_tokens']:,} tokens (non-overlapping
   {m['args']['seq_len']}-byte windows, each from an empty state).
 - Command: `{m['command']}`
 """
+
+
+def _windows_text(m: dict) -> str:
+    if m["stateful"]:
+        return (f"whole files in consecutive {m['args']['seq_len']}-byte windows, the state carried and detached "
+                "between them (truncated BPTT)")
+    return f"random {m['args']['seq_len']}-byte windows from an empty state"
 
 
 def main(argv: list[str] | None = None) -> None:

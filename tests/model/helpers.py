@@ -1,6 +1,9 @@
 """Tiny models and inputs for model tests."""
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
 from model.config import InfoMambaConfig
@@ -28,9 +31,40 @@ def _perturb(model: InfoMamba, seed: int) -> None:
     model.invalidate_fingerprint()
 
 
+# Concept decays far from 1 and near it (horizons of 2, 10^5 and 10 steps), cycled over the concepts.
+GAMMAS = (0.5, 1 - 1e-5, 0.9)
+
+
+def set_decays(model: InfoMamba, gammas=GAMMAS) -> InfoMamba:
+    """Set every layer's γ = sigmoid(θ) to `gammas` cycled over its concepts (the model needs concept_decay
+    "learned"); the random init's horizons (10^2..10^5) barely decay within a short test sequence."""
+    with torch.no_grad():
+        for layer in model.layers:
+            theta = layer.concept.decay_logit
+            theta.copy_(torch.tensor([math.log(g / (1 - g)) for g in _cycle(gammas, theta.numel())]))
+    model.invalidate_fingerprint()
+    return model
+
+
+def _cycle(values, n):
+    return [values[i % len(values)] for i in range(n)]
+
+
 def make_inputs(model: InfoMamba, batch: int, length: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
     if cfg.vocab_size is not None:
         return torch.randint(0, cfg.vocab_size, (batch, length), generator=gen)
     return torch.randn(batch, length, cfg.d_input, generator=gen)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run a long loop of tiny tensor ops on one thread: they gain nothing from intra-op threads, whose barriers
+    cost several times the work itself on a shared CPU (measured: 0.8 s alone vs 7 s on two busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

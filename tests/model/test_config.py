@@ -31,6 +31,7 @@ def test_defaults_are_resolved():
     (dict(head="classify"), "n_classes"),
     (dict(norm_eps=0.0), "norm_eps"),
     (dict(ssm_variant="mamba3"), "ssm_variant"),
+    (dict(concept_decay="exponential"), "concept_decay"),
     (dict(tie_embeddings="yes"), "tie_embeddings"),
     (dict(architecture="Llama"), "architecture"),
 ])
@@ -43,3 +44,13 @@ def test_unknown_field_in_json_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"d_model": 32, "n_heads": 4}))
     with pytest.raises(ValueError, match="n_heads"):
         InfoMambaConfig.load(tmp_path / "config.json")
+
+
+def test_concept_decay_defaults_to_none_so_older_config_json_loads(tmp_path):
+    data = InfoMambaConfig(n_concepts=4).to_dict()
+    del data["concept_decay"]  # written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    config = InfoMambaConfig.load(tmp_path / "config.json")
+    assert config.concept_decay == "none" and not config.has_concept_decay
+    assert InfoMambaConfig(n_concepts=4, concept_decay="learned").has_concept_decay
+    assert not InfoMambaConfig(n_concepts=0, concept_decay="learned").has_concept_decay  # nothing to decay

@@ -31,7 +31,7 @@ def test_converted_logits_match_transformers(shape, tmp_path):
     assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours"), "--quiet"]) == 0
     assert (tmp_path / "ours" / "tokenizer.json").is_file()
     ours = load_model(tmp_path / "ours")
-    assert ours.config.n_concepts == 0
+    assert ours.config.n_concepts == 0 and ours.config.concept_decay == "none"
     assert ours.config.tie_embeddings == hf_config.tie_word_embeddings
     ids = torch.randint(0, 67, (2, 19))
     with torch.no_grad():

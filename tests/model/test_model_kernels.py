@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import make_inputs, make_model
+from helpers import make_inputs, make_model, set_decays
 from kernels.dispatch import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -24,14 +24,21 @@ def run(model, inputs, cuts, kernels, monkeypatch):
     return torch.cat(heads, 1), state
 
 
-SIZES = [dict(d_model=24, n_layers=2, d_state=4, d_conv=3, n_concepts=3, d_concept=6)]
+SIZES = [dict(d_model=24, n_layers=2, d_state=4, d_conv=3, n_concepts=3, d_concept=6),
+         dict(d_model=24, n_layers=2, d_state=4, d_conv=3, n_concepts=3, d_concept=6, concept_decay="learned")]
 if CUDA:
     SIZES.append(dict(d_model=768, n_layers=4, d_state=16, d_conv=4, n_concepts=16, d_concept=192, vocab_size=512))
+    SIZES.append({**SIZES[-1], "concept_decay": "learned"})
 
 
-@pytest.mark.parametrize("fields", SIZES, ids=lambda f: f"d{f['d_model']}")
+def size_id(fields):
+    return f"d{fields['d_model']}-{fields.get('concept_decay', 'none')}"
+
+
+@pytest.mark.parametrize("fields", SIZES, ids=size_id)
 def test_kernels_match_torch_path_in_one_pass_chunks_and_steps(fields, monkeypatch):
-    model = make_model(0, **fields).to(DEVICE)
+    model = make_model(0, **fields)
+    model = (set_decays(model) if model.config.has_concept_decay else model).to(DEVICE)
     length = 64 if CUDA else 10
     inputs = make_inputs(model, 2, length)
     cuts = [length // 3, length // 3 + 1, length - 2]
@@ -45,7 +52,7 @@ def test_kernels_match_torch_path_in_one_pass_chunks_and_steps(fields, monkeypat
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 arithmetic needs a GPU (the interpreter gets it wrong)")
-@pytest.mark.parametrize("fields", SIZES[-1:], ids=lambda f: f"d{f['d_model']}")
+@pytest.mark.parametrize("fields", SIZES[-2:], ids=size_id)
 def test_bf16_kernels_err_no_more_than_the_bf16_torch_path(fields, monkeypatch):
     # Random bf16 models drift from their fp32 selves through every layer; the kernels must not drift further
     # than the PyTorch path does, in one pass and in chunks.

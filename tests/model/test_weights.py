@@ -1,4 +1,5 @@
 """Loading a model directory: round trip, and a clear error for each kind of bad weights."""
+import hashlib
 import json
 
 import pytest
@@ -88,3 +89,37 @@ def test_bad_config(saved):
     (directory / "config.json").write_text(json.dumps(data))
     with pytest.raises(WeightsError, match="d_state"):
         load_model(directory)
+
+
+def test_learned_decay_adds_one_tensor_per_layer_and_round_trips(tmp_path):
+    model = make_model(0, concept_decay="learned")
+    save_model(model, tmp_path / "m")
+    names = load_file(str(tmp_path / "m" / "model.safetensors")).keys()
+    assert sorted(n for n in names if "decay" in n) == ["layers.0.concept.decay_logit", "layers.1.concept.decay_logit"]
+    assert not any("decay" in n for n in make_model(0).state_dict())  # "none" stores nothing new
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config.concept_decay == "learned"
+    inputs = make_inputs(model, 2, 7)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs)[0].head, model(inputs)[0].head)
+    assert loaded.fingerprint() == model.fingerprint() != make_model(0).fingerprint()
+
+
+def test_learned_decay_directory_without_its_tensors_names_them(tmp_path):
+    save_model(make_model(0), tmp_path / "m")
+    data = json.loads((tmp_path / "m" / "config.json").read_text())
+    data["concept_decay"] = "learned"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match=r"missing tensors: layers\.0\.concept\.decay_logit, layers\.1\.concept"):
+        load_model(tmp_path / "m")
+
+
+def test_concept_decay_none_keeps_the_fingerprint_of_models_saved_before_the_field(saved):
+    # Spilled sessions and snapshots of an existing model must still load after the upgrade.
+    model, _ = saved
+    before = hashlib.sha256(repr(sorted(
+        (k, v) for k, v in model.config.to_dict().items() if k != "concept_decay")).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        before.update(name.encode())
+        before.update(tensor.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy().tobytes())
+    assert model.fingerprint() == before.hexdigest()
