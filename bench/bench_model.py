@@ -50,7 +50,7 @@ def use_kernels(choice: str) -> None:
 
 
 def bench_decode(model, batch_sizes, floor_bw, rows):
-    from model.cuda_graphs import CudaGraphDecoder
+    from server.engine.cuda_graphs import CudaGraphDecoder
 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = state_nbytes_per_stream(model.config, model.dtype)

@@ -70,7 +70,7 @@ def test_bf16_kernels_err_no_more_than_the_bf16_torch_path(fields, monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decode_matches_eager_decode(dtype, monkeypatch):
-    from model.cuda_graphs import CudaGraphDecoder
+    from server.engine.cuda_graphs import CudaGraphDecoder
 
     monkeypatch.setenv("INFOMAMBA_KERNELS", "triton")
     model = make_model(1, **SIZES[-1]).to(DEVICE, dtype)
