@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.packing import host_bounds, seq_lengths
+from kernels.packing import PackedLayout, layout_of, seq_lengths
 
 
-def causal_conv1d_ref(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=True):
+def causal_conv1d_ref(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=True,
+                      layout: PackedLayout | None = None):
     """Chunk form.
 
     x: (total, d_inner) packed tokens; weight: (d_inner, d_conv); bias: (d_inner,) or None;
@@ -214,7 +215,8 @@ def _check_conv_args(x, weight, bias, conv_state, state_indices, batch):
     return d_inner, d_conv
 
 
-def causal_conv1d(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=True):
+def causal_conv1d(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=True,
+                  layout: PackedLayout | None = None):
     """Chunk form.
 
     x: (total, d_inner) packed tokens; weight: (d_inner, d_conv); bias: (d_inner,) or None;
@@ -230,7 +232,7 @@ def causal_conv1d(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=T
     bias = bias.contiguous() if bias is not None else None
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
     out = torch.empty_like(x)  # (total, d_inner); the kernel writes zeros on rows of -1 sequences
-    bounds = host_bounds(cu_seqlens)
+    bounds = layout_of(cu_seqlens, layout).bounds
     if bounds[-1] < x.shape[0]:
         out[bounds[-1]:].zero_()
     if batch == 0:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packing import host_bounds, seq_lengths
+from kernels.packing import PackedLayout, layout_of, seq_lengths
 
 REF_CHUNK = 64  # the reference works chunk by chunk too, so a 10^5-step sequence costs no (L, L) matrix
 
 
-def concept_filter_ref(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None):
+def concept_filter_ref(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None,
+                       layout: PackedLayout | None = None):
     """Chunk form.
 
     a: (total, k) routing weights (rows sum to 1); v: (total, d_c); mix: (k, k) the matrix M;
@@ -367,7 +368,7 @@ def _decay_args(log_decay, placeholder):
 
 
 def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None,
-                    chunk_size=None):
+                    layout=None, chunk_size=None):
     """concept_filter with the chunk length exposed (tests)."""
     if a.dim() != 2 or v.dim() != 2:
         raise ValueError(f"concept_filter: a and v must be 2-D, got {tuple(a.shape)} and {tuple(v.shape)}")
@@ -378,7 +379,8 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
     log_decay, has_decay = _decay_args(log_decay, mix)
     total = a.shape[0]
     out = torch.empty((total, d_c), device=a.device, dtype=torch.float32)  # (total, d_c)
-    bounds = host_bounds(cu_seqlens)
+    layout = layout_of(cu_seqlens, layout)
+    bounds = layout.bounds
     if bounds[-1] > total:
         raise ValueError(f"concept_filter: cu_seqlens ends at {bounds[-1]}, past the {total} tokens")
     if bounds[-1] < total:
@@ -389,7 +391,7 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
     chunk = chunk_size or (64 if max_len > 32 else max(triton.next_power_of_2(max_len), 16))
     block_k = max(triton.next_power_of_2(k), 16)  # tl.dot needs 16
     block_dc = max(min(triton.next_power_of_2(d_c), 64), 16)
-    chunk_seq, chunk_pos, chunk_cu = _chunk_tables(bounds, chunk, a.device)
+    chunk_seq, chunk_pos, chunk_cu = layout.chunk_tables(chunk)
     num_chunks = chunk_seq.shape[0]
     chunk_sum = torch.empty(num_chunks, k, d_c, device=a.device, dtype=torch.float32)  # raw sums a^T v
     chunk_mass = torch.empty(num_chunks, k, device=a.device, dtype=torch.float64)
@@ -421,7 +423,8 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
     return out
 
 
-def concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None):
+def concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None,
+                   layout: PackedLayout | None = None):
     """Chunk form.
 
     a: (total, k) routing weights (rows sum to 1); v: (total, d_c); mix: (k, k) the matrix M;
@@ -430,7 +433,7 @@ def concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indi
     log_decay: (k,) λ = log γ <= 0 per concept, or None (γ = 1, a running mean over the whole past).
     Returns read_t = a_t^T M (S_t / (m_t + eps)): (total, d_c) fp32.
     """
-    return _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay)
+    return _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay, layout)
 
 
 def concept_filter_update(a, v, mix, concept_mean, concept_mass, state_indices, eps, log_decay=None):
@@ -457,6 +460,6 @@ def concept_filter_update(a, v, mix, concept_mean, concept_mass, state_indices, 
 
 
 if HAS_TRITON:
-    from kernels.selective_scan import _chunk_tables, _scan_combine  # noqa: E402  (shared chunk bookkeeping)
+    from kernels.selective_scan import _scan_combine  # noqa: E402  (shared combine function)
 else:  # pragma: no cover
     del concept_filter, concept_filter_update

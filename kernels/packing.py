@@ -5,32 +5,51 @@ belongs to sequence i, whose carried state lives in slot `state_indices[i]` of t
 """
 from __future__ import annotations
 
-import contextlib
-import threading
+from dataclasses import dataclass, field
 
 import torch
 
-_declared = threading.local()
+@dataclass(eq=False)
+class PackedLayout:
+    """One forward pass's batch layout, built once (by the server's runner, or the model) and passed down to every
+    layer's chunk kernels: cu_seqlens on the device, its values on the host (the grids need them; reading them
+    from the device would wait on it), and the chunk tables the chunked kernels build from them, per chunk size."""
+
+    cu_seqlens: torch.Tensor  # (batch + 1,) int32 on the device
+    bounds: list[int]  # the same values on the host
+    _tables: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, bounds: list[int] | None = None) -> "PackedLayout":
+        return cls(cu_seqlens, bounds if bounds is not None else cu_seqlens.tolist())
+
+    def chunk_tables(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per chunk: its sequence and its index within it; per sequence: its first chunk (a prefix sum). Built on
+        the host and sent in one copy; the kernels only read them, so every layer of the pass reuses them."""
+        if chunk not in self._tables:
+            self._tables[chunk] = _build_chunk_tables(self.bounds, chunk, self.cu_seqlens.device)
+        return self._tables[chunk]
 
 
-@contextlib.contextmanager
-def known_bounds(cu_seqlens: torch.Tensor, bounds: list[int]):
-    """Declare cu_seqlens's values on the host for the duration of a forward pass, so the chunk kernels of every
-    layer build their grids without each waiting for the device. The caller must not change it meanwhile."""
-    previous = getattr(_declared, "value", None)
-    _declared.value = (cu_seqlens, bounds)
-    try:
-        yield
-    finally:
-        _declared.value = previous
+def layout_of(cu_seqlens: torch.Tensor, layout: PackedLayout | None) -> PackedLayout:
+    """The caller's layout when it describes this cu_seqlens, else one read from it (a host read)."""
+    if layout is not None and layout.cu_seqlens is cu_seqlens:
+        return layout
+    return PackedLayout.of(cu_seqlens)
 
 
-def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
-    """cu_seqlens as a host list: the declared values when this very tensor was declared, else read (a sync)."""
-    declared = getattr(_declared, "value", None)
-    if declared is not None and declared[0] is cu_seqlens:
-        return declared[1]
-    return cu_seqlens.tolist()
+def _build_chunk_tables(bounds, chunk, device):
+    chunk_seq, chunk_pos, chunk_cu = [], [], [0]
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        count = max(-(-(b - a) // chunk), 1)  # an empty sequence still gets a chunk: it carries the state
+        chunk_seq += [i] * count
+        chunk_pos += range(count)
+        chunk_cu.append(chunk_cu[-1] + count)
+    n = len(chunk_seq)
+    packed = torch.tensor(chunk_seq + chunk_pos + chunk_cu, dtype=torch.int32)
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    return packed[:n], packed[n:2 * n], packed[2 * n:]
 
 
 def seq_lengths(cu_seqlens: torch.Tensor) -> list[int]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.packing import host_bounds, pad_packed, unpad
+from kernels.packing import PackedLayout, layout_of, pad_packed, unpad
 
 
-def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus=True):
+def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus=True,
+                       layout: PackedLayout | None = None):
     """Chunk form.
 
     x, dt, z: (total, d_inner) (z may be None: no gate); A: (d_inner, d_state) fp32 (negative);
@@ -313,36 +314,6 @@ def _scan_chunk_output_kernel(
                  mask=in_seq[:, None] & d_mask[None, :])
 
 
-_last_chunk_tables: tuple | None = None  # (key, tables): the layers of one forward pass share them
-
-
-def _chunk_tables(bounds, chunk, device):
-    """Per chunk: its sequence and its index within it; per sequence: its first chunk (a prefix sum).
-    Built on the host from cu_seqlens (already read there for the grid) and sent in one copy; the kernels only
-    read them, so the next call with the same sequences and chunk size reuses them."""
-    global _last_chunk_tables
-    key = (tuple(bounds), chunk, device)
-    if _last_chunk_tables is not None and _last_chunk_tables[0] == key:
-        return _last_chunk_tables[1]
-    tables = _build_chunk_tables(bounds, chunk, device)
-    _last_chunk_tables = (key, tables)
-    return tables
-
-
-def _build_chunk_tables(bounds, chunk, device):
-    chunk_seq, chunk_pos, chunk_cu = [], [], [0]
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        count = max(-(-(b - a) // chunk), 1)  # an empty sequence still gets a chunk: it carries the state
-        chunk_seq += [i] * count
-        chunk_pos += range(count)
-        chunk_cu.append(chunk_cu[-1] + count)
-    n = len(chunk_seq)
-    packed = torch.tensor(chunk_seq + chunk_pos + chunk_cu, dtype=torch.int32)
-    if device.type == "cuda":
-        packed = packed.pin_memory().to(device, non_blocking=True)
-    return packed[:n], packed[n:2 * n], packed[2 * n:]
-
-
 def _scan_config(max_len: int, d_inner: int, token_loop: bool):
     """Hand-tuned (bench/RESULTS.md): (chunk, block_d, num_warps of the output pass)."""
     if token_loop:  # H200 sweep at 32K: chunk 128, 32 channels, 1 warp (1.02 ms; 64: 1.10, 256: 1.09 ms)
@@ -354,7 +325,7 @@ def _scan_config(max_len: int, d_inner: int, token_loop: bool):
 
 
 def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus=True,
-                    chunk_size=None, block_d=None, token_loop=None, num_warps=None):
+                    layout=None, chunk_size=None, block_d=None, token_loop=None, num_warps=None):
     """selective_scan with the tuning knobs exposed (tests and benchmarks): chunk_size, block_d, and
     token_loop (within a chunk, a loop over tokens instead of tl.associative_scan; the default under the
     interpreter, whose scan calls the combine function once per element)."""
@@ -380,7 +351,8 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
 
     out = torch.empty_like(x)  # (total, d_inner); rows of -1 sequences are written as zeros
-    bounds = host_bounds(cu_seqlens)
+    layout = layout_of(cu_seqlens, layout)
+    bounds = layout.bounds
     if bounds[-1] > total:
         raise ValueError(f"selective_scan: cu_seqlens ends at {bounds[-1]}, past the {total} tokens")
     if bounds[-1] < total:
@@ -395,7 +367,7 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
     bd = block_d or bd
     out_warps = num_warps or out_warps
     single = max_len <= chunk
-    chunk_seq, chunk_pos, chunk_cu = _chunk_tables(bounds, chunk, x.device)
+    chunk_seq, chunk_pos, chunk_cu = layout.chunk_tables(chunk)
     num_chunks = chunk_seq.shape[0]
     grid = (num_chunks, triton.cdiv(d_inner, bd))
     flags = dict(HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus)
@@ -436,7 +408,8 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
     return out
 
 
-def selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus=True):
+def selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus=True,
+                   layout: PackedLayout | None = None):
     """Chunk form.
 
     x, dt, z: (total, d_inner) (z may be None: no gate); A: (d_inner, d_state) fp32 (negative);
@@ -445,7 +418,7 @@ def selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_i
     state_indices: (batch,), -1 skips the sequence (output rows zero, no state touched).
     Returns y = (s_t C_t + D x_t) * silu(z_t): (total, d_inner) in x.dtype.
     """
-    return _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus)
+    return _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus, layout)
 
 
 if not HAS_TRITON:  # pragma: no cover

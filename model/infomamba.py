@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kernels import ops
-from kernels.packing import host_bounds, known_bounds
+from kernels.packing import PackedLayout
 from model.config import InfoMambaConfig
 from model.layers import Batch, InfoMambaLayer, RMSNorm
 from model.state import StreamState
@@ -69,7 +69,7 @@ class InfoMamba(nn.Module):
 
     def forward(self, inputs: torch.Tensor, state: StreamState | None = None, *,
                 cu_seqlens: torch.Tensor | None = None, state_indices: torch.Tensor | None = None,
-                ) -> tuple[ModelOutput, StreamState]:
+                bounds: list[int] | None = None) -> tuple[ModelOutput, StreamState]:
         """Run sequences forward from `state`, which is updated in place and returned.
 
         inputs: token ids (batch, T) / float vectors (batch, T, d_input) of equal-length sequences, or packed
@@ -77,8 +77,9 @@ class InfoMamba(nn.Module):
         state: a StreamState to continue (a fresh zero state when None); with `state_indices` (batch,) it is a
             pool and sequence i continues slot state_indices[i] (-1: padding, left untouched).
         A whole sequence, a chunk of one, or a single step (T == 1, run by the decode kernels) all go here.
+        bounds: cu_seqlens's values, when the caller has them on the host (then nothing reads the device for them).
         """
-        tokens, cu_seqlens, bounds = self._pack(inputs, cu_seqlens)
+        tokens, cu_seqlens, bounds = self._pack(inputs, cu_seqlens, bounds)
         num_seqs = cu_seqlens.numel() - 1
         if state is None:
             state = self.empty_state(num_seqs)
@@ -90,10 +91,10 @@ class InfoMamba(nn.Module):
         state_indices = state_indices.to(device=self.device, dtype=torch.int32)
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         is_decode = tokens.shape[0] == num_seqs and all(b - a == 1 for a, b in zip(bounds[:-1], bounds[1:]))
-        batch = Batch(cu_seqlens=cu_seqlens, state_indices=state_indices, is_decode=is_decode)
-
-        with known_bounds(cu_seqlens, bounds):  # every layer's chunk kernels reuse this one host read
-            hidden = self._run_layers(self._embed(tokens), state, batch)
+        # the layout is built once here; every layer's chunk kernels take it as an argument
+        batch = Batch(cu_seqlens=cu_seqlens, state_indices=state_indices, is_decode=is_decode,
+                      layout=PackedLayout(cu_seqlens, bounds))
+        hidden = self._run_layers(self._embed(tokens), state, batch)
         _advance_steps(state, state_indices, lengths)
         return ModelOutput(hidden=hidden, head=self._head(hidden, cu_seqlens)), state
 
@@ -119,7 +120,7 @@ class InfoMamba(nn.Module):
         hidden, _ = ops.add_rms_norm(y, residual, self.norm_f.weight, self.norm_f.eps)
         return hidden
 
-    def _pack(self, inputs: torch.Tensor, cu_seqlens: torch.Tensor | None,
+    def _pack(self, inputs: torch.Tensor, cu_seqlens: torch.Tensor | None, bounds: list[int] | None,
               ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         token_ndim = 1 if self.config.vocab_size is not None else 2
         if cu_seqlens is None:
@@ -134,7 +135,8 @@ class InfoMamba(nn.Module):
             raise ValueError(f"inputs: packed inputs need {token_ndim} dims, got shape {tuple(inputs.shape)}")
         else:
             cu_seqlens = cu_seqlens.to(device=self.device, dtype=torch.int32).contiguous()
-            bounds = host_bounds(cu_seqlens)  # at most one host read of the batch layout per forward pass
+            if bounds is None:
+                bounds = cu_seqlens.tolist()  # at most one host read of the batch layout per forward pass
         if bounds[-1] != inputs.shape[0]:
             raise ValueError(f"cu_seqlens: ends at {bounds[-1]} but there are {inputs.shape[0]} tokens")
         return inputs.to(self.device), cu_seqlens, bounds

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import ops
+from kernels.packing import PackedLayout
 from model.config import InfoMambaConfig
 from model.state import LayerState
 
@@ -26,6 +27,7 @@ class Batch:
     cu_seqlens: torch.Tensor  # (batch + 1,) int32
     state_indices: torch.Tensor  # (batch,) int32, -1 = padding
     is_decode: bool
+    layout: PackedLayout | None = None  # cu_seqlens's host values and chunk tables, built once per pass
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,7 +91,8 @@ class MambaMixer(nn.Module):
         if batch.is_decode:
             xc = ops.causal_conv1d_update(x_in, conv_w, self.conv1d.bias, state.conv, batch.state_indices)
         else:
-            xc = ops.causal_conv1d(x_in, conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens, batch.state_indices)
+            xc = ops.causal_conv1d(x_in, conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens, batch.state_indices,
+                                   layout=batch.layout)
         dbc = self.x_proj(xc)  # (T, R + 2N)
         dt = F.linear(dbc[:, :R], self.dt_proj.weight)  # (T, E); bias and softplus fused in the scan
         B, C = dbc[:, R:R + N], dbc[:, R + N:]
@@ -99,7 +102,7 @@ class MambaMixer(nn.Module):
                                            batch.state_indices)
         else:
             y = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
-                                   batch.cu_seqlens, batch.state_indices)
+                                   batch.cu_seqlens, batch.state_indices, layout=batch.layout)
         return self.out_proj(y)
 
 
@@ -155,7 +158,8 @@ class ConceptBottleneck(nn.Module):
                                              batch.state_indices, self.eps, log_decay)
         else:
             read = ops.concept_filter(a, v, self.mix, state.concept_mean, state.concept_mass,
-                                      batch.cu_seqlens, batch.state_indices, self.eps, log_decay)
+                                      batch.cu_seqlens, batch.state_indices, self.eps, log_decay,
+                                      layout=batch.layout)
         normed, _ = ops.add_rms_norm(read, None, self.norm.weight, self.norm_eps)  # one kernel on a GPU
         return F.gelu(normed)
 

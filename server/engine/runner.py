@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels.dispatch import use_triton
-from kernels.packing import known_bounds
 from server.engine.cuda_graphs import DEFAULT_BATCH_SIZES, CudaGraphDecoder
 from model.infomamba import InfoMamba, ModelOutput
 from server.engine.sampler import sample
@@ -48,8 +47,9 @@ class ModelRunner:
         if self._can_replay(batch):
             out = ModelOutput(hidden=None, head=self.graphs(inputs, state_indices))
         else:
-            with known_bounds(cu_seqlens, starts):  # the layout is known here: no device read for it
-                out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=state_indices)
+            # the layout is known here (starts): the model and its kernels never read it back from the device
+            out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=state_indices,
+                                bounds=starts)
         result = StepResult()
         sample_rows, sample_seqs = [], []
         for i, chunk in enumerate(batch.chunks):

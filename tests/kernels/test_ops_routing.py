@@ -50,14 +50,40 @@ def test_modules_import_without_triton():
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, env={"PATH": "", "INFOMAMBA_KERNELS": "auto"})
 
 
-def test_declared_bounds_are_used_only_for_the_declared_tensor():
-    from kernels.packing import host_bounds, known_bounds
+def test_a_layout_is_trusted_only_for_its_own_cu_seqlens_and_caches_its_chunk_tables():
+    from kernels.packing import PackedLayout, layout_of
 
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)
-    other = torch.tensor([0, 3, 5], dtype=torch.int32)
-    with known_bounds(cu, [0, 3, 5]):
-        cu_declared = host_bounds(cu)
-        cu[2] = 9  # a caller that breaks the promise is not detected, so only the declared tensor is trusted
-        assert host_bounds(cu) is cu_declared
-        assert host_bounds(other) == [0, 3, 5]
-    assert host_bounds(cu) == [0, 3, 9]  # outside the block it is read again
+    other = torch.tensor([0, 3, 9], dtype=torch.int32)
+    layout = PackedLayout(cu, [0, 3, 5])
+    assert layout_of(cu, layout) is layout
+    assert layout_of(other, layout).bounds == [0, 3, 9]  # another tensor is read, never assumed
+    assert layout_of(cu, None).bounds == [0, 3, 5]
+    tables = layout.chunk_tables(2)
+    assert layout.chunk_tables(2) is tables  # every layer of the pass reuses them
+    chunk_seq, chunk_pos, chunk_cu = tables
+    assert chunk_seq.tolist() == [0, 0, 1] and chunk_pos.tolist() == [0, 1, 0] and chunk_cu.tolist() == [0, 2, 3]
+
+
+def test_the_runner_hands_the_layout_down_so_no_kernel_reads_cu_seqlens(monkeypatch):
+    """The model is given cu_seqlens's host values: a host read of it during the pass would be a sync."""
+    from model.config import InfoMambaConfig
+    from model.infomamba import InfoMamba
+
+    monkeypatch.setenv("INFOMAMBA_KERNELS", "triton")  # the kernels (interpreted on the CPU), not the references
+    torch.manual_seed(0)
+    model = InfoMamba(InfoMambaConfig(d_model=16, n_layers=2, vocab_size=260, n_concepts=4, d_state=4))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    def tolist(t):
+        values = real_tolist(t)
+        reads.append(values == [0, 3, 7])  # cu_seqlens, or a copy of it, read back
+        return values
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    model(torch.arange(7), model.empty_state(2), cu_seqlens=cu, bounds=[0, 3, 7])
+    assert not any(reads)
+    reads.clear()
+    model(torch.arange(7), model.empty_state(2), cu_seqlens=cu)
+    assert sum(reads) == 1  # without the bounds: exactly one read, by the model, shared by every layer
