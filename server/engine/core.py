@@ -26,7 +26,8 @@ from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import SamplingParams, Sequence, SeqStatus
 from server.engine.sessions import Session, SessionTable
 from server.engine.state_pool import StatePool, auto_num_streams
-from server.engine.store import Persisted, SessionStore
+from server.engine.redis_store import Relinquish, open_store
+from server.engine.store import Persisted
 from server.metrics import Metrics
 
 log = logging.getLogger("infomamba.engine")
@@ -49,7 +50,8 @@ class EngineCore:
         self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs)
         # events from other threads (frontend requests, finished writes), handled by the engine thread in order
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.store = SessionStore(state_dir, model.config.name, model.fingerprint(), self.inbox.put)
+        self.store = open_store(config, state_dir, model.config.name, model.fingerprint(), self.inbox.put,
+                                self.metrics)
         self.sessions = SessionTable(self.pool, model, self.store, config.max_num_sessions, config.session_ttl)
         self.requests: dict[tuple[str, str], Sequence] = {}
         self.num_steps = 0
@@ -107,6 +109,8 @@ class EngineCore:
                 self._session_op(message)
             elif isinstance(message, Persisted):
                 self._persisted(message)
+            elif isinstance(message, Relinquish):
+                self.sessions.relinquish(message.session)
             elif isinstance(message, Utility):
                 self._replies[message.client].append(self._utility(message))
             elif isinstance(message, Hello):
@@ -332,7 +336,7 @@ class EngineCore:
         client, rid = op.client, op.rid
         try:
             if op.op == "create":
-                session = self.sessions.create(op.snapshot)
+                session = self.sessions.create(op.snapshot, op.new_session)
                 self._hold(self.sessions.persist(session), client, Reply(rid, session=session.id,
                                                                          steps=session.steps), session)
                 return
@@ -348,7 +352,7 @@ class EngineCore:
                 reply = Reply(rid, session=session.id, steps=session.steps, data=self.sessions.snapshot(session))
                 self.metrics.snapshot_bytes.observe(len(reply.data))
             elif op.op == "fork":
-                child = self.sessions.fork(session)
+                child = self.sessions.fork(session, op.new_session)
                 self._hold(self.sessions.persist(child), client, Reply(rid, session=child.id, steps=child.steps),
                            child)
                 return
