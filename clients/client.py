@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 from typing import Any, AsyncIterator, Iterator
+from urllib.parse import quote
 
 import httpx
 
@@ -138,13 +139,14 @@ def chunk_text(chunk: dict) -> str:
     return chunk.get("text") or ""
 
 
-def ws_url(url: str) -> str:
+def ws_url(url: str, session: str | None = None) -> str:
+    """The websocket's URL; an existing session's id goes in it too, where a proxy routes by it (docker/nginx)."""
     base = url.rstrip("/")
     if base.startswith("https://"):
         base = "wss://" + base[len("https://"):]
     elif base.startswith("http://"):
         base = "ws://" + base[len("http://"):]
-    return base + "/v1/stream"
+    return base + "/v1/stream" + (f"?session={quote(session, safe='')}" if session else "")
 
 
 # --- HTTP, synchronous ------------------------------------------------------------------------------------------
@@ -560,7 +562,7 @@ class StreamSession:
         from websockets.sync.client import connect
 
         try:
-            ws = connect(ws_url(url), additional_headers=_headers(api_key), open_timeout=timeout,
+            ws = connect(ws_url(url, session), additional_headers=_headers(api_key), open_timeout=timeout,
                          max_size=max_size, compression=None)
             ws.__enter__()  # the connection is ours to close; entering tells websockets >= 16 as much
         except InvalidStatus as exc:
@@ -671,7 +673,7 @@ class AsyncStreamSession:
         from websockets.exceptions import InvalidStatus, WebSocketException
 
         try:
-            ws = await connect(ws_url(url), additional_headers=_headers(api_key), open_timeout=timeout,
+            ws = await connect(ws_url(url, session), additional_headers=_headers(api_key), open_timeout=timeout,
                                max_size=max_size, compression=None)
         except InvalidStatus as exc:
             raise _ws_handshake_error(exc) from exc

@@ -1,0 +1,198 @@
+"""Scale-out through real parts: replicas sharing a real Redis (`--state-store`) and a real nginx in front of them
+(docker/nginx). A session continues on another replica after its replica is SIGKILLed, with the outputs of one
+uninterrupted pass; a lease keeps a second replica from advancing a live replica's session, and a write from a
+replica that lost the session is refused; nginx sends every request of one session to one replica."""
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from clients.client import InfoMambaClient
+from model.state import StreamState
+from model.tokenizer import ByteTokenizer
+from model.weights import save_model
+from server.engine.redis_store import RedisSessionStore
+from tests.server.conftest import ServerThread, tiny_lm
+from tests.server.scale import NginxProxy, RedisServer
+from tests.server.test_engine_api import greedy_reference
+from tests.server.test_processes import ServeProcess
+
+LEASE_TTL = 1.0
+SERVER = dict(max_num_streams=8, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    srv = RedisServer()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def store_url(redis_server):
+    redis_server.client.flushall()
+    return redis_server.url
+
+
+def replica(url: str, name: str) -> ServerThread:
+    return ServerThread(tiny_lm(), ByteTokenizer(), state_store=url, state_lease_ttl=LEASE_TTL, replica_id=name,
+                        **SERVER)
+
+
+def append(base: str, sid: str, ids: list[int]) -> httpx.Response:
+    return httpx.post(f"{base}/v1/sessions/{sid}/append", json={"input_ids": ids, "outputs": ["logits"]}, timeout=30)
+
+
+def logits_of(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.asarray(response.json()["results"]["logits"], dtype=np.float32)
+
+
+def forward_logits(base: str, ids: list[int]) -> np.ndarray:
+    r = httpx.post(base + "/v1/forward", json={"input_ids": [ids], "outputs": ["logits"]}, timeout=30)
+    assert r.status_code == 200, r.text
+    return np.asarray(r.json()["results"][0]["logits"], dtype=np.float32)
+
+
+def append_when_free(base: str, sid: str, ids: list[int], timeout: float) -> tuple[httpx.Response, int]:
+    """Append, retrying on 503 session_owned_elsewhere after its Retry-After (capped short); returns the answer and
+    how many 503s came first."""
+    deadline, refused = time.monotonic() + timeout, 0
+    while True:
+        r = append(base, sid, ids)
+        if r.status_code != 503 or time.monotonic() > deadline:
+            return r, refused
+        assert r.json()["error"]["code"] == "session_owned_elsewhere", r.text
+        assert int(r.headers["Retry-After"]) >= 1
+        refused += 1
+        time.sleep(0.1)
+
+
+def counter(base: str, route: str, status: str = "200") -> float:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    pattern = re.compile(r'^infomamba:http_requests_total\{route="%s",status="%s"\} (\S+)$'
+                         % (re.escape(route), status), re.M)
+    found = pattern.search(text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_session_continues_on_another_replica_after_its_replica_is_killed(store_url, tmp_path):
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 256, n).tolist() for n in (5, 9, 6)]
+    model_dir = save_model(tiny_lm(), tmp_path / "tiny-lm")
+    a = ServeProcess(model_dir, tmp_path / "state-a", "--state-store", store_url, "--state-lease-ttl",
+                     str(LEASE_TTL), "--replica-id", "a")
+    b = replica(store_url, "b").start()
+    try:
+        a.wait_ready()
+        created = httpx.post(a.url + "/v1/sessions", json={}, timeout=30)
+        assert created.status_code == 201, created.text
+        sid = created.json()["id"]
+        got = [logits_of(append(a.url, sid, chunks[0])), logits_of(append(a.url, sid, chunks[1]))]
+        a.kill_all()  # SIGKILL: no shutdown, no lease released; every acknowledged append is in Redis
+        killed = time.monotonic()
+        r, _ = append_when_free(b.url, sid, chunks[2], timeout=LEASE_TTL + 5)
+        got.append(logits_of(r))
+        assert time.monotonic() - killed < LEASE_TTL + 2  # served again within the lease TTL (+ slack)
+        assert r.json()["steps"] == sum(map(len, chunks))
+        want = forward_logits(b.url, sum(chunks, []))
+        np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-4, atol=1e-4)
+        gen = httpx.post(f"{b.url}/v1/sessions/{sid}/generate", json={"max_tokens": 4, "temperature": 0},
+                         timeout=30)
+        assert gen.status_code == 200, gen.text
+        assert gen.json()["ids"] == greedy_reference(tiny_lm(), sum(chunks, []), 4)
+    finally:
+        a.kill_all()
+        b.stop()
+
+
+def test_a_lease_keeps_a_second_replica_out_until_the_owner_hands_the_session_over(store_url):
+    rng = np.random.default_rng(1)
+    chunks = [rng.integers(0, 256, n).tolist() for n in (4, 3, 5, 2)]
+    a, b = replica(store_url, "a").start(), replica(store_url, "b").start()
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={}).json()["id"]
+        got = [logits_of(append(a.url, sid, chunks[0]))]
+        refused = append(b.url, sid, chunks[1])  # a holds it: b must not advance it
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "session_owned_elsewhere"
+        assert "replica a" in refused.json()["error"]["message"] and "Retry-After" in refused.headers
+        # b asked for it; a hands it over at its next lease renewal, being idle
+        r, _ = append_when_free(b.url, sid, chunks[1], timeout=5)
+        got.append(logits_of(r))
+        back = append(a.url, sid, chunks[2])  # now b holds it
+        assert back.status_code == 503 and "replica b" in back.json()["error"]["message"]
+        r, _ = append_when_free(a.url, sid, chunks[2], timeout=5)
+        got.append(logits_of(r))
+        got.append(logits_of(append(a.url, sid, chunks[3])))
+        np.testing.assert_allclose(np.concatenate(got), forward_logits(a.url, sum(chunks, [])), rtol=1e-4,
+                                   atol=1e-4)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_write_from_a_replica_that_lost_the_session_is_refused(store_url, redis_server):
+    model = tiny_lm()
+    done = {"a": [], "b": []}
+    a = RedisSessionStore(store_url, model.config.name, model.fingerprint(), done["a"].append, replica_id="a")
+    b = RedisSessionStore(store_url, model.config.name, model.fingerprint(), done["b"].append, replica_id="b")
+    state = StreamState.empty(model.config, 1)
+    a.write("s1", state, None)  # not started: applied inline
+    assert done["a"][-1].error is None
+    redis_server.client.delete("infomamba:{s1}:lease")  # a's lease expires (a paused longer than its TTL)
+    b.read("s1")  # b takes it over and advances it
+    state.steps += 3
+    b.write("s1", state, None)
+    assert done["b"][-1].error is None
+    a.write("s1", state, None)  # a still thinks it owns the session
+    assert "owned by replica b" in done["a"][-1].error
+    b.release("s1")  # even with the lease free, a's copy is older than the store's
+    a.write("s1", state, None)
+    assert "changed in the state store" in done["a"][-1].error
+    assert int(redis_server.client.hget("infomamba:{s1}:state", "version")) == 2
+    a.read("s1")  # loading the current version makes a the owner again
+    a.write("s1", state, None)
+    assert done["a"][-1].error is None
+    a.stop()
+    b.stop()
+
+
+def test_nginx_routes_each_session_to_one_replica_and_spreads_the_rest(store_url, redis_server):
+    a, b = replica(store_url, "a").start(), replica(store_url, "b").start()
+    proxy = NginxProxy([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
+    try:
+        sids = []
+        for _ in range(16):  # created where their id hashes: nginx picks the id
+            r = httpx.post(proxy.url + "/v1/sessions", json={})
+            assert r.status_code == 201, r.text
+            sids.append(r.json()["id"])
+        for _ in range(3):
+            for sid in sids:
+                r = append(proxy.url, sid, [1, 2, 3])
+                assert r.status_code == 200, r.text  # never 503: each went to the replica holding the session
+        owners = {sid: redis_server.client.get(f"infomamba:{{{sid}}}:lease").decode() for sid in sids}
+        assert set(owners.values()) == {"a", "b"}
+        route = "/v1/sessions/{sid}/append"
+        assert counter(a.url, route) == 3 * list(owners.values()).count("a")
+        assert counter(b.url, route) == 3 * list(owners.values()).count("b")
+        # the websocket, by the id in its URL; and a new session over it is created where it is routed
+        with InfoMambaClient(proxy.url) as client:
+            with client.stream_session(session=sids[0]) as ws:
+                assert ws.append(input_ids=[4, 5], outputs=[])["steps"] == 11
+            with client.stream_session() as ws:
+                ws.append(input_ids=[6, 7, 8], outputs=[])
+                new = ws.id
+        assert append(proxy.url, new, [9]).json()["steps"] == 4
+        for _ in range(4):  # stateless: round robin
+            forward_logits(proxy.url, [1, 2])
+        assert counter(a.url, "/v1/forward") >= 1 and counter(b.url, "/v1/forward") >= 1
+    finally:
+        proxy.stop()
+        a.stop()
+        b.stop()
