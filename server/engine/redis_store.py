@@ -129,7 +129,7 @@ class RedisSessionStore:
         self.metrics = metrics
         self.error: str | None = None
         # short timeouts: the engine thread reads from here, and a dead Redis must not stall it for long
-        self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=1, health_check_interval=10)
         self._write = self.redis.register_script(_WRITE)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
@@ -144,6 +144,7 @@ class RedisSessionStore:
         self._pending: Counter = Counter()  # sid -> jobs queued and not applied (reads wait for them)
         self._idle = threading.Condition()
         self._next_renew = 0.0
+        self._down_until = 0.0  # after a failed call from the engine thread, fail fast until then
         self.error = self.check_writable()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -196,6 +197,7 @@ class RedisSessionStore:
         """Steps of a session this replica does not know, if the store has it (resume anywhere)."""
         if len(sid) > MAX_SESSION_ID:
             return None
+        self._check_up()
         try:
             steps = self.redis.hget(self._key(sid, "state"), "steps")
         except self._redis_errors as exc:
@@ -205,6 +207,7 @@ class RedisSessionStore:
     def read(self, sid: str) -> bytes:
         """The session's last stored snapshot, taking its lease: this replica owns the session from now on."""
         self._wait_applied(sid)
+        self._check_up()
         t0 = time.monotonic()
         try:
             got = self._acquire(keys=[self._key(sid, "state"), self._key(sid, "lease"), self._key(sid, "wanted")],
@@ -231,6 +234,7 @@ class RedisSessionStore:
     def peek(self, sid: str) -> bytes:
         """The session's last stored snapshot, without taking its lease (it is the owner's acknowledged state)."""
         self._wait_applied(sid)
+        self._check_up()
         try:
             data = self.redis.hget(self._key(sid, "state"), "snapshot")
         except self._redis_errors as exc:
@@ -269,9 +273,18 @@ class RedisSessionStore:
     def _key(self, sid: str, kind: str) -> str:
         return f"{self.prefix}:{{{sid}}}:{kind}"
 
-    def _unavailable(self, exc: Exception) -> EngineError:
-        self.error = f"cannot reach the state store {self.directory}: {exc}"
-        return EngineError("state_store_unavailable", self.error + "; sessions are unavailable until it is back "
+    def _check_up(self) -> None:
+        """The engine thread calls Redis itself (lookups, loads); while Redis is down, each call would stall every
+        stream for the connect timeout, so calls fail at once for a second after a failure."""
+        if time.monotonic() < self._down_until:
+            raise self._unavailable(None)
+
+    def _unavailable(self, exc: Exception | None) -> EngineError:
+        if exc is not None:
+            self._down_until = time.monotonic() + 1.0
+            self.error = f"cannot reach the state store {self.directory}: {exc}"
+        reason = self.error or f"cannot reach the state store {self.directory}"
+        return EngineError("state_store_unavailable", reason + "; sessions are unavailable until it is back "
                            "(stateless requests still work)", "session", retry_after=2)
 
     # -- writer thread -----------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ def binary(name: str, package: str) -> str:
 class RedisServer:
     """redis-server on 127.0.0.1, in memory (no RDB, no AOF: the tests need its sharing, not its disk)."""
 
-    def __init__(self):
-        self.port = free_port()
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = subprocess.Popen(
             [binary("redis-server", "redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",

@@ -39,9 +39,9 @@ def store_url(redis_server):
     return redis_server.url
 
 
-def replica(url: str, name: str) -> ServerThread:
+def replica(url: str, name: str, **config) -> ServerThread:
     return ServerThread(tiny_lm(), ByteTokenizer(), state_store=url, state_lease_ttl=LEASE_TTL, replica_id=name,
-                        **SERVER)
+                        **SERVER, **config)
 
 
 def append(base: str, sid: str, ids: list[int]) -> httpx.Response:
@@ -196,3 +196,48 @@ def test_nginx_routes_each_session_to_one_replica_and_spreads_the_rest(store_url
         proxy.stop()
         a.stop()
         b.stop()
+
+
+def test_async_mode_answers_first_and_writes_right_after(store_url, redis_server):
+    srv = replica(store_url, "a", state_store_mode="async").start()
+    try:
+        sid = httpx.post(srv.url + "/v1/sessions", json={}).json()["id"]
+        for _ in range(3):
+            logits_of(append(srv.url, sid, [1, 2, 3, 4]))
+        deadline = time.monotonic() + 5
+        while redis_server.client.hget(f"infomamba:{{{sid}}}:state", "steps") != b"12":
+            assert time.monotonic() < deadline, "the writes did not follow the answers"
+            time.sleep(0.01)
+    finally:
+        srv.stop()
+    assert redis_server.client.get(f"infomamba:{{{sid}}}:lease") is None  # a clean stop hands every lease back
+
+
+def test_redis_down_fails_session_requests_clearly_and_keeps_serving_the_rest():
+    store = RedisServer()
+    srv = replica(store.url, "a").start()
+    try:
+        sid = httpx.post(srv.url + "/v1/sessions", json={}).json()["id"]
+        logits_of(append(srv.url, sid, [1, 2, 3]))
+        store.stop()
+        r = append(srv.url, sid, [4])
+        assert r.status_code in (503, 507) and "state store" in r.json()["error"]["message"], r.text
+        r = append(srv.url, "feedfacefeedface", [4])  # a session this replica would look up in the store
+        assert r.status_code == 503 and r.json()["error"]["code"] == "state_store_unavailable", r.text
+        assert "Retry-After" in r.headers
+        ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200, ok.text
+        health = httpx.get(srv.url + "/health", timeout=10)
+        assert health.status_code == 503 and "state store" in health.json()["error"]["message"]
+        store = RedisServer(port=store.port)  # back (empty: this one keeps nothing on disk)
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(srv.url + "/v1/sessions", json={})).status_code != 201:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.2)
+        logits_of(append(srv.url, r.json()["id"], [5, 6]))
+        while httpx.get(srv.url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        srv.stop()
+        store.stop()
