@@ -21,8 +21,10 @@ as plain dicts; every error response raises `InfoMambaError` (status, code, fiel
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import time
 from typing import Any, AsyncIterator, Iterator
 from urllib.parse import quote
 
@@ -30,6 +32,10 @@ import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 120.0
+# Behind a proxy over several replicas, a request may reach a session's new replica before the old one has handed
+# it over (503 session_owned_elsewhere: nothing was applied, so retrying is safe). Retried this long: a dead
+# replica's lease TTL (10 s by default) and a little more.
+SESSION_MOVE_WAIT = 15.0
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
 
 
@@ -171,10 +177,16 @@ class InfoMambaClient:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
-            return _check(self._http.request(method, path, **kwargs))
-        except httpx.TransportError as exc:
-            raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
+        deadline = time.monotonic() + SESSION_MOVE_WAIT
+        while True:
+            try:
+                return _check(self._http.request(method, path, **kwargs))
+            except httpx.TransportError as exc:
+                raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
+            except InfoMambaError as err:
+                if err.code != "session_owned_elsewhere" or time.monotonic() > deadline:
+                    raise
+                time.sleep(min(err.retry_after or 1.0, 1.0))
 
     def _stream(self, path: str, body: dict) -> Iterator[dict]:
         try:
@@ -366,10 +378,16 @@ class AsyncInfoMambaClient:
         await self.close()
 
     async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
-            return _check(await self._http.request(method, path, **kwargs))
-        except httpx.TransportError as exc:
-            raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
+        deadline = time.monotonic() + SESSION_MOVE_WAIT
+        while True:
+            try:
+                return _check(await self._http.request(method, path, **kwargs))
+            except httpx.TransportError as exc:
+                raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
+            except InfoMambaError as err:
+                if err.code != "session_owned_elsewhere" or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(min(err.retry_after or 1.0, 1.0))
 
     async def _stream(self, path: str, body: dict) -> AsyncIterator[dict]:
         try:

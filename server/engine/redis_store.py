@@ -215,10 +215,11 @@ class RedisSessionStore:
         except self._redis_errors as exc:
             raise self._unavailable(exc) from None
         if got[0] == -1:
-            retry = max(1, math.ceil(int(got[2]) / 1000))
+            # Retry-After 1: an idle session is handed over at the owner's next renewal (at most a second away)
             raise EngineError("session_owned_elsewhere", f"session {sid!r} is resident on replica "
-                              f"{got[1].decode()}; it moves here when that replica hands it over (when idle) or "
-                              f"its lease expires (in {retry} s); retry then", "session", retry_after=retry)
+                              f"{got[1].decode()}; it moves here once that replica hands it over (when it is idle) "
+                              f"or its lease expires (in {math.ceil(int(got[2]) / 1000)} s)", "session",
+                              retry_after=1)
         if got[0] == 0:
             raise FileNotFoundError(f"session {sid} is not in the state store {self.directory}")
         if sid not in self._held and self.metrics is not None:
