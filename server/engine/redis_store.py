@@ -3,7 +3,8 @@ SessionStore (server/engine/store.py), plus ownership, so that a session is adva
 continues on another when its replica dies.
 
 Keys (one hash tag per session, so a session's keys stay together):
-    {prefix}:{<sid>}:state   hash: snapshot (safetensors bytes), steps, version, owner
+    {prefix}:{<sid>}:state   hash: blob (the key of the current snapshot), steps, version, owner
+    {prefix}:{<sid>}:blob:<replica>:<n>   a snapshot (safetensors bytes)
     {prefix}:{<sid>}:lease   the owning replica's id, with a TTL (SET NX PX); renewed while the session is resident
     {prefix}:{<sid>}:wanted  another replica asked for the session (the owner hands it over when it is idle)
     {prefix}:sessions        hash: sid -> steps, for listing
@@ -14,9 +15,11 @@ whose lease another replica holds is refused with 503 + Retry-After (the lease's
 session wanted, so its owner hands it over at its next renewal if it is idle. A dead replica's leases expire after
 `--state-lease-ttl` seconds; its sessions then continue elsewhere from their last acknowledged state.
 
-Fencing: every write runs as one Lua script that checks, inside Redis, that the lease is this replica's (or free)
-and that the stored version is the one this replica loaded or last wrote; a write from a replica that lost the
-session in between (a pause longer than the lease, a network split) is refused, never applied.
+Fencing: a write uploads the snapshot under a key of its own (a plain SET: handing a large argument to Lua costs
+a copy), then commits it with a Lua script that checks, inside Redis, that the lease is this replica's (or free)
+and that the stored version is the one this replica loaded or last wrote, and only then points the session at the
+new blob (dropping the old one). Both go in one round trip. A write from a replica that lost the session in
+between (a pause longer than the lease, a network split) is refused and its blob dropped, never applied.
 
 Writes run on one thread, in submission order, so the engine loop never waits on the network. sync mode (the
 default) reports a write done once Redis has it, and the engine answers only then; async mode reports it at once,
@@ -46,15 +49,20 @@ from server.engine.store import Persisted
 log = logging.getLogger("infomamba.store")
 MAX_SESSION_ID = 128
 
-# KEYS: state, lease, index. ARGV: me, expected version, lease ms, snapshot, steps, sid.
-_WRITE = """
+# KEYS: state, lease, index, new blob. ARGV: me, expected version, lease ms, steps, sid.
+_COMMIT = """
 local owner = redis.call('GET', KEYS[2])
-if owner and owner ~= ARGV[1] then return {-1, owner} end
 local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if version ~= tonumber(ARGV[2]) then return {-2, tostring(version)} end
+if (owner and owner ~= ARGV[1]) or version ~= tonumber(ARGV[2]) then
+    redis.call('DEL', KEYS[4])
+    if owner and owner ~= ARGV[1] then return {-1, owner} end
+    return {-2, tostring(version)}
+end
+local old = redis.call('HGET', KEYS[1], 'blob')
+if old then redis.call('DEL', old) end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
-redis.call('HSET', KEYS[1], 'snapshot', ARGV[4], 'steps', ARGV[5], 'version', version + 1, 'owner', ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[6], ARGV[5])
+redis.call('HSET', KEYS[1], 'blob', KEYS[4], 'steps', ARGV[4], 'version', version + 1, 'owner', ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[5], ARGV[4])
 return {version + 1, ARGV[1]}
 """
 # KEYS: state, lease, wanted. ARGV: me, lease ms. -> {1, snapshot, version} | {0} (no such session) | {-1, owner, pttl}
@@ -67,8 +75,8 @@ end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[3])
-local v = redis.call('HMGET', KEYS[1], 'snapshot', 'version')
-return {1, v[1], v[2]}
+local v = redis.call('HMGET', KEYS[1], 'blob', 'version')
+return {1, redis.call('GET', v[1]), v[2]}
 """
 # KEYS: lease, wanted. ARGV: me, lease ms. -> 0 lost, 1 renewed, 2 renewed and wanted elsewhere
 _RENEW = """
@@ -85,6 +93,8 @@ return 0
 _DELETE = """
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then return {-1, owner} end
+local blob = redis.call('HGET', KEYS[1], 'blob')
+if blob then redis.call('DEL', blob) end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('HDEL', KEYS[4], ARGV[2])
 return 1
@@ -130,13 +140,15 @@ class RedisSessionStore:
         self.error: str | None = None
         # short timeouts: the engine thread reads from here, and a dead Redis must not stall it for long
         self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=1, health_check_interval=10)
-        self._write = self.redis.register_script(_WRITE)
+        self._commit = self.redis.register_script(_COMMIT)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
         self._delete = self.redis.register_script(_DELETE)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._tickets = 0
+        self._blobs = 0  # numbers this process's uploaded snapshots; the random part keeps a restarted replica of
+        self._blob_prefix = f"{self.replica_id}:{secrets.token_hex(4)}"  # the same id off its predecessor's blobs
         self._thread: threading.Thread | None = None
         self._versions: dict[str, int] = {}  # sid -> the stored version this replica's copy is based on
         self._held: set[str] = set()  # sessions whose lease this replica holds (writer thread and engine thread)
@@ -237,7 +249,11 @@ class RedisSessionStore:
         self._wait_applied(sid)
         self._check_up()
         try:
-            data = self.redis.hget(self._key(sid, "state"), "snapshot")
+            for _ in range(3):  # the owner may replace the blob between the two reads
+                blob = self.redis.hget(self._key(sid, "state"), "blob")
+                data = None if blob is None else self.redis.get(blob)
+                if data is not None or blob is None:
+                    break
         except self._redis_errors as exc:
             raise self._unavailable(exc) from None
         if data is None:
@@ -338,9 +354,14 @@ class RedisSessionStore:
         t0 = time.monotonic()
         data = save_snapshot(job.state, self.model_name, self.fingerprint, job.last_logits)
         sid = job.session
-        got = self._write(keys=[self._key(sid, "state"), self._key(sid, "lease"), f"{self.prefix}:sessions"],
-                          args=[self.replica_id, self._versions.get(sid, 0), self.lease_ms, data,
-                                int(job.state.steps[0]), sid])
+        self._blobs += 1
+        blob = self._key(sid, f"blob:{self._blob_prefix}:{self._blobs}")
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(blob, data)
+            self._commit(keys=[self._key(sid, "state"), self._key(sid, "lease"), f"{self.prefix}:sessions", blob],
+                         args=[self.replica_id, self._versions.get(sid, 0), self.lease_ms,
+                               int(job.state.steps[0]), sid], client=pipe)
+            got = pipe.execute()[1]
         if got[0] < 0:
             self._held.discard(sid)
             self._lost.add(sid)

@@ -41,7 +41,7 @@ def store_url(redis_server):
 
 def replica(url: str, name: str, **config) -> ServerThread:
     return ServerThread(tiny_lm(), ByteTokenizer(), state_store=url, state_lease_ttl=LEASE_TTL, replica_id=name,
-                        **SERVER, **config)
+                        **{**SERVER, **config})
 
 
 def append(base: str, sid: str, ids: list[int]) -> httpx.Response:
@@ -167,7 +167,8 @@ def test_a_write_from_a_replica_that_lost_the_session_is_refused(store_url, redi
 
 
 def test_nginx_routes_each_session_to_one_replica_and_spreads_the_rest(store_url, redis_server):
-    a, b = replica(store_url, "a").start(), replica(store_url, "b").start()
+    # slots for every session: a spilled session hands its lease back, and the leases tell who holds which
+    a, b = replica(store_url, "a", max_num_streams=32).start(), replica(store_url, "b", max_num_streams=32).start()
     proxy = NginxProxy([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
     try:
         sids = []
