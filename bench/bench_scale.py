@@ -121,6 +121,22 @@ def append_latencies(url: str, n: int, chunk: int = 16) -> list[float]:
         return out
 
 
+def proxy_overhead(direct: str, proxied: str, n: int) -> dict:
+    """GET /v1/models (answered by the frontend alone), direct and through nginx in alternation, so that the load
+    of a shared machine drifts alike over both; the difference of the medians is the proxy's cost."""
+    times = {"direct": [], "nginx": []}
+    with httpx.Client(base_url=direct, timeout=30) as a, httpx.Client(base_url=proxied, timeout=30) as b:
+        for i in range(n + 20):
+            for label, http in (("direct", a), ("nginx", b)):
+                t0 = time.perf_counter()
+                assert http.get("/v1/models").status_code == 200
+                if i >= 20:
+                    times[label].append((time.perf_counter() - t0) * 1000)
+    direct_ms, nginx_ms = statistics.median(times["direct"]), statistics.median(times["nginx"])
+    return {"direct_p50_ms": round(direct_ms, 3), "nginx_p50_ms": round(nginx_ms, 3),
+            "added_p50_ms": round(nginx_ms - direct_ms, 3), "n": n}
+
+
 def throughput(url: str, sessions: int, appends: int, chunk: int = 64) -> float:
     """Input steps/s of `sessions` clients, each appending `appends` chunks to its own session."""
     ids = list(range(1, chunk + 1))
@@ -157,6 +173,8 @@ def server_benchmarks(redis_url: str, n: int, tmp: Path) -> dict:
         try:
             results["append/redis-sync via nginx"] = summary(append_latencies(proxy.url, n))
             print("via nginx", results["append/redis-sync via nginx"], flush=True)
+            results["proxy"] = proxy_overhead(procs["redis-sync"].url, proxy.url, 10 * n)
+            print("proxy", results["proxy"], flush=True)
         finally:
             proxy.stop()
         procs["state-dir"].kill_all()

@@ -94,6 +94,7 @@ def serve(config: ServerConfig, model_dir: str | None, log_level: str = "info") 
     state_dir, temporary = config.state_dir, config.state_dir is None
     if temporary:
         state_dir = tempfile.mkdtemp(prefix="infomamba-sessions-")
+    if temporary and config.state_store is None:
         log.warning("sessions are kept in %s and removed at exit: set --state-dir to keep them across restarts",
                     state_dir)
     engine_address = f"ipc://{run_dir}/engine"
