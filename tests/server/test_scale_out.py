@@ -245,3 +245,20 @@ def test_redis_down_fails_session_requests_clearly_and_keeps_serving_the_rest():
     finally:
         srv.stop()
         store.stop()
+
+
+def test_state_store_settings_are_checked_and_read_from_flags_and_env(monkeypatch):
+    from clients.cli import build_parser
+    from server.config import ServerConfig
+    from server.engine.redis_store import redact
+
+    with pytest.raises(ValueError, match="state_store"):
+        ServerConfig(state_store="http://127.0.0.1:6379")
+    with pytest.raises(ValueError, match="state_store_mode"):
+        ServerConfig(state_store="redis://127.0.0.1:6379/0", state_store_mode="eventually")
+    assert ServerConfig(state_store="").state_store is None
+    monkeypatch.setenv("INFOMAMBA_STATE_STORE", "rediss://:secret@cache:6380/2")
+    args = build_parser().parse_args(["serve", "--state-store-mode", "async", "--state-lease-ttl", "3"])
+    assert (args.state_store, args.state_store_mode, args.state_lease_ttl) == ("rediss://:secret@cache:6380/2",
+                                                                               "async", 3.0)
+    assert redact(args.state_store) == "rediss://:***@cache:6380/2"  # what /health and the logs show
