@@ -98,7 +98,10 @@ def serve(config: ServerConfig, model_dir: str | None, log_level: str = "info") 
         log.warning("sessions are kept in %s and removed at exit: set --state-dir to keep them across restarts",
                     state_dir)
     engine_address = f"ipc://{run_dir}/engine"
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without it
+    # a keep-alive response written in two parts waits ~40 ms for the client's delayed ACK (Nagle)
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.host, config.port))
