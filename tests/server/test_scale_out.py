@@ -20,7 +20,7 @@ from server.engine.redis_store import RedisSessionStore
 from tests.server.conftest import ServerThread, tiny_lm
 from tests.server.scale import NginxProxy, RedisServer
 from tests.server.test_engine_api import greedy_reference
-from tests.server.test_processes import ServeProcess
+from tests.server.test_processes import ServeProcess, all_gone
 
 LEASE_TTL = 1.0
 SERVER = dict(max_num_streams=8, max_num_batched_tokens=64)
@@ -81,33 +81,50 @@ def counter(base: str, route: str, status: str = "200") -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_a_session_continues_on_another_replica_after_its_replica_is_killed(store_url, tmp_path):
+def test_a_session_continues_on_another_replica_after_its_replica_is_killed(store_url, redis_server, tmp_path):
+    """Two replicas behind nginx; SIGKILL of the one that holds a session between two of a client's appends: the
+    client (retrying 503s) carries on through the proxy, and every output equals one uninterrupted pass."""
     rng = np.random.default_rng(0)
-    chunks = [rng.integers(0, 256, n).tolist() for n in (5, 9, 6)]
+    chunks = [rng.integers(0, 256, n).tolist() for n in (5, 9, 6, 3)]
     model_dir = save_model(tiny_lm(), tmp_path / "tiny-lm")
     a = ServeProcess(model_dir, tmp_path / "state-a", "--state-store", store_url, "--state-lease-ttl",
-                     str(LEASE_TTL), "--replica-id", "a")
+                     str(LEASE_TTL), "--replica-id", "a")  # a real process, to be SIGKILLed
     b = replica(store_url, "b").start()
+    proxy = None
     try:
         a.wait_ready()
-        created = httpx.post(a.url + "/v1/sessions", json={}, timeout=30)
-        assert created.status_code == 201, created.text
-        sid = created.json()["id"]
-        got = [logits_of(append(a.url, sid, chunks[0])), logits_of(append(a.url, sid, chunks[1]))]
-        a.kill_all()  # SIGKILL: no shutdown, no lease released; every acknowledged append is in Redis
-        killed = time.monotonic()
-        r, _ = append_when_free(b.url, sid, chunks[2], timeout=LEASE_TTL + 5)
-        got.append(logits_of(r))
-        assert time.monotonic() - killed < LEASE_TTL + 2  # served again within the lease TTL (+ slack)
-        assert r.json()["steps"] == sum(map(len, chunks))
-        want = forward_logits(b.url, sum(chunks, []))
-        np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-4, atol=1e-4)
-        gen = httpx.post(f"{b.url}/v1/sessions/{sid}/generate", json={"max_tokens": 4, "temperature": 0},
-                         timeout=30)
-        assert gen.status_code == 200, gen.text
-        assert gen.json()["ids"] == greedy_reference(tiny_lm(), sum(chunks, []), 4)
+        proxy = NginxProxy([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
+        with InfoMambaClient(proxy.url) as client:
+            for _ in range(30):  # nginx picks each new session's replica by its id: take one that lands on a
+                sid = client.create_session().id
+                if redis_server.client.get(f"infomamba:{{{sid}}}:lease") == b"a":
+                    break
+            else:
+                pytest.fail("no session landed on replica a")
+            got = [client.append(sid, input_ids=c, outputs=["logits"])["results"]["logits"] for c in chunks[:2]]
+            pids = a.children()
+            a.kill_all()  # SIGKILL: no shutdown, no lease released; every acknowledged append is in Redis
+            killed = time.monotonic()
+            # between two appends: once its processes are gone (and nginx has seen its kept-alive connections
+            # close), no request is in flight to it. One caught in flight would get a 502 with no way to know
+            # whether it was applied (idempotent appends are not there yet).
+            assert all_gone(pids)
+            time.sleep(0.2)
+            got.append(client.append(sid, input_ids=chunks[2], outputs=["logits"])["results"]["logits"])
+            assert time.monotonic() - killed < LEASE_TTL + 2  # served again within the lease TTL (+ slack)
+            last = client.append(sid, input_ids=chunks[3], outputs=["logits"])
+            got.append(last["results"]["logits"])
+            assert last["steps"] == sum(map(len, chunks))
+            assert redis_server.client.get(f"infomamba:{{{sid}}}:lease") == b"b"
+            want = forward_logits(proxy.url, sum(chunks, []))
+            np.testing.assert_allclose(np.concatenate([np.asarray(g, np.float32) for g in got]), want, rtol=1e-4,
+                                       atol=1e-4)
+            gen = client.session(sid).generate(max_tokens=4, temperature=0)
+            assert gen["ids"] == greedy_reference(tiny_lm(), sum(chunks, []), 4)
     finally:
         a.kill_all()
+        if proxy is not None:
+            proxy.stop()
         b.stop()
 
 
