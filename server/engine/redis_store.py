@@ -43,6 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 
 from model.state import StreamState, save_snapshot
+from server.engine import errors
 from server.engine.errors import EngineError
 from server.engine.store import Persisted
 
@@ -232,8 +233,8 @@ class RedisSessionStore:
                               f"{got[1].decode()}; it moves here once that replica hands it over (when it is idle) "
                               f"or its lease expires (in {math.ceil(int(got[2]) / 1000)} s)", "session",
                               retry_after=1)
-        if got[0] == 0:
-            raise FileNotFoundError(f"session {sid} is not in the state store {self.directory}")
+        if got[0] == 0:  # deleted through another replica since this one last saw it
+            raise errors.session_not_found(sid)
         if sid not in self._held and self.metrics is not None:
             self.metrics.store_sessions_taken.inc()
         self._held.add(sid)
@@ -257,7 +258,7 @@ class RedisSessionStore:
         except self._redis_errors as exc:
             raise self._unavailable(exc) from None
         if data is None:
-            raise FileNotFoundError(f"session {sid} is not in the state store {self.directory}")
+            raise errors.session_not_found(sid)
         return data
 
     def persisted_sessions(self) -> dict[str, int]:

@@ -152,6 +152,10 @@ def test_a_lease_keeps_a_second_replica_out_until_the_owner_hands_the_session_ov
         got.append(logits_of(append(a.url, sid, chunks[3])))
         np.testing.assert_allclose(np.concatenate(got), forward_logits(a.url, sum(chunks, [])), rtol=1e-4,
                                    atol=1e-4)
+        # deleted through one replica: gone on the other too, though it had seen it
+        assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 204
+        gone = append(b.url, sid, [1])
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "session_not_found", gone.text
     finally:
         a.stop()
         b.stop()
