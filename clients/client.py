@@ -21,14 +21,21 @@ as plain dicts; every error response raises `InfoMambaError` (status, code, fiel
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import time
 from typing import Any, AsyncIterator, Iterator
+from urllib.parse import quote
 
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 120.0
+# Behind a proxy over several replicas, a request may reach a session's new replica before the old one has handed
+# it over (503 session_owned_elsewhere: nothing was applied, so retrying is safe). Retried this long: a dead
+# replica's lease TTL (10 s by default) and a little more.
+SESSION_MOVE_WAIT = 15.0
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
 
 
@@ -138,13 +145,14 @@ def chunk_text(chunk: dict) -> str:
     return chunk.get("text") or ""
 
 
-def ws_url(url: str) -> str:
+def ws_url(url: str, session: str | None = None) -> str:
+    """The websocket's URL; an existing session's id goes in it too, where a proxy routes by it (docker/nginx)."""
     base = url.rstrip("/")
     if base.startswith("https://"):
         base = "wss://" + base[len("https://"):]
     elif base.startswith("http://"):
         base = "ws://" + base[len("http://"):]
-    return base + "/v1/stream"
+    return base + "/v1/stream" + (f"?session={quote(session, safe='')}" if session else "")
 
 
 # --- HTTP, synchronous ------------------------------------------------------------------------------------------
@@ -169,10 +177,16 @@ class InfoMambaClient:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
-            return _check(self._http.request(method, path, **kwargs))
-        except httpx.TransportError as exc:
-            raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
+        deadline = time.monotonic() + SESSION_MOVE_WAIT
+        while True:
+            try:
+                return _check(self._http.request(method, path, **kwargs))
+            except httpx.TransportError as exc:
+                raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
+            except InfoMambaError as err:
+                if err.code != "session_owned_elsewhere" or time.monotonic() > deadline:
+                    raise
+                time.sleep(min(err.retry_after or 1.0, 1.0))
 
     def _stream(self, path: str, body: dict) -> Iterator[dict]:
         try:
@@ -364,10 +378,16 @@ class AsyncInfoMambaClient:
         await self.close()
 
     async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
-            return _check(await self._http.request(method, path, **kwargs))
-        except httpx.TransportError as exc:
-            raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
+        deadline = time.monotonic() + SESSION_MOVE_WAIT
+        while True:
+            try:
+                return _check(await self._http.request(method, path, **kwargs))
+            except httpx.TransportError as exc:
+                raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
+            except InfoMambaError as err:
+                if err.code != "session_owned_elsewhere" or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(min(err.retry_after or 1.0, 1.0))
 
     async def _stream(self, path: str, body: dict) -> AsyncIterator[dict]:
         try:
@@ -589,7 +609,7 @@ class StreamSession:
         from websockets.sync.client import connect
 
         try:
-            ws = connect(ws_url(url), additional_headers=_headers(api_key), open_timeout=timeout,
+            ws = connect(ws_url(url, session), additional_headers=_headers(api_key), open_timeout=timeout,
                          max_size=max_size, compression=None)
             ws.__enter__()  # the connection is ours to close; entering tells websockets >= 16 as much
         except InvalidStatus as exc:
@@ -715,7 +735,7 @@ class AsyncStreamSession:
         from websockets.exceptions import InvalidStatus, WebSocketException
 
         try:
-            ws = await connect(ws_url(url), additional_headers=_headers(api_key), open_timeout=timeout,
+            ws = await connect(ws_url(url, session), additional_headers=_headers(api_key), open_timeout=timeout,
                                max_size=max_size, compression=None)
         except InvalidStatus as exc:
             raise _ws_handshake_error(exc) from exc

@@ -25,6 +25,10 @@ class ServerConfig:
     state_dir: str | None = None  # where sessions are written through and persist; None: a temporary directory
     snapshot_every: int = 4096  # a session's logged steps before its state is snapshotted (and its log dropped)
     max_log_bytes: int = 64 * 1024 * 1024  # the write-ahead log segment size that starts a compacting rotation
+    state_store: str | None = None  # redis://host:port/db or rediss://: a store shared by replicas; None: state_dir
+    state_store_mode: str = "sync"  # sync: acknowledged once the store has it; async: acknowledged before (see README)
+    state_lease_ttl: float = 10.0  # seconds a dead replica's sessions stay locked before another may take them
+    replica_id: str | None = None  # this replica's name on its session leases; None: hostname-pid-random
     api_server_count: int = 1  # HTTP frontend processes sharing the port, all talking to one engine process
     api_key: str | None = None  # bearer token for HTTP and websocket; None: no auth
     served_model_name: str | None = None
@@ -48,5 +52,13 @@ class ServerConfig:
             raise ValueError(f"session_ttl: expected > 0 seconds, got {self.session_ttl!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.state_store == "":
+            self.state_store = None
+        if self.state_store is not None and not self.state_store.startswith(("redis://", "rediss://")):
+            raise ValueError(f"state_store: expected a redis:// or rediss:// URL, got {self.state_store!r}")
+        if self.state_store_mode not in ("sync", "async"):
+            raise ValueError(f"state_store_mode: expected sync or async, got {self.state_store_mode!r}")
+        if not 0.5 <= self.state_lease_ttl <= 3600:
+            raise ValueError(f"state_lease_ttl: expected 0.5 to 3600 seconds, got {self.state_lease_ttl!r}")
         if self.api_key == "":
             self.api_key = None

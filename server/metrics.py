@@ -45,6 +45,21 @@ class Metrics:
                                             buckets=LATENCY_BUCKETS, registry=r)
         self.snapshot_restore_time = Histogram(p + "snapshot_restore_seconds", "Time to restore a snapshot",
                                                buckets=LATENCY_BUCKETS, registry=r)
+        # a shared state store (--state-store redis://...)
+        self.store_writes = Counter(p + "state_store_writes", "Session snapshots written to the shared store, by "
+                                    "result (ok, error)", ["result"], registry=r)
+        self.store_write_bytes = Counter(p + "state_store_write_bytes", "Bytes of snapshots written to the shared "
+                                         "store", registry=r)
+        self.store_write_time = Histogram(p + "state_store_write_seconds", "Time to serialize and write one snapshot "
+                                          "to the shared store", buckets=LATENCY_BUCKETS, registry=r)
+        self.store_reads = Counter(p + "state_store_reads", "Session snapshots loaded from the shared store",
+                                   registry=r)
+        self.store_read_time = Histogram(p + "state_store_read_seconds", "Time to take a session's lease and read "
+                                         "its snapshot from the shared store", buckets=LATENCY_BUCKETS, registry=r)
+        self.store_sessions_taken = Counter(p + "state_store_sessions_taken", "Sessions this replica took the lease "
+                                            "of and loaded (resumed here, or taken over)", registry=r)
+        self.store_fenced = Counter(p + "state_store_fenced_writes", "Writes refused by the shared store because "
+                                    "this replica no longer owned the session", registry=r)
         self.gpu_memory = Gauge(p + "gpu_memory_bytes", "GPU memory held by torch (0 without a GPU)", ["kind"],
                                 registry=r)
 

@@ -75,7 +75,10 @@ def configure_logging(log_level: str) -> None:
 def listen_socket(config: ServerConfig) -> socket.socket:
     """A listening socket of its own per frontend, all on one port (SO_REUSEPORT): the kernel spreads new
     connections evenly over them, where one shared socket lets whichever process wakes first take most."""
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without it
+    # a keep-alive response written in two parts waits ~40 ms for the client's delayed ACK (Nagle)
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((config.host, config.port))
@@ -106,6 +109,7 @@ def serve(config: ServerConfig, model_dir: str | None, log_level: str = "info") 
     state_dir, temporary = config.state_dir, config.state_dir is None
     if temporary:
         state_dir = tempfile.mkdtemp(prefix="infomamba-sessions-")
+    if temporary and config.state_store is None:
         log.warning("sessions are kept in %s and removed at exit: set --state-dir to keep them across restarts",
                     state_dir)
     engine_address = f"ipc://{run_dir}/engine"

@@ -33,9 +33,9 @@ async def started(stream: RequestStream) -> RequestStream:
 
 
 async def session_call(edge: Edge, op: str, session: str | None = None, snapshot: bytes | None = None,
-                       wait_if_busy: bool = False):
+                       wait_if_busy: bool = False, new_session: str | None = None):
     try:
-        reply = await edge.engine.session_op(op, session, snapshot, wait_if_busy)
+        reply = await edge.engine.session_op(op, session, snapshot, wait_if_busy, new_session)
     except EngineDead:
         raise edge.not_ready() from None
     if not reply.ok:

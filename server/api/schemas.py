@@ -55,10 +55,11 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    """OpenAI's completions request; fields this server doesn't implement are accepted and ignored, except
-    those that change the answer's shape (n, best_of, echo, logprobs, suffix), which are refused if set."""
+    """OpenAI's completions request. A field this server does not implement is refused when set to anything but
+    its no-op value (n, best_of, echo, logprobs, suffix, logit_bias, penalties, min_tokens), and an unknown field
+    is refused: a parameter is never silently ignored."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
     n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
@@ -70,6 +71,9 @@ class CompletionRequest(SamplingFields):
     user: StrictStr | None = None
     presence_penalty: Annotated[float, Field(strict=True, ge=0, le=0)] = 0.0
     frequency_penalty: Annotated[float, Field(strict=True, ge=0, le=0)] = 0.0
+    repetition_penalty: Annotated[float, Field(strict=True, ge=1, le=1)] = 1.0
+    min_tokens: Annotated[StrictInt, Field(ge=0, le=0)] = 0
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
 
 
 # websocket frames (the type field picks the model)

@@ -2,6 +2,7 @@
 operations of one session; `wait_if_busy` queues behind a running one (websocket pipelining) instead of a 409."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,13 +14,29 @@ from server.api.validation import decode_b64
 from server.engine.client import RequestStream
 from server.engine.protocol import Sampling
 
-__all__ = ["append", "create", "generate_events", "generate_result", "open_generate", "session_call",
-           "start_append"]
+__all__ = ["append", "create", "generate_events", "generate_result", "new_session_id", "open_generate",
+           "session_call", "start_append"]
+
+# A proxy in front of several replicas (docker/nginx) routes a session's requests by its id; for a request that
+# creates a session it picks the id, routes by it, and sends it in this header, so the session is created on the
+# replica its later requests will reach.
+NEW_SESSION_HEADER = "x-infomamba-new-session-id"
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
-async def create(edge: Edge, snapshot_b64: str | None):
+def new_session_id(headers) -> str | None:
+    value = headers.get(NEW_SESSION_HEADER)
+    if value is None:
+        return None
+    if not _SESSION_ID.fullmatch(value):
+        raise bad_request(f"{NEW_SESSION_HEADER}: expected 8 to 64 of A-Z a-z 0-9 _ -", NEW_SESSION_HEADER,
+                          code="invalid_field")
+    return value
+
+
+async def create(edge: Edge, snapshot_b64: str | None, new_session: str | None = None):
     snapshot = decode_b64(snapshot_b64, "snapshot") if snapshot_b64 is not None else None
-    return await session_call(edge, "create", snapshot=snapshot)
+    return await session_call(edge, "create", snapshot=snapshot, new_session=new_session)
 
 
 async def start_append(edge: Edge, sid: str, inputs: np.ndarray, kinds: tuple[str, ...], wait_if_busy: bool = False):

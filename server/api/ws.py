@@ -32,7 +32,7 @@ from server.api.errors import APIError, bad_request
 from server.api.middleware import check_api_key
 from server.api.requests import session_call
 from server.api.responses import error_response
-from server.api.session_ops import create, generate_events, open_generate, start_append
+from server.api.session_ops import create, generate_events, new_session_id, open_generate, start_append
 from server.api.validation import loads, parse
 
 MAX_IN_FLIGHT = 64  # frames submitted and not yet answered; beyond that the socket's own flow control holds
@@ -116,10 +116,12 @@ class Connection:
         if frame.type == "open":
             if frame.session is not None and frame.snapshot is not None:
                 raise bad_request("give session or snapshot, not both", "session")
-            if frame.session is not None:
-                reply = await session_call(edge, "info", frame.session)
+            # /v1/stream?session=ID names the session in the URL, where a proxy can route by it
+            session = frame.session or (self.ws.query_params.get("session") if frame.snapshot is None else None)
+            if session is not None:
+                reply = await session_call(edge, "info", session)
             else:
-                reply = await create(edge, frame.snapshot)
+                reply = await create(edge, frame.snapshot, new_session_id(self.ws.headers))
             self.session_id = reply.session
             await self.answers.put(("frame", {"type": "opened", "session": reply.session, "steps": reply.steps}))
         elif frame.type == "append":

@@ -115,8 +115,8 @@ class EngineClient:
         return Add(client=self.id, rid=new_id(), **fields)
 
     async def session_op(self, op: str, session: str | None = None, snapshot: bytes | None = None,
-                         wait_if_busy: bool = False) -> Reply:
-        return await self._call(SessionOp(self.id, new_id(), op, session, snapshot, wait_if_busy))
+                         wait_if_busy: bool = False, new_session: str | None = None) -> Reply:
+        return await self._call(SessionOp(self.id, new_id(), op, session, snapshot, wait_if_busy, new_session))
 
     async def utility(self, name: str) -> Reply:
         return await self._call(Utility(self.id, new_id(), name))

@@ -27,7 +27,8 @@ from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import SamplingParams, Sequence, SeqStatus
 from server.engine.sessions import Session, SessionTable
 from server.engine.state_pool import StatePool, auto_num_streams
-from server.engine.store import Persisted, SessionStore
+from server.engine.redis_store import Relinquish, open_store
+from server.engine.store import Persisted
 from server.engine.wal import LogRecord
 from server.metrics import Metrics
 
@@ -63,7 +64,8 @@ class EngineCore:
         self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs)
         # events from other threads (frontend requests, finished writes), handled by the engine thread in order
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.store = SessionStore(state_dir, model.config.name, model.fingerprint(), self.inbox.put)
+        self.store = open_store(config, state_dir, model.config.name, model.fingerprint(), self.inbox.put,
+                                self.metrics)
         self.sessions = SessionTable(self.pool, model, self.store, config.max_num_sessions, config.session_ttl)
         self.requests: dict[tuple[str, str], Sequence] = {}
         self.num_steps = 0
@@ -136,6 +138,8 @@ class EngineCore:
                 self._session_op(message)
             elif isinstance(message, Persisted):
                 self._persisted(message)
+            elif isinstance(message, Relinquish):
+                self.sessions.relinquish(message.session)
             elif isinstance(message, Utility):
                 self._replies[message.client].append(self._utility(message))
             elif isinstance(message, Hello):
@@ -400,7 +404,8 @@ class EngineCore:
     def _make_durable(self, session: Session, steps_before: int, fed: np.ndarray, client: str, answer) -> None:
         """A log record of the inputs (group-committed with the step's others), or a snapshot when that is
         smaller or the session's log has grown long."""
-        if session.logged_steps + len(fed) >= self.config.snapshot_every or fed.nbytes >= self._snapshot_nbytes:
+        if (not self.store.supports_log or session.logged_steps + len(fed) >= self.config.snapshot_every
+                or fed.nbytes >= self._snapshot_nbytes):
             self._hold(self.sessions.persist(session), client, answer, session, snapshot_steps=session.steps)
             return
         record = LogRecord.of(session.id, steps_before, fed)
@@ -416,7 +421,7 @@ class EngineCore:
             ticket = self.store.append_log(self._log_batch)
             self._held.setdefault(ticket, []).extend(self._log_waiters)
             self._log_batch, self._log_waiters = [], []
-        if self.store.log_bytes > self.config.max_log_bytes and self._rotation is None:
+        if self.store.supports_log and self.store.log_bytes > self.config.max_log_bytes and self._rotation is None:
             self._rotation = self.store.rotate_log([r for s in self.sessions.sessions.values() for r in s.log])
 
     # -- session operations ------------------------------------------------------------------------------------
@@ -425,7 +430,7 @@ class EngineCore:
         client, rid = op.client, op.rid
         try:
             if op.op == "create":
-                session = self.sessions.create(op.snapshot)
+                session = self.sessions.create(op.snapshot, op.new_session)
                 self._hold(self.sessions.persist(session), client, Reply(rid, session=session.id,
                                                                          steps=session.steps), session,
                            snapshot_steps=session.steps)
@@ -445,7 +450,7 @@ class EngineCore:
                 reply = Reply(rid, session=session.id, steps=session.steps, data=self.sessions.snapshot(session))
                 self.metrics.snapshot_bytes.observe(len(reply.data))
             elif op.op == "fork":
-                child = self.sessions.fork(session)
+                child = self.sessions.fork(session, op.new_session)
                 self._hold(self.sessions.persist(child), client, Reply(rid, session=child.id, steps=child.steps),
                            child, snapshot_steps=child.steps)
                 return

@@ -73,6 +73,7 @@ class SessionOp(msgspec.Struct, tag="session", omit_defaults=True):
     session: str | None = None
     snapshot: bytes | None = None
     wait_if_busy: bool = False  # as in Add
+    new_session: str | None = None  # create/fork: the new session's id, as a proxy proposed it (else random)
 
 
 class Utility(msgspec.Struct, tag="utility"):

@@ -88,35 +88,68 @@ class SessionTable:
                 continue
             session.log.append(record)
             session.steps += record.num_steps
-        self.store.rotate_log([r for s in self.sessions.values() for r in s.log])
+        if self.store.supports_log:
+            self.store.rotate_log([r for s in self.sessions.values() for r in s.log])
         return len(self.sessions)
 
     def get(self, sid: str | None) -> Session:
         session = self.sessions.get(sid) if sid is not None else None
+        if session is None and sid is not None:
+            session = self.adopt(sid)
         if session is None:
             raise errors.session_not_found(str(sid))
         return session
 
-    # -- state ---------------------------------------------------------------------------------------------
-
-    def create(self, snapshot: bytes | None) -> Session:
+    def adopt(self, sid: str) -> Session | None:
+        """A session this replica does not know but a shared store holds (it was created or last served by
+        another replica): register it, spilled; its first use loads it (and takes its lease)."""
+        steps = self.store.lookup(sid)
+        if steps is None:
+            return None
         if len(self.sessions) >= self.max_num_sessions:
             raise errors.too_many_sessions(self.max_num_sessions)
+        session = self.sessions[sid] = Session(sid, steps=steps)
+        return session
+
+    def relinquish(self, sid: str) -> None:
+        """The shared store wants this session gone from here (another replica asked for it, or this one lost
+        its lease): give its slot back if it is idle; its stored copy is current."""
+        session = self.sessions.get(sid)
+        if session is None or session.slot is None:
+            self.store.release(sid)
+        elif not session.is_busy and not session.queue and session.is_clean:
+            self.spill(session)
+
+    def new_id(self, proposed: str | None) -> str:
+        """A fresh session id, or the one a proxy proposed (so the session is created where it will be routed)."""
+        if proposed is None:
+            return secrets.token_hex(12)
+        if proposed in self.sessions or self.store.lookup(proposed) is not None:
+            raise EngineError("session_exists", f"session {proposed!r} exists already", "session")
+        return proposed
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    def create(self, snapshot: bytes | None, sid: str | None = None) -> Session:
+        if len(self.sessions) >= self.max_num_sessions:
+            raise errors.too_many_sessions(self.max_num_sessions)
+        sid = self.new_id(sid)
         state, last_logits = self.parse(snapshot, "snapshot") if snapshot is not None else (None, None)
         slot = self.allocate()
         if state is not None:
             self.pool.write(slot, state)
-        session = Session(secrets.token_hex(12), slot=slot, steps=int(state.steps[0]) if state is not None else 0,
+        session = Session(sid, slot=slot, steps=int(state.steps[0]) if state is not None else 0,
                           last_logits=last_logits)
         self.sessions[session.id] = session
         return session
 
-    def fork(self, source: Session) -> Session:
+    def fork(self, source: Session, sid: str | None = None) -> Session:
         if len(self.sessions) >= self.max_num_sessions:
             raise errors.too_many_sessions(self.max_num_sessions)
+        sid = self.new_id(sid)
         slot = self.allocate(keep=source)  # the source is resident and replayed (the engine sees to it)
         self.pool.copy(source.slot, slot)
-        child = Session(secrets.token_hex(12), slot=slot, steps=source.steps,
+        child = Session(sid, slot=slot, steps=source.steps,
                         last_logits=None if source.last_logits is None else source.last_logits.clone())
         self.sessions[child.id] = child
         return child
@@ -181,6 +214,7 @@ class SessionTable:
     def spill(self, session: Session) -> None:
         self.pool.free(session.slot)
         session.slot = None
+        self.store.release(session.id)
 
     def spillable(self, keep: Session | None = None) -> list[Session]:
         return [s for s in self.sessions.values()

@@ -120,8 +120,19 @@ class SessionStore:
             self._jobs.put(job)
         return job.ticket
 
+    supports_log = True  # answers may wait on a write-ahead log record instead of a whole snapshot
+
     def read(self, sid: str) -> bytes:
         return self.path(sid).read_bytes()
+
+    peek = read  # a read that does not make the session resident (a shared store takes no lease for it)
+
+    def lookup(self, sid: str) -> int | None:
+        """A session not picked up at start: none here (every file in the directory was)."""
+        return None
+
+    def release(self, sid: str) -> None:
+        """The session left the pool; only a shared store (server/engine/redis_store.py) has a lease to hand back."""
 
     def persisted_sessions(self) -> dict[str, int]:
         """Session id -> steps, for every snapshot in the directory (read from the headers only)."""

@@ -173,3 +173,15 @@ def test_ready_is_503_until_the_engine_answers():
         assert httpx.get(srv.url + "/v1/models").status_code == 200
     finally:
         srv.stop()
+
+
+def test_unimplemented_openai_parameters_are_refused_not_ignored(lm_server):
+    for body, field in (({"logit_bias": {"5": 100}}, "logit_bias"), ({"repetition_penalty": 1.2}, "repetition_penalty"),
+                        ({"min_tokens": 3}, "min_tokens"), ({"presence_penalty": 0.5}, "presence_penalty")):
+        r = httpx.post(lm_server.url + "/v1/completions", json={"prompt": [1], "max_tokens": 2, **body})
+        assert error_of(r, 422, field)["code"] == "invalid_field"
+    r = httpx.post(lm_server.url + "/v1/completions", json={"prompt": [1], "max_tokens": 2, "best_off": 2})
+    assert error_of(r, 400, "best_off")["code"] == "unknown_field"
+    r = httpx.post(lm_server.url + "/v1/completions",  # no-op values are fine
+                   json={"prompt": [1], "max_tokens": 2, "logit_bias": {}, "repetition_penalty": 1.0, "user": "u"})
+    assert r.status_code == 200

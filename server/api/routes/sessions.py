@@ -9,7 +9,8 @@ from server.api.openapi import body, errors
 from server.api.errors import APIError
 from server.api.requests import started, unless_disconnected
 from server.api.responses import JSON, json_response, sse, sse_response
-from server.api.session_ops import (append, create, generate_events, generate_result, open_generate, session_call)
+from server.api.session_ops import (append, create, generate_events, generate_result, new_session_id, open_generate,
+                                    session_call)
 from server.api.validation import loads, parse
 
 router = APIRouter()
@@ -20,7 +21,7 @@ router = APIRouter()
 async def create_session(request: Request):
     raw = await request.body()
     req = parse(schemas.SessionCreateRequest, loads(raw) if raw.strip() else {})
-    reply = await create(request.app.state.edge, req.snapshot)
+    reply = await create(request.app.state.edge, req.snapshot, new_session_id(request.headers))
     return JSON({"id": reply.session, "steps": reply.steps}, status_code=201)
 
 
@@ -67,7 +68,7 @@ async def snapshot(sid: str, request: Request):
 
 @router.post("/v1/sessions/{sid}/fork", status_code=201, responses=errors(404, 409, 429, 507))
 async def fork(sid: str, request: Request):
-    reply = await session_call(request.app.state.edge, "fork", sid)
+    reply = await session_call(request.app.state.edge, "fork", sid, new_session=new_session_id(request.headers))
     return JSON({"id": reply.session, "steps": reply.steps}, status_code=201)
 
 

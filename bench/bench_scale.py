@@ -1,0 +1,226 @@
+"""Scale-out costs, measured with real parts on this machine (Redis, nginx and `infomamba serve` processes on
+loopback; results in bench/RESULTS.md):
+
+  store:  one snapshot written through the store and acknowledged (the write-through cost of an append), one at a
+          time and pipelined (snapshots/s), for the bundled model's state and the 130M config's; Redis against the
+          state dir (fsync'd files).
+  server: append latency over HTTP (one session, one chunk at a time) with the state dir, Redis write-through and
+          Redis async; the same through nginx (the proxy's cost); throughput of concurrent sessions on one replica
+          against two behind nginx.
+
+    python bench/bench_scale.py [--quick] [--json OUT]
+
+Needs redis-server and nginx (Debian packages) and the bundled model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.config import InfoMambaConfig  # noqa: E402
+from model.state import StreamState  # noqa: E402
+from model.weights import load_config  # noqa: E402
+from tests.server.scale import NginxProxy, RedisServer  # noqa: E402  (real redis-server / nginx on loopback)
+from tests.server.test_processes import ServeProcess  # noqa: E402
+
+MODEL_DIR = ROOT / "model" / "default_model"
+CONFIG_130M = InfoMambaConfig(d_model=768, n_layers=24, vocab_size=50280, n_concepts=16, d_concept=192,
+                              name="130m-k16")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def summary(ms: list[float]) -> dict:
+    return {"p50_ms": round(statistics.median(ms), 3), "p99_ms": round(pct(ms, 0.99), 3), "n": len(ms)}
+
+
+def random_state(config: InfoMambaConfig) -> StreamState:
+    state = StreamState.empty(config, 1)
+    for tensor in (state.conv, state.ssm, state.concept_mean):
+        tensor.copy_(torch.randn_like(tensor) * 0.1)
+    state.concept_mass.fill_(100.0)
+    state.steps += 1000
+    return state
+
+
+# -- store -------------------------------------------------------------------------------------------------------
+
+def bench_store(make_store, config: InfoMambaConfig, n: int, label: str) -> dict:
+    done = threading.Semaphore(0)
+    store = make_store(lambda _persisted: done.release())
+    store.start()
+    state = random_state(config)
+    latencies = []
+    for i in range(n):  # write-through: one at a time, acknowledged when the store has it
+        t0 = time.perf_counter()
+        store.write(f"bench-{label}-{i % 8}", state, None)
+        done.acquire()
+        latencies.append((time.perf_counter() - t0) * 1000)
+    t0 = time.perf_counter()
+    for i in range(n):  # many sessions' writes in flight at once
+        store.write(f"bench-{label}-{i % 64}", state, None)
+    for _ in range(n):
+        done.acquire()
+    rate = n / (time.perf_counter() - t0)
+    store.stop()
+    from model.state import save_snapshot
+
+    size = len(save_snapshot(state, config.name, "x" * 64))
+    return {**summary(latencies), "snapshots_per_s": round(rate, 1), "snapshot_bytes": size}
+
+
+def store_benchmarks(redis_url: str, n: int) -> dict:
+    from server.engine.redis_store import RedisSessionStore
+    from server.engine.store import SessionStore
+
+    results = {}
+    for label, config in (("bundled", load_config(MODEL_DIR)), ("130m", CONFIG_130M)):
+        state_dir = tempfile.mkdtemp(prefix="bench-state-", dir=os.environ.get("BENCH_STATE_DIR"))
+        results[f"redis/{label}"] = bench_store(
+            lambda cb: RedisSessionStore(redis_url, config.name, "x" * 64, cb, replica_id="bench"), config, n, label)
+        results[f"state-dir/{label}"] = bench_store(lambda cb: SessionStore(state_dir, config.name, "x" * 64, cb),
+                                                    config, n, label)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        print(label, {k: v for k, v in results.items() if k.endswith(label)}, flush=True)
+    return results
+
+
+# -- server ------------------------------------------------------------------------------------------------------
+
+def append_latencies(url: str, n: int, chunk: int = 16) -> list[float]:
+    with httpx.Client(base_url=url, timeout=60) as http:
+        sid = http.post("/v1/sessions", json={}).json()["id"]
+        ids = list(range(1, chunk + 1))
+        for _ in range(5):
+            http.post(f"/v1/sessions/{sid}/append", json={"input_ids": ids, "outputs": []})
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = http.post(f"/v1/sessions/{sid}/append", json={"input_ids": ids, "outputs": []})
+            out.append((time.perf_counter() - t0) * 1000)
+            assert r.status_code == 200, r.text
+        return out
+
+
+def proxy_overhead(direct: str, proxied: str, n: int) -> dict:
+    """GET /v1/models (answered by the frontend alone), direct and through nginx in alternation, so that the load
+    of a shared machine drifts alike over both; the difference of the medians is the proxy's cost."""
+    times = {"direct": [], "nginx": []}
+    with httpx.Client(base_url=direct, timeout=30) as a, httpx.Client(base_url=proxied, timeout=30) as b:
+        for i in range(n + 20):
+            for label, http in (("direct", a), ("nginx", b)):
+                t0 = time.perf_counter()
+                assert http.get("/v1/models").status_code == 200
+                if i >= 20:
+                    times[label].append((time.perf_counter() - t0) * 1000)
+    direct_ms, nginx_ms = statistics.median(times["direct"]), statistics.median(times["nginx"])
+    return {"direct_p50_ms": round(direct_ms, 3), "nginx_p50_ms": round(nginx_ms, 3),
+            "added_p50_ms": round(nginx_ms - direct_ms, 3), "n": n}
+
+
+def throughput(url: str, sessions: int, appends: int, chunk: int = 64) -> float:
+    """Input steps/s of `sessions` clients, each appending `appends` chunks to its own session."""
+    ids = list(range(1, chunk + 1))
+
+    def client(_):
+        with httpx.Client(base_url=url, timeout=120) as http:
+            sid = http.post("/v1/sessions", json={}).json()["id"]
+            for _ in range(appends):
+                r = http.post(f"/v1/sessions/{sid}/append", json={"input_ids": ids, "outputs": []})
+                assert r.status_code == 200, r.text
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(sessions) as pool:
+        list(pool.map(client, range(sessions)))
+    return sessions * appends * chunk / (time.perf_counter() - t0)
+
+
+def server_benchmarks(redis_url: str, n: int, tmp: Path) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per replica: two replicas, two cores
+    common = ["--session-ttl", "3600", "--log-level", "error"]
+    procs = {
+        "state-dir": ServeProcess(MODEL_DIR, tmp / "s1", *common),
+        "redis-sync": ServeProcess(MODEL_DIR, tmp / "s2", "--state-store", redis_url, "--replica-id", "r1",
+                                   *common),
+    }
+    results = {}
+    try:
+        for p in procs.values():
+            p.wait_ready(300)
+        for label, p in procs.items():
+            results[f"append/{label}"] = summary(append_latencies(p.url, n))
+            print(label, results[f"append/{label}"], flush=True)
+        proxy = NginxProxy([f"127.0.0.1:{procs['redis-sync'].port}"])
+        try:
+            results["append/redis-sync via nginx"] = summary(append_latencies(proxy.url, n))
+            print("via nginx", results["append/redis-sync via nginx"], flush=True)
+            results["proxy"] = proxy_overhead(procs["redis-sync"].url, proxy.url, 10 * n)
+            print("proxy", results["proxy"], flush=True)
+        finally:
+            proxy.stop()
+        procs["state-dir"].kill_all()
+        procs["redis-async"] = ServeProcess(MODEL_DIR, tmp / "s3", "--state-store", redis_url, "--replica-id", "r3",
+                                            "--state-store-mode", "async", *common).wait_ready(300)
+        results["append/redis-async"] = summary(append_latencies(procs["redis-async"].url, n))
+        print("redis-async", results["append/redis-async"], flush=True)
+        # one replica against two behind nginx (r1 and r3; both write through to Redis for this part: r3 is
+        # async, which only shifts each append's write after its answer)
+        sessions, appends = 8, max(5, n // 20)
+        one = throughput(procs["redis-sync"].url, sessions, appends)
+        proxy = NginxProxy([f"127.0.0.1:{procs['redis-sync'].port}", f"127.0.0.1:{procs['redis-async'].port}"])
+        try:
+            two = throughput(proxy.url, sessions, appends)
+        finally:
+            proxy.stop()
+        results["throughput"] = {"one_replica_steps_per_s": round(one), "two_replicas_steps_per_s": round(two),
+                                 "ratio": round(two / one, 2), "sessions": sessions, "chunk": 64}
+        print("throughput", results["throughput"], flush=True)
+    finally:
+        for p in procs.values():
+            p.kill_all()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--skip-server", action="store_true")
+    args = parser.parse_args()
+    n = 50 if args.quick else 300
+    redis = RedisServer()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    try:
+        results = {"device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__,
+                   "store": store_benchmarks(redis.url, n)}
+        if not args.skip_server:
+            results["server"] = server_benchmarks(redis.url, n, tmp)
+    finally:
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
