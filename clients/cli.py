@@ -49,6 +49,7 @@ SERVE_FLAGS = (
     ("--max-ws-frame-bytes", "max_ws_frame_bytes", int, "websocket frame limit"),
     ("--session-ttl", "session_ttl", float, "seconds idle before a session is spilled to disk"),
     ("--state-dir", "state_dir", str, "where sessions are written through and persist across restarts"),
+    ("--snapshot-every", "snapshot_every", int, "steps a session logs before its state is snapshotted"),
     ("--api-server-count", "api_server_count", int, "HTTP frontend processes sharing the port (one engine)"),
     ("--max-response-bytes", "max_response_bytes", int, "estimated size of one answer's outputs (413 above)"),
     ("--api-key", "api_key", str, "bearer token required on /v1 routes and the websocket"),
