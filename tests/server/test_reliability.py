@@ -256,7 +256,7 @@ def test_api_keys_never_reach_the_access_log():
     assert "sekrit" not in record.getMessage() and "api_key=[redacted]&x=1" in record.getMessage()
 
 
-def test_schema_fuzzing_finds_no_server_error(lm_server):
+def test_schema_fuzzing_finds_no_server_error(lm_server, tmp_path):
     """schemathesis against /openapi.json: every generated request is answered without a 5xx."""
     st = Path(sys.executable).with_name("st")
     if not st.exists():
@@ -265,7 +265,7 @@ def test_schema_fuzzing_finds_no_server_error(lm_server):
     result = subprocess.run([str(st), "run", lm_server.url + "/openapi.json", "--checks", "not_a_server_error",
                              "--max-examples", "10", "--workers", "1", "--seed", "1", "--no-color",
                              "--phases", "examples,coverage,fuzzing"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache goes there
     assert result.returncode == 0, result.stdout[-4000:]
     assert "passed" in result.stdout
     assert httpx.post(lm_server.url + f"/v1/sessions/{sid}/append", json={"input_ids": [1]}).status_code == 200
