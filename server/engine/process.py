@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 
@@ -107,6 +108,9 @@ def engine_main(config, model_dir: str | None, input_address: str, state_dir: st
     from server.serve import configure_logging, make_loader
 
     configure_logging(log_level)
+    # The busy loop holds the GIL between torch calls; the input and output threads must not wait the default
+    # 5 ms for it, or every step's outputs leave late.
+    sys.setswitchinterval(0.0005)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process; the launcher stops us in order
     loop_holder: list[EngineLoop] = []
     signal.signal(signal.SIGTERM, lambda *_: loop_holder[0].stop() if loop_holder else os._exit(0))

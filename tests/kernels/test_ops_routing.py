@@ -71,9 +71,10 @@ def test_the_runner_hands_the_layout_down_so_no_kernel_reads_cu_seqlens(monkeypa
     from model.infomamba import InfoMamba
 
     monkeypatch.setenv("INFOMAMBA_KERNELS", "triton")  # the kernels (interpreted on the CPU), not the references
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels run interpreted on the CPU
     torch.manual_seed(0)
-    model = InfoMamba(InfoMambaConfig(d_model=16, n_layers=2, vocab_size=260, n_concepts=4, d_state=4))
-    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    model = InfoMamba(InfoMambaConfig(d_model=16, n_layers=2, vocab_size=260, n_concepts=4, d_state=4)).to(device)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
     reads = []
     real_tolist = torch.Tensor.tolist
     def tolist(t):
@@ -82,8 +83,8 @@ def test_the_runner_hands_the_layout_down_so_no_kernel_reads_cu_seqlens(monkeypa
         return values
 
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-    model(torch.arange(7), model.empty_state(2), cu_seqlens=cu, bounds=[0, 3, 7])
+    model(torch.arange(7, device=device), model.empty_state(2), cu_seqlens=cu, bounds=[0, 3, 7])
     assert not any(reads)
     reads.clear()
-    model(torch.arange(7), model.empty_state(2), cu_seqlens=cu)
+    model(torch.arange(7, device=device), model.empty_state(2), cu_seqlens=cu)
     assert sum(reads) == 1  # without the bounds: exactly one read, by the model, shared by every layer
