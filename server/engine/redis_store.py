@@ -45,7 +45,7 @@ import torch
 from model.state import StreamState, save_snapshot
 from server.engine import errors
 from server.engine.errors import EngineError
-from server.engine.store import Persisted
+from server.engine.store import Persisted, WriterThread
 
 log = logging.getLogger("infomamba.store")
 MAX_SESSION_ID = 128
@@ -120,7 +120,7 @@ class _Job:
     last_logits: torch.Tensor | None = None
 
 
-class RedisSessionStore:
+class RedisSessionStore(WriterThread):
     def __init__(self, url: str, model_name: str, fingerprint: str, on_done: Callable[[object], None], *,
                  mode: str = "sync", lease_ttl: float = 10.0, replica_id: str | None = None,
                  prefix: str = "infomamba", metrics=None):
@@ -169,16 +169,9 @@ class RedisSessionStore:
     def read_log(self) -> list:
         return []
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="infomamba-store", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
         """Finish every queued write, then hand back every lease (the sessions' last states are in Redis)."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
+        self._finish_writes()
         held, self._held = list(self._held), set()
         try:
             with self.redis.pipeline(transaction=False) as pipe:

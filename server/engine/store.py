@@ -43,7 +43,22 @@ class _Job:
     rotate: bool = False  # start a new log segment with `log` in it, drop the old segments
 
 
-class SessionStore:
+class WriterThread:
+    """One thread applying queued jobs in submission order; `None` in `_jobs` stops it after the jobs before it.
+    Subclasses set `_jobs` (a queue) and `_thread = None`, and define `_run`."""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="infomamba-store", daemon=True)
+        self._thread.start()
+
+    def _finish_writes(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+class SessionStore(WriterThread):
     def __init__(self, directory: str | Path, model_name: str, fingerprint: str,
                  on_done: Callable[[Persisted], None]):
         self.directory = Path(directory)
@@ -60,16 +75,9 @@ class SessionStore:
             tmp.unlink(missing_ok=True)
         self.error = self.check_writable()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="infomamba-store", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
         """Finish every queued write, then stop."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
+        self._finish_writes()
         self.wal.close()
 
     def path(self, sid: str) -> Path:
