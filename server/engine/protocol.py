@@ -109,7 +109,6 @@ class RequestOutput(msgspec.Struct, omit_defaults=True):
     steps: int | None = None  # the stream's steps seen, on finish
     num_prompt: int = 0  # on finish: steps fed from the request's inputs
     state: bytes | None = None  # snapshot, on finish (want_state)
-    text: str | None = None  # session generates: the text up to the stop, cut by the engine's stop check
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
