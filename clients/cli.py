@@ -58,6 +58,7 @@ SERVE_FLAGS = (
      "seconds before a dead replica's sessions may be taken over by another (Redis store)"),
     ("--replica-id", "replica_id", str, "this replica's name on its session leases (default hostname-pid-random)"),
     ("--snapshot-every", "snapshot_every", int, "steps a session logs before its state is snapshotted"),
+    ("--torch-threads", "torch_threads", int, "the engine process's torch threads (0: torch's default)"),
     ("--api-server-count", "api_server_count", int, "HTTP frontend processes sharing the port (one engine)"),
     ("--max-response-bytes", "max_response_bytes", int, "estimated size of one answer's outputs (413 above)"),
     ("--api-key", "api_key", str, "bearer token required on /v1 routes and the websocket"),

@@ -29,6 +29,7 @@ class ServerConfig:
     state_store_mode: str = "sync"  # sync: acknowledged once the store has it; async: acknowledged before (see README)
     state_lease_ttl: float = 10.0  # seconds a dead replica's sessions stay locked before another may take them
     replica_id: str | None = None  # this replica's name on its session leases; None: hostname-pid-random
+    torch_threads: int = 0  # the engine process's torch threads; 0: torch's default
     api_server_count: int = 1  # HTTP frontend processes sharing the port, all talking to one engine process
     api_key: str | None = None  # bearer token for HTTP and websocket; None: no auth
     served_model_name: str | None = None
@@ -38,10 +39,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name in ("port", "max_num_streams", "max_num_batched_tokens", "max_queue", "max_num_sessions",
                      "max_body_bytes", "max_request_steps", "max_batch_sequences", "max_ws_frame_bytes",
-                     "max_response_bytes", "api_server_count", "max_num_prefill_tokens", "snapshot_every",
+                     "max_response_bytes", "api_server_count", "torch_threads", "max_num_prefill_tokens", "snapshot_every",
                      "max_log_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("port", "max_num_streams") else 1):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("port", "max_num_streams", "torch_threads") else 1):
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if not 0 < self.gpu_memory_fraction <= 0.95:
             raise ValueError(f"gpu_memory_fraction: expected a fraction in (0, 0.95], got {self.gpu_memory_fraction!r}")

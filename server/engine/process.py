@@ -117,6 +117,7 @@ def engine_main(config, model_dir: str | None, input_address: str, state_dir: st
     try:
         t0 = time.monotonic()
         model, tokenizer = make_loader(config, model_dir)()
+        set_torch_threads(config.torch_threads)
         core = EngineCore(model, tokenizer, config, state_dir, model_dir=model_dir)
         describe(core)
         warm_up(core)
@@ -130,6 +131,16 @@ def engine_main(config, model_dir: str | None, input_address: str, state_dir: st
     loop_holder.append(loop)
     log.info("engine ready in %.1f s (pid %d)", time.monotonic() - t0, os.getpid())
     loop.run()
+
+
+def set_torch_threads(requested: int) -> None:
+    """0 leaves torch's default. One thread with a GPU was tried on the H200 (bench/RESULTS.md) and gave no clear
+    gain, so it is not the default; on a small CPU host, 1 can be much faster when other processes are busy."""
+    import torch
+
+    if requested:
+        torch.set_num_threads(requested)
+    log.info("torch threads: %d", torch.get_num_threads())
 
 
 def describe(core: EngineCore) -> None:
