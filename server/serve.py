@@ -3,7 +3,7 @@ launcher that stops them in order (frontends drain, then the engine saves its se
 the engine dies, so docker or Kubernetes restarts the server.
 
     launcher ── spawns ──> engine process   (model, state pool, sessions; ZMQ ipc)
-             └─ spawns ──> frontend 1..N    (uvicorn on one shared socket; validation, detokenizing, framing)
+             └─ spawns ──> frontend 1..N    (uvicorn, a socket each on the port; validation, detokenizing, framing)
 """
 from __future__ import annotations
 
