@@ -390,6 +390,9 @@ class EngineCore:
         session.last_used = time.monotonic()
         if session.id not in self.sessions.sessions:
             return
+        if seq.client == INTERNAL and out.error is not None:
+            self._replay_failed(session, out.error)
+            return
         if was_running and session.slot is not None:
             steps_before = session.steps
             session.steps = self.pool.steps(session.slot) if out.steps is None else out.steps
@@ -399,6 +402,22 @@ class EngineCore:
             fed = _fed_inputs(seq)
             if seq.client != INTERNAL and len(fed):  # its state moved: on disk before the answer goes out
                 self._make_durable(session, steps_before, fed, seq.client, out)
+        self._next_in_session(session)
+
+    def _replay_failed(self, session: Session, error: Error) -> None:
+        """Its state in the slot is part-replayed: give the slot back (the next use replays from the snapshot
+        again) and fail the request that was waiting for the replay."""
+        if session.slot is not None:
+            self.sessions.spill(session)
+        failure = EngineError("session_unrestorable", f"replaying session {session.id}'s logged inputs failed "
+                              f"({error.message}); retry", "session").to_struct()
+        if session.queue:
+            item = session.queue.popleft()
+            if isinstance(item, SessionOp):
+                self._replies[item.client].append(Reply(item.rid, ok=False, error=failure))
+            else:
+                self.requests.pop((item.client, item.rid), None)
+                self._output(item.client, item.rid).error = failure
         self._next_in_session(session)
 
     def _make_durable(self, session: Session, steps_before: int, fed: np.ndarray, client: str, answer) -> None:

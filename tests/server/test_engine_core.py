@@ -255,3 +255,21 @@ def test_long_logs_become_snapshots_and_rotation_compacts(tmp_path):
     again = make_core(tmp_path)
     again.sessions.pick_up_persisted()
     assert again.sessions.get(sid).steps == 30
+
+
+def test_a_failed_replay_fails_the_waiting_request_and_the_next_one_replays_again(tmp_path):
+    core = make_core(tmp_path)
+    op(core, "create", "create")
+    sid = run_until_quiet(core)["replies"]["create"].session
+    add(core, "a", list(range(6)), session=sid)
+    run_until_quiet(core)
+    again = make_core(tmp_path)  # after a crash
+    again.sessions.pick_up_persisted()
+    again.runner.fail_next = True  # the replay's step fails
+    add(again, "b", [1], session=sid)
+    outs = run_until_quiet(again)["outputs"]
+    assert finish_of(outs["b"]).error.code == "session_unrestorable"
+    session = again.sessions.get(sid)
+    assert session.steps == 6 and session.slot is None  # nothing half-replayed was kept
+    add(again, "c", [1], session=sid)
+    assert finish_of(run_until_quiet(again)["outputs"]["c"]).steps == 7
