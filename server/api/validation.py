@@ -116,8 +116,10 @@ class Validator:
         """The one range check of token ids, for every route and frame: (n,) int64 or a 422 naming the first."""
         try:
             ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        except OverflowError:
-            ids = np.asarray([i if -2**63 <= i < 2**63 else -1 for i in ids], dtype=np.int64)
+        except OverflowError:  # beyond int64: name the first such id as it was sent
+            i = next(i for i, t in enumerate(ids) if not -2**63 <= t < 2**63)
+            raise APIError(422, "token_out_of_vocabulary", f"token id {ids[i]} is outside the vocabulary "
+                           f"[0, {self.model.vocab_size})", f"{field}[{i}]") from None
         bad = np.flatnonzero((ids < 0) | (ids >= self.model.vocab_size))
         if bad.size:
             i = int(bad[0])

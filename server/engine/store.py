@@ -17,7 +17,7 @@ import torch
 
 from model.state import SnapshotError, StreamState, save_snapshot, snapshot_metadata
 from server.engine import wal
-from server.engine.wal import LogRecord, LogWriter
+from server.engine.wal import LogRecord, LogWriter, fsync_dir
 
 log = logging.getLogger("infomamba.store")
 SNAPSHOT_SUFFIX = ".state.safetensors"
@@ -195,11 +195,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself is durable only once the directory is
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def describe(exc: OSError, directory: Path) -> str:

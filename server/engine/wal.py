@@ -99,7 +99,7 @@ class LogWriter:
         self.close()
         self._open(self.number + 1)
         self.append(carried)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         for path in old:
             path.unlink(missing_ok=True)
 
@@ -113,10 +113,11 @@ class LogWriter:
         path = self.directory / f"wal-{number:08d}.log"
         self._file = open(path, "ab")
         self.size = self._file.tell()
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """A rename or a new file is durable only once its directory is."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
