@@ -293,6 +293,39 @@ def _decayed_scores(q, a, lam, t, j, k, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def update_slot(
+    a, v, mix, j, e, slot, live,
+    log_decay_ptr, concept_mean_ptr, concept_mass_ptr,
+    k, d_c, eps,
+    stride_mean_slot, stride_mean_k, stride_mass_slot,
+    HAS_DECAY: tl.constexpr,
+):
+    """One step of one stream: a (K,) routing weights and v (E,) values in fp32, mix (K, K); the slot's mean and
+    mass are updated in place. Returns its read-back a^T M mean (E,), zero when not `live`. E spans all of d_c:
+    the program that updates a slot owns its mass."""
+    k_mask = (j < k) & live
+    e_mask = e < d_c
+    mask = k_mask[:, None] & e_mask[None, :]
+    mean_ptrs = concept_mean_ptr + slot * stride_mean_slot + j[:, None] * stride_mean_k + e[None, :]
+    mean = tl.load(mean_ptrs, mask=mask, other=0.0)  # (K, E) fp32
+    mass_prev = tl.load(concept_mass_ptr + slot * stride_mass_slot + j, mask=k_mask, other=0.0)  # (K,) fp64
+    if HAS_DECAY:
+        gamma = tl.exp(tl.load(log_decay_ptr + j, mask=k_mask, other=0.0).to(tl.float64))  # (K,)
+        mass = gamma * mass_prev + a.to(tl.float64)
+        denom = tl.where(k_mask, mass + eps, 1.0)
+        keep = (gamma * (mass_prev + eps) / denom).to(tl.float32)
+    else:
+        mass = mass_prev + a.to(tl.float64)
+        denom = tl.where(k_mask, mass + eps, 1.0)
+        keep = ((mass_prev + eps) / denom).to(tl.float32)
+    mean = mean * keep[:, None] + a[:, None] * v[None, :] / denom.to(tl.float32)[:, None]
+    tl.store(mean_ptrs, mean, mask=mask)
+    tl.store(concept_mass_ptr + slot * stride_mass_slot + j, mass, mask=k_mask)
+    am = tl.sum(a[:, None] * mix, axis=0)  # (K,) = a^T M
+    return tl.sum(am[:, None] * mean, axis=0)  # (E,)
+
+
+@triton.jit
 def _concept_filter_update_kernel(
     # pointers
     a_ptr, v_ptr, mix_ptr, log_decay_ptr, concept_mean_ptr, concept_mass_ptr, state_indices_ptr, out_ptr,
@@ -310,31 +343,15 @@ def _concept_filter_update_kernel(
     slot = tl.load(state_indices_ptr + row).to(tl.int64)
     live = slot >= 0
     j = tl.arange(0, BLOCK_K)  # (K,)
-    e = tl.arange(0, BLOCK_DC)  # (E,) all of d_c: one program owns the slot's mass
-    k_mask = (j < k) & live
+    e = tl.arange(0, BLOCK_DC)  # (E,) all of d_c
+    k_mask = j < k
     e_mask = e < d_c
-    mask = k_mask[:, None] & e_mask[None, :]
-    mean_ptrs = concept_mean_ptr + slot * stride_mean_slot + j[:, None] * stride_mean_k + e[None, :]
-    mean = tl.load(mean_ptrs, mask=mask, other=0.0)  # (K, E) fp32
-    mass_prev = tl.load(concept_mass_ptr + slot * stride_mass_slot + j, mask=k_mask, other=0.0)  # (K,) fp64
-    a = tl.load(a_ptr + row * stride_a_row + j, mask=k_mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + row * stride_a_row + j, mask=k_mask & live, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + row * stride_v_row + e, mask=e_mask & live, other=0.0).to(tl.float32)
     mix = tl.load(mix_ptr + j[:, None] * stride_mix_row + j[None, :], mask=k_mask[:, None] & k_mask[None, :],
                   other=0.0).to(tl.float32)  # (K, K)
-    if HAS_DECAY:
-        gamma = tl.exp(tl.load(log_decay_ptr + j, mask=k_mask, other=0.0).to(tl.float64))  # (K,)
-        mass = gamma * mass_prev + a.to(tl.float64)
-        denom = tl.where(k_mask, mass + eps, 1.0)
-        keep = (gamma * (mass_prev + eps) / denom).to(tl.float32)
-    else:
-        mass = mass_prev + a.to(tl.float64)
-        denom = tl.where(k_mask, mass + eps, 1.0)
-        keep = ((mass_prev + eps) / denom).to(tl.float32)
-    mean = mean * keep[:, None] + a[:, None] * v[None, :] / denom.to(tl.float32)[:, None]
-    tl.store(mean_ptrs, mean, mask=mask)
-    tl.store(concept_mass_ptr + slot * stride_mass_slot + j, mass, mask=k_mask)
-    am = tl.sum(a[:, None] * mix, axis=0)  # (K,) = a^T M
-    out = tl.sum(am[:, None] * mean, axis=0)  # (E,)
+    out = update_slot(a, v, mix, j, e, slot, live, log_decay_ptr, concept_mean_ptr, concept_mass_ptr, k, d_c, eps,
+                      stride_mean_slot, stride_mean_k, stride_mass_slot, HAS_DECAY)
     tl.store(out_ptr + row * stride_out_row + e, out, mask=e_mask)
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 from kernels import add_rms_norm as _norm
 from kernels import causal_conv1d as _conv
 from kernels import concept_filter as _concept
+from kernels import concept_readout as _readout
+from kernels import concept_step as _concept_step
+from kernels import mamba_step as _mamba_step
 from kernels import selective_scan as _scan
 from kernels import selective_state_update as _update
 from kernels.dispatch import use_triton
@@ -28,3 +31,6 @@ selective_state_update = _routed(_update, "selective_state_update")
 concept_filter = _routed(_concept, "concept_filter")
 concept_filter_update = _routed(_concept, "concept_filter_update")
 add_rms_norm = _routed(_norm, "add_rms_norm")
+concept_readout = _routed(_readout, "concept_readout")
+concept_step = _routed(_concept_step, "concept_step")
+mamba_step = _routed(_mamba_step, "mamba_step")

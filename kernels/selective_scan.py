@@ -8,13 +8,14 @@ from kernels.packing import PackedLayout, layout_of, pad_packed, unpad
 
 
 def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus=True,
-                       layout: PackedLayout | None = None):
+                       layout: PackedLayout | None = None, out=None):
     """Chunk form.
 
     x, dt, z: (total, d_inner) (z may be None: no gate); A: (d_inner, d_state) fp32 (negative);
     B, C: (total, d_state); D, dt_bias: (d_inner,) or None; ssm_state: (slots, d_inner, d_state) fp32,
     read as the initial state and overwritten with the final one; cu_seqlens: (batch + 1,);
     state_indices: (batch,), -1 skips the sequence (output rows zero, no state touched).
+    out: optional (total, d_inner) destination in x.dtype with unit column stride (e.g. columns of a wider buffer).
     Returns y = (s_t C_t + D x_t) * silu(z_t): (total, d_inner) in x.dtype.
     """
     live = state_indices >= 0
@@ -43,7 +44,10 @@ def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, sta
     token_live = torch.repeat_interleave(live, (cu_seqlens[1:] - cu_seqlens[:-1]).long())
     y = torch.where(token_live[:, None], y, torch.zeros_like(y))
     ssm_state[slots[live]] = s[live].to(ssm_state.dtype)
-    return y.to(x.dtype)
+    if out is None:
+        return y.to(x.dtype)
+    out.copy_(y)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,7 +329,7 @@ def _scan_config(max_len: int, d_inner: int, token_loop: bool):
 
 
 def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus=True,
-                    layout=None, chunk_size=None, block_d=None, token_loop=None, num_warps=None):
+                    layout=None, out=None, chunk_size=None, block_d=None, token_loop=None, num_warps=None):
     """selective_scan with the tuning knobs exposed (tests and benchmarks): chunk_size, block_d, and
     token_loop (within a chunk, a loop over tokens instead of tl.associative_scan; the default under the
     interpreter, whose scan calls the combine function once per element)."""
@@ -350,7 +354,10 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
     D, dt_bias = (t.contiguous() if t is not None else None for t in (D, dt_bias))
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
 
-    out = torch.empty_like(x)  # (total, d_inner); rows of -1 sequences are written as zeros
+    if out is None:
+        out = torch.empty_like(x)  # (total, d_inner); rows of -1 sequences are written as zeros
+    elif out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"selective_scan: out must be {x.dtype} {tuple(x.shape)} with unit column stride")
     layout = layout_of(cu_seqlens, layout)
     bounds = layout.bounds
     if bounds[-1] > total:
@@ -409,16 +416,18 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
 
 
 def selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus=True,
-                   layout: PackedLayout | None = None):
+                   layout: PackedLayout | None = None, out=None):
     """Chunk form.
 
     x, dt, z: (total, d_inner) (z may be None: no gate); A: (d_inner, d_state) fp32 (negative);
     B, C: (total, d_state); D, dt_bias: (d_inner,) or None; ssm_state: (slots, d_inner, d_state) fp32,
     read as the initial state and overwritten with the final one; cu_seqlens: (batch + 1,);
     state_indices: (batch,), -1 skips the sequence (output rows zero, no state touched).
+    out: optional (total, d_inner) destination in x.dtype with unit column stride (e.g. columns of a wider buffer).
     Returns y = (s_t C_t + D x_t) * silu(z_t): (total, d_inner) in x.dtype.
     """
-    return _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus, layout)
+    return _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_indices, dt_softplus, layout,
+                           out)
 
 
 if not HAS_TRITON:  # pragma: no cover

@@ -83,27 +83,30 @@ class MambaMixer(nn.Module):
         return self._A[1]
 
     def forward(self, u: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
-        # u: (T, D) -> (T, D); the slices below are views the kernels address by row stride
+        # u: (T, D) -> (T, D): a plain Mamba block (k = 0)
+        return self.out_proj(self.mix(self.in_proj(u), state, batch))
+
+    def mix(self, xz: torch.Tensor, state: LayerState, batch: Batch, inject: torch.Tensor | None = None,
+            inject_weight: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything between in_proj and out_proj: xz (T, 2E) -> the gated SSM output y (T, E), written into `out`
+        (a (T, E) view, e.g. columns of a wider buffer) when given. With `inject` (T, C) and `inject_weight`
+        (2E, C), xz + inject @ inject_weight^T stands for xz (the concepts' input injection, see InfoMambaLayer).
+        Slices of xz are views the kernels address by row stride."""
         E, N, R = self.d_inner, self.d_state, self.dt_rank
-        xz = self.in_proj(u)  # (T, 2E)
-        x_in, z = xz[:, :E], xz[:, E:]
         conv_w = self.conv1d.weight.squeeze(1)  # (E, K)
-        if batch.is_decode:
-            xc = ops.causal_conv1d_update(x_in, conv_w, self.conv1d.bias, state.conv, batch.state_indices)
-        else:
-            xc = ops.causal_conv1d(x_in, conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens, batch.state_indices,
-                                   layout=batch.layout)
+        A = self.neg_A()  # (E, N)
+        if batch.is_decode:  # two launches for the whole step (kernels/mamba_step.py)
+            return ops.mamba_step(xz, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                                  self.dt_proj.bias, A, self.D, state.conv, state.ssm, batch.state_indices, inject,
+                                  inject_weight, out=out)
+        if inject is not None:
+            xz = torch.addmm(xz, inject, inject_weight.t())
+        xc = ops.causal_conv1d(xz[:, :E], conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens,
+                               batch.state_indices, layout=batch.layout)
         dbc = self.x_proj(xc)  # (T, R + 2N)
         dt = F.linear(dbc[:, :R], self.dt_proj.weight)  # (T, E); bias and softplus fused in the scan
-        B, C = dbc[:, R:R + N], dbc[:, R + N:]
-        A = self.neg_A()  # (E, N)
-        if batch.is_decode:
-            y = ops.selective_state_update(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
-                                           batch.state_indices)
-        else:
-            y = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
-                                   batch.cu_seqlens, batch.state_indices, layout=batch.layout)
-        return self.out_proj(y)
+        return ops.selective_scan(xc, dt, A, dbc[:, R:R + N], dbc[:, R + N:], self.D, xz[:, E:], self.dt_proj.bias,
+                                  state.ssm, batch.cu_seqlens, batch.state_indices, layout=batch.layout, out=out)
 
 
 # Initial concept horizons 1 / (1 - γ), spread log-uniformly: short enough to track a function, long enough to
@@ -148,24 +151,28 @@ class ConceptBottleneck(nn.Module):
             self._log_decay = (key, F.logsigmoid(theta.float()))
         return self._log_decay[1]
 
-    def forward(self, h: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
-        # h: (T, D) -> r: (T, C) global context for each token
-        a = torch.softmax(self.route(h).float(), dim=-1)  # (T, k)
-        v = self.value(h)  # (T, C)
+    def forward(self, logits: torch.Tensor, v: torch.Tensor, gate_h: torch.Tensor, gate_weight: torch.Tensor,
+                state: LayerState, batch: Batch, out_output: torch.Tensor) -> torch.Tensor:
+        """The concept term, its read-back r and the IMF gates, from the layer's projections of h: logits (T, k)
+        W_a h + b_a, v (T, C) W_v h, gate_h (T, 2C) W_g[:, :D] h + b_g; gate_weight (2C, C) is W_g[:, D:].
+        Writes g_o ⊙ r into out_output (T, C); returns g_s ⊙ r (T, C)."""
         log_decay = self.log_decay()  # (k,) or None
-        if batch.is_decode:
-            read = ops.concept_filter_update(a, v, self.mix, state.concept_mean, state.concept_mass,
-                                             batch.state_indices, self.eps, log_decay)
-        else:
-            read = ops.concept_filter(a, v, self.mix, state.concept_mean, state.concept_mass,
-                                      batch.cu_seqlens, batch.state_indices, self.eps, log_decay,
-                                      layout=batch.layout)
-        normed, _ = ops.add_rms_norm(read, None, self.norm.weight, self.norm_eps)  # one kernel on a GPU
-        return F.gelu(normed)
+        if batch.is_decode:  # one launch for the whole step (kernels/concept_step.py)
+            to_input, _ = ops.concept_step(logits, v, gate_h, self.mix, self.norm.weight, gate_weight,
+                                           state.concept_mean, state.concept_mass, batch.state_indices, self.eps,
+                                           self.norm_eps, log_decay, out_output=out_output)
+            return to_input
+        a = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (T, k)
+        read = ops.concept_filter(a, v, self.mix, state.concept_mean, state.concept_mass, batch.cu_seqlens,
+                                  batch.state_indices, self.eps, log_decay, layout=batch.layout)
+        to_input, _ = ops.concept_readout(read, gate_h, self.norm.weight, gate_weight, self.norm_eps,
+                                          out_output=out_output)
+        return to_input
 
 
 class InformationFusion(nn.Module):
-    """IMF: sigmoid gates on [h; r] inject the global context into the SSM's input and its output."""
+    """IMF's weights: sigmoid gates on [h; r] inject the global context into the SSM's input and its output. The
+    layer computes them (InfoMambaLayer.forward), through products shared with its other projections."""
 
     def __init__(self, config: InfoMambaConfig):
         super().__init__()
@@ -176,12 +183,25 @@ class InformationFusion(nn.Module):
         self.to_input = nn.Linear(C, D, bias=False)
         self.to_output = nn.Linear(C, D, bias=False)
 
-    def forward(self, h: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # h: (T, D), r: (T, C) -> (u: SSM input, extra: added to the SSM output), both (T, D)
-        r = r.to(h.dtype)
-        gates = torch.sigmoid(self.gate(torch.cat([h, r], dim=-1)))
-        g_s, g_o = gates[:, :self.d_concept], gates[:, self.d_concept:]
-        return h + self.to_input(g_s * r), self.to_output(g_o * r)
+
+@dataclass(frozen=True)
+class FusedWeights:
+    """A concept layer's weights laid side by side so that one product serves several projections (DESIGN.md §1):
+
+    pre_weight (k + 3C + 2E, D), pre_bias: [W_a; W_v; W_g[:, :D]; W_in] and their biases: everything computed
+        from h, in one product (the routing logits, the values, the h half of the gates, in_proj(h));
+    inject_weight (2E, C) = W_in W_s: u = h + W_s (g_s ⊙ r) only feeds in_proj, so in_proj(u) = in_proj(h) +
+        (W_in W_s)(g_s ⊙ r), and u itself is never formed;
+    out_weight (D, E + C) = [W_out, W_o]: out_proj(y) + W_o (g_o ⊙ r) as one product over [y; g_o ⊙ r].
+
+    Built from the parameters, which stay the only thing saved, loaded and hashed. The cost is memory: in_proj's
+    and out_proj's weights are held twice (about 0.7x the layer's parameters again).
+    """
+
+    pre_weight: torch.Tensor
+    pre_bias: torch.Tensor
+    inject_weight: torch.Tensor
+    out_weight: torch.Tensor
 
 
 class InfoMambaLayer(nn.Module):
@@ -193,11 +213,46 @@ class InfoMambaLayer(nn.Module):
             self.concept = ConceptBottleneck(config)
             self.fusion = InformationFusion(config)
         self.mixer = MambaMixer(config)
+        self._fused: tuple[tuple, FusedWeights] | None = None
 
     def forward(self, h: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
         """h: the normed hidden (T, D). Returns the residual branch y (T, D)."""
         if not self.has_concepts:
             return self.mixer(h, state, batch)
-        r = self.concept(h, state, batch)
-        u, extra = self.fusion(h, r)
-        return self.mixer(u, state, batch) + extra
+        k, C, E = self.concept.mix.shape[0], self.fusion.d_concept, self.mixer.d_inner
+        fused = self.fused_weights()
+        pre = F.linear(h, fused.pre_weight, fused.pre_bias)  # (T, k + 3C + 2E)
+        logits, v, gate_h, xz = pre.split([k, C, 2 * C, 2 * E], dim=1)
+        mixed = h.new_empty(h.shape[0], E + C)  # [SSM output, g_o ⊙ r]: the two halves of one last product
+        gate_weight = self.fusion.gate.weight[:, h.shape[1]:]  # (2C, C) the gates' weights on r
+        to_input = self.concept(logits, v, gate_h, gate_weight, state, batch, out_output=mixed[:, E:])
+        self.mixer.mix(xz, state, batch, inject=to_input, inject_weight=fused.inject_weight, out=mixed[:, :E])
+        return F.linear(mixed, fused.out_weight, self.mixer.out_proj.bias)
+
+    def fused_weights(self) -> FusedWeights:
+        """The FusedWeights of the current parameters: cached between weight updates like MambaMixer.neg_A, and
+        rebuilt (differentiably) on every call while gradients are on."""
+        sources = self._fused_sources()
+        if torch.is_grad_enabled():
+            return self._build_fused()
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in sources)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, self._build_fused())
+        return self._fused[1]
+
+    def _fused_sources(self) -> list[torch.Tensor]:
+        c, f, m = self.concept, self.fusion, self.mixer
+        return [p for p in (c.route.weight, c.route.bias, c.value.weight, f.gate.weight, f.gate.bias, f.to_input.weight,
+                            f.to_output.weight, m.in_proj.weight, m.in_proj.bias, m.out_proj.weight) if p is not None]
+
+    def _build_fused(self) -> FusedWeights:
+        c, f, m = self.concept, self.fusion, self.mixer
+        D = m.in_proj.weight.shape[1]
+        in_bias = m.in_proj.bias if m.in_proj.bias is not None else m.in_proj.weight.new_zeros(2 * m.d_inner)
+        gate_weight = f.gate.weight  # (2C, D + C)
+        return FusedWeights(
+            pre_weight=torch.cat([c.route.weight, c.value.weight, gate_weight[:, :D], m.in_proj.weight]),
+            pre_bias=torch.cat([c.route.bias, c.value.weight.new_zeros(f.d_concept), f.gate.bias, in_bias]),
+            inject_weight=(m.in_proj.weight.float() @ f.to_input.weight.float()).to(m.in_proj.weight.dtype),
+            out_weight=torch.cat([m.out_proj.weight, f.to_output.weight], dim=1),
+        )

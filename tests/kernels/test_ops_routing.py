@@ -10,7 +10,8 @@ OPS = {
     "causal_conv1d": "causal_conv1d", "causal_conv1d_update": "causal_conv1d",
     "selective_scan": "selective_scan", "selective_state_update": "selective_state_update",
     "concept_filter": "concept_filter", "concept_filter_update": "concept_filter",
-    "add_rms_norm": "add_rms_norm",
+    "add_rms_norm": "add_rms_norm", "concept_readout": "concept_readout", "concept_step": "concept_step",
+    "mamba_step": "mamba_step",
 }
 
 
@@ -41,7 +42,9 @@ def test_modules_import_without_triton():
         "sys.meta_path.insert(0, Block())\n"
         "import torch\n"
         "from kernels import add_rms_norm, causal_conv1d, concept_filter, ops, selective_scan, selective_state_update\n"
+        "from kernels import concept_readout, concept_step, mamba_step\n"
         "assert not hasattr(selective_scan, 'selective_scan') and hasattr(selective_scan, 'selective_scan_ref')\n"
+        "assert not hasattr(mamba_step, 'mamba_step') and hasattr(concept_step, 'concept_step_ref')\n"
         "assert not hasattr(concept_filter, 'concept_filter_update')\n"
         "out, res = ops.add_rms_norm(torch.ones(2, 4), None, torch.ones(4), 1e-5)\n"
         "assert torch.allclose(out, torch.ones(2, 4), atol=1e-4)\n"

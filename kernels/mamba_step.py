@@ -1,0 +1,302 @@
+"""One Mamba-1 decode step between in_proj and out_proj in two launches (they were four: conv update, x_proj,
+dt_proj, state update):
+
+    launch 1: conv window update + SiLU, and x_proj as partial sums over channel blocks;
+    launch 2: the partial sums added up, dt_proj + softplus, SSM state update, D skip and SiLU(z) gate.
+
+x_proj reduces over every channel and the state update needs its result for every channel, so the step cannot
+be one launch without a grid-wide barrier; the partial sums (a few KB per row) are what crosses between the two.
+
+With concepts (DESIGN.md §1) the SSM input u = h + W_s (g_s ⊙ r) only feeds in_proj, so in_proj(u) =
+in_proj(h) + (W_in W_s)(g_s ⊙ r): the layer hands in in_proj(h) as `xz` and g_s ⊙ r as `inject` with
+`inject_weight` = W_in W_s, and each launch adds its own channels' share.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.causal_conv1d import causal_conv1d_update_ref
+from kernels.selective_state_update import selective_state_update_ref
+
+
+def mamba_step_ref(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, conv_state, ssm_state,
+                   state_indices, inject=None, inject_weight=None, out=None):
+    """One step for a batch of slots.
+
+    xz: (batch, 2 E) in_proj's output [x; z]; conv_weight: (E, K); conv_bias: (E,) or None;
+    x_proj_weight: (R + 2 N, E); dt_proj_weight: (E, R); dt_bias, D: (E,); A: (E, N) fp32 (negative);
+    conv_state: (slots, E, K - 1) and ssm_state: (slots, E, N) fp32, updated in place;
+    state_indices: (batch,), -1 skips the row (output zero, no state touched);
+    inject: (batch, C) and inject_weight: (2 E, C), or None: xz + inject @ inject_weight^T replaces xz;
+    out: optional (batch, E) destination. Returns y = (s C + D xc) SiLU(z): (batch, E) in xz.dtype.
+    Activations are rounded to xz.dtype where the unfused path stores them: x and z, the conv output, x_proj's
+    and dt_proj's outputs.
+    """
+    dtype = xz.dtype
+    E, R, N = conv_weight.shape[0], dt_proj_weight.shape[1], A.shape[1]
+    if inject is not None:
+        xz = (xz.float() + inject.float() @ inject_weight.float().t()).to(dtype)
+    xc = causal_conv1d_update_ref(xz[:, :E], conv_weight, conv_bias, conv_state, state_indices)  # (batch, E)
+    dbc = (xc.float() @ x_proj_weight.float().t()).to(dtype)  # (batch, R + 2N)
+    dt = (dbc[:, :R].float() @ dt_proj_weight.float().t()).to(dtype)  # (batch, E)
+    y = selective_state_update_ref(xc, dt, A, dbc[:, R:R + N], dbc[:, R + N:], D, xz[:, E:], dt_bias, ssm_state,
+                                   state_indices)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton kernels over (row block, channel block). Rows come BLOCK_B (>= 16) at a time so that the projections
+# run on the tensor cores with their weights read once per row block, not once per row; padding rows are masked.
+
+from kernels._jit import LOG2E, dot_rows, lowp_dot, silu, softplus, stored  # noqa: E402
+from kernels._triton import HAS_TRITON, check_indices, check_pool, tl, triton  # noqa: E402
+
+
+@triton.jit
+def _mamba_step_conv_kernel(
+    # pointers
+    xz_ptr, inject_ptr, inject_weight_ptr, conv_weight_ptr, conv_bias_ptr, conv_state_ptr, x_proj_weight_ptr,
+    state_indices_ptr, xc_ptr, dbc_part_ptr,
+    # sizes
+    batch, d_inner, d_proj, d_inject,
+    # strides
+    stride_xz_row, stride_inject_row, stride_inject_weight_row, stride_conv_weight_d, stride_conv_state_slot,
+    stride_conv_state_d, stride_x_proj_row, stride_xc_row, stride_part_part, stride_part_row,
+    # meta-parameters
+    HAS_INJECT: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr,
+    D_CONV: tl.constexpr,
+    LOWP: tl.constexpr,
+    NUM_SUB: tl.constexpr,  # channel blocks per program: one partial sum of x_proj per program
+    BLOCK_B: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # (B,)
+    row_mask = rows < batch
+    slots = tl.load(state_indices_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    live = slots >= 0
+    w_tap = tl.arange(0, BLOCK_W)  # (W,) window tap, oldest first; tap D_CONV - 1 is this step's x
+    p = tl.arange(0, BLOCK_P)  # (P,) x_proj outputs
+    if HAS_INJECT:
+        c = tl.arange(0, BLOCK_C)
+        inject = tl.load(inject_ptr + rows[:, None] * stride_inject_row + c[None, :],
+                         mask=row_mask[:, None] & (c < d_inject)[None, :], other=0.0)  # (B, C)
+    part = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+    for sub in tl.static_range(NUM_SUB):
+        e = (pid_e * NUM_SUB + sub) * BLOCK_E + tl.arange(0, BLOCK_E)  # (E,)
+        e_mask = e < d_inner
+        tile = row_mask[:, None] & e_mask[None, :]
+        x = tl.load(xz_ptr + rows[:, None] * stride_xz_row + e[None, :], mask=tile, other=0.0).to(tl.float32)
+        if HAS_INJECT:
+            w_in = tl.load(inject_weight_ptr + e[:, None] * stride_inject_weight_row + c[None, :],
+                           mask=e_mask[:, None] & (c < d_inject)[None, :], other=0.0)  # (E, C)
+            x = stored(x + dot_rows(inject, tl.trans(w_in), inject_weight_ptr, LOWP), xz_ptr)
+        # the window (B, E, W): the carried K - 1 inputs, then x
+        live3 = (tile & live[:, None])[:, :, None]
+        state = conv_state_ptr + slots[:, None, None] * stride_conv_state_slot + e[None, :, None] * stride_conv_state_d
+        old = tl.load(state + w_tap[None, None, :], mask=live3 & (w_tap < D_CONV - 1)[None, None, :], other=0.0)
+        window = tl.where((w_tap == D_CONV - 1)[None, None, :], x[:, :, None], old.to(tl.float32))
+        w = tl.load(conv_weight_ptr + e[:, None] * stride_conv_weight_d + w_tap[None, :],
+                    mask=e_mask[:, None] & (w_tap < D_CONV)[None, :], other=0.0).to(tl.float32)  # (E, W)
+        acc = tl.sum(window * w[None, :, :], axis=2)  # (B, E)
+        if HAS_CONV_BIAS:
+            acc += tl.load(conv_bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+        xc = tl.where(tile & live[:, None], stored(silu(acc), xc_ptr), 0.0)
+        tl.store(xc_ptr + rows[:, None] * stride_xc_row + e[None, :], xc.to(xc_ptr.dtype.element_ty), mask=tile)
+        # shift the window left by one: new[w] = old[w + 1], new[K - 2] = x
+        shifted = tl.load(state + w_tap[None, None, :] + 1, mask=live3 & (w_tap < D_CONV - 2)[None, None, :],
+                          other=0.0)
+        new = tl.where((w_tap == D_CONV - 2)[None, None, :], x[:, :, None].to(conv_state_ptr.dtype.element_ty),
+                       shifted)
+        tl.debug_barrier()  # every thread has read the old window before any of it is overwritten
+        tl.store(state + w_tap[None, None, :], new, mask=live3 & (w_tap < D_CONV - 1)[None, None, :])
+        w_x = tl.load(x_proj_weight_ptr + p[None, :] * stride_x_proj_row + e[:, None],
+                      mask=e_mask[:, None] & (p < d_proj)[None, :], other=0.0)  # (E, P)
+        part += dot_rows(xc, w_x, x_proj_weight_ptr, LOWP)
+    tl.store(dbc_part_ptr + pid_e * stride_part_part + rows[:, None] * stride_part_row + p[None, :], part,
+             mask=row_mask[:, None] & (p < d_proj)[None, :])
+
+
+@triton.jit
+def _mamba_step_ssm_kernel(
+    # pointers
+    xz_ptr, inject_ptr, inject_weight_ptr, xc_ptr, dbc_part_ptr, dt_proj_weight_ptr, dt_bias_ptr, A_ptr, D_ptr,
+    ssm_state_ptr, state_indices_ptr, out_ptr,
+    # sizes
+    batch, d_inner, d_state, dt_rank, d_inject, num_parts,
+    # strides
+    stride_xz_row, stride_inject_row, stride_inject_weight_row, stride_xc_row, stride_part_part, stride_part_row,
+    stride_dt_proj_row, stride_A_d, stride_ssm_state_slot, stride_ssm_state_d, stride_out_row,
+    # meta-parameters
+    HAS_INJECT: tl.constexpr,
+    LOWP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # (B,)
+    row_mask = rows < batch
+    slots = tl.load(state_indices_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    live = slots >= 0
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (D,) channels
+    d_mask = d < d_inner
+    n = tl.arange(0, BLOCK_N)
+    n_mask = n < d_state
+    r = tl.arange(0, BLOCK_R)
+    tile = row_mask[:, None] & d_mask[None, :]
+    # x_proj's output: the partial sums of launch 1, added up and rounded as a stored activation
+    delta = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
+    B = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    C = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for i in range(num_parts):
+        part = dbc_part_ptr + i * stride_part_part + rows[:, None] * stride_part_row
+        delta += tl.load(part + r[None, :], mask=row_mask[:, None] & (r < dt_rank)[None, :], other=0.0)
+        B += tl.load(part + dt_rank + n[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        C += tl.load(part + dt_rank + d_state + n[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+    delta, B, C = stored(delta, xz_ptr), stored(B, xz_ptr), stored(C, xz_ptr)
+    w_dt = tl.load(dt_proj_weight_ptr + d[None, :] * stride_dt_proj_row + r[:, None],
+                   mask=(r < dt_rank)[:, None] & d_mask[None, :], other=0.0)  # (R, D)
+    dt = stored(dot_rows(delta, w_dt, dt_proj_weight_ptr, LOWP), xz_ptr)  # (B, D)
+    dt = softplus(dt + tl.load(dt_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :])
+    z = tl.load(xz_ptr + rows[:, None] * stride_xz_row + d_inner + d[None, :], mask=tile, other=0.0).to(tl.float32)
+    if HAS_INJECT:
+        c = tl.arange(0, BLOCK_C)
+        inject = tl.load(inject_ptr + rows[:, None] * stride_inject_row + c[None, :],
+                         mask=row_mask[:, None] & (c < d_inject)[None, :], other=0.0)  # (B, C)
+        w_z = tl.load(inject_weight_ptr + (d_inner + d)[:, None] * stride_inject_weight_row + c[None, :],
+                      mask=d_mask[:, None] & (c < d_inject)[None, :], other=0.0)  # (D, C)
+        z = stored(z + dot_rows(inject, tl.trans(w_z), inject_weight_ptr, LOWP), xz_ptr)
+    xc = tl.load(xc_ptr + rows[:, None] * stride_xc_row + d[None, :], mask=tile, other=0.0).to(tl.float32)
+    live3 = (tile & live[:, None])[:, :, None] & n_mask[None, None, :]
+    state_ptrs = (ssm_state_ptr + slots[:, None, None] * stride_ssm_state_slot + d[None, :, None] * stride_ssm_state_d
+                  + n[None, None, :])
+    s = tl.load(state_ptrs, mask=live3, other=0.0)  # (B, D, N) fp32
+    A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :], mask=d_mask[:, None] & n_mask[None, :],
+                other=0.0).to(tl.float32)  # (D, N)
+    s = tl.exp2(A[None, :, :] * (dt * LOG2E)[:, :, None]) * s + (dt * xc)[:, :, None] * B[:, None, :]
+    tl.store(state_ptrs, s, mask=live3)
+    y = tl.sum(s * C[:, None, :], axis=2)  # (B, D)
+    y += tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :] * xc
+    y = tl.where(tile & live[:, None], stored(y * silu(z), out_ptr), 0.0)
+    tl.store(out_ptr + rows[:, None] * stride_out_row + d[None, :], y.to(out_ptr.dtype.element_ty), mask=tile)
+
+
+def _step_config(batch: int, d_inner: int):
+    """(channels per block of launch 1, blocks per program there, channels per program of launch 2). Hand-picked,
+    no autotune (both launches write state in place): small batches spread over more, narrower programs."""
+    block_e = min(triton.next_power_of_2(d_inner), 64)
+    num_sub = 1 if batch <= 16 else (2 if batch <= 64 else 4)
+    block_d = 16 if batch <= 16 else 32
+    return block_e, num_sub, block_d
+
+
+def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, conv_state, ssm_state,
+                state_indices, inject=None, inject_weight=None, out=None, block_e=None, num_sub=None, block_d=None):
+    """mamba_step with the launch configuration exposed (benchmark sweeps)."""
+    if xz.dim() != 2 or xz.stride(-1) != 1:
+        raise ValueError(f"mamba_step: xz must be (batch, 2 d_inner) with unit column stride, got {tuple(xz.shape)}")
+    batch = xz.shape[0]
+    if conv_weight.dim() != 2 or conv_weight.shape[1] < 2 or xz.shape[1] != 2 * conv_weight.shape[0]:
+        raise ValueError(f"mamba_step: conv_weight must be (d_inner, d_conv >= 2) with xz (batch, 2 d_inner), got "
+                         f"{tuple(conv_weight.shape)} and {tuple(xz.shape)}")
+    d_inner, d_conv = conv_weight.shape
+    d_state = A.shape[1] if A.dim() == 2 else -1
+    dt_rank = dt_proj_weight.shape[1] if dt_proj_weight.dim() == 2 else -1
+    d_proj = dt_rank + 2 * d_state
+    for name, t, shape in (("conv_bias", conv_bias, (d_inner,)), ("x_proj_weight", x_proj_weight, (d_proj, d_inner)),
+                           ("dt_proj_weight", dt_proj_weight, (d_inner, dt_rank)), ("dt_bias", dt_bias, (d_inner,)),
+                           ("A", A, (d_inner, d_state)), ("D", D, (d_inner,)), ("out", out, (batch, d_inner))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"mamba_step: {name} must be {shape}, got {tuple(t.shape)}")
+    if (inject is None) != (inject_weight is None):
+        raise ValueError("mamba_step: inject and inject_weight go together")
+    d_inject = inject.shape[1] if inject is not None else 0
+    if inject is not None and (inject.shape != (batch, d_inject) or inject_weight.shape != (2 * d_inner, d_inject)):
+        raise ValueError(f"mamba_step: inject must be ({batch}, C) and inject_weight ({2 * d_inner}, C), got "
+                         f"{tuple(inject.shape)} and {tuple(inject_weight.shape)}")
+    check_pool("conv_state", conv_state, 3)
+    check_pool("ssm_state", ssm_state, 3)
+    if conv_state.shape[1:] != (d_inner, d_conv - 1):
+        raise ValueError(f"mamba_step: conv_state must be (slots, {d_inner}, {d_conv - 1}), got {tuple(conv_state.shape)}")
+    if ssm_state.shape[1:] != (d_inner, d_state) or ssm_state.dtype != torch.float32:
+        raise ValueError(f"mamba_step: ssm_state must be fp32 (slots, {d_inner}, {d_state}), "
+                         f"got {ssm_state.dtype} {tuple(ssm_state.shape)}")
+    check_indices("state_indices", state_indices, batch, xz.device)
+    if out is not None and (out.stride(-1) != 1 or out.dtype != xz.dtype):
+        raise ValueError("mamba_step: out must have xz's dtype and unit column stride")
+    conv_weight, x_proj_weight, dt_proj_weight, A = (t.contiguous() for t in (conv_weight, x_proj_weight,
+                                                                               dt_proj_weight, A))
+    conv_bias, dt_bias, D = (t.contiguous() if t is not None else None for t in (conv_bias, dt_bias, D))
+    if inject is not None:
+        inject, inject_weight = inject.contiguous(), inject_weight.contiguous()
+    state_indices = state_indices.contiguous()
+    out = out if out is not None else torch.empty((batch, d_inner), device=xz.device, dtype=xz.dtype)
+    if batch == 0:
+        return out
+    config = _step_config(batch, d_inner)
+    block_e, num_sub, block_d = block_e or config[0], num_sub or config[1], block_d or config[2]
+    block_b = 16  # tl.dot's least
+    num_parts = triton.cdiv(d_inner, block_e * num_sub)
+    xc = torch.empty((batch, d_inner), device=xz.device, dtype=xz.dtype)  # (batch, E) the conv's output
+    dbc_part = torch.empty((num_parts, batch, d_proj), device=xz.device, dtype=torch.float32)
+    block_c = max(triton.next_power_of_2(d_inject), 16)
+    lowp = lowp_dot(xz.dtype)
+    placeholder = xz  # pointer arguments the kernels never read (no injection)
+    grid_b = triton.cdiv(batch, block_b)
+    _mamba_step_conv_kernel[(grid_b, num_parts)](
+        xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder,
+        conv_weight, conv_bias if conv_bias is not None else conv_weight, conv_state, x_proj_weight, state_indices,
+        xc, dbc_part,
+        batch, d_inner, d_proj, d_inject,
+        xz.stride(0), inject.stride(0) if inject is not None else 0,
+        inject_weight.stride(0) if inject is not None else 0, conv_weight.stride(0), conv_state.stride(0),
+        conv_state.stride(1), x_proj_weight.stride(0), xc.stride(0), dbc_part.stride(0), dbc_part.stride(1),
+        HAS_INJECT=inject is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv, LOWP=lowp,
+        NUM_SUB=num_sub, BLOCK_B=block_b, BLOCK_E=block_e, BLOCK_W=triton.next_power_of_2(d_conv),
+        BLOCK_P=max(triton.next_power_of_2(d_proj), 16), BLOCK_C=block_c, num_warps=4,
+    )
+    _mamba_step_ssm_kernel[(grid_b, triton.cdiv(d_inner, block_d))](
+        xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder, xc,
+        dbc_part, dt_proj_weight, dt_bias, A, D, ssm_state, state_indices, out,
+        batch, d_inner, d_state, dt_rank, d_inject, num_parts,
+        xz.stride(0), inject.stride(0) if inject is not None else 0,
+        inject_weight.stride(0) if inject is not None else 0, xc.stride(0), dbc_part.stride(0), dbc_part.stride(1),
+        dt_proj_weight.stride(0), A.stride(0), ssm_state.stride(0), ssm_state.stride(1), out.stride(0),
+        HAS_INJECT=inject is not None, LOWP=lowp, BLOCK_B=block_b, BLOCK_D=block_d,
+        BLOCK_N=triton.next_power_of_2(d_state), BLOCK_R=max(triton.next_power_of_2(dt_rank), 16),
+        BLOCK_C=block_c, num_warps=4,
+    )
+    return out
+
+
+def mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, conv_state, ssm_state,
+               state_indices, inject=None, inject_weight=None, out=None):
+    """One step for a batch of slots.
+
+    xz: (batch, 2 E) in_proj's output [x; z]; conv_weight: (E, K); conv_bias: (E,) or None;
+    x_proj_weight: (R + 2 N, E); dt_proj_weight: (E, R); dt_bias, D: (E,); A: (E, N) fp32 (negative);
+    conv_state: (slots, E, K - 1) and ssm_state: (slots, E, N) fp32, updated in place;
+    state_indices: (batch,), -1 skips the row (output zero, no state touched);
+    inject: (batch, C) and inject_weight: (2 E, C), or None: xz + inject @ inject_weight^T replaces xz;
+    out: optional (batch, E) destination. Returns y = (s C + D xc) SiLU(z): (batch, E) in xz.dtype.
+    Activations are rounded to xz.dtype where the unfused path stores them: x and z, the conv output, x_proj's
+    and dt_proj's outputs.
+    """
+    return _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, conv_state,
+                       ssm_state, state_indices, inject, inject_weight, out)
+
+
+if not HAS_TRITON:  # pragma: no cover
+    del mamba_step
