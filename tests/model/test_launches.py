@@ -1,0 +1,71 @@
+"""Launches per layer: a decode step is launch-bound, so its cost is about this count (issue 10)."""
+import pytest
+import torch
+
+from helpers import make_inputs, make_model
+from kernels.add_rms_norm import add_rms_norm
+from kernels.dispatch import triton_available
+from kernels.launches import counting_launches
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Decode, per layer. k = 0: add+RMSNorm, in_proj, conv update + x_proj, dt_proj + state update + gate, out_proj.
+# k > 0 adds one launch: the single product of h gives the routing logits, values, the h half of the gates and
+# in_proj(h) at once, and the whole concept step is one kernel (before issue 10: about 25 per layer).
+DECODE_PER_LAYER = {0: 5, 3: 6}
+# Prefill, per layer, one sequence of one chunk. k = 0: norm, in_proj, conv (outputs, then the carried window),
+# x_proj, dt_proj, scan, out_proj; k > 0 adds the softmax, the concept filter's three passes, the read-back and
+# gates, and the injection into in_proj's output (in_proj itself is in the one product of h).
+PREFILL_PER_LAYER = {0: 8, 3: 14}
+
+
+def per_layer(k, fn):
+    """Launches of one layer: the count with two layers less the count with one (the embedding, head and step
+    bookkeeping cancel out), with the Triton kernels on (interpreted on the CPU)."""
+    counts = []
+    for n_layers in (1, 2):
+        model = make_model(0, n_layers=n_layers, n_concepts=k).to(DEVICE)
+        with torch.inference_mode():
+            fn(model)  # warm-up: the first call builds the fused weights
+            with counting_launches() as launches:
+                fn(model)
+        counts.append(launches)
+    return counts[1].total - counts[0].total, counts[1]
+
+
+def decode(model):
+    pool = model.empty_state(4)
+    tokens = torch.tensor([1, 2, 3], device=DEVICE)
+    model.decode_step(tokens, pool, torch.tensor([0, 2, -1], dtype=torch.int32, device=DEVICE))
+
+
+def prefill(model):
+    model(make_inputs(model, 1, 9).to(DEVICE), model.empty_state(1))
+
+
+@pytest.mark.parametrize("k", sorted(DECODE_PER_LAYER))
+def test_decode_launches_per_layer(k, monkeypatch):
+    monkeypatch.setenv("INFOMAMBA_KERNELS", "triton")
+    count, launches = per_layer(k, decode)
+    assert count == DECODE_PER_LAYER[k], launches.describe()
+    assert not any("copy" in name for name in launches.torch), launches.describe()
+
+
+@pytest.mark.parametrize("k", sorted(PREFILL_PER_LAYER))
+def test_prefill_launches_per_layer(k, monkeypatch):
+    monkeypatch.setenv("INFOMAMBA_KERNELS", "triton")
+    count, launches = per_layer(k, prefill)
+    assert count == PREFILL_PER_LAYER[k], launches.describe()
+
+
+def test_the_counter_counts_kernels_and_computing_ops_only():
+    x, weight = torch.randn(4, 8, device=DEVICE), torch.ones(8, device=DEVICE)
+    with counting_launches() as launches:
+        add_rms_norm(x, None, weight, 1e-5)  # a Triton kernel (two allocations inside)
+        y = x.t()[:, 1:].unsqueeze(0)  # views
+        torch.empty(3, device=DEVICE)
+        y.sum()  # an op that computes
+    assert launches.triton == {"_add_rms_norm_kernel": 1}
+    assert launches.torch == {"sum": 1}
+    assert launches.total == 2
