@@ -102,16 +102,17 @@ def concept_filter_update_ref(a, v, mix, concept_mean, concept_mass, state_indic
 # ---------------------------------------------------------------------------------------------------------
 # Triton kernels. Chunk form, chunk-parallel like the selective scan (chunks never span two sequences):
 #   pass 1 (_concept_chunk_sums_kernel):    per chunk, its raw sums a^T v (k, d_c) and its mass sum(a) (fp64);
-#   pass 2 (_concept_chunk_combine_kernel): per sequence, a loop over its chunks in the mean+mass form, giving
-#                                           each chunk's entry (mean, mass) and the pool's final mean;
+#   pass 2 (_concept_chunk_prefix_kernel):  per sequence and concept, prefix scans over its chunks in the
+#                                           mean+mass form (parallel across chunks), giving each chunk's entry
+#                                           (mean, mass) and the pool's final mean;
 #   pass 3 (_concept_chunk_output_kernel):  per chunk, read_t = carried + causal local part (two dots), and the
 #                                           pool's final mass (written here: pass 2's programs all read it).
 # Raw sums live only within one chunk, so they stay bounded however long the stream is (DESIGN.md §2).
 # With decay (HAS_DECAY) every power γ^n has n >= 0, so nothing overflows however small γ is: pass 1 weights row s
-# by γ^(last-s), pass 2 scales the carried state by γ^(chunk length), and pass 3 runs the mass as a decayed scan and
+# by γ^(last-s), pass 2 decays the carried state by γ^(chunk length), and pass 3 runs the mass as a decayed scan and
 # the local scores as one decayed outer product per concept (Mamba-2's per-head decay matrix, with k heads).
 
-from kernels._triton import HAS_TRITON, check_indices, check_pool, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, check_indices, check_pool, rows, tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -157,58 +158,79 @@ def _concept_chunk_sums_kernel(
 
 
 @triton.jit
-def _concept_chunk_combine_kernel(
+def _concept_chunk_prefix_kernel(
     # pointers
     concept_mean_ptr, concept_mass_ptr, log_decay_ptr, cu_seqlens_ptr, state_indices_ptr, chunk_cu_ptr,
     chunk_sum_ptr, chunk_mass_ptr, entry_mean_ptr, entry_mass_ptr,
     # sizes
-    k, d_c, eps,
+    d_c, eps,
     # strides
     stride_mean_slot, stride_mean_k, stride_mass_slot,
     stride_chunk_sum_chunk, stride_chunk_sum_k, stride_chunk_mass_chunk,
     # meta-parameters
     CHUNK: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_NC: tl.constexpr,
     BLOCK_DC: tl.constexpr,
     HAS_DECAY: tl.constexpr,
 ):
+    """Per (sequence, concept, column block): prefix sums over the sequence's chunks, BLOCK_NC chunks at a time,
+    in place of a loop over them. The mass is the linear recurrence m_c = g_c m_(c-1) + (chunk mass) with g_c =
+    γ^(chunk length), in fp64. The mean follows mean_c = keep_c mean_(c-1) + add_c, keep_c = g_c (m_(c-1) + eps) /
+    (m_c + eps) <= 1 and add_c = (chunk sums) / (m_c + eps): bounded numbers, so a stream of any length keeps its
+    precision (DESIGN.md §2). Within a block, mean_c = sum_(c' <= c) (keep_(c'+1) ... keep_c) add_c' + (keep_1 ...
+    keep_c) mean_carried: the products come from a prefix sum of log keep (fp64), the sum is one (chunks x chunks)
+    by (chunks x columns) product."""
     seq = tl.program_id(0)
-    pid_dc = tl.program_id(1)
+    j = tl.program_id(1).to(tl.int64)  # the concept
+    pid_dc = tl.program_id(2)
     slot = tl.load(state_indices_ptr + seq).to(tl.int64)
     if slot >= 0:
-        j = tl.arange(0, BLOCK_K)  # (K,)
         e = pid_dc * BLOCK_DC + tl.arange(0, BLOCK_DC)  # (E,)
-        k_mask = j < k
-        mask = k_mask[:, None] & (e < d_c)[None, :]
-        tile = j[:, None] * stride_chunk_sum_k + e[None, :]
-        mean_ptrs = concept_mean_ptr + slot * stride_mean_slot + j[:, None] * stride_mean_k + e[None, :]
-        mean = tl.load(mean_ptrs, mask=mask, other=0.0)  # (K, E) fp32
-        mass = tl.load(concept_mass_ptr + slot * stride_mass_slot + j, mask=k_mask, other=0.0)  # (K,) fp64
+        e_mask = e < d_c
+        mean_ptrs = concept_mean_ptr + slot * stride_mean_slot + j * stride_mean_k + e
+        mean = tl.load(mean_ptrs, mask=e_mask, other=0.0)  # (E,) fp32, carried from block to block
+        mass = tl.load(concept_mass_ptr + slot * stride_mass_slot + j)  # fp64
         c_first = tl.load(chunk_cu_ptr + seq).to(tl.int64)
         num_chunks = tl.load(chunk_cu_ptr + seq + 1).to(tl.int64) - c_first
         if HAS_DECAY:
-            lam = tl.load(log_decay_ptr + j, mask=k_mask, other=0.0).to(tl.float64)  # (K,)
+            lam = tl.load(log_decay_ptr + j).to(tl.float64)
             seq_len = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64) - tl.load(cu_seqlens_ptr + seq).to(tl.int64)
-        for i in tl.range(0, num_chunks):
+        # the first chunk is entered with the pool's state, chunk c + 1 with chunk c's exit (stored below)
+        tl.store(entry_mean_ptr + c_first * stride_chunk_sum_chunk + j * stride_chunk_sum_k + e, mean, mask=e_mask)
+        if pid_dc == 0:
+            tl.store(entry_mass_ptr + c_first * stride_chunk_mass_chunk + j, mass)
+        i_local = tl.arange(0, BLOCK_NC)
+        causal = i_local[:, None] >= i_local[None, :]  # (NC, NC): chunk c' feeds chunk c
+        for b0 in range(0, num_chunks, BLOCK_NC):
+            i = b0 + i_local  # (NC,) chunk index within the sequence
+            i_mask = i < num_chunks
             c = c_first + i
-            tl.store(entry_mean_ptr + c * stride_chunk_sum_chunk + tile, mean, mask=mask)
-            if pid_dc == 0:
-                tl.store(entry_mass_ptr + c * stride_chunk_mass_chunk + j, mass, mask=k_mask)
-            sums = tl.load(chunk_sum_ptr + c * stride_chunk_sum_chunk + tile, mask=mask, other=0.0)
-            chunk_mass = tl.load(chunk_mass_ptr + c * stride_chunk_mass_chunk + j, mask=k_mask, other=0.0)
-            if HAS_DECAY:  # the carried state decays once per row of this chunk: γ^(chunk length)
+            chunk_mass = tl.load(chunk_mass_ptr + c * stride_chunk_mass_chunk + j, mask=i_mask, other=0.0)  # fp64
+            if HAS_DECAY:  # the carried state decays once per row of the chunk
                 length = tl.maximum(tl.minimum(seq_len - i * CHUNK, CHUNK), 0).to(tl.float64)
-                carry = tl.exp(lam * length)  # (K,) fp64
-                new_mass = carry * mass + chunk_mass
-                denom = tl.where(k_mask, new_mass + eps, 1.0)
-                keep = (carry * (mass + eps) / denom).to(tl.float32)  # <= 1
+                g = tl.where(i_mask, tl.exp(lam * length), 1.0)  # (NC,) fp64
+                _, m = tl.associative_scan((g, chunk_mass + tl.where(i_local == 0, g * mass, 0.0)), 0, _scan_combine)
             else:
-                new_mass = mass + chunk_mass
-                denom = tl.where(k_mask, new_mass + eps, 1.0)
-                keep = ((mass + eps) / denom).to(tl.float32)  # <= 1
-            mean = mean * keep[:, None] + sums / denom.to(tl.float32)[:, None]
-            mass = new_mass
-        tl.store(mean_ptrs, mean, mask=mask)
+                g = tl.full((BLOCK_NC,), 1.0, tl.float64)
+                m = mass + tl.cumsum(chunk_mass, axis=0)
+            # m - chunk_mass = g_c m_(c-1), the mass carried into chunk c after its decay (>= 0 up to rounding)
+            keep = tl.maximum((m - chunk_mass + g * eps) / (m + eps), 0.0)  # (NC,) fp64
+            log_prod = tl.cumsum(tl.log(tl.maximum(keep, 1e-300)), axis=0)  # log (keep_1 ... keep_c)
+            weights = tl.exp(tl.minimum(log_prod[:, None] - log_prod[None, :], 0.0).to(tl.float32))
+            weights = tl.where(causal, weights, 0.0)  # (NC, NC): keep_(c'+1) ... keep_c
+            sums = tl.load(chunk_sum_ptr + c[:, None] * stride_chunk_sum_chunk + j * stride_chunk_sum_k + e[None, :],
+                           mask=i_mask[:, None] & e_mask[None, :], other=0.0)  # (NC, E)
+            add = sums / (m + eps).to(tl.float32)[:, None]
+            exits = tl.dot(weights, add, input_precision="ieee") + tl.exp(log_prod.to(tl.float32))[:, None] * mean[None, :]
+            has_next = i + 1 < num_chunks
+            tl.store(entry_mean_ptr + (c + 1)[:, None] * stride_chunk_sum_chunk + j * stride_chunk_sum_k + e[None, :],
+                     exits, mask=has_next[:, None] & e_mask[None, :])
+            if pid_dc == 0:
+                tl.store(entry_mass_ptr + (c + 1) * stride_chunk_mass_chunk + j, m, mask=has_next)
+            is_last = i == tl.minimum(b0 + BLOCK_NC, num_chunks) - 1
+            mean = tl.sum(tl.where(is_last[:, None], exits, 0.0), axis=0)
+            mass = tl.sum(tl.where(is_last, m, 0.0), axis=0)
+        tl.store(mean_ptrs, mean, mask=e_mask)
 
 
 @triton.jit
@@ -385,13 +407,13 @@ def _decay_args(log_decay, placeholder):
 
 
 def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None,
-                    layout=None, chunk_size=None):
-    """concept_filter with the chunk length exposed (tests)."""
+                    layout=None, chunk_size=None, block_chunks=None):
+    """concept_filter with the chunk length and the chunks per block of pass 2's scan exposed (tests)."""
     if a.dim() != 2 or v.dim() != 2:
         raise ValueError(f"concept_filter: a and v must be 2-D, got {tuple(a.shape)} and {tuple(v.shape)}")
     batch = cu_seqlens.shape[0] - 1
     k, d_c = _check_concept_args(a, v, mix, concept_mean, concept_mass, state_indices, batch, log_decay)
-    a, v, mix = a.contiguous(), v.contiguous(), mix.contiguous()
+    a, v, mix = rows(a), rows(v), mix.contiguous()  # v may be columns of the layer's one product of h
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
     log_decay, has_decay = _decay_args(log_decay, mix)
     total = a.shape[0]
@@ -421,13 +443,16 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
         a.stride(0), v.stride(0), chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0),
         CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, num_warps=4,
     )
-    _concept_chunk_combine_kernel[(batch, triton.cdiv(d_c, block_dc))](
+    max_chunks = triton.cdiv(max(max_len, 1), chunk)
+    block_nc = block_chunks or min(max(triton.next_power_of_2(max_chunks), 16), 64)  # tl.dot needs 16
+    block_dc_prefix = min(block_dc, 32)
+    _concept_chunk_prefix_kernel[(batch, k, triton.cdiv(d_c, block_dc_prefix))](
         concept_mean, concept_mass, log_decay, cu_seqlens, state_indices, chunk_cu, chunk_sum, chunk_mass,
         entry_mean, entry_mass,
-        k, d_c, float(eps),
+        d_c, float(eps),
         concept_mean.stride(0), concept_mean.stride(1), concept_mass.stride(0),
         chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0),
-        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, num_warps=4,
+        CHUNK=chunk, BLOCK_NC=block_nc, BLOCK_DC=block_dc_prefix, HAS_DECAY=has_decay, num_warps=4,
     )
     _concept_chunk_output_kernel[grid](
         a, v, mix, log_decay, concept_mass, cu_seqlens, state_indices, chunk_seq, chunk_pos, entry_mean, entry_mass,

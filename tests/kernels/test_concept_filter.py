@@ -62,15 +62,17 @@ def test_concept_filter_matches_ref(dtype, k, d_c, lengths, deep, decay):
         assert (out[int(cu[i]):int(cu[i + 1])] == 0).all()
 
 
-@pytest.mark.parametrize("chunk_size,decay", [(16, None), (32, None), (16, "mixed")])
-def test_concept_filter_internal_chunking(chunk_size, decay):
-    lengths = [290, 1, 0, 33]  # 290 tokens: 19 chunks of 16, two blocks in the combine pass
+@pytest.mark.parametrize("chunk_size,decay,block_chunks", [(16, None, 16), (32, None, None), (16, "mixed", 16)])
+def test_concept_filter_internal_chunking(chunk_size, decay, block_chunks):
+    # 290 tokens: 19 chunks of 16, scanned across chunks in blocks of `block_chunks` (the carry between blocks)
+    lengths = [290, 1, 0, 33]
     cu, idx = packed_batch(lengths, 6, dead=(1,))
     a, v, mix, mean, mass = make(sum(lengths), 5, 24, torch.float32, 6)
     lam = log_decay(decay, 5)
     m_ref, s_ref, m_ours, s_ours = mean.clone(), mass.clone(), mean.clone(), mass.clone()
     out_ref = concept_filter_ref(a, v, mix, m_ref, s_ref, cu, idx, EPS, lam)
-    out = _concept_filter(a, v, mix, m_ours, s_ours, cu, idx, EPS, lam, chunk_size=chunk_size)
+    out = _concept_filter(a, v, mix, m_ours, s_ours, cu, idx, EPS, lam, chunk_size=chunk_size,
+                          block_chunks=block_chunks)
     assert_close(out, out_ref, OUT_TOL, "read")
     assert_close(m_ours, m_ref, OUT_TOL, "concept_mean")
     torch.testing.assert_close(s_ours, s_ref, **mass_tol(decay))
