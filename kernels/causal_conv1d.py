@@ -55,9 +55,9 @@ def causal_conv1d_update_ref(x, weight, bias, conv_state, state_indices, silu=Tr
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Triton kernels. Chunk form: one launch computes the outputs over (token block, sequence, channel block),
-# a second rewrites the carried windows; two launches because a sequence's first token block reads the old
-# window that its last token block would otherwise overwrite.
+# Triton kernels. Chunk form: one launch computes the outputs over (token block, sequence, channel block); the
+# program of a sequence's first token block, the only one that reads the carried window, then rewrites it (after
+# a barrier: all of its threads have read the old window first).
 
 from kernels._triton import HAS_TRITON, rows, check_indices, check_pool, tl, triton  # noqa: E402
 
@@ -76,6 +76,7 @@ def _causal_conv1d_fwd_kernel(
     SILU: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     seq = tl.program_id(1)
@@ -120,29 +121,18 @@ def _causal_conv1d_fwd_kernel(
             acc.to(out_ptr.dtype.element_ty),
             mask=row_mask[:, None] & d_mask[None, :],
         )
+        if pid_l == 0:
+            tl.debug_barrier()  # the old window is read (above) before any of it is overwritten
+            _write_window(x_ptr, conv_state_ptr, slot, live, start, length, d, d_inner, stride_x_token,
+                          stride_state_slot, stride_state_d, D_CONV, BLOCK_W)
 
 
 @triton.jit
-def _causal_conv1d_state_kernel(
-    # pointers
-    x_ptr, conv_state_ptr, cu_seqlens_ptr, state_indices_ptr,
-    # sizes
-    d_inner,
-    # strides
-    stride_x_token, stride_state_slot, stride_state_d,
-    # meta-parameters
-    D_CONV: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    slot = tl.load(state_indices_ptr + seq).to(tl.int64)
-    start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
-    length = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64) - start
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (D,)
+def _write_window(x_ptr, conv_state_ptr, slot, live, start, length, d, d_inner, stride_x_token, stride_state_slot,
+                  stride_state_d, D_CONV: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The sequence's new carried window: its last D_CONV - 1 inputs, oldest first (some from the old window when
+    the sequence is shorter than that)."""
     j = tl.arange(0, BLOCK_W)  # (W,) new window slot, oldest first
-    live = slot >= 0
     mask = (d < d_inner)[:, None] & (j < D_CONV - 1)[None, :] & live
     src = length - (D_CONV - 1) + j  # position in the sequence; < 0: still in the old window
     from_x = mask & (src >= 0)[None, :]
@@ -152,6 +142,7 @@ def _causal_conv1d_state_kernel(
                  mask=from_x, other=0.0)
     sv = tl.load(state_base + tl.where(src < 0, j + length, 0)[None, :], mask=from_state, other=0.0)
     window = tl.where(from_x, xv.to(conv_state_ptr.dtype.element_ty), sv.to(conv_state_ptr.dtype.element_ty))
+    tl.debug_barrier()  # a short sequence's new window moves old entries: all are read before any is written
     tl.store(state_base + j[None, :], window, mask=mask)
 
 
@@ -239,8 +230,7 @@ def causal_conv1d(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=T
         return out
     max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     block_d = min(triton.next_power_of_2(d_inner), 64)
-    block_w = triton.next_power_of_2(d_conv)
-    if max_len > 0:
+    if max_len > 0:  # else every sequence is empty and every window stays as it is
         block_l = min(triton.next_power_of_2(max_len), 64)
         grid = (triton.cdiv(max_len, block_l), batch, triton.cdiv(d_inner, block_d))
         _causal_conv1d_fwd_kernel[grid](
@@ -248,15 +238,8 @@ def causal_conv1d(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=T
             d_inner,
             x.stride(0), weight.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
             D_CONV=d_conv, HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=block_l, BLOCK_D=block_d,
-            num_warps=4,
+            BLOCK_W=triton.next_power_of_2(d_conv), num_warps=4,
         )
-    _causal_conv1d_state_kernel[(batch, triton.cdiv(d_inner, block_d))](
-        x, conv_state, cu_seqlens, state_indices,
-        d_inner,
-        x.stride(0), conv_state.stride(0), conv_state.stride(1),
-        D_CONV=d_conv, BLOCK_W=block_w, BLOCK_D=block_d,
-        num_warps=2,
-    )
     return out
 
 
