@@ -204,6 +204,13 @@ class FusedWeights:
     out_weight: torch.Tensor
 
 
+# The parameters FusedWeights is built from, as (module path, parameter name).
+_FUSED_SOURCES = tuple((tuple(path.split(".")[:-1]), path.split(".")[-1]) for path in (
+    "concept.route.weight", "concept.route.bias", "concept.value.weight", "fusion.gate.weight", "fusion.gate.bias",
+    "fusion.to_input.weight", "fusion.to_output.weight", "mixer.in_proj.weight", "mixer.in_proj.bias",
+    "mixer.out_proj.weight"))
+
+
 class InfoMambaLayer(nn.Module):
     def __init__(self, config: InfoMambaConfig):
         super().__init__()
@@ -232,18 +239,23 @@ class InfoMambaLayer(nn.Module):
     def fused_weights(self) -> FusedWeights:
         """The FusedWeights of the current parameters: cached between weight updates like MambaMixer.neg_A, and
         rebuilt (differentiably) on every call while gradients are on."""
-        sources = self._fused_sources()
         if torch.is_grad_enabled():
             return self._build_fused()
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in sources)
+        key = tuple((p.data_ptr(), p._version) for p in self._fused_sources())
         if self._fused is None or self._fused[0] != key:
             self._fused = (key, self._build_fused())
         return self._fused[1]
 
     def _fused_sources(self) -> list[torch.Tensor]:
-        c, f, m = self.concept, self.fusion, self.mixer
-        return [p for p in (c.route.weight, c.route.bias, c.value.weight, f.gate.weight, f.gate.bias, f.to_input.weight,
-                            f.to_output.weight, m.in_proj.weight, m.in_proj.bias, m.out_proj.weight) if p is not None]
+        # Through the module dictionaries: nn.Module.__getattr__ costs microseconds a hop, and this runs every pass.
+        sources = []
+        for module_path, name in _FUSED_SOURCES:
+            module = self
+            for part in module_path:
+                module = module._modules[part]
+            if module._parameters[name] is not None:
+                sources.append(module._parameters[name])
+        return sources
 
     def _build_fused(self) -> FusedWeights:
         c, f, m = self.concept, self.fusion, self.mixer
