@@ -1,137 +1,312 @@
-"""Whole-model benchmark for the 130M-class config: decode step and prefill, ours vs the PyTorch path (and
-Hugging Face transformers' Mamba where installed), side by side in one run.
+"""Whole-model benchmark (issue 10): plain Mamba (k = 0) against InfoMamba (k = 16) in one run, 130M-class config.
 
-    python bench/bench_model.py [--layers 24] [--concepts 0] [--quick]
+    python bench/bench_model.py [--layers 24] [--sweep] [--torch] [--json out.json]
+    python bench/bench_model.py --tiny          # CPU, Triton interpreter, tiny sizes: checks that every part runs
 
-Reports ms per decode step (eager and CUDA graphs), prefill tokens/s, and the ratio to the memory floor
-(bf16 weights read once per step, plus fp32 states in and out).
+Reports, for k = 0 and k = 16 and their ratio: decode ms per step at batch 1/64/256 (CUDA graphs, as the server
+runs it; eager beside it), prefill tokens/s of one sequence of 2K/8K/32K/131K tokens, kernel launches per decode
+step (counted from Python, and the profiler's GPU activities), and the per-token cost of one stream fed in chunks,
+at 8K steps and at 1M steps (prefill of an 8K chunk there, and decode steps there). --sweep times the fused
+decode kernels' launch configurations (they write state in place, so they are picked by hand from this table, not
+autotuned). --torch adds the PyTorch reference path (slow) at batch 1 and 2K tokens.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
-import torch
+TINY = "--tiny" in sys.argv
+if TINY:  # before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("INFOMAMBA_KERNELS", "triton")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels import concept_step as concept_step_mod  # noqa: E402
+from kernels import mamba_step as mamba_step_mod  # noqa: E402
+from kernels.launches import count_cuda_kernels, counting_launches  # noqa: E402
 from model.config import InfoMambaConfig  # noqa: E402
 from model.infomamba import InfoMamba  # noqa: E402
 from model.state import state_nbytes_per_stream  # noqa: E402
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
-BF16_DENSE_FLOPS = 989e12  # H100 and H200 SXM: the prefill floor is the matrix products at this rate
 
 
-def bandwidth(name: str) -> float:
-    return next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), 3.35e12)
+def sizes(args):
+    if args.tiny:
+        return dict(model=dict(d_model=32, n_layers=2, vocab_size=260, d_state=4, d_conv=4, d_concept=8),
+                    concepts=(0, 4), batches=(1, 4), lengths=(32, 96), probe=32, far=256, stride=64)
+    return dict(model=dict(d_model=768, n_layers=args.layers, vocab_size=50280, d_state=16, d_conv=4, expand=2),
+                concepts=(0, 16), batches=(1, 64, 256), lengths=(2048, 8192, 32768, 131072), probe=8192,
+                far=1 << 20, stride=65536)
 
 
-def time_cuda(fn, warmup=3, iters=20) -> float:
-    """Median seconds per call, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+class Clock:
+    """Median seconds per call: CUDA events on a GPU, the wall clock on the CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn, warmup=3, iters=20) -> float:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(iters):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
 
 
-def use_kernels(choice: str) -> None:
-    os.environ["INFOMAMBA_KERNELS"] = choice
+def build(fields, k, device, dtype):
+    torch.manual_seed(0)
+    config = InfoMambaConfig(**fields, n_concepts=k, name=f"bench-k{k}")
+    with torch.device(device):  # initialise on the device: the CPU takes seconds for 150M parameters
+        model = InfoMamba(config)
+    return model.to(dtype).eval()
 
 
-def bench_decode(model, batch_sizes, floor_bw, rows):
-    from server.engine.cuda_graphs import CudaGraphDecoder
+def decode_step_fn(model, pool, tokens, slots, graphs: bool):
+    if graphs:
+        from server.engine.cuda_graphs import CudaGraphDecoder
 
+        decoder = CudaGraphDecoder(model, pool, batch_sizes=(tokens.shape[0],))
+        return lambda: decoder(tokens, slots)
+    return lambda: model.decode_step(tokens, pool, slots)
+
+
+def bench_decode(model, batches, clock, cuda, rows):
+    cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    state_bytes = state_nbytes_per_stream(model.config, model.dtype)
-    pool = model.empty_state(max(batch_sizes))
-    for bs in batch_sizes:
-        tokens = torch.randint(0, model.config.vocab_size, (bs,), device="cuda")
-        slots = torch.arange(bs, dtype=torch.int32, device="cuda")
-        floor = (weight_bytes + 2 * bs * state_bytes) / floor_bw
-        results = {}
-        for choice in ("torch", "triton"):
-            use_kernels(choice)
-            with torch.inference_mode():
-                results[choice] = time_cuda(lambda: model.decode_step(tokens, pool, slots), iters=10)
-        use_kernels("triton")
-        decoder = CudaGraphDecoder(model, pool, batch_sizes=(bs,))
-        results["triton+graphs"] = time_cuda(lambda: decoder(tokens, slots), iters=50)
-        del decoder
-        for name, sec in results.items():
-            rows.append(("decode", f"batch {bs}", name, sec * 1e3, bs / sec, floor / sec))
+    state_bytes = state_nbytes_per_stream(cfg, model.dtype)
+    bandwidth = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in rows["card"]), 3.35e12)
+    pool = model.empty_state(max(batches))
+    out = {}
+    with torch.inference_mode():
+        for bs in batches:
+            tokens = torch.randint(0, cfg.vocab_size, (bs,), device=model.device)
+            slots = torch.arange(bs, dtype=torch.int32, device=model.device)
+            eager = clock(decode_step_fn(model, pool, tokens, slots, False), iters=10 if cuda else 3, warmup=2)
+            graphed = clock(decode_step_fn(model, pool, tokens, slots, True), iters=100) if cuda else float("nan")
+            floor = (weight_bytes + 2 * bs * state_bytes) / bandwidth
+            out[bs] = dict(graphs_ms=graphed * 1e3, eager_ms=eager * 1e3, floor_ms=floor * 1e3)
+    return out
 
 
-def bench_prefill(model, lengths, rows, skip_torch_above):
-    flops_per_token = 2 * sum(p.numel() for p in model.parameters())  # every weight is used once per token
-    for n in lengths:
-        ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
-        for choice in ("torch", "triton"):
-            if choice == "torch" and n > skip_torch_above:
-                continue
-            use_kernels(choice)
-
-            def run():
-                with torch.inference_mode():
-                    model(ids)
-
-            sec = time_cuda(run, warmup=1, iters=3)
-            rows.append(("prefill", f"{n} tokens", choice, sec * 1e3, n / sec,
-                         n * flops_per_token / BF16_DENSE_FLOPS / sec))
+def bench_prefill(model, lengths, clock, cuda):
+    out = {}
+    with torch.inference_mode():
+        for n in lengths:
+            ids = torch.randint(0, model.config.vocab_size, (1, n), device=model.device)
+            sec = clock(lambda: model(ids), warmup=1, iters=3 if cuda else 1)
+            out[n] = dict(ms=sec * 1e3, tokens_per_s=n / sec)
+    return out
 
 
-def bench_hf(d_layers, rows, batch_sizes, lengths):
-    try:
-        import transformers
-    except ImportError:
-        return
-    cfg = transformers.MambaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=d_layers, state_size=16)
-    hf = transformers.MambaForCausalLM(cfg).cuda().to(torch.bfloat16).eval()
-    for n in lengths:
-        ids = torch.randint(0, 50280, (1, n), device="cuda")
+def count_launches(model, fields, k, device, dtype, cuda):
+    """Per decode step of `model` (batch 1): the Python-side count and, on a GPU, the profiler's; per layer: the
+    difference between 2-layer and 1-layer models of the same widths."""
+    def step(m, pool):
+        tokens = torch.zeros(1, dtype=torch.long, device=device)
+        slots = torch.zeros(1, dtype=torch.int32, device=device)
+        return lambda: m.decode_step(tokens, pool, slots)
+
+    def counted(m):
         with torch.inference_mode():
-            sec = time_cuda(lambda: hf(ids, use_cache=False), warmup=1, iters=2)
-        rows.append(("prefill", f"{n} tokens", "transformers", sec * 1e3, n / sec, float("nan")))
-    del hf
-    torch.cuda.empty_cache()
+            fn = step(m, m.empty_state(1))
+            fn()  # warm-up: compiles, builds the fused weights
+            with counting_launches() as launches:
+                fn()
+            return launches, (count_cuda_kernels(fn) if cuda else None)
+
+    out = {}
+    launches, out["per_step_gpu"] = counted(model)
+    out["per_step"] = launches.total
+    per_layer = [counted(build({**fields, "n_layers": n}, k, device, dtype))[0] for n in (1, 2)]
+    out["per_layer"] = per_layer[1].total - per_layer[0].total
+    out["per_layer_ops"] = sorted((per_layer[1].triton + per_layer[1].torch - per_layer[0].triton
+                                   - per_layer[0].torch).elements())
+    return out
+
+
+def bench_long_stream(model, probe, far, stride, clock, cuda):
+    """One stream fed in chunks: a `probe`-token chunk's time per token and the decode step's time when the stream
+    is `probe` steps in and when it is `far` steps in (the state is fixed-size, so both should stay flat). Each
+    timed repeat starts from the same saved state (restoring it is a few small copies inside the timing)."""
+    vocab = model.config.vocab_size
+    state = model.empty_state(1)
+    chunk = torch.randint(0, vocab, (1, probe), device=model.device)
+    big = torch.randint(0, vocab, (1, stride), device=model.device)
+    out = {}
+
+    def measure(label):
+        saved = state.clone()  # each probe starts from the same state, so every repeat sees the same position
+        def run():
+            state.assign([0], saved)
+            model(chunk, state)
+        prefill = clock(run, warmup=1, iters=3 if cuda else 1)
+        state.assign([0], saved)
+        slots = torch.zeros(1, dtype=torch.int32, device=model.device)
+        decode = clock(decode_step_fn(model, state, chunk[0, :1], slots, cuda), iters=50 if cuda else 3)
+        state.assign([0], saved)
+        out[label] = dict(steps=int(state.steps[0]), prefill_us_per_token=prefill / probe * 1e6,
+                          decode_ms=decode * 1e3)
+
+    with torch.inference_mode():
+        model(chunk, state)  # now `probe` steps in
+        measure("near")
+        steps = probe
+        while steps < far:
+            n = min(stride, far - steps)
+            model(big[:, :n], state)
+            steps += n
+        measure("far")
+    return out
+
+
+def sweep_decode(model, batches, clock):
+    """Decode ms per step under CUDA graphs for each launch configuration of the fused decode kernels."""
+    rows_choices = (1, 2, 4, 8)
+    mamba_choices = [(64, 1, 16), (64, 1, 32), (64, 2, 32), (64, 4, 32), (64, 4, 64), (128, 2, 32), (128, 4, 64)]
+    original = (concept_step_mod._step_rows, mamba_step_mod._step_config)
+    results = []
+    pool = model.empty_state(max(batches))
+    try:
+        with torch.inference_mode():
+            for bs in batches:
+                tokens = torch.randint(0, model.config.vocab_size, (bs,), device=model.device)
+                slots = torch.arange(bs, dtype=torch.int32, device=model.device)
+                default_mamba = original[1](bs, model.config.d_inner)
+                for rows in rows_choices:
+                    concept_step_mod._step_rows = lambda batch, rows=rows: rows
+                    ms = clock(decode_step_fn(model, pool, tokens, slots, True), iters=50) * 1e3
+                    results.append(dict(batch=bs, concept_rows=rows, mamba=default_mamba, ms=ms))
+                concept_step_mod._step_rows = original[0]
+                for config in mamba_choices:
+                    mamba_step_mod._step_config = lambda batch, d_inner, config=config: config
+                    ms = clock(decode_step_fn(model, pool, tokens, slots, True), iters=50) * 1e3
+                    results.append(dict(batch=bs, concept_rows=original[0](bs), mamba=config, ms=ms))
+                mamba_step_mod._step_config = original[1]
+    finally:
+        concept_step_mod._step_rows, mamba_step_mod._step_config = original
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--concepts", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smaller lengths, for a smoke run")
+    parser.add_argument("--tiny", action="store_true", help="CPU, Triton interpreter, tiny sizes (a smoke run)")
+    parser.add_argument("--sweep", action="store_true", help="time the fused decode kernels' launch configurations")
+    parser.add_argument("--torch", action="store_true", help="also the PyTorch reference path (batch 1, 2K tokens)")
+    parser.add_argument("--skip-long", action="store_true", help="skip the 1M-step stream")
+    parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_model.py needs a CUDA GPU")
-    name = torch.cuda.get_device_name()
-    config = InfoMambaConfig(d_model=768, n_layers=args.layers, vocab_size=50280, d_state=16, d_conv=4, expand=2,
-                             n_concepts=args.concepts, name="bench-130m")
-    torch.manual_seed(0)
-    model = InfoMamba(config).cuda().to(torch.bfloat16).eval()
-    params = sum(p.numel() for p in model.parameters())
-    print(f"# {name}; {params / 1e6:.1f}M params, {args.layers} layers, k={args.concepts}, bf16", flush=True)
-    rows = []
-    batch_sizes = (1, 64, 256)
-    lengths = (2048, 8192) if args.quick else (2048, 32768, 131072)
-    bench_decode(model, batch_sizes, bandwidth(name), rows)
-    bench_prefill(model, lengths, rows, skip_torch_above=2048)
-    if args.concepts == 0:
-        bench_hf(args.layers, rows, batch_sizes, lengths[:1])
-    print("| kind | size | path | ms | items/s | floor/time |")
-    print("| --- | --- | --- | ---: | ---: | ---: |")
-    for kind, size, path, ms, rate, ratio in rows:
-        print(f"| {kind} | {size} | {path} | {ms:.3f} | {rate:,.0f} | {ratio:.2f} |")
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda and not args.tiny:
+        sys.exit("bench_model.py needs a CUDA GPU (or --tiny for a CPU smoke run)")
+    if cuda:
+        os.environ.setdefault("INFOMAMBA_KERNELS", "triton")
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    plan = sizes(args)
+    card = torch.cuda.get_device_name() if cuda else "cpu (tiny, interpreter)"
+    import triton
+
+    results = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "model": plan["model"],
+               "dtype": str(dtype), "k": {}}
+    clock = Clock(cuda)
+    print(f"# {card}; torch {torch.__version__}, triton {triton.__version__}; {plan['model']}, {dtype}", flush=True)
+    for k in plan["concepts"]:
+        t0 = time.perf_counter()
+        model = build(plan["model"], k, device, dtype)
+        params = sum(p.numel() for p in model.parameters())
+        got = results["k"][k] = {"params": params}
+        print(f"## k = {k}: {params / 1e6:.1f}M parameters", flush=True)
+        got["decode"] = bench_decode(model, plan["batches"], clock, cuda, results)
+        print(f"decode done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        got["prefill"] = bench_prefill(model, plan["lengths"], clock, cuda)
+        print(f"prefill done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        got["launches"] = count_launches(model, plan["model"], k, device, dtype, cuda)
+        if not args.skip_long:
+            got["stream"] = bench_long_stream(model, plan["probe"], plan["far"], plan["stride"], clock, cuda)
+            print(f"long stream done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.torch:
+            os.environ["INFOMAMBA_KERNELS"] = "torch"
+            got["torch_path"] = dict(decode=bench_decode(model, plan["batches"][:1], clock, cuda, results),
+                                     prefill=bench_prefill(model, plan["lengths"][:1], clock, cuda))
+            os.environ["INFOMAMBA_KERNELS"] = "triton"
+        if args.sweep and k == max(plan["concepts"]) and cuda:
+            got["sweep"] = sweep_decode(model, plan["batches"], clock)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    print(report(results, plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+def report(results, plan) -> str:
+    k0, k1 = plan["concepts"]
+    a, b = results["k"][k0], results["k"][k1]
+    lines = [f"\n### {results['card']}: k = {k0} ({a['params'] / 1e6:.1f}M) vs k = {k1} ({b['params'] / 1e6:.1f}M), "
+             f"{results['dtype']}\n",
+             f"| decode, batch | k={k0} ms (graphs) | k={k1} ms (graphs) | k{k1}/k{k0} | k={k0} eager ms | "
+             f"k={k1} eager ms | floor ms (k={k1}) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for bs in plan["batches"]:
+        x, y = a["decode"][bs], b["decode"][bs]
+        lines.append(f"| {bs} | {x['graphs_ms']:.3f} | {y['graphs_ms']:.3f} | {y['graphs_ms'] / x['graphs_ms']:.2f} | "
+                     f"{x['eager_ms']:.3f} | {y['eager_ms']:.3f} | {y['floor_ms']:.3f} |")
+    lines += ["", f"| prefill, tokens | k={k0} tokens/s | k={k1} tokens/s | k{k1}/k{k0} time |",
+              "| ---: | ---: | ---: | ---: |"]
+    for n in plan["lengths"]:
+        x, y = a["prefill"][n], b["prefill"][n]
+        lines.append(f"| {n} | {x['tokens_per_s']:,.0f} | {y['tokens_per_s']:,.0f} | {y['ms'] / x['ms']:.2f} |")
+    lines += ["", f"| launches per decode step | k={k0} | k={k1} |", "| --- | ---: | ---: |",
+              f"| per step, counted from Python | {a['launches']['per_step']} | {b['launches']['per_step']} |",
+              f"| per step, GPU activities (profiler) | {a['launches']['per_step_gpu']} | "
+              f"{b['launches']['per_step_gpu']} |",
+              f"| per layer | {a['launches']['per_layer']} | {b['launches']['per_layer']} |",
+              "", f"per layer, k={k1}: {', '.join(b['launches']['per_layer_ops'])}"]
+    if "stream" in a:
+        lines += ["", "| one stream, k | prefill µs/token near | far | far/near | decode ms near | far | far/near |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for k, got in ((k0, a), (k1, b)):
+            near, far = got["stream"]["near"], got["stream"]["far"]
+            lines.append(f"| {k} | {near['prefill_us_per_token']:.3f} | {far['prefill_us_per_token']:.3f} | "
+                         f"{far['prefill_us_per_token'] / near['prefill_us_per_token']:.2f} | {near['decode_ms']:.3f} | "
+                         f"{far['decode_ms']:.3f} | {far['decode_ms'] / near['decode_ms']:.2f} |")
+        lines.append(f"\n(near: {a['stream']['near']['steps']:,} steps in; far: {a['stream']['far']['steps']:,} "
+                     f"steps in; the prefill probe is a {plan['probe']:,}-token chunk)")
+    for k, got in ((k0, a), (k1, b)):
+        if "torch_path" in got:
+            tp = got["torch_path"]
+            lines.append(f"\nPyTorch path, k={k}: decode batch {plan['batches'][0]} "
+                         f"{tp['decode'][plan['batches'][0]]['eager_ms']:.1f} ms, prefill {plan['lengths'][0]} tokens "
+                         f"{tp['prefill'][plan['lengths'][0]]['tokens_per_s']:,.0f} tokens/s")
+    if "sweep" in b:
+        lines += ["", f"| sweep (k={k1}), batch | concept rows/program | mamba (block_e, num_sub, block_d) | ms |",
+                  "| ---: | ---: | --- | ---: |"]
+        lines += [f"| {r['batch']} | {r['concept_rows']} | {r['mamba']} | {r['ms']:.3f} |" for r in b["sweep"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

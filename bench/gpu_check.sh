@@ -13,6 +13,5 @@ timeout 360 python3 bench/bench_server.py 2>&1 | tee "$OUT/bench_server.log"
 if [ "${1:-}" = all ]; then
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/model/test_model_kernels.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -8 | tee "$OUT/gpu_kernel_tests.log"
-    timeout 150 python3 bench/bench_model.py 2>&1 | tee "$OUT/bench_model.log"
-    timeout 60 python3 bench/bench_model.py --concepts 16 --quick 2>&1 | tee "$OUT/bench_model_k16.log"
+    timeout 300 python3 bench/bench_model.py --json "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.log"
 fi
