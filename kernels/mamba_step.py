@@ -131,13 +131,14 @@ def _mamba_step_ssm_kernel(
     xz_ptr, inject_ptr, inject_weight_ptr, xc_ptr, dbc_part_ptr, dt_proj_weight_ptr, dt_bias_ptr, A_ptr, D_ptr,
     ssm_state_ptr, state_indices_ptr, out_ptr,
     # sizes
-    batch, d_inner, d_state, dt_rank, d_inject, num_parts,
+    batch, d_inner, d_state, dt_rank, d_inject,
     # strides
     stride_xz_row, stride_inject_row, stride_inject_weight_row, stride_xc_row, stride_part_part, stride_part_row,
     stride_dt_proj_row, stride_A_d, stride_ssm_state_slot, stride_ssm_state_d, stride_out_row,
     # meta-parameters
     HAS_INJECT: tl.constexpr,
     LOWP: tl.constexpr,
+    NUM_PARTS: tl.constexpr,  # unrolled: the partial sums' loads are all in flight at once
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -160,7 +161,7 @@ def _mamba_step_ssm_kernel(
     delta = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
     B = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     C = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for i in range(num_parts):
+    for i in tl.static_range(NUM_PARTS):
         part = dbc_part_ptr + i * stride_part_part + rows[:, None] * stride_part_row
         delta += tl.load(part + r[None, :], mask=row_mask[:, None] & (r < dt_rank)[None, :], other=0.0)
         B += tl.load(part + dt_rank + n[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
@@ -195,7 +196,8 @@ def _mamba_step_ssm_kernel(
 
 def _step_config(batch: int, d_inner: int):
     """(channels per block of launch 1, blocks per program there, channels per program of launch 2). Hand-picked,
-    no autotune (both launches write state in place): small batches spread over more, narrower programs."""
+    no autotune (both launches write state in place): small batches spread over more, narrower programs; launch 2
+    adds up one partial sum of x_proj per program of launch 1 (24 at d_inner 1536 for batch <= 16)."""
     block_e = min(triton.next_power_of_2(d_inner), 64)
     num_sub = 1 if batch <= 16 else (2 if batch <= 64 else 4)
     block_d = 16 if batch <= 16 else 32
@@ -270,11 +272,11 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
     _mamba_step_ssm_kernel[(grid_b, triton.cdiv(d_inner, block_d))](
         xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder, xc,
         dbc_part, dt_proj_weight, dt_bias, A, D, ssm_state, state_indices, out,
-        batch, d_inner, d_state, dt_rank, d_inject, num_parts,
+        batch, d_inner, d_state, dt_rank, d_inject,
         xz.stride(0), inject.stride(0) if inject is not None else 0,
         inject_weight.stride(0) if inject is not None else 0, xc.stride(0), dbc_part.stride(0), dbc_part.stride(1),
         dt_proj_weight.stride(0), A.stride(0), ssm_state.stride(0), ssm_state.stride(1), out.stride(0),
-        HAS_INJECT=inject is not None, LOWP=lowp, BLOCK_B=block_b, BLOCK_D=block_d,
+        HAS_INJECT=inject is not None, LOWP=lowp, NUM_PARTS=num_parts, BLOCK_B=block_b, BLOCK_D=block_d,
         BLOCK_N=triton.next_power_of_2(d_state), BLOCK_R=max(triton.next_power_of_2(dt_rank), 16),
         BLOCK_C=block_c, num_warps=4,
     )
