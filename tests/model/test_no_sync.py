@@ -16,24 +16,30 @@ ROOT = str(Path(__file__).resolve().parents[2])
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
-def packed_pass(model, pool, lengths):
-    """A prefill of packed sequences (one spans two chunks of the concept filter), then a decode step."""
+def packed_inputs(model, lengths):
+    """Packed sequences (one spans two chunks of the concept filter), on the device, with their layout on the host."""
     seqs = [make_inputs(model, 1, n, seed=n)[0] for n in lengths]
     bounds = [0]
     for n in lengths:
         bounds.append(bounds[-1] + n)
-    cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
-    slots = torch.tensor([2, -1, 0], dtype=torch.int32, device=DEVICE)
+    return dict(ids=torch.cat(seqs).to(DEVICE), cu=torch.tensor(bounds, dtype=torch.int32, device=DEVICE),
+                bounds=bounds, slots=torch.tensor([2, -1, 0], dtype=torch.int32, device=DEVICE),
+                tokens=torch.tensor([1, 2, 3], device=DEVICE))
+
+
+def packed_pass(model, pool, batch):
+    """A prefill of the packed sequences, then a decode step of the same streams."""
     with torch.inference_mode():
-        model(torch.cat(seqs).to(DEVICE), pool, cu_seqlens=cu, state_indices=slots, bounds=bounds)
-        model.decode_step(torch.tensor([1, 2, 3], device=DEVICE), pool, slots)
+        model(batch["ids"], pool, cu_seqlens=batch["cu"], state_indices=batch["slots"], bounds=batch["bounds"])
+        model.decode_step(batch["tokens"], pool, batch["slots"])
 
 
 def test_the_kernel_path_never_reads_the_device(monkeypatch):
     monkeypatch.setenv("INFOMAMBA_KERNELS", "triton")  # a concept layer runs every kernel a plain Mamba layer does
     model = make_model(0, n_layers=1, n_concepts=3, concept_decay="learned").to(DEVICE)
     pool = model.empty_state(3)
-    packed_pass(model, pool, [5, 3, 1])  # warm-up: builds the fused weights
+    packed_pass(model, pool, packed_inputs(model, [5, 3, 1]))  # warm-up: builds the fused weights
+    batch = packed_inputs(model, [70, 7, 1])
     reads = []
     for name in READS:
         def wrapper(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
@@ -42,7 +48,7 @@ def test_the_kernel_path_never_reads_the_device(monkeypatch):
                 reads.append(f"{_name} at {caller.f_code.co_filename}:{caller.f_lineno}")
             return _original(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, wrapper)
-    packed_pass(model, pool, [70, 7, 1])
+    packed_pass(model, pool, batch)
     assert reads == []
 
 
@@ -53,9 +59,11 @@ def test_no_pass_synchronizes_the_gpu(k, monkeypatch):
     model = make_model(0, d_model=256, n_layers=2, n_concepts=k, d_state=16, d_conv=4, d_concept=64,
                        vocab_size=512).to(DEVICE, torch.bfloat16)
     pool = model.empty_state(3)
-    packed_pass(model, pool, [300, 7, 1])  # warm-up: compiles, builds the fused weights
+    packed_pass(model, pool, packed_inputs(model, [300, 7, 1]))  # warm-up: compiles, builds the fused weights
+    batch = packed_inputs(model, [5000, 64, 1])
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        packed_pass(model, pool, [5000, 64, 1])
+        packed_pass(model, pool, batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
