@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels import add_rms_norm as norm_mod  # noqa: E402
 from kernels import causal_conv1d as conv_mod  # noqa: E402
 from kernels import concept_filter as concept_mod  # noqa: E402
+from kernels import concept_step as concept_step_mod  # noqa: E402
+from kernels import mamba_step as mamba_step_mod  # noqa: E402
 from kernels import selective_scan as scan_mod  # noqa: E402
 from kernels import selective_state_update as update_mod  # noqa: E402
 
@@ -182,6 +184,42 @@ def decode_cases(batch):
             concept(concept_mod.concept_filter_update_ref, log_decay),
             2 * batch * k * dc * 4 + 2 * batch * k * 8 + batch * (k * 2 + dc * 2 + dc * 4) + k * k * 4,
             batch * (k * dc * 4 + 2 * k * k + 2 * k * dc))
+
+    R = CFG["dt_rank"]
+    w_x, w_dt = act(R + 2 * N, E) * E ** -0.5, act(E, R) * R ** -0.5
+    w_inject = act(2 * E, dc) * dc ** -0.5
+
+    def mamba(impl, inject):
+        def build():
+            xz, conv_st, ssm_st = act(batch, 2 * E), act(batch, E, K - 1), torch.randn(batch, E, N, device=dev)
+            extra = (act(batch, dc), w_inject) if inject else (None, None)
+            return lambda: impl(xz, w_conv, b_conv, w_x, w_dt, dt_bias, A, Dv, conv_st, ssm_st, idx, *extra)
+        return build
+    for suffix, inject in (("", False), (" (injected)", True)):
+        # the fused decode step between in_proj and out_proj; injected: with a concept layer's g_s ⊙ r
+        cases["mamba_step" + suffix] = (
+            mamba(mamba_step_mod.mamba_step, inject), mamba(mamba_step_mod.mamba_step_ref, inject),
+            2 * batch * E * N * 4 + 2 * batch * E * (K - 1) * 2 + batch * 3 * E * 2 + (R + 2 * N) * E * 2
+            + E * R * 2 + E * N * 4 + E * (K + 4) * 4 + (batch * dc * 2 + 2 * E * dc * 2 if inject else 0),
+            batch * E * (2 * (R + 2 * N) + 2 * R + 7 * N + 2 * K + 8 + (4 * dc if inject else 0)))
+    w_gate, w_norm_c = act(2 * dc, dc) * dc ** -0.5, torch.ones(dc, device=dev, dtype=DTYPE)
+
+    def concept_fused(impl, log_decay=None):
+        def build():
+            pre = act(batch, k + 3 * dc)
+            mean = torch.randn(batch, k, dc, device=dev)
+            mass = torch.rand(batch, k, device=dev, dtype=torch.float64) * 100
+            return lambda: impl(pre[:, :k], pre[:, k:k + dc], pre[:, k + dc:], mix, w_norm_c, w_gate, mean, mass, idx,
+                                1e-6, 1e-5, log_decay)
+        return build
+    for suffix, log_decay in (("", None), ("_decay", concept_log_decay())):
+        # the whole concept decode step: softmax, update, read-back, norm + GELU, both gates
+        cases["concept_step" + suffix] = (
+            concept_fused(concept_step_mod.concept_step, log_decay),
+            concept_fused(concept_step_mod.concept_step_ref, log_decay),
+            2 * batch * k * dc * 4 + 2 * batch * k * 8 + batch * (k + 3 * dc) * 2 + 2 * batch * dc * 2
+            + 2 * dc * dc * 2 + k * k * 4 + dc * 2,
+            batch * (k * dc * 6 + 2 * k * k + 4 * dc * dc + 12 * dc))
 
     def norm(impl):
         def build():
