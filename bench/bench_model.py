@@ -95,7 +95,7 @@ def decode_step_fn(model, pool, tokens, slots, graphs: bool):
     return lambda: model.decode_step(tokens, pool, slots)
 
 
-def bench_decode(model, batches, clock, cuda, rows):
+def bench_decode(model, batches, clock, cuda, rows, graphs=True):
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = state_nbytes_per_stream(cfg, model.dtype)
@@ -107,7 +107,8 @@ def bench_decode(model, batches, clock, cuda, rows):
             tokens = torch.randint(0, cfg.vocab_size, (bs,), device=model.device)
             slots = torch.arange(bs, dtype=torch.int32, device=model.device)
             eager = clock(decode_step_fn(model, pool, tokens, slots, False), iters=10 if cuda else 3, warmup=2)
-            graphed = clock(decode_step_fn(model, pool, tokens, slots, True), iters=100) if cuda else float("nan")
+            graphed = (clock(decode_step_fn(model, pool, tokens, slots, True), iters=100) if cuda and graphs
+                       else float("nan"))
             floor = (weight_bytes + 2 * bs * state_bytes) / bandwidth
             out[bs] = dict(graphs_ms=graphed * 1e3, eager_ms=eager * 1e3, floor_ms=floor * 1e3)
     return out
@@ -251,7 +252,8 @@ def main() -> None:
             print(f"long stream done ({time.perf_counter() - t0:.0f} s)", flush=True)
         if args.torch:
             os.environ["INFOMAMBA_KERNELS"] = "torch"
-            got["torch_path"] = dict(decode=bench_decode(model, plan["batches"][:1], clock, cuda, results),
+            # the references read the device (slot checks), so they cannot be captured in a graph: eager only
+            got["torch_path"] = dict(decode=bench_decode(model, plan["batches"][:1], clock, cuda, results, False),
                                      prefill=bench_prefill(model, plan["lengths"][:1], clock, cuda))
             os.environ["INFOMAMBA_KERNELS"] = "triton"
         if args.sweep and k == max(plan["concepts"]) and cuda:
