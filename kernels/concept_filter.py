@@ -107,6 +107,8 @@ def concept_filter_update_ref(a, v, mix, concept_mean, concept_mass, state_indic
 #                                           (mean, mass) and the pool's final mean;
 #   pass 3 (_concept_chunk_output_kernel):  per chunk, read_t = carried + causal local part (two dots), and the
 #                                           pool's final mass (written here: pass 2's programs all read it).
+# When every sequence is one chunk there is nothing to carry between chunks: pass 1 copies the pool's state in as
+# each chunk's entry and pass 3 writes the final mean as well, so a batch of short sequences takes two launches.
 # Raw sums live only within one chunk, so they stay bounded however long the stream is (DESIGN.md §2).
 # With decay (HAS_DECAY) every power γ^n has n >= 0, so nothing overflows however small γ is: pass 1 weights row s
 # by γ^(last-s), pass 2 decays the carried state by γ^(chunk length), and pass 3 runs the mass as a decayed scan and
@@ -119,21 +121,24 @@ from kernels._triton import HAS_TRITON, check_indices, check_pool, rows, tl, tri
 def _concept_chunk_sums_kernel(
     # pointers
     a_ptr, v_ptr, log_decay_ptr, cu_seqlens_ptr, state_indices_ptr, chunk_seq_ptr, chunk_pos_ptr, chunk_sum_ptr,
-    chunk_mass_ptr,
+    chunk_mass_ptr, concept_mean_ptr, concept_mass_ptr, entry_mean_ptr, entry_mass_ptr,
     # sizes
     k, d_c,
     # strides
     stride_a_token, stride_v_token, stride_chunk_sum_chunk, stride_chunk_sum_k, stride_chunk_mass_chunk,
+    stride_mean_slot, stride_mean_k, stride_mass_slot,
     # meta-parameters
     CHUNK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_DC: tl.constexpr,
     HAS_DECAY: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,  # every sequence is one chunk: copy the pool's state in as each chunk's entry
 ):
     chunk = tl.program_id(0).to(tl.int64)
     pid_dc = tl.program_id(1)
     seq = tl.load(chunk_seq_ptr + chunk)
-    live = tl.load(state_indices_ptr + seq) >= 0
+    slot = tl.load(state_indices_ptr + seq).to(tl.int64)
+    live = slot >= 0
     seq_end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
     first = tl.load(cu_seqlens_ptr + seq).to(tl.int64) + tl.load(chunk_pos_ptr + chunk).to(tl.int64) * CHUNK
     rows = first + tl.arange(0, CHUNK)  # (T,)
@@ -155,6 +160,14 @@ def _concept_chunk_sums_kernel(
              mask=(j < k)[:, None] & (e < d_c)[None, :])
     if pid_dc == 0:
         tl.store(chunk_mass_ptr + chunk * stride_chunk_mass_chunk + j, tl.sum(a64, axis=0), mask=j < k)
+    if SINGLE_CHUNK:  # pass 3 then reads the entry state here, as the pool's mass is rewritten under it
+        tile = (j < k)[:, None] & (e < d_c)[None, :] & live
+        mean = tl.load(concept_mean_ptr + slot * stride_mean_slot + j[:, None] * stride_mean_k + e[None, :], mask=tile)
+        tl.store(entry_mean_ptr + chunk * stride_chunk_sum_chunk + j[:, None] * stride_chunk_sum_k + e[None, :], mean,
+                 mask=tile)
+        if pid_dc == 0:
+            mass = tl.load(concept_mass_ptr + slot * stride_mass_slot + j, mask=(j < k) & live)
+            tl.store(entry_mass_ptr + chunk * stride_chunk_mass_chunk + j, mass, mask=(j < k) & live)
 
 
 @triton.jit
@@ -236,18 +249,19 @@ def _concept_chunk_prefix_kernel(
 @triton.jit
 def _concept_chunk_output_kernel(
     # pointers
-    a_ptr, v_ptr, mix_ptr, log_decay_ptr, concept_mass_ptr, cu_seqlens_ptr, state_indices_ptr, chunk_seq_ptr,
-    chunk_pos_ptr, entry_mean_ptr, entry_mass_ptr, out_ptr,
+    a_ptr, v_ptr, mix_ptr, log_decay_ptr, concept_mean_ptr, concept_mass_ptr, cu_seqlens_ptr, state_indices_ptr,
+    chunk_seq_ptr, chunk_pos_ptr, chunk_sum_ptr, entry_mean_ptr, entry_mass_ptr, out_ptr,
     # sizes
     k, d_c, eps,
     # strides
-    stride_a_token, stride_v_token, stride_mix_row, stride_mass_slot,
+    stride_a_token, stride_v_token, stride_mix_row, stride_mean_slot, stride_mean_k, stride_mass_slot,
     stride_chunk_sum_chunk, stride_chunk_sum_k, stride_chunk_mass_chunk, stride_out_token,
     # meta-parameters
     CHUNK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_DC: tl.constexpr,
     HAS_DECAY: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,  # every sequence is one chunk: this pass also writes the pool's final mean
 ):
     chunk = tl.program_id(0).to(tl.int64)
     pid_dc = tl.program_id(1)
@@ -294,9 +308,22 @@ def _concept_chunk_output_kernel(
     out = carried + tl.dot(scores, v, input_precision="ieee")
     out = tl.where(row_mask[:, None], out, 0.0)
     tl.store(out_ptr + rows[:, None] * stride_out_token + e[None, :], out, mask=in_seq[:, None] & e_mask[None, :])
+    last_row = t[:, None] == CHUNK - 1
+    final = tl.sum(tl.where(last_row, mass, 0.0), axis=0)  # (K,) rows past the end add nothing
     if (pid_dc == 0) & live & (first + CHUNK >= seq_end):  # the sequence's last chunk writes the final mass
-        final = tl.sum(tl.where(t[:, None] == CHUNK - 1, mass, 0.0), axis=0)  # rows past the end add nothing
         tl.store(concept_mass_ptr + slot * stride_mass_slot + j, final, mask=k_mask)
+    if SINGLE_CHUNK and live:  # pass 2's step, for this chunk's columns: the mean carried in, then its sums
+        if HAS_DECAY:
+            carry = tl.sum(tl.where(last_row, growth, 0.0), axis=0)  # (K,) γ^(chunk length)
+        else:
+            carry = tl.full((BLOCK_K,), 1.0, tl.float64)
+        denom = tl.where(k_mask, final + eps, 1.0)
+        keep = (carry * (mass_prev + eps) / denom).to(tl.float32)  # (K,) <= 1
+        tile = k_mask[:, None] & e_mask[None, :]
+        sums = tl.load(chunk_sum_ptr + chunk * stride_chunk_sum_chunk + j[:, None] * stride_chunk_sum_k + e[None, :],
+                       mask=tile, other=0.0)
+        tl.store(concept_mean_ptr + slot * stride_mean_slot + j[:, None] * stride_mean_k + e[None, :],
+                 mean_prev * keep[:, None] + sums / denom.to(tl.float32)[:, None], mask=tile)
 
 
 @triton.jit
@@ -437,30 +464,34 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
     entry_mean = torch.empty_like(chunk_sum)
     entry_mass = torch.empty_like(chunk_mass)
     grid = (num_chunks, triton.cdiv(d_c, block_dc))
+    single = max_len <= chunk  # pass 2 has nothing to carry between chunks: passes 1 and 3 take its two jobs
     _concept_chunk_sums_kernel[grid](
-        a, v, log_decay, cu_seqlens, state_indices, chunk_seq, chunk_pos, chunk_sum, chunk_mass,
+        a, v, log_decay, cu_seqlens, state_indices, chunk_seq, chunk_pos, chunk_sum, chunk_mass, concept_mean,
+        concept_mass, entry_mean, entry_mass,
         k, d_c,
         a.stride(0), v.stride(0), chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0),
-        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, num_warps=4,
-    )
-    max_chunks = triton.cdiv(max(max_len, 1), chunk)
-    block_nc = block_chunks or min(max(triton.next_power_of_2(max_chunks), 16), 64)  # tl.dot needs 16
-    block_dc_prefix = min(block_dc, 32)
-    _concept_chunk_prefix_kernel[(batch, k, triton.cdiv(d_c, block_dc_prefix))](
-        concept_mean, concept_mass, log_decay, cu_seqlens, state_indices, chunk_cu, chunk_sum, chunk_mass,
-        entry_mean, entry_mass,
-        d_c, float(eps),
         concept_mean.stride(0), concept_mean.stride(1), concept_mass.stride(0),
-        chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0),
-        CHUNK=chunk, BLOCK_NC=block_nc, BLOCK_DC=block_dc_prefix, HAS_DECAY=has_decay, num_warps=4,
+        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, SINGLE_CHUNK=single, num_warps=4,
     )
+    if not single:
+        max_chunks = triton.cdiv(max_len, chunk)
+        block_nc = block_chunks or min(max(triton.next_power_of_2(max_chunks), 16), 64)  # tl.dot needs 16
+        block_dc_prefix = min(block_dc, 32)
+        _concept_chunk_prefix_kernel[(batch, k, triton.cdiv(d_c, block_dc_prefix))](
+            concept_mean, concept_mass, log_decay, cu_seqlens, state_indices, chunk_cu, chunk_sum, chunk_mass,
+            entry_mean, entry_mass,
+            d_c, float(eps),
+            concept_mean.stride(0), concept_mean.stride(1), concept_mass.stride(0),
+            chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0),
+            CHUNK=chunk, BLOCK_NC=block_nc, BLOCK_DC=block_dc_prefix, HAS_DECAY=has_decay, num_warps=4,
+        )
     _concept_chunk_output_kernel[grid](
-        a, v, mix, log_decay, concept_mass, cu_seqlens, state_indices, chunk_seq, chunk_pos, entry_mean, entry_mass,
-        out,
+        a, v, mix, log_decay, concept_mean, concept_mass, cu_seqlens, state_indices, chunk_seq, chunk_pos, chunk_sum,
+        entry_mean, entry_mass, out,
         k, d_c, float(eps),
-        a.stride(0), v.stride(0), mix.stride(0), concept_mass.stride(0),
-        chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0), out.stride(0),
-        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, num_warps=4,
+        a.stride(0), v.stride(0), mix.stride(0), concept_mean.stride(0), concept_mean.stride(1),
+        concept_mass.stride(0), chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0), out.stride(0),
+        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, SINGLE_CHUNK=single, num_warps=4,
     )
     return out
 
