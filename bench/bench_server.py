@@ -50,16 +50,49 @@ class Run:
     def __init__(self, steps, seconds, latencies, ttfts=(), procs=1):
         self.steps, self.seconds, self.latencies, self.ttfts, self.procs = steps, seconds, latencies, list(ttfts), procs
         self.rate = steps / seconds
+        self.engine: dict | None = None  # where_time_goes() of the engine during this run
 
     def line(self, name: str, base: "Run | None" = None, of: str = "engine") -> str:
         text = f"  {name:<26} {self.rate:12,.0f} steps/s   latency p50/p99 {pp(self.latencies)} ms"
         text += f"   ttft p50/p99 {pp(self.ttfts)} ms" if self.ttfts else ""
-        return text + (f"   x{self.rate / base.rate:.2f} of {of}" if base else "")
+        text += f"   x{self.rate / base.rate:.2f} of {of}" if base else ""
+        return text + ("\n" + engine_line(self.engine) if self.engine else "")
 
 
 def pp(values) -> str:
     """p50 / p99 in ms."""
     return "%.1f / %.1f" % tuple(np.percentile(values, [50, 99]) * 1e3) if len(values) else "-"
+
+
+ENGINE_SERIES = {"infomamba:engine_steps_total": "steps", "infomamba:batch_size_sum": "streams",
+                 "infomamba:batch_tokens_sum": "tokens", "infomamba:model_forward_time_seconds_sum": "forward"}
+
+
+def engine_counters(text: str) -> dict:
+    """The engine's step counters from a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = dict.fromkeys(ENGINE_SERIES.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ENGINE_SERIES:
+                found[ENGINE_SERIES[sample.name]] += sample.value
+    return found
+
+
+def where_time_goes(before: dict, after: dict, seconds: float) -> dict:
+    """Per run, what the engine did: steps/s, streams per step, ms per step inside the step (model + sampling)
+    and outside it (scheduling, postprocess, inputs, outputs, idle): the split between a full engine and a
+    starved one."""
+    d = {k: after[k] - before[k] for k in after}
+    steps = max(d["steps"], 1)
+    return {"steps_per_s": d["steps"] / seconds, "streams": d["streams"] / steps, "tokens": d["tokens"] / steps,
+            "step_ms": 1e3 * d["forward"] / steps, "outside_ms": 1e3 * (seconds - d["forward"]) / steps}
+
+
+def engine_line(e: dict) -> str:
+    return (f"    engine: {e['steps_per_s']:,.0f} steps/s, {e['streams']:.1f} streams and {e['tokens']:.1f} tokens "
+            f"a step, {e['step_ms']:.3f} ms in the step + {e['outside_ms']:.3f} ms outside it")
 
 
 # -- load-generating client processes (import no torch: they only speak HTTP and websockets) -------------------
@@ -207,7 +240,7 @@ def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
         owner[msg.rid], sent_at[msg.rid] = i, time.perf_counter()
         core.handle(msg)
 
-    t0 = time.perf_counter()
+    before, t0 = engine_counters(core.metrics.render().decode()), time.perf_counter()
     for i, script in enumerate(scripts):
         while nxt[i] < len(script) and inflight[i] < window:
             submit(i)
@@ -225,7 +258,9 @@ def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
                     inflight[i] -= 1
                     if nxt[i] < len(scripts[i]):
                         submit(i)
-    return Run(steps, time.perf_counter() - t0, lat, ttft)
+    run = Run(steps, time.perf_counter() - t0, lat, ttft)
+    run.engine = where_time_goes(before, engine_counters(core.metrics.render().decode()), run.seconds)
+    return run
 
 
 class EngineSide:
@@ -334,6 +369,27 @@ class Server:
         self.stop()
         raise SystemExit("server not ready in time:\n" + self.tail())
 
+    def counters(self) -> dict:
+        import httpx
+
+        return engine_counters(httpx.get(self.url + "/metrics", timeout=30).text)
+
+    def children(self) -> dict[str, int]:
+        """The engine's and the frontends' pids, by name (the launcher's child processes)."""
+        import httpx
+
+        engine = httpx.get(self.url + "/health", timeout=30).json()["engine"]["pid"]
+        kids = {}
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            except OSError:
+                continue
+            if int(fields.get("PPid", 0)) == self.proc.pid:
+                pid = int(status.parent.name)
+                kids["engine" if pid == engine else f"frontend-{len(kids)}"] = pid
+        return kids
+
     def tail(self) -> str:
         self.log.seek(0)
         return self.log.read()[-3000:]
@@ -346,6 +402,32 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         os.unlink(self.log.name)
+
+
+def measured(server: Server, clients: Clients, job: dict, shares: list, steps: int, profile: str | None = None
+             ) -> Run:
+    """clients.run with the engine's counters read around it; with `profile`, py-spy samples the engine and
+    every frontend during the run (raw collapsed stacks, one file per process, in that directory)."""
+    spies = []
+    if profile:
+        os.makedirs(profile, exist_ok=True)
+        for name, pid in server.children().items():
+            out = os.path.join(profile, f"{name}.txt")
+            spies.append(subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--format", "raw", "--rate", "200",
+                                           "--pid", str(pid), "--output", out], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.STDOUT))
+        time.sleep(1.0)  # py-spy attaches
+    before = server.counters()
+    run = clients.run(job, shares, steps)
+    run.engine = where_time_goes(before, server.counters(), run.seconds)
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+    return run
 
 
 def append_frame(ids: np.ndarray) -> str:
@@ -376,6 +458,8 @@ def parse_args():
     p.add_argument("--api-server-counts", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--client-procs", type=int, default=8, help="most load-generating processes")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="as in infomamba serve")
+    p.add_argument("--profile", default=None, help="directory: py-spy samples the engine and frontends during the "
+                   "highest-concurrency completions and the long append (py-spy must be on PATH)")
     return p.parse_args()
 
 
@@ -426,19 +510,24 @@ def bench_server(args, server: Server, clients: Clients, count: int, w: Workload
         steps = sum(len(p) for p in w.prompts[:n]) + n * args.max_tokens
         for stream in (False, True):
             progress(f"{count} API server(s): HTTP completions c={c}, {'streaming' if stream else 'not streaming'}")
-            r["http", count, c, stream] = run = clients.run({**http, "stream": stream}, shares, steps)
+            profile = (os.path.join(args.profile, f"{count}-servers-c{c}-{'sse' if stream else 'plain'}")
+                       if args.profile and c == top else None)
+            r["http", count, c, stream] = run = measured(server, clients, {**http, "stream": stream}, shares, steps,
+                                                         profile)
             print(run.line(f"HTTP {'SSE' if stream else 'plain'}, {run.procs} client procs", r["engine", c]),
                   flush=True)
     frames = [[append_frame(c) for c in s] for s in w.chunks]
     for window in (1, args.window):
         progress(f"{count} API server(s): websocket appends, {len(frames)} sessions, window {window}")
-        r["ws", count, window] = run = clients.run({**ws, "window": window}, frames, r["ws_engine"].steps)
+        r["ws", count, window] = run = measured(server, clients, {**ws, "window": window}, frames,
+                                                r["ws_engine"].steps)
         print(run.line(f"websocket, window {window}", r["ws_engine"]), flush=True)
     if "long_ws" not in r:
         progress(f"{count} API server(s): long append over one websocket, binary frames, window {args.window}")
         binary = [binary_frame(c) for c in w.long_chunks]
         clients.run(ws, [binary[:2]], 1)
-        r["long_ws"] = run = clients.run(ws, [binary], args.long_ids)
+        profile = os.path.join(args.profile, "long-append") if args.profile else None
+        r["long_ws"] = run = measured(server, clients, ws, [binary], args.long_ids, profile)
         print(run.line("websocket long append", r["long_model"], "the model"), flush=True)
 
 
