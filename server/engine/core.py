@@ -64,7 +64,8 @@ class EngineCore:
         self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs)
         # events from other threads (frontend requests, finished writes), handled by the engine thread in order
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.store = open_store(config, state_dir, model.config.name, model.fingerprint(), self.inbox.put,
+        self.on_post = None  # called after each post(), to wake a loop that sleeps elsewhere (EngineLoop)
+        self.store = open_store(config, state_dir, model.config.name, model.fingerprint(), self.post,
                                 self.metrics)
         self.sessions = SessionTable(self.pool, model, self.store, config.max_num_sessions, config.session_ttl)
         self.requests: dict[tuple[str, str], Sequence] = {}
@@ -92,15 +93,21 @@ class EngineCore:
                           num_slots=self.pool.num_total,
                           kernels="triton" if use_triton(self.model.norm_f.weight) else "pytorch")
 
+    def post(self, message) -> None:
+        """From any thread: a message for the engine thread to handle in order."""
+        self.inbox.put(message)
+        if self.on_post is not None:
+            self.on_post()
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._awaiting_slot)
 
     # -- one turn of the loop ------------------------------------------------------------------------------
 
     def run_once(self, timeout: float | None = None) -> dict[str, StepOutputs]:
-        """Handle what arrived (waiting up to `timeout` for something when idle), run one step, and return
-        the step's outputs by frontend."""
-        block = not self.scheduler.has_work()
+        """Handle what arrived (waiting up to `timeout` for something when idle; 0: never), run one step, and
+        return the step's outputs by frontend."""
+        block = timeout != 0 and not self.scheduler.has_work()
         try:
             self.handle(self.inbox.get(block=block, timeout=timeout if block else None))
             while True:
