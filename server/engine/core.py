@@ -303,14 +303,15 @@ class EngineCore:
         # counters once per step, not once per token: they cost microseconds each, times hundreds of streams
         self.metrics.prompt_steps.inc(sum(c.num_tokens for c in batch.chunks if not c.is_decode))
         self.metrics.generation_steps.inc(len(result.sampled))
+        last_logits, outputs, sampled = result.last_logits, result.outputs, result.sampled
         for chunk in batch.chunks:
             seq = chunk.seq
             if seq.status is SeqStatus.FINISHED:
                 continue
-            if seq.id in result.last_logits:
-                seq.initial_logits = result.last_logits[seq.id]
-            if seq.id in result.outputs:
-                arrays = {kind: t.numpy() for kind, t in result.outputs[seq.id].items()}
+            if last_logits and seq.id in last_logits:
+                seq.initial_logits = last_logits[seq.id]
+            if outputs and seq.id in outputs:
+                arrays = {kind: t.numpy() for kind, t in outputs[seq.id].items()}
                 if not all(np.isfinite(a).all() for a in arrays.values()):
                     self._fail(seq, EngineError("non_finite_output", "the model produced NaN or infinity for "
                                                 "this input (its state may hold extreme values)"))
@@ -319,8 +320,9 @@ class EngineCore:
                 out = self._output(seq.client, seq.rid)
                 for kind, a in arrays.items():
                     out.outputs[kind] = Array.of(_join(out.outputs.get(kind), a))
-            if seq.id in result.sampled:
-                self._on_token(seq, result.sampled[seq.id], now)
+            token = sampled.get(seq.id)
+            if token is not None:
+                self._on_token(seq, token, now)
             elif seq.num_pending == 0:
                 self._finish(seq, seq.finish_reason or "done")
 
@@ -366,7 +368,8 @@ class EngineCore:
         out = self._output(seq.client, seq.rid)
         out.finish_reason, out.num_prompt = reason, seq.num_fed
         if seq.slot is not None and seq.status is SeqStatus.RUNNING:
-            out.steps = self.pool.steps(seq.slot)
+            # a request's own slot started at zero: its steps are known without reading the device
+            out.steps = seq.num_fed + seq.num_decoded if seq.owns_slot else self.pool.steps(seq.slot)
             if seq.want_state and reason != "cancelled":
                 out.state = save_snapshot(self.pool.read(seq.slot), self.model.config.name,
                                           self.sessions.fingerprint, seq.initial_logits)
