@@ -62,6 +62,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.pool, max(config.max_num_batched_tokens, num_streams),
                                    config.max_num_prefill_tokens)
         self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs)
+        if getattr(self.runner, "graphs", None) is not None:  # eager decode steps cost what mixed ones do
+            self.scheduler.max_prefill_wait_steps = config.max_prefill_wait_steps
         # events from other threads (frontend requests, finished writes), handled by the engine thread in order
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.on_post = None  # called after each post(), to wake a loop that sleeps elsewhere (EngineLoop)
