@@ -527,8 +527,9 @@ def bench_server(args, server: Server, clients: Clients, count: int, w: Workload
     clients.run(ws, frames, 1)  # warm-up
     for window in (1, args.window):
         progress(f"{count} API server(s): websocket appends, {len(frames)} sessions, window {window}")
+        profile = os.path.join(args.profile, f"{count}-servers-ws-window{window}") if args.profile else None
         r["ws", count, window] = run = measured(server, clients, {**ws, "window": window}, frames,
-                                                r["ws_engine"].steps)
+                                                r["ws_engine"].steps, profile)
         print(run.line(f"websocket, window {window}", r["ws_engine"]), flush=True)
     if "long_ws" not in r:
         progress(f"{count} API server(s): long append over one websocket, binary frames, window {args.window}")
