@@ -152,9 +152,11 @@ _SNAPSHOT_DTYPES = {"conv": ("F32", "BF16", "F16"), "ssm": ("F32",), "concept_me
 
 
 def save_snapshot(state: StreamState, model_name: str, fingerprint: str,
-                  last_output: torch.Tensor | None = None) -> bytes:
+                  last_output: torch.Tensor | None = None, extra_metadata: dict[str, str] | None = None) -> bytes:
     """Serialize a single stream (batch 1), and optionally its last step's head output (d_out,), as a
-    self-describing safetensors blob whose metadata carries a checksum over the metadata and every tensor."""
+    self-describing safetensors blob whose metadata carries a checksum over the metadata and every tensor.
+    extra_metadata: more string entries (a server's own bookkeeping), covered by the checksum; they may not
+    replace the format's own."""
     if state.batch_size != 1:
         raise ValueError(f"snapshot: expected one stream, got a batch of {state.batch_size}")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.tensors().items()}
@@ -168,6 +170,10 @@ def save_snapshot(state: StreamState, model_name: str, fingerprint: str,
         "steps": str(int(state.steps[0])),
         "shapes": json.dumps({k: list(v.shape) for k, v in tensors.items()}),
     }
+    for key, value in (extra_metadata or {}).items():
+        if key in metadata or key == "checksum" or not isinstance(value, str):
+            raise ValueError(f"snapshot: extra metadata {key!r} clashes with the format's or is not a string")
+        metadata[key] = value
     entries = {name: (_ST_DTYPES[t.dtype], list(t.shape), t.reshape(-1).view(torch.uint8).numpy())
                for name, t in tensors.items()}
     metadata["checksum"] = _checksum(metadata, entries)

@@ -43,6 +43,9 @@ class AppendRequest(Strict):
     inputs: list[list[Float]] | None = None
     text: StrictStr | None = None
     outputs: list[OutputKind] | None = None
+    # the client's number for this append, increasing per session: a retry of an applied one is answered from the
+    # record (README, "Idempotent appends")
+    seq: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
 
 
 class GenerateRequest(SamplingFields, Strict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -70,6 +71,9 @@ class EngineCore:
         self.store = open_store(config, state_dir, model.config.name, model.fingerprint(), self.post,
                                 self.metrics)
         self.sessions = SessionTable(self.pool, model, self.store, config.max_num_sessions, config.session_ttl)
+        # this replica's name on its leases, and the `replica` label of its series (the dashboard joins on it)
+        self.replica_id = getattr(self.store, "replica_id", None) or config.replica_id or socket.gethostname()
+        self.metrics.replica_info.labels(self.replica_id).set(1)
         self.requests: dict[tuple[str, str], Sequence] = {}
         self.num_steps = 0
         self._outputs: dict[tuple[str, str], RequestOutput] = {}  # this step's, by (client, rid)
@@ -209,7 +213,7 @@ class EngineCore:
                        feed_last=session is not None and sampling is not None,
                        keep_last_logits=(session is not None or req.want_state) and self.model.config.head == "lm",
                        tokenizer=self.tokenizer if session is not None else None, rid=req.rid, client=req.client,
-                       session=session)
+                       session=session, seq=req.seq if session is not None else None)
         if session is None:
             if self.scheduler.num_waiting_for_slot >= self.config.max_queue:
                 raise errors.queue_full(self.config.max_queue)
@@ -236,6 +240,7 @@ class EngineCore:
             if seq.num_prompt == 0 and seq.sampling is not None and session.last_logits is None:
                 raise EngineError("nothing_to_run", "the session has no previous output to continue from; give a "
                                   "prompt or input_ids", "prompt")
+            recorded = session.recorded(seq.seq) if seq.seq is not None else None
         except EngineError as exc:
             session.running = None
             self.requests.pop((seq.client, seq.rid), None)
@@ -243,9 +248,23 @@ class EngineCore:
             seq.status = SeqStatus.FINISHED
             self._next_in_session(session)
             return
+        if recorded is not None:
+            self._answer_from_record(seq, recorded)
+            return
         seq.slot = session.slot
         seq.initial_logits = session.last_logits if seq.num_prompt == 0 else None
         self.scheduler.add(seq)
+
+    def _answer_from_record(self, seq: Sequence, steps: int) -> None:
+        """A retry of an append already applied: its steps from the record, nothing run. Sent once every write
+        queued before it has landed (the original's among them), as the original's answer would have been."""
+        session = seq.session
+        session.running = None
+        self.requests.pop((seq.client, seq.rid), None)
+        seq.status = SeqStatus.FINISHED
+        answer = RequestOutput(seq.rid, finish_reason="done", steps=steps, replayed=True)
+        self._log_waiters.append(_Waiter(seq.client, answer, session))
+        self._next_in_session(session)
 
     def _must_wait_for_slot(self, session: Session, item) -> bool:
         """Park `item` (a request or an operation of a spilled session) while every slot runs something."""
@@ -293,6 +312,10 @@ class EngineCore:
             session.queue.remove(seq)
             self.requests.pop((seq.client, seq.rid), None)
             self._output(seq.client, seq.rid).finish_reason = "cancelled"
+            return
+        if seq.seq is not None and seq.num_fed:
+            # a numbered append runs to its end once begun: cut short, its retry could neither be answered from
+            # the record (it was not all applied) nor applied again (part of it was)
             return
         seq.is_cancelled = True
         self._finish(seq, "cancelled")
@@ -412,8 +435,11 @@ class EngineCore:
             if seq.keep_last_logits and seq.initial_logits is not None:
                 session.last_logits = seq.initial_logits
             fed = _fed_inputs(seq)
+            numbered = seq.seq if out.error is None and out.finish_reason != "cancelled" else None
+            if numbered is not None:
+                session.record(numbered, session.steps)
             if seq.client != INTERNAL and len(fed):  # its state moved: on disk before the answer goes out
-                self._make_durable(session, steps_before, fed, seq.client, out)
+                self._make_durable(session, steps_before, fed, seq.client, out, numbered)
         self._next_in_session(session)
 
     def _replay_failed(self, session: Session, error: Error) -> None:
@@ -432,14 +458,15 @@ class EngineCore:
                 self._output(item.client, item.rid).error = failure
         self._next_in_session(session)
 
-    def _make_durable(self, session: Session, steps_before: int, fed: np.ndarray, client: str, answer) -> None:
+    def _make_durable(self, session: Session, steps_before: int, fed: np.ndarray, client: str, answer,
+                      seq: int | None = None) -> None:
         """A log record of the inputs (group-committed with the step's others), or a snapshot when that is
         smaller or the session's log has grown long."""
         if (not self.store.supports_log or session.logged_steps + len(fed) >= self.config.snapshot_every
                 or fed.nbytes >= self._snapshot_nbytes):
             self._hold(self.sessions.persist(session), client, answer, session, snapshot_steps=session.steps)
             return
-        record = LogRecord.of(session.id, steps_before, fed)
+        record = LogRecord.of(session.id, steps_before, fed, seq)
         session.log.append(record)
         self._log_batch.append(record)
         self._log_waiters.append(_Waiter(client, answer, session))
@@ -447,8 +474,9 @@ class EngineCore:
             self._outputs.pop((client, answer.rid), None)
 
     def _flush_log(self) -> None:
-        """One log write (one fsync) for every session answer of this turn."""
-        if self._log_batch:
+        """One log write (one fsync) for every session answer of this turn (with no records: a barrier that answers
+        from records wait on)."""
+        if self._log_waiters:
             ticket = self.store.append_log(self._log_batch)
             self._held.setdefault(ticket, []).extend(self._log_waiters)
             self._log_batch, self._log_waiters = [], []
@@ -460,6 +488,10 @@ class EngineCore:
     def _session_op(self, op: SessionOp, queued: bool = False) -> None:
         client, rid = op.client, op.rid
         try:
+            if op.op == "list":
+                self._replies[client].append(Reply(rid, info={"sessions": self.sessions.listing(),
+                                                              "replica": self.replica_id}))
+                return
             if op.op == "create":
                 session = self.sessions.create(op.snapshot, op.new_session)
                 self._hold(self.sessions.persist(session), client, Reply(rid, session=session.id,
@@ -505,16 +537,19 @@ class EngineCore:
         if done.ticket == self._rotation:
             self._rotation = None
         for waiter in self._held.pop(done.ticket, []):  # none: a write nobody waits for (a removal)
-            self._release(waiter, done)
+            failure = done.error
+            if done.failed and waiter.session is not None:  # a log write that some sessions' records missed
+                failure = done.failed.get(waiter.session.id, failure)
+            self._release(waiter, failure)
 
-    def _release(self, waiter: "_Waiter", done: Persisted) -> None:
+    def _release(self, waiter: "_Waiter", failure: str | None) -> None:
         client, answer, session = waiter.client, waiter.answer, waiter.session
         if session is not None and waiter.snapshot_steps is not None:
             session.writes_in_flight -= 1
-            if done.error is None:
+            if failure is None:
                 self.sessions.snapshot_landed(session, waiter.snapshot_steps)
-        if done.error is not None:
-            error = Error("state_not_persisted", f"{done.error}; the session's state in memory includes this "
+        if failure is not None:
+            error = Error("state_not_persisted", f"{failure}; the session's state in memory includes this "
                           "request, but it would not survive a restart", "session")
             if isinstance(answer, Reply):
                 answer.ok, answer.error = False, error
@@ -596,7 +631,7 @@ def _merge(current: RequestOutput | None, held: RequestOutput) -> RequestOutput:
     if current is None:
         return held
     current.token_ids = held.token_ids + current.token_ids
-    for name in ("finish_reason", "error", "steps", "num_prompt", "state"):
+    for name in ("finish_reason", "error", "steps", "num_prompt", "state", "replayed"):
         if getattr(held, name) not in (None, 0):
             setattr(current, name, getattr(held, name))
     return current

@@ -57,6 +57,7 @@ class Add(msgspec.Struct, tag="add", omit_defaults=True):
     session: str | None = None  # run in this session's state (it is carried, and persisted before the answer)
     wait_if_busy: bool = False  # session busy: queue behind its running request (websocket pipelining) or refuse
     want_state: bool = False  # send a snapshot of the final state with the finish (forward's return_state)
+    seq: int | None = None  # a session append's sequence number: a retry of an applied one is answered, not rerun
 
 
 class Abort(msgspec.Struct, tag="abort"):
@@ -65,7 +66,7 @@ class Abort(msgspec.Struct, tag="abort"):
 
 
 class SessionOp(msgspec.Struct, tag="session", omit_defaults=True):
-    """create (optionally from a snapshot), snapshot, fork, delete, info."""
+    """create (optionally from a snapshot), snapshot, fork, delete, info, list (every session: Reply.info)."""
 
     client: str
     rid: str
@@ -109,6 +110,7 @@ class RequestOutput(msgspec.Struct, omit_defaults=True):
     steps: int | None = None  # the stream's steps seen, on finish
     num_prompt: int = 0  # on finish: steps fed from the request's inputs
     state: bytes | None = None  # snapshot, on finish (want_state)
+    replayed: bool = False  # on finish: the request's `seq` was applied before; `steps` is from then
 
 
 class Reply(msgspec.Struct, omit_defaults=True):

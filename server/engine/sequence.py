@@ -68,6 +68,7 @@ class Sequence:
     rid: str = ""
     client: str = ""
     session: object = None  # the Session this request runs in, if any
+    seq: int | None = None  # the client's sequence number of a session append (idempotent retries)
     id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self) -> None:
