@@ -9,7 +9,7 @@ ENGINE_STATUS = {
     "session_busy": 409, "session_unrestorable": 409, "session_not_found": 404, "invalid_snapshot": 422,
     "invalid_field": 422, "non_finite_output": 422, "nothing_to_run": 400, "invalid_request": 400,
     "state_not_persisted": 507, "internal_error": 500, "session_exists": 409, "session_owned_elsewhere": 503,
-    "state_store_unavailable": 503,
+    "state_store_unavailable": 503, "invalid_seq": 409,
 }
 
 
