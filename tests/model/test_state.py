@@ -414,3 +414,16 @@ def test_version_1_snapshots_get_every_content_check():
     _refused(model, _join(header, body, resign=False), "tensor 'ssm' has dtype I32, expected F32")
     header["__metadata__"]["format_version"] = "3"
     _refused(model, _join(header, body, resign=False), "format version '3' is not supported .*reads versions 1, 2")
+
+
+def test_extra_metadata_is_kept_and_covered_by_the_checksum_and_cannot_replace_the_format_s():
+    model, _, state = _blob()
+    blob = save_snapshot(state, model.config.name, model.fingerprint(), extra_metadata={"server_note": "[[1, 5]]"})
+    header, body = _split(blob)
+    assert header["__metadata__"]["server_note"] == "[[1, 5]]"
+    read_snapshot(blob, model.config, model.fingerprint())
+    header["__metadata__"]["server_note"] = "[[1, 6]]"
+    _refused(model, _join(header, body, resign=False), "checksum mismatch")
+    for clash in ({"steps": "99"}, {"checksum": "x"}, {"note": 5}):
+        with pytest.raises(ValueError, match="extra metadata"):
+            save_snapshot(state, model.config.name, model.fingerprint(), extra_metadata=clash)
