@@ -462,7 +462,8 @@ class EngineCore:
                       seq: int | None = None) -> None:
         """A log record of the inputs (group-committed with the step's others), or a snapshot when that is
         smaller or the session's log has grown long."""
-        if (not self.store.supports_log or session.logged_steps + len(fed) >= self.config.snapshot_every
+        if (not self.store.supports_log or session.needs_snapshot
+                or session.logged_steps + len(fed) >= self.config.snapshot_every
                 or fed.nbytes >= self._snapshot_nbytes):
             self._hold(self.sessions.persist(session), client, answer, session, snapshot_steps=session.steps)
             return
@@ -549,6 +550,8 @@ class EngineCore:
             if failure is None:
                 self.sessions.snapshot_landed(session, waiter.snapshot_steps)
         if failure is not None:
+            if session is not None:  # records after a gap would not chain: the session's next write is a snapshot
+                session.needs_snapshot = True
             error = Error("state_not_persisted", f"{failure}; the session's state in memory includes this "
                           "request, but it would not survive a restart", "session")
             if isinstance(answer, Reply):

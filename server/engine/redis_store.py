@@ -78,13 +78,16 @@ redis.call('HSET', KEYS[1], 'blob', KEYS[4], 'steps', ARGV[4], 'version', versio
 redis.call('HSET', KEYS[3], ARGV[5], ARGV[4])
 return {version + 1, ARGV[1]}
 """
-# KEYS: state, lease, index, log. ARGV: me, expected version, lease ms, steps after, record, sid.
-# -> {version} | {-1, owner} | {-2, version}; version 0: the session is gone (deleted through another replica)
+# KEYS: state, lease, index, log. ARGV: me, expected version, lease ms, steps after, record, sid, steps before.
+# -> {version} | {-1, owner} | {-2, version} | {-3, stored steps}; version 0: the session is gone (deleted through
+# another replica); -3: the record would not continue the stored steps (an earlier write of this session failed)
 _APPEND = """
 local owner = redis.call('GET', KEYS[2])
 local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 if owner and owner ~= ARGV[1] then return {-1, owner} end
 if version ~= tonumber(ARGV[2]) or version == 0 then return {-2, tostring(version)} end
+local steps = redis.call('HGET', KEYS[1], 'steps') or '0'
+if tonumber(steps) ~= tonumber(ARGV[7]) then return {-3, steps} end
 redis.call('RPUSH', KEYS[4], ARGV[5])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 redis.call('HSET', KEYS[1], 'steps', ARGV[4], 'version', version + 1, 'owner', ARGV[1])
@@ -438,14 +441,17 @@ class RedisSessionStore(WriterThread):
                 self._append(keys=[self._key(sid, "state"), self._key(sid, "lease"), f"{self.prefix}:sessions",
                                    self._key(sid, "log")],
                              args=[self.replica_id, version, self.lease_ms, record.steps_before + record.num_steps,
-                                   packed, sid], client=pipe)
+                                   packed, sid, record.steps_before], client=pipe)
             answers = pipe.execute()
         failed = {}
         for record, got in zip(job.records, answers):
             sid = record.session
             if sid in failed:
                 continue  # its earlier record was refused: so is every later one
-            if got[0] < 0:
+            if got[0] == -3:  # still this replica's; its next change must be a snapshot (the engine sees to it)
+                failed[sid] = (f"session {sid}: the state store holds it up to step {got[1].decode()}, and this "
+                               f"record starts at step {record.steps_before} (an earlier write failed)")
+            elif got[0] < 0:
                 failed[sid] = self._fenced(sid, got, self._versions.get(sid, 0))
             else:
                 self._versions[sid] = int(got[0])

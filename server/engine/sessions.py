@@ -49,6 +49,7 @@ class Session:
     writes_in_flight: int = 0  # snapshots submitted to the store and not yet on disk
     log: list[LogRecord] = field(default_factory=list)  # inputs fed since the snapshot on disk, in order
     applied: list[tuple[int, int]] = field(default_factory=list)  # (seq, steps after it) of the last appends
+    needs_snapshot: bool = False  # a write of its failed: the stored copy may miss steps that no record will bring
 
     @property
     def logged_steps(self) -> int:
@@ -215,6 +216,7 @@ class SessionTable:
 
     def snapshot_landed(self, session: Session, steps: int) -> None:
         session.log = [r for r in session.log if r.steps_before >= steps]
+        session.needs_snapshot = False
 
     def make_resident(self, session: Session) -> np.ndarray | None:
         """Bring a spilled session back into a slot (reading the store, which keeps its copy). Returns the logged

@@ -189,6 +189,11 @@ def test_session_answers_wait_for_the_disk_and_report_a_failed_write(tmp_path, m
     monkeypatch.undo()
     add(core, "c", [5], session=sid)
     assert finish_of(run_until_quiet(core)["outputs"]["c"]).steps == 5 and core.store.error is None
+    # after the failed write a record of [5] would not chain to what is stored (step 3): a snapshot was written
+    assert core.sessions.get(sid).log == [] and core.store.persisted_sessions()[sid] == 5
+    again = make_core(tmp_path)
+    again.sessions.pick_up_persisted()
+    assert again.sessions.get(sid).steps == 5
 
 
 def test_idle_sessions_give_their_slots_to_waiting_requests(tmp_path):

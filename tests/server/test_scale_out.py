@@ -228,6 +228,10 @@ def test_a_log_record_from_a_replica_that_lost_the_session_is_refused(store_url,
     b.write("s1", state, None)  # a snapshot covers the records: the log is emptied
     assert redis_server.client.llen("infomamba:{s1}:log") == 0
     assert b.load("s1")[1] == []
+    b.append_log([LogRecord.of("s1", 6, np.array([1]))])  # would skip steps 4 and 5 (say their write failed)
+    assert "holds it up to step 4" in done["b"][-1].failed["s1"]
+    b.append_log([LogRecord.of("s1", 4, np.array([1, 2]))])  # still b's: a record that continues goes in
+    assert done["b"][-1].failed is None and b.load("s1")[1][0].steps_before == 4
     a.stop()
     b.stop()
 
