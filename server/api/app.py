@@ -40,7 +40,9 @@ def create_app(config: ServerConfig, engine_address: str, ipc_dir: str, tokenize
             welcome.cancel()
             await edge.engine.close()
 
-    app = FastAPI(title="InfoMamba Serve", lifespan=lifespan)
+    # FastAPI's own OpenTelemetry hooks ask for a tracer provider on every request; /metrics is our telemetry
+    app = FastAPI(title="InfoMamba Serve", lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.add_middleware(EdgeMiddleware, edge=_EdgeProxy(app))
     for module in (health, openai, forward, sessions):
         app.include_router(module.router)

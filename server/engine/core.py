@@ -180,6 +180,8 @@ class EngineCore:
                 self._fail(chunk.seq, EngineError("internal_error", "the engine step failed"))
             return batch
         self.metrics.observe_step(batch, time.monotonic() - t0)
+        if result.replayed:
+            self.metrics.graph_steps.inc()
         self.postprocess(batch, result)
         self.num_steps += 1
         return batch

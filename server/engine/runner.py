@@ -20,6 +20,7 @@ class StepResult:
     outputs: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # seq id -> kind -> (n, width) CPU
     last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq id -> (vocab,) CPU
     sampled: dict[int, int] = field(default_factory=dict)  # seq id -> token id
+    replayed: bool = False  # the step replayed a CUDA graph
 
 
 class ModelRunner:
@@ -41,13 +42,14 @@ class ModelRunner:
         self.pool.zero_allocated()
         inputs, cu_seqlens, starts, slots = self._pack(batch)
         state_indices = self.pool.slot_indices(slots)
-        if self._can_replay(batch):
+        replayed = self._can_replay(batch)
+        if replayed:
             out = ModelOutput(hidden=None, head=self.graphs(inputs, state_indices))
         else:
             # the layout is known here (starts): the model and its kernels never read it back from the device
             out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=state_indices,
                                 bounds=starts)
-        result = StepResult()
+        result = StepResult(replayed=replayed)
         sample_rows: list[int] = []  # the row of out.head each sampled stream draws from: its chunk's last step
         sample_seqs = []
         for i, chunk in enumerate(batch.chunks):
