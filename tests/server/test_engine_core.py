@@ -274,3 +274,25 @@ def test_a_failed_replay_fails_the_waiting_request_and_the_next_one_replays_agai
     assert session.steps == 6 and session.slot is None  # nothing half-replayed was kept
     add(again, "c", [1], session=sid)
     assert finish_of(run_until_quiet(again)["outputs"]["c"]).steps == 7
+
+
+def test_a_slow_disk_writes_the_newest_snapshot_of_a_session_and_reports_every_ticket(tmp_path, monkeypatch):
+    from server.engine.store import SessionStore, _Job
+
+    model = tiny_lm()
+    written = []
+    real_write = store_module.atomic_write
+    monkeypatch.setattr(store_module, "atomic_write", lambda path, data: (written.append(path.name),
+                                                                          real_write(path, data)))
+    store = SessionStore(tmp_path, "tiny-lm", model.fingerprint(), lambda done: None)
+    states = [model.empty_state(1) for _ in range(4)]
+    for i, state in enumerate(states):
+        state.steps[0] = 10 * (i + 1)
+    # queued while the writer was busy: a, a, b, a, then a delete of b and a newer snapshot of b
+    jobs = [_Job(1, "a", states[0]), _Job(2, "a", states[1]), _Job(3, "b", states[2]), _Job(4, "a", states[3]),
+            _Job(5, "b", None), _Job(6, "b", states[0])]
+    done = store._apply_batch(jobs)
+    assert [d.ticket for d in done] == [3, 1, 2, 4, 5, 6]  # a's older tickets reported when its newest landed
+    assert all(d.error is None for d in done)
+    assert written == ["b.state.safetensors", "a.state.safetensors", "b.state.safetensors"]
+    assert store.persisted_sessions() == {"a": 40, "b": 10}
