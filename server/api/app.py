@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.edge import _UNSET, Edge, RedactSecrets
-from server.api.errors import APIError
+from server.api.errors import APIError, error_body
 from server.api.middleware import EdgeMiddleware
 from server.api.openapi import install as install_openapi
 from server.api.requests import ClientGone
@@ -68,12 +68,12 @@ async def _learn_model(edge: Edge) -> None:
 
 def _http_error(request, exc: StarletteHTTPException):
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSON({"error": {"code": code, "message": str(exc.detail), "field": None}}, status_code=exc.status_code)
+    return JSON(error_body(exc.status_code, code, str(exc.detail)), status_code=exc.status_code)
 
 
 def _internal_error(request, exc: Exception):
     log.error("unhandled error", exc_info=exc)
-    return JSON({"error": {"code": "internal_error", "message": "internal error", "field": None}}, status_code=500)
+    return JSON(error_body(500, "internal_error", "internal error"), status_code=500)
 
 
 class _EdgeProxy:

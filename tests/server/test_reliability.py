@@ -177,7 +177,7 @@ def test_hostile_http_inputs_get_a_4xx_and_the_server_keeps_serving(lm_server):
     for route, raw in cases:
         r = httpx.post(lm_server.url + route, content=raw, headers={"content-type": "application/json"})
         assert 400 <= r.status_code < 500, (route, raw[:80], r.status_code, r.text)
-        assert set(r.json()["error"]) == {"code", "message", "field"}
+        assert set(r.json()["error"]) == {"code", "message", "field", "type", "param"}
     r = httpx.post(lm_server.url + "/v1/completions", json={"prompt": [1, 2], "max_tokens": 2, "seed": 2**63 - 1})
     assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2
     assert httpx.post(lm_server.url + f"/v1/sessions/{sid}/append", json={"input_ids": [1]}).json()["steps"] == 1
