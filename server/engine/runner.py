@@ -10,7 +10,8 @@ import torch
 from kernels.dispatch import use_triton
 from server.engine.cuda_graphs import DEFAULT_BATCH_SIZES, CudaGraphDecoder
 from model.infomamba import InfoMamba, ModelOutput
-from server.engine.sampler import sample
+from server.engine.protocol import Logprobs
+from server.engine.sampler import input_logprobs, sample
 from server.engine.scheduler import ScheduledBatch
 from server.engine.state_pool import StatePool
 
@@ -20,6 +21,8 @@ class StepResult:
     outputs: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # seq id -> kind -> (n, width) CPU
     last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq id -> (vocab,) CPU
     sampled: dict[int, int] = field(default_factory=dict)  # seq id -> token id
+    logprobs: dict[int, Logprobs] = field(default_factory=dict)  # seq id -> its sampled token's, when asked
+    prompt_logprobs: dict[int, Logprobs] = field(default_factory=dict)  # seq id -> its fed inputs', when asked
 
 
 class ModelRunner:
@@ -54,8 +57,11 @@ class ModelRunner:
         sample_rows, sample_seqs = [], []
         for i, chunk in enumerate(batch.chunks):
             seq, lo, hi = chunk.seq, starts[i], starts[i + 1]
-            if seq.outputs and not chunk.is_decode:
-                result.outputs[seq.id] = self._per_step(seq.outputs, out, lo, hi, i)
+            if not chunk.is_decode:
+                if seq.outputs:
+                    result.outputs[seq.id] = self._per_step(seq.outputs, out, lo, hi, i)
+                if seq.prompt_logprobs is not None and self.is_lm:
+                    self._input_logprobs(result, chunk, out.head[lo:hi])
             needs_logits = self.is_lm and (self.needs_sample(chunk) or (seq.keep_last_logits and hi > lo))
             if needs_logits:
                 row = out.head[hi - 1]
@@ -65,9 +71,19 @@ class ModelRunner:
                 if seq.keep_last_logits:
                     result.last_logits[seq.id] = row.float().cpu()
         if sample_seqs:
-            tokens = sample(torch.stack(sample_rows), sample_seqs)
+            tokens, logprobs = sample(torch.stack(sample_rows), sample_seqs)
             result.sampled = {seq.id: t for seq, t in zip(sample_seqs, tokens)}
+            if logprobs:
+                result.logprobs = {sample_seqs[row].id: found for row, found in logprobs.items()}
         return result
+
+    def _input_logprobs(self, result: StepResult, chunk, logits: torch.Tensor) -> None:
+        # row j predicts input j + 1; the prompt's last row predicts the first sampled token instead
+        seq = chunk.seq
+        num_rows = min(logits.shape[0], seq.num_prompt - 1 - chunk.start)
+        if num_rows > 0:
+            targets = seq.inputs[chunk.start + 1:chunk.start + 1 + num_rows]
+            result.prompt_logprobs[seq.id] = input_logprobs(logits[:num_rows], targets, seq.prompt_logprobs)
 
     def _can_replay(self, batch: ScheduledBatch) -> bool:
         return (self.graphs is not None and len(batch.chunks) <= self.graphs.batch_sizes[-1]
