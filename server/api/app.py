@@ -15,7 +15,7 @@ from server.api.middleware import EdgeMiddleware
 from server.api.openapi import install as install_openapi
 from server.api.requests import ClientGone
 from server.api.responses import JSON, error_response
-from server.api.routes import forward, health, openai, sessions
+from server.api.routes import chat, forward, health, openai, sessions
 from server.api.validation import validation_error
 from server.api.ws import serve_websocket
 from server.config import ServerConfig
@@ -42,7 +42,7 @@ def create_app(config: ServerConfig, engine_address: str, ipc_dir: str, tokenize
 
     app = FastAPI(title="InfoMamba Serve", lifespan=lifespan)
     app.add_middleware(EdgeMiddleware, edge=_EdgeProxy(app))
-    for module in (health, openai, forward, sessions):
+    for module in (health, openai, chat, forward, sessions):
         app.include_router(module.router)
     install_openapi(app)
 
