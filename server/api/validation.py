@@ -159,11 +159,12 @@ class Validator:
                            "input in chunks to a session (the websocket's binary frames page it for you)", field)
 
     def sampling(self, req: schemas.SamplingFields, num_input: int, max_tokens: int | None = None,
-                 logprobs: int | None = None) -> Sampling:
-        """max_tokens: instead of the request's; logprobs: top alternatives to report with each token."""
+                 logprobs: int | None = None, num_samples: int = 1) -> Sampling:
+        """max_tokens: instead of the request's; logprobs: top alternatives to report with each token;
+        num_samples: samples of this input (n), each of up to max_tokens steps."""
         self.lm_head("max_tokens")
         max_tokens = req.max_tokens if max_tokens is None else max_tokens
-        self.steps(num_input + max_tokens, "max_tokens")
+        self.steps(num_input + num_samples * max_tokens, "max_tokens")
         if req.min_tokens > max_tokens:
             raise APIError(422, "invalid_field", f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
                            "min_tokens")

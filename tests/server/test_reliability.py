@@ -256,6 +256,24 @@ def test_api_keys_never_reach_the_access_log():
     assert "sekrit" not in record.getMessage() and "api_key=[redacted]&x=1" in record.getMessage()
 
 
+def test_docs_pages_load_every_asset_from_this_server(lm_server):
+    """/docs and /redoc work offline: the pages name no other host, and every asset they load is served here."""
+    import re
+
+    for page, kinds in (("/docs", {"js", "css", "png"}), ("/redoc", {"js", "png"})):
+        r = httpx.get(lm_server.url + page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "://" not in r.text  # no CDN, no web fonts, no online validator
+        assets = re.findall(r'(?:src|href)="(/[^"]+)"', r.text)
+        assert {a.rsplit(".", 1)[1] for a in assets} == kinds
+        for asset in assets:
+            got = httpx.get(lm_server.url + asset)
+            assert got.status_code == 200 and len(got.content) > 4000, asset
+    document = httpx.get(lm_server.url + "/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions"} <= set(document["paths"])
+    assert "ChatCompletionRequest" in document["components"]["schemas"]
+
+
 def test_schema_fuzzing_finds_no_server_error(lm_server, tmp_path):
     """schemathesis against /openapi.json: every generated request is answered without a 5xx."""
     st = Path(sys.executable).with_name("st")

@@ -35,10 +35,11 @@ async def chat_completions(request: Request):
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     ids = prompt_ids(edge, req)
     check_num_choices(edge, 1, req.n)
-    # without a limit a recurrent model could generate forever: the request's step limit is the default
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, edge.config.max_request_steps - len(ids))
+    # without a limit a recurrent model could generate forever: the request's step limit shares it out
+    max_tokens = req.max_completion_tokens or req.max_tokens or max(
+        1, (edge.config.max_request_steps - len(ids)) // req.n)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    sampling = edge.validator.sampling(req, len(ids), max_tokens=max_tokens, logprobs=logprobs)
+    sampling = edge.validator.sampling(req, len(ids), max_tokens=max_tokens, logprobs=logprobs, num_samples=req.n)
     runs = await samples.start(edge, [ids], [sampling], req.n, is_streamed=req.stream)
     base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": edge.model_name}
     if req.stream:

@@ -83,7 +83,7 @@ async def completions(request: Request):
 def _sampling(edge, req: schemas.CompletionRequest, num_prompt: int):
     """The prompt's sampling, or None for max_tokens 0 (echo: the prompt is fed, nothing generated)."""
     if req.max_tokens:
-        return edge.validator.sampling(req, num_prompt, logprobs=req.logprobs)
+        return edge.validator.sampling(req, num_prompt, logprobs=req.logprobs, num_samples=req.n)
     edge.validator.lm_head("max_tokens")
     edge.validator.steps(num_prompt, "prompt")
     return None
