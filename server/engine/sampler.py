@@ -160,7 +160,15 @@ class _Found:
         return Logprobs([self.chosen[j]], [self.top_ids[j][:k]], [self.top_logprobs[j][:k]])
 
 
+INPUT_BLOCK = 1024  # rows of a long prompt scored at a time: a float32 copy of (rows, vocab) each
+
+
 def input_logprobs(logits: torch.Tensor, targets: torch.Tensor, num_top: int) -> Logprobs:
     """Each position's logprob of the token that came next in the input: logits (n, vocab) and targets (n,)."""
-    found = _logprobs(torch.log_softmax(logits.float(), dim=-1), targets.to(logits.device), [num_top])
-    return Logprobs(found.chosen, found.top_ids, found.top_logprobs)
+    found = Logprobs([], [], [])
+    targets = targets.to(logits.device)
+    for lo in range(0, logits.shape[0], INPUT_BLOCK):
+        block = _logprobs(torch.log_softmax(logits[lo:lo + INPUT_BLOCK].float(), dim=-1),
+                          targets[lo:lo + INPUT_BLOCK], [num_top])
+        found.extend(Logprobs(block.chosen, block.top_ids, block.top_logprobs))
+    return found

@@ -72,3 +72,14 @@ def test_plain_rows_take_the_fast_path_and_logprobs_rows_report_the_model_s_dist
     assert found[1].chosen == [pytest.approx(float(raw[7]), abs=1e-6)]  # before the bias
     assert found[1].top_ids == [torch.topk(raw, 3).indices.tolist()]
     assert sample(logits, [plain, plain, plain])[1] == {}
+
+
+def test_input_logprobs_score_a_long_input_block_by_block():
+    from server.engine.sampler import INPUT_BLOCK, input_logprobs
+
+    logits = torch.randn(2 * INPUT_BLOCK + 5, 12, generator=torch.Generator().manual_seed(3))
+    targets = torch.randint(0, 12, (logits.shape[0],), generator=torch.Generator().manual_seed(4))
+    found = input_logprobs(logits, targets, 2)
+    raw = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(torch.tensor(found.chosen), raw.gather(1, targets[:, None])[:, 0])
+    assert found.top_ids == torch.topk(raw, 2).indices.tolist() and len(found.top_logprobs) == logits.shape[0]
