@@ -24,7 +24,7 @@ def reference(model, prompt, max_tokens, process=None, temperature=0.0, seed=0):
     """Decoding by the model alone; process(logits, generated) -> logits before each pick. Greedy, or at a
     temperature the server's seeded draw: Gumbel-max with the request's generator's uniforms given by rank.
     Returns the tokens and, per step, the unprocessed log-softmax."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=model.device).manual_seed(seed)  # where the server draws (on a GPU too)
     with torch.inference_mode():
         state = model.empty_state(1)
         out, _ = model(torch.tensor([prompt]), state)
@@ -36,7 +36,7 @@ def reference(model, prompt, max_tokens, process=None, temperature=0.0, seed=0):
                 logits = process(logits.clone(), tokens)
             if temperature:
                 ranked, order = torch.sort(logits / temperature, descending=True)
-                uniform = torch.rand(logits.shape[0], generator=generator)
+                uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
                 tokens.append(int(order[torch.argmax(ranked - torch.log(-torch.log(uniform)))]))
             else:
                 tokens.append(int(logits.argmax()))
@@ -76,7 +76,7 @@ def test_repetition_penalty_is_hugging_face_s(lm_server, model):
     hf = RepetitionPenaltyLogitsProcessor(penalty=3.0)
 
     def penalise(logits, generated):
-        return hf(torch.tensor([PROMPT + generated]), logits[None])[0]
+        return hf(torch.tensor([PROMPT + generated], device=logits.device), logits[None])[0]
     want = reference(model, PROMPT, 12, penalise)[0]
     assert want != reference(model, PROMPT, 12)[0]  # the penalty changes what greedy picks
     assert complete(lm_server, max_tokens=12, repetition_penalty=3.0)["choices"][0]["token_ids"] == want
@@ -85,7 +85,8 @@ def test_repetition_penalty_is_hugging_face_s(lm_server, model):
 @pytest.mark.parametrize("frequency, presence", [(1.5, 0.0), (0.0, 2.0), (-0.5, 1.0)])
 def test_presence_and_frequency_penalties_are_openai_s(lm_server, model, frequency, presence):
     def penalise(logits, generated):
-        counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=logits.shape[0]).float()
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long, device=logits.device),
+                                minlength=logits.shape[0]).float()
         return logits - frequency * counts - presence * (counts > 0).float()
     sampled = {"temperature": 3.0, "seed": 4}  # this tiny model's greedy picks are too sure for a penalty of 2
     want = reference(model, PROMPT, 12, penalise, **sampled)[0]
