@@ -41,7 +41,9 @@ def create_app(config: ServerConfig, engine_address: str, ipc_dir: str, tokenize
             welcome.cancel()
             await edge.engine.close()
 
-    app = FastAPI(title="InfoMamba Serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # FastAPI's own OpenTelemetry hooks ask for a tracer provider on every request; /metrics is our telemetry
+    app = FastAPI(title="InfoMamba Serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     install_docs(app)
     app.add_middleware(EdgeMiddleware, edge=_EdgeProxy(app))
     for module in (health, openai, chat, forward, sessions):

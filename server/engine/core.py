@@ -63,9 +63,12 @@ class EngineCore:
         self.scheduler = Scheduler(self.pool, max(config.max_num_batched_tokens, num_streams),
                                    config.max_num_prefill_tokens)
         self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs)
+        if getattr(self.runner, "graphs", None) is not None:  # eager decode steps cost what mixed ones do
+            self.scheduler.max_prefill_wait_steps = config.max_prefill_wait_steps
         # events from other threads (frontend requests, finished writes), handled by the engine thread in order
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.store = open_store(config, state_dir, model.config.name, model.fingerprint(), self.inbox.put,
+        self.on_post = None  # called after each post(), to wake a loop that sleeps elsewhere (EngineLoop)
+        self.store = open_store(config, state_dir, model.config.name, model.fingerprint(), self.post,
                                 self.metrics)
         self.sessions = SessionTable(self.pool, model, self.store, config.max_num_sessions, config.session_ttl)
         self.requests: dict[tuple[str, str], Sequence] = {}
@@ -93,15 +96,21 @@ class EngineCore:
                           num_slots=self.pool.num_total,
                           kernels="triton" if use_triton(self.model.norm_f.weight) else "pytorch")
 
+    def post(self, message) -> None:
+        """From any thread: a message for the engine thread to handle in order."""
+        self.inbox.put(message)
+        if self.on_post is not None:
+            self.on_post()
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._awaiting_slot)
 
     # -- one turn of the loop ------------------------------------------------------------------------------
 
     def run_once(self, timeout: float | None = None) -> dict[str, StepOutputs]:
-        """Handle what arrived (waiting up to `timeout` for something when idle), run one step, and return
-        the step's outputs by frontend."""
-        block = not self.scheduler.has_work()
+        """Handle what arrived (waiting up to `timeout` for something when idle; 0: never), run one step, and
+        return the step's outputs by frontend."""
+        block = timeout != 0 and not self.scheduler.has_work()
         try:
             self.handle(self.inbox.get(block=block, timeout=timeout if block else None))
             while True:
@@ -172,6 +181,8 @@ class EngineCore:
                 self._fail(chunk.seq, EngineError("internal_error", "the engine step failed"))
             return batch
         self.metrics.observe_step(batch, time.monotonic() - t0)
+        if result.replayed:
+            self.metrics.graph_steps.inc()
         self.postprocess(batch, result)
         self.num_steps += 1
         return batch
@@ -339,15 +350,16 @@ class EngineCore:
         # counters once per step, not once per token: they cost microseconds each, times hundreds of streams
         self.metrics.prompt_steps.inc(sum(c.num_tokens for c in batch.chunks if not c.is_decode))
         self.metrics.generation_steps.inc(len(result.sampled))
+        last_logits, outputs, sampled = result.last_logits, result.outputs, result.sampled
         prompt_logprobs, logprobs = result.prompt_logprobs, result.logprobs
         for chunk in batch.chunks:
             seq = chunk.seq
             if seq.status is SeqStatus.FINISHED:
                 continue
-            if seq.id in result.last_logits:
-                seq.initial_logits = result.last_logits[seq.id]
-            if seq.id in result.outputs:
-                arrays = {kind: t.numpy() for kind, t in result.outputs[seq.id].items()}
+            if last_logits and seq.id in last_logits:
+                seq.initial_logits = last_logits[seq.id]
+            if outputs and seq.id in outputs:
+                arrays = {kind: t.numpy() for kind, t in outputs[seq.id].items()}
                 if not all(np.isfinite(a).all() for a in arrays.values()):
                     self._fail(seq, EngineError("non_finite_output", "the model produced NaN or infinity for "
                                                 "this input (its state may hold extreme values)"))
@@ -361,8 +373,9 @@ class EngineCore:
                     _extend(self._output(seq.client, seq.rid), "prompt_logprobs", prompt_logprobs[seq.id])
                 if seq.forks and seq.num_fed >= seq.num_prompt:
                     self._fork(seq)
-            if seq.id in result.sampled:
-                self._on_token(seq, result.sampled[seq.id], now, logprobs.get(seq.id) if logprobs else None)
+            token = sampled.get(seq.id)
+            if token is not None:
+                self._on_token(seq, token, now, logprobs.get(seq.id) if logprobs else None)
             elif seq.num_pending == 0:
                 self._finish(seq, seq.finish_reason or "done")
 
@@ -414,7 +427,10 @@ class EngineCore:
         out = self._output(seq.client, seq.rid)
         out.finish_reason, out.num_prompt = reason, seq.num_fed
         if seq.slot is not None and seq.status is SeqStatus.RUNNING:
-            out.steps = self.pool.steps(seq.slot)
+            # a request's own slot started at zero (a fork's at its parent's prompt): its steps are known without
+            # reading the device
+            out.steps = (seq.num_fed + seq.num_decoded + (seq.fork_of.num_prompt if seq.fork_of is not None else 0)
+                         if seq.owns_slot else self.pool.steps(seq.slot))
             if seq.want_state and reason != "cancelled":
                 out.state = save_snapshot(self.pool.read(seq.slot), self.model.config.name,
                                           self.sessions.fingerprint, seq.initial_logits)

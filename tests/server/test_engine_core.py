@@ -28,6 +28,7 @@ class FakeRunner:
         self.fail_next = False
 
     def run(self, batch) -> StepResult:
+        self.pool.zero_allocated()
         self.num_runs += 1
         if self.fail_next:
             self.fail_next = False
