@@ -65,7 +65,8 @@ def pp(values) -> str:
 
 
 ENGINE_SERIES = {"infomamba:engine_steps_total": "steps", "infomamba:batch_size_sum": "streams",
-                 "infomamba:batch_tokens_sum": "tokens", "infomamba:model_forward_time_seconds_sum": "forward"}
+                 "infomamba:batch_tokens_sum": "tokens", "infomamba:model_forward_time_seconds_sum": "forward",
+                 "infomamba:graph_steps_total": "graph"}
 
 
 def engine_counters(text: str) -> dict:
@@ -87,12 +88,13 @@ def where_time_goes(before: dict, after: dict, seconds: float) -> dict:
     d = {k: after[k] - before[k] for k in after}
     steps = max(d["steps"], 1)
     return {"steps_per_s": d["steps"] / seconds, "streams": d["streams"] / steps, "tokens": d["tokens"] / steps,
-            "step_ms": 1e3 * d["forward"] / steps, "outside_ms": 1e3 * (seconds - d["forward"]) / steps}
+            "step_ms": 1e3 * d["forward"] / steps, "graph": d["graph"] / steps,
+            "outside_ms": 1e3 * (seconds - d["forward"]) / steps}
 
 
 def engine_line(e: dict) -> str:
     return (f"    engine: {e['steps_per_s']:,.0f} steps/s, {e['streams']:.1f} streams and {e['tokens']:.1f} tokens "
-            f"a step, {e['step_ms']:.3f} ms in the step + {e['outside_ms']:.3f} ms outside it")
+            f"a step ({100 * e['graph']:.0f}% graph replays), {e['step_ms']:.3f} ms in the step + {e['outside_ms']:.3f} ms outside it")
 
 
 # -- load-generating client processes (import no torch: they only speak HTTP and websockets) -------------------

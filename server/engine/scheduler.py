@@ -98,6 +98,9 @@ class Scheduler:
                     blocked = True
                     continue
                 seq.slot = slot
+                if seq.initial_state is not None:  # a fork of another request: it starts from that one's state
+                    self.pool.write(slot, seq.initial_state)
+                    seq.initial_state = None
                 self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
