@@ -157,7 +157,7 @@ class InfoMamba(nn.Module):
 # Config fields added after the first release, with the value that keeps the first behaviour: left out of the
 # fingerprint at that value, so models saved before them keep their fingerprint, and their streams' snapshots
 # (a server's spilled sessions included) still load.
-_LATER_FIELDS = {"concept_decay": "none"}
+_LATER_FIELDS = {"concept_decay": "none", "layers": None}
 
 
 def _fingerprint_fields(config: InfoMambaConfig) -> dict:
