@@ -64,9 +64,7 @@ class StatePool:
     def read(self, slot: int, device=None) -> StreamState:
         """A batch-1 copy of one slot (for snapshots), on `device` if given."""
         state = self.state.select([slot])
-        if device is None:
-            return state
-        return StreamState(**{name: t.to(device) for name, t in state.tensors().items()})
+        return state if device is None else state.to(device)
 
     def write(self, slot: int, state: StreamState) -> None:
         self.state.assign([slot], state)
