@@ -11,6 +11,7 @@ OPS = {
     "selective_scan": "selective_scan", "selective_state_update": "selective_state_update",
     "concept_filter": "concept_filter", "concept_filter_update": "concept_filter",
     "add_rms_norm": "add_rms_norm",
+    "window_attention": "window_attention", "window_attention_update": "window_attention_update",
 }
 
 
@@ -41,7 +42,10 @@ def test_modules_import_without_triton():
         "sys.meta_path.insert(0, Block())\n"
         "import torch\n"
         "from kernels import add_rms_norm, causal_conv1d, concept_filter, ops, selective_scan, selective_state_update\n"
+        "from kernels import window_attention, window_attention_update\n"
         "assert not hasattr(selective_scan, 'selective_scan') and hasattr(selective_scan, 'selective_scan_ref')\n"
+        "assert not hasattr(window_attention, 'window_attention') and hasattr(window_attention, 'window_attention_ref')\n"
+        "assert not hasattr(window_attention_update, 'window_attention_update')\n"
         "assert not hasattr(concept_filter, 'concept_filter_update')\n"
         "out, res = ops.add_rms_norm(torch.ones(2, 4), None, torch.ones(4), 1e-5)\n"
         "assert torch.allclose(out, torch.ones(2, 4), atol=1e-4)\n"
