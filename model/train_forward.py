@@ -44,6 +44,8 @@ def train_forward(model: InfoMamba, inputs: torch.Tensor, state: StreamState | N
     """inputs: token ids (B, L) or float vectors (B, L, d_input). Every sequence starts from a zero state, or from
     `state` (a StreamState of B streams, read only), and then the output carries the state after the window."""
     cfg = model.config
+    if cfg.is_hybrid:
+        raise NotImplementedError("train_forward: attention and mlp layers (a hybrid model) are not implemented here")
     x = model.embedding(inputs.long()) if cfg.vocab_size is not None else model.input_proj(inputs.to(model.dtype))
     branches, ends = [], []
     y, residual = x, None

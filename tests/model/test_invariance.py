@@ -14,8 +14,10 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 
 
 def assert_states_close(a, b):
+    theirs = b.tensors()
+    assert a.tensors().keys() == theirs.keys()
     for name, x in a.tensors().items():
-        y = getattr(b, name)
+        y = theirs[name]
         if name == "steps":
             assert torch.equal(x, y)
         else:
