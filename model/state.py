@@ -238,15 +238,15 @@ def _check_holds(metadata: dict, expected: dict, config: InfoMambaConfig) -> Non
 
 
 def _describe(holds) -> str:
-    if not isinstance(holds, dict):
+    """'2 recurrent layers, attention layer 1 (window 64, 4 key/value heads of width 32)' from a `holds` dict."""
+    if not isinstance(holds, dict) or not isinstance(holds.get("attention_layers", {}), dict):
         return f"{str(holds)[:80]!r}"
-    rings = holds.get("attention_layers") or {}
-    text = f"{holds.get('recurrent_layers')} recurrent layers"
-    if isinstance(rings, dict):
-        text += "".join(f", attention layer {i} (window {r.get('attention_window')}, {r.get('n_kv_heads')} key/value "
-                        f"heads of {r.get('d_head')})" if isinstance(r, dict) else f", attention layer {i}"
-                        for i, r in rings.items())
-    return text
+    parts = [f"{holds.get('recurrent_layers')} recurrent layers"]
+    for i, ring in holds.get("attention_layers", {}).items():
+        ring = ring if isinstance(ring, dict) else {}
+        parts.append(f"attention layer {i} (window {ring.get('attention_window')}, {ring.get('n_kv_heads')} key/value "
+                     f"heads of width {ring.get('d_head')})")
+    return ", ".join(parts)
 
 
 def save_snapshot(state: StreamState, model_name: str, fingerprint: str,
