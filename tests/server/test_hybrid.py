@@ -11,6 +11,7 @@ import torch
 
 from model.config import InfoMambaConfig
 from model.infomamba import InfoMamba
+from model.state import state_nbytes_per_stream
 from model.tokenizer import ByteTokenizer
 from model.weights import load_model, save_model
 from tests.server.conftest import running, tiny_lm
@@ -55,7 +56,11 @@ def test_a_hybrid_directory_serves_chunks_like_one_pass_and_its_snapshots_move_o
                 running(tiny_lm(), ByteTokenizer(), max_num_streams=4) as plain:
             served.wait_ready()
             client = httpx.Client(base_url=served.url, timeout=60)
-            assert client.get("/v1/models").json()["data"][0]["config"]["layers"][1]["attention_window"] == 8
+            card = client.get("/v1/models").json()["data"][0]
+            assert card["config"]["layers"][1]["attention_window"] == 8
+            rings = 2 * 4 * (2 * 8 * 8 + 2 * 3 * 16)  # K and V of both attention layers: kv heads x W x d_head, fp32
+            one_recurrent_layer = InfoMambaConfig(d_model=32, n_layers=1, vocab_size=260, n_concepts=4, d_state=8)
+            assert card["state_bytes_per_stream"] == state_nbytes_per_stream(one_recurrent_layer) + rings
 
             whole = client.post("/v1/forward", json={"input_ids": [ids], "outputs": ["logits"]}).json()
             whole = torch.tensor(whole["results"][0]["logits"])
