@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from helpers import ATTENTION_ONLY, LONG_WINDOW, MIXED, attention, make_hybrid, make_inputs
 from model.reference import reference_forward
-from test_invariance import TOL, assert_states_close, run_chunks
+from test_invariance import (TOL, assert_one_pass_equals_chunks_and_steps, assert_packed_batch_equals_each_alone,
+                            assert_states_close)
 
 LAYER_LISTS = {"mixed": MIXED, "attention-only": ATTENTION_ONLY, "long-window": LONG_WINDOW}
 
@@ -27,14 +28,7 @@ def test_one_pass_equals_any_chunking_steps_and_the_oracle(layers, length, data,
     model = make_hybrid(seed, layers, d_model=8, d_state=2, n_concepts=2, d_concept=4)
     inputs = make_inputs(model, 2, length, seed)
     cuts = sorted(data.draw(st.lists(st.integers(1, max(1, length - 1)), max_size=4), label="cuts"))
-    with torch.no_grad():
-        whole, whole_state = run_chunks(model, inputs, [])
-        chunked, chunked_state = run_chunks(model, inputs, cuts)
-        stepped, stepped_state = run_chunks(model, inputs, range(1, length))
-    torch.testing.assert_close(chunked, whole, **TOL)
-    torch.testing.assert_close(stepped, whole, **TOL)
-    assert_states_close(chunked_state, whole_state)
-    assert_states_close(stepped_state, whole_state)
+    whole, whole_state = assert_one_pass_equals_chunks_and_steps(model, inputs, cuts)
     oracle_state = model.empty_state(1)
     torch.testing.assert_close(reference_forward(model, inputs[1], oracle_state), whole[1], **TOL)
     assert_states_close(oracle_state, whole_state.select([1]))
@@ -84,16 +78,7 @@ def test_the_ring_holds_the_last_window_at_position_mod_w():
 
 @pytest.mark.parametrize("layers", [MIXED, ATTENTION_ONLY], ids=["mixed", "attention-only"])
 def test_packed_batch_equals_each_sequence_alone(layers):
-    model = make_hybrid(4, layers)
-    lengths = [3, 1, 12, 6]
-    seqs = [make_inputs(model, 1, n, 4 + i)[0] for i, n in enumerate(lengths)]
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-    with torch.no_grad():
-        packed, state = model(torch.cat(seqs), cu_seqlens=cu)
-        for i, seq in enumerate(seqs):
-            alone, alone_state = model(seq[None])
-            torch.testing.assert_close(packed.head[cu[i]:cu[i + 1]], alone.head, **TOL)
-            assert_states_close(state.select([i]), alone_state)
+    assert_packed_batch_equals_each_alone(make_hybrid(4, layers), [3, 1, 12, 6], 4)
 
 
 def test_decode_step_over_a_pool_equals_forward_steps_and_leaves_other_slots_alone():
