@@ -32,6 +32,8 @@ class Metrics:
         self.batch_tokens = Histogram(p + "batch_tokens", "Input steps per engine step", buckets=BATCH_BUCKETS,
                                       registry=r)
         self.engine_steps = Counter(p + "engine_steps", "Engine steps run", registry=r)
+        self.graph_steps = Counter(p + "graph_steps", "Engine steps that replayed a CUDA graph (decode-only)",
+                                   registry=r)
         self.requests_running = Gauge(p + "num_requests_running", "Requests in the running queue", registry=r)
         self.requests_waiting = Gauge(p + "num_requests_waiting", "Requests in the waiting queue", registry=r)
         self.slots_used = Gauge(p + "state_slots_used", "State pool slots in use", registry=r)

@@ -159,8 +159,49 @@ class SessionStore(WriterThread):
     # -- writer thread -----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self.on_done(self._apply(job))
+        while True:
+            batch = [self._jobs.get()]
+            while batch[-1] is not None:  # everything queued by now, in order
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            for done in self._apply_batch([job for job in batch if job is not None]):
+                self.on_done(done)
+            if batch[-1] is None:
+                return
+
+    def _apply_batch(self, jobs: list[_Job]) -> list[Persisted]:
+        """Apply jobs in order, except that a session's snapshot followed in the batch by a newer one of the same
+        session (no delete of it between) is not written: the newer one covers it, and both are reported once it
+        lands. When the disk is slower than the engine (a long stream appending 64K-id frames: two fsyncs a
+        frame), the writer then keeps up by writing the latest state instead of every intermediate one."""
+        superseded: dict[int, int] = {}  # index of a skipped snapshot -> index of the one that covers it
+        latest: dict[str, int] = {}
+        for i, job in enumerate(jobs):
+            if job.log is not None or job.rotate:
+                continue
+            if job.state is not None and job.session in latest:
+                superseded[latest[job.session]] = i
+            latest[job.session] = i
+            if job.state is None:  # a delete: earlier snapshots are not covered by anything after it
+                latest.pop(job.session)
+        waiting: dict[int, list[int]] = {}  # index of a written job -> the skipped ones it covers directly
+        results = []
+        for i, job in enumerate(jobs):
+            if i in superseded:
+                waiting.setdefault(superseded[i], []).append(i)
+                continue
+            done = self._apply(job)
+            stack, covered = [i], []
+            while stack:
+                for skipped in waiting.pop(stack.pop(), []):
+                    covered.append(skipped)
+                    stack.append(skipped)
+            # the jobs this one covers are reported first, in the order they were submitted
+            results += [Persisted(jobs[j].ticket, jobs[j].session, done.error) for j in sorted(covered)]
+            results.append(done)
+        return results
 
     def _apply(self, job: _Job) -> Persisted:
         path = self.path(job.session)
