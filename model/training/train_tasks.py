@@ -30,7 +30,7 @@ from model.infomamba import InfoMamba
 from model.train_forward import train_forward
 from model.training.corpus import IGNORE_INDEX
 from model.training.tasks import MqarTask, SparseParityTask
-from model.training.train import build_optimizer, lr_at, redundancy_penalty
+from model.training.train import add_optimizer_args, build_optimizer, lr_at, redundancy_penalty
 from model.weights import save_model
 
 ARMS = ("infomamba", "mamba", "hybrid")
@@ -51,13 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--minutes", type=float, default=None, help="wall-clock cap per arm")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--imf-weight", type=float, default=0.01, help="the InfoMamba arm's IMF redundancy penalty")
-    p.add_argument("--imf-pool", type=int, default=16)
+    add_optimizer_args(p, lr=3e-3, imf_pool=16)  # the IMF penalty applies to the InfoMamba arm only
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--log-every", type=int, default=200)
     # MQAR
