@@ -241,8 +241,9 @@ def _window_attention(q, k, v, key_ring, value_ring, steps, cu_seqlens, state_in
     if batch == 0 or total == 0:
         return out
     max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    on_cpu = interpreting()
-    block_m = block_m or (16 if on_cpu or max_len <= 16 else 64)
+    on_cpu, low_precision = interpreting(), is_low_precision(q.dtype)
+    # fp32 tiles take twice the registers of bf16 ones: half the query rows
+    block_m = block_m or (16 if on_cpu or max_len <= 16 else 64 if low_precision else 32)
     block_n = block_n or (16 if on_cpu else 64)
     block_d = max(triton.next_power_of_2(d_head), 16)  # tl.dot needs 16
     block_seq, block_pos, _ = layout.chunk_tables(block_m)
@@ -251,8 +252,8 @@ def _window_attention(q, k, v, key_ring, value_ring, steps, cu_seqlens, state_in
         window, d_head, group, float(scale) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_ring.stride(0), key_ring.stride(1), key_ring.stride(2), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, LOW_PRECISION=is_low_precision(q.dtype),
-        num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, LOW_PRECISION=low_precision,
+        num_warps=4 if block_d <= 64 else 8,
     )
     block_t = 16 if on_cpu else 64
     _ring_write_kernel[(batch, triton.cdiv(min(max_len, window), block_t), n_kv_heads)](
