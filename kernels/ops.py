@@ -6,6 +6,8 @@ from kernels import causal_conv1d as _conv
 from kernels import concept_filter as _concept
 from kernels import selective_scan as _scan
 from kernels import selective_state_update as _update
+from kernels import window_attention as _attention
+from kernels import window_attention_update as _attention_update
 from kernels.dispatch import use_triton
 
 
@@ -28,3 +30,5 @@ selective_state_update = _routed(_update, "selective_state_update")
 concept_filter = _routed(_concept, "concept_filter")
 concept_filter_update = _routed(_concept, "concept_filter_update")
 add_rms_norm = _routed(_norm, "add_rms_norm")
+window_attention = _routed(_attention, "window_attention")
+window_attention_update = _routed(_attention_update, "window_attention_update")

@@ -76,9 +76,7 @@ class StatePool:
         """A batch-1 copy of one slot (for snapshots), on `device` if given."""
         self.zero_allocated()
         state = self.state.select([slot])
-        if device is None:
-            return state
-        return StreamState(**{name: t.to(device) for name, t in state.tensors().items()})
+        return state if device is None else state.to(device)
 
     def write(self, slot: int, state: StreamState) -> None:
         self._unzeroed.discard(slot)  # overwritten whole
