@@ -101,3 +101,31 @@ def test_a_hybrid_directory_serves_chunks_like_one_pass_and_its_snapshots_move_o
             assert plain.stats()["slots_used"] == 0
     finally:
         served.kill_all()
+
+
+def test_the_bundled_mqar_hybrid_recalls_through_the_server(tmp_path):
+    """model/task_models/mqar-hybrid (trained on the GPU: bench/RESULTS.md, issue 11) served as a user would: at
+    every query of unseen multi-query associative recall sequences, its greedy answer is the queried key's value,
+    through /v1/forward and through a session fed in chunks that split the pairs from the queries."""
+    from pathlib import Path
+
+    from model.training.tasks import MqarTask
+
+    model_dir = Path(__file__).resolve().parents[2] / "model" / "task_models" / "mqar-hybrid"
+    task = MqarTask(num_pairs=16, num_queries=16, num_keys=64, num_values=64)
+    batch = task.sample(8, torch.Generator().manual_seed(1234))
+    srv = ServeProcess(model_dir, tmp_path / "sessions").wait_ready()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            r = client.post("/v1/forward", json={"input_ids": batch.inputs.tolist(), "outputs": ["logits"]})
+            assert r.status_code == 200, r.text
+            answers = torch.tensor([res["logits"] for res in r.json()["results"]]).argmax(-1)
+            accuracy = (answers[batch.scored] == batch.targets[batch.scored]).float().mean().item()
+            assert accuracy >= 0.95, accuracy
+            sid = client.post("/v1/sessions", json={}).json()["id"]
+            ids = batch.inputs[0].tolist()
+            logits_of(client, sid, ids[:2 * task.num_pairs])  # the pairs, then the queries in a second chunk
+            asked = torch.tensor(logits_of(client, sid, ids[2 * task.num_pairs:])).argmax(-1)
+            assert torch.equal(asked, answers[0, 2 * task.num_pairs:])
+    finally:
+        srv.kill_all()
