@@ -48,33 +48,46 @@ def sizes(args):
                 far=1 << 20, stride=65536)
 
 
+def bandwidth(name: str) -> float:
+    return next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), 3.35e12)
+
+
+def time_cuda(fn, warmup=3, iters=20) -> float:
+    """Median seconds per call, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def use_kernels(choice: str) -> None:
+    os.environ["INFOMAMBA_KERNELS"] = choice
+
+
 class Clock:
-    """Median seconds per call: CUDA events on a GPU, the wall clock on the CPU."""
+    """Median seconds per call: CUDA events on a GPU, the wall clock on the CPU (--tiny)."""
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
 
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
     def __call__(self, fn, warmup=3, iters=20) -> float:
+        if self.cuda:
+            return time_cuda(fn, warmup, iters)
         for _ in range(warmup):
             fn()
-        self.sync()
         times = []
         for _ in range(iters):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
 
@@ -99,7 +112,7 @@ def bench_decode(model, batches, clock, cuda, rows, graphs=True):
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = state_nbytes_per_stream(cfg, model.dtype)
-    bandwidth = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in rows["card"]), 3.35e12)
+    peak = bandwidth(rows["card"])
     pool = model.empty_state(max(batches))
     out = {}
     with torch.inference_mode():
@@ -109,7 +122,7 @@ def bench_decode(model, batches, clock, cuda, rows, graphs=True):
             eager = clock(decode_step_fn(model, pool, tokens, slots, False), iters=10 if cuda else 3, warmup=2)
             graphed = (clock(decode_step_fn(model, pool, tokens, slots, True), iters=100) if cuda and graphs
                        else float("nan"))
-            floor = (weight_bytes + 2 * bs * state_bytes) / bandwidth
+            floor = (weight_bytes + 2 * bs * state_bytes) / peak
             out[bs] = dict(graphs_ms=graphed * 1e3, eager_ms=eager * 1e3, floor_ms=floor * 1e3)
     return out
 
@@ -251,11 +264,11 @@ def main() -> None:
             got["stream"] = bench_long_stream(model, plan["probe"], plan["far"], plan["stride"], clock, cuda)
             print(f"long stream done ({time.perf_counter() - t0:.0f} s)", flush=True)
         if args.torch:
-            os.environ["INFOMAMBA_KERNELS"] = "torch"
+            use_kernels("torch")
             # the references read the device (slot checks), so they cannot be captured in a graph: eager only
             got["torch_path"] = dict(decode=bench_decode(model, plan["batches"][:1], clock, cuda, results, False),
                                      prefill=bench_prefill(model, plan["lengths"][:1], clock, cuda))
-            os.environ["INFOMAMBA_KERNELS"] = "triton"
+            use_kernels("triton")
         if args.sweep and k == max(plan["concepts"]) and cuda:
             got["sweep"] = sweep_decode(model, plan["batches"], clock)
         del model

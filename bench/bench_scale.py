@@ -7,8 +7,11 @@ loopback; results in bench/RESULTS.md):
   server: append latency over HTTP (one session, one chunk at a time) with the state dir, Redis write-through and
           Redis async; the same through nginx (the proxy's cost); throughput of concurrent sessions on one replica
           against two behind nginx.
+  log:    what an acknowledged append costs Redis: bytes Redis received per 16-token append (its INFO counters)
+          and the append's latency, with a snapshot per answer (--snapshot-every 1, as before the log) and with
+          the log; and a log record written through the store alone, beside a snapshot.
 
-    python bench/bench_scale.py [--quick] [--json OUT]
+    python bench/bench_scale.py [--quick] [--json OUT] [--only-log]
 
 Needs redis-server and nginx (Debian packages) and the bundled model.
 """
@@ -88,6 +91,69 @@ def bench_store(make_store, config: InfoMambaConfig, n: int, label: str) -> dict
     return {**summary(latencies), "snapshots_per_s": round(rate, 1), "snapshot_bytes": size}
 
 
+def bench_log_store(redis_url: str, n: int) -> dict:
+    """One 16-token log record through the Redis store until acknowledged (the write-through cost of an append
+    with the log), and 64 sessions' records in one group commit."""
+    import numpy as np
+
+    from server.engine.redis_store import RedisSessionStore
+    from server.engine.wal import LogRecord
+
+    config = load_config(MODEL_DIR)
+    done = threading.Semaphore(0)
+    store = RedisSessionStore(redis_url, config.name, "x" * 64, lambda _persisted: done.release(), replica_id="bench")
+    store.start()
+    state = random_state(config)
+    sids = [f"bench-log-{i}" for i in range(64)]
+    for sid in sids:
+        store.write(sid, state, None)
+        done.acquire()
+    steps = {sid: int(state.steps[0]) for sid in sids}
+    tokens = np.arange(16)
+    latencies, group = [], []
+    for i in range(n):
+        sid = sids[i % 8]
+        t0 = time.perf_counter()
+        store.append_log([LogRecord.of(sid, steps[sid], tokens)])
+        done.acquire()
+        latencies.append((time.perf_counter() - t0) * 1000)
+        steps[sid] += 16
+    for _ in range(max(5, n // 20)):
+        t0 = time.perf_counter()
+        store.append_log([LogRecord.of(sid, steps[sid], tokens) for sid in sids])
+        done.acquire()
+        group.append((time.perf_counter() - t0) * 1000)
+        for sid in sids:
+            steps[sid] += 16
+    store.stop()
+    return {"one_record": summary(latencies), "64_records_one_round_trip": summary(group)}
+
+
+def redis_bytes_in(redis: RedisServer) -> int:
+    return int(redis.client.info("stats")["total_net_input_bytes"])
+
+
+def log_server_benchmarks(redis: RedisServer, n: int, tmp: Path) -> dict:
+    """Bytes Redis received per acknowledged append, and the append's latency, with a snapshot per answer and
+    with the log (bundled model, one session appending 16-token chunks)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    results = {}
+    for label, every in (("snapshot per ack", "1"), ("log", "4096")):
+        p = ServeProcess(MODEL_DIR, tmp / label.replace(" ", "-"), "--state-store", redis.url, "--replica-id",
+                         label.replace(" ", "-"), "--snapshot-every", every, "--session-ttl", "3600",
+                         "--log-level", "error")
+        try:
+            p.wait_ready(300)
+            before = []  # Redis's input bytes once the session is created and warm, before the timed appends
+            latencies = append_latencies(p.url, n, on_start=lambda: before.append(redis_bytes_in(redis)))
+            results[label] = {**summary(latencies),
+                              "redis_bytes_per_ack": round((redis_bytes_in(redis) - before[0]) / n)}
+        finally:
+            p.kill_all()
+        print(label, results[label], flush=True)
+    return results
+
+
 def store_benchmarks(redis_url: str, n: int) -> dict:
     from server.engine.redis_store import RedisSessionStore
     from server.engine.store import SessionStore
@@ -106,12 +172,14 @@ def store_benchmarks(redis_url: str, n: int) -> dict:
 
 # -- server ------------------------------------------------------------------------------------------------------
 
-def append_latencies(url: str, n: int, chunk: int = 16) -> list[float]:
+def append_latencies(url: str, n: int, chunk: int = 16, on_start=None) -> list[float]:
     with httpx.Client(base_url=url, timeout=60) as http:
         sid = http.post("/v1/sessions", json={}).json()["id"]
         ids = list(range(1, chunk + 1))
         for _ in range(5):
             http.post(f"/v1/sessions/{sid}/append", json={"input_ids": ids, "outputs": []})
+        if on_start is not None:
+            on_start()
         out = []
         for _ in range(n):
             t0 = time.perf_counter()
@@ -205,14 +273,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--only-log", action="store_true", help="only the log's costs (bytes and latency per ack)")
     args = parser.parse_args()
     n = 50 if args.quick else 300
     redis = RedisServer()
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
-        results = {"device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__,
-                   "store": store_benchmarks(redis.url, n)}
-        if not args.skip_server:
+        results = {"device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__}
+        results["log"] = {"store": bench_log_store(redis.url, n), "server": log_server_benchmarks(redis, n, tmp)}
+        print("log", results["log"], flush=True)
+        if not args.only_log:
+            results["store"] = store_benchmarks(redis.url, n)
+        if not args.skip_server and not args.only_log:
             results["server"] = server_benchmarks(redis.url, n, tmp)
     finally:
         redis.stop()

@@ -50,16 +50,51 @@ class Run:
     def __init__(self, steps, seconds, latencies, ttfts=(), procs=1):
         self.steps, self.seconds, self.latencies, self.ttfts, self.procs = steps, seconds, latencies, list(ttfts), procs
         self.rate = steps / seconds
+        self.engine: dict | None = None  # where_time_goes() of the engine during this run
 
     def line(self, name: str, base: "Run | None" = None, of: str = "engine") -> str:
         text = f"  {name:<26} {self.rate:12,.0f} steps/s   latency p50/p99 {pp(self.latencies)} ms"
         text += f"   ttft p50/p99 {pp(self.ttfts)} ms" if self.ttfts else ""
-        return text + (f"   x{self.rate / base.rate:.2f} of {of}" if base else "")
+        text += f"   x{self.rate / base.rate:.2f} of {of}" if base else ""
+        return text + ("\n" + engine_line(self.engine) if self.engine else "")
 
 
 def pp(values) -> str:
     """p50 / p99 in ms."""
     return "%.1f / %.1f" % tuple(np.percentile(values, [50, 99]) * 1e3) if len(values) else "-"
+
+
+ENGINE_SERIES = {"infomamba:engine_steps_total": "steps", "infomamba:batch_size_sum": "streams",
+                 "infomamba:batch_tokens_sum": "tokens", "infomamba:model_forward_time_seconds_sum": "forward",
+                 "infomamba:graph_steps_total": "graph"}
+
+
+def engine_counters(text: str) -> dict:
+    """The engine's step counters from a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = dict.fromkeys(ENGINE_SERIES.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ENGINE_SERIES:
+                found[ENGINE_SERIES[sample.name]] += sample.value
+    return found
+
+
+def where_time_goes(before: dict, after: dict, seconds: float) -> dict:
+    """Per run, what the engine did: steps/s, streams per step, ms per step inside the step (model + sampling)
+    and outside it (scheduling, postprocess, inputs, outputs, idle): the split between a full engine and a
+    starved one."""
+    d = {k: after[k] - before[k] for k in after}
+    steps = max(d["steps"], 1)
+    return {"steps_per_s": d["steps"] / seconds, "streams": d["streams"] / steps, "tokens": d["tokens"] / steps,
+            "step_ms": 1e3 * d["forward"] / steps, "graph": d["graph"] / steps,
+            "outside_ms": 1e3 * (seconds - d["forward"]) / steps}
+
+
+def engine_line(e: dict) -> str:
+    return (f"    engine: {e['steps_per_s']:,.0f} steps/s, {e['streams']:.1f} streams and {e['tokens']:.1f} tokens "
+            f"a step ({100 * e['graph']:.0f}% graph replays), {e['step_ms']:.3f} ms in the step + {e['outside_ms']:.3f} ms outside it")
 
 
 # -- load-generating client processes (import no torch: they only speak HTTP and websockets) -------------------
@@ -147,7 +182,9 @@ async def run_job(conn, job: dict):
     return {"t0": t0, "t1": time.perf_counter(), "lat": lat, "ttft": ttft}
 
 
-def client_process(conn) -> None:
+def client_process(conn, cpus) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     while (job := conn.recv()) is not None:
         try:
             conn.send(asyncio.run(run_job(conn, job)))
@@ -158,12 +195,12 @@ def client_process(conn) -> None:
 class Clients:
     """Long-lived client processes; run() spreads clients over them and times them from a common start."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, cpus: list[int] | None = None):
         ctx = multiprocessing.get_context("spawn")
         self.conns, self.procs = [], []
         for _ in range(count):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=client_process, args=(child,), daemon=True)
+            proc = ctx.Process(target=client_process, args=(child, cpus), daemon=True)
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
@@ -207,7 +244,7 @@ def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
         owner[msg.rid], sent_at[msg.rid] = i, time.perf_counter()
         core.handle(msg)
 
-    t0 = time.perf_counter()
+    before, t0 = engine_counters(core.metrics.render().decode()), time.perf_counter()
     for i, script in enumerate(scripts):
         while nxt[i] < len(script) and inflight[i] < window:
             submit(i)
@@ -225,7 +262,9 @@ def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
                     inflight[i] -= 1
                     if nxt[i] < len(scripts[i]):
                         submit(i)
-    return Run(steps, time.perf_counter() - t0, lat, ttft)
+    run = Run(steps, time.perf_counter() - t0, lat, ttft)
+    run.engine = where_time_goes(before, engine_counters(core.metrics.render().decode()), run.seconds)
+    return run
 
 
 class EngineSide:
@@ -303,7 +342,7 @@ def model_alone(model, ids: np.ndarray, frame: int) -> Run:
 # -- the server in its own processes ----------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, args, config, api_servers: int):
+    def __init__(self, args, config, api_servers: int, cpus: list[int] | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -315,7 +354,8 @@ class Server:
         cmd += ["--model", args.model] if args.model else []
         progress(f"starting infomamba {shlex.join(cmd[3:])}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 600) -> None:
@@ -334,6 +374,27 @@ class Server:
         self.stop()
         raise SystemExit("server not ready in time:\n" + self.tail())
 
+    def counters(self) -> dict:
+        import httpx
+
+        return engine_counters(httpx.get(self.url + "/metrics", timeout=30).text)
+
+    def children(self) -> dict[str, int]:
+        """The engine's and the frontends' pids, by name (the launcher's child processes)."""
+        import httpx
+
+        engine = httpx.get(self.url + "/health", timeout=30).json()["engine"]["pid"]
+        kids = {}
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            except OSError:
+                continue
+            if int(fields.get("PPid", 0)) == self.proc.pid:
+                pid = int(status.parent.name)
+                kids["engine" if pid == engine else f"frontend-{len(kids)}"] = pid
+        return kids
+
     def tail(self) -> str:
         self.log.seek(0)
         return self.log.read()[-3000:]
@@ -346,6 +407,32 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         os.unlink(self.log.name)
+
+
+def measured(server: Server, clients: Clients, job: dict, shares: list, steps: int, profile: str | None = None
+             ) -> Run:
+    """clients.run with the engine's counters read around it; with `profile`, py-spy samples the engine and
+    every frontend during the run (raw collapsed stacks, one file per process, in that directory)."""
+    spies = []
+    if profile:
+        os.makedirs(profile, exist_ok=True)
+        for name, pid in server.children().items():
+            out = os.path.join(profile, f"{name}.txt")
+            spies.append(subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--format", "raw", "--rate", "200",
+                                           "--pid", str(pid), "--output", out], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.STDOUT))
+        time.sleep(1.0)  # py-spy attaches
+    before = server.counters()
+    run = clients.run(job, shares, steps)
+    run.engine = where_time_goes(before, server.counters(), run.seconds)
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+    return run
 
 
 def append_frame(ids: np.ndarray) -> str:
@@ -375,7 +462,12 @@ def parse_args():
     p.add_argument("--frame", type=int, default=65536, help="ids per binary frame in the long append")
     p.add_argument("--api-server-counts", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--client-procs", type=int, default=8, help="most load-generating processes")
+    p.add_argument("--server-cpus", type=int, default=-1,
+                   help="CPUs for the server (and the engine-direct runs); the load-generating clients get the rest, "
+                   "as if they ran on other machines (default: half; 0: no split)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="as in infomamba serve")
+    p.add_argument("--profile", default=None, help="directory: py-spy samples the engine and frontends during the "
+                   "highest-concurrency completions and the long append (py-spy must be on PATH)")
     return p.parse_args()
 
 
@@ -398,13 +490,16 @@ def bench_engine(args, model, tokenizer, config, w: Workload, r: dict) -> None:
     engine.completions(w.prompts[:top], top, args.max_tokens)
     engine.appends([c[:1] for c in w.chunks] + [w.long_chunks[:2]])
     for c, n in w.levels.items():
-        progress(f"engine direct: completions c={c}, {n} requests")
+        progress(f"engine direct: completions c={c}, {n} requests (a first untimed run compiles its shapes)")
+        engine.completions(w.prompts[:n], c, args.max_tokens)
         r["engine", c] = engine.completions(w.prompts[:n], c, args.max_tokens)
         print(r["engine", c].line("engine"), flush=True)
     progress(f"engine direct: {args.ws_sessions} sessions appending {args.chunk_steps}-step chunks, one at a time")
+    engine.appends(w.chunks)
     r["ws_engine"] = engine.appends(w.chunks)
     print(r["ws_engine"].line("engine appends"), flush=True)
     progress(f"engine direct: long append, {args.long_ids:,} ids in chunks of {args.frame}, window {args.window}")
+    engine.appends([w.long_chunks[:8]], args.window)
     r["long_engine"] = engine.appends([w.long_chunks], args.window)
     print(r["long_engine"].line("engine long append"), flush=True)
     engine.close()
@@ -416,36 +511,42 @@ def bench_engine(args, model, tokenizer, config, w: Workload, r: dict) -> None:
 def bench_server(args, server: Server, clients: Clients, count: int, w: Workload, r: dict) -> None:
     ws = {"kind": "ws", "url": server.url.replace("http", "ws", 1) + "/v1/stream", "window": args.window}
     http = {"kind": "http", "url": server.url, "max_tokens": args.max_tokens}
-    progress(f"{count} API server(s): warming up")
     top = max(args.concurrency)
-    for stream in (False, True):
-        clients.run({**http, "stream": stream}, [[p] for p in w.prompts[:top]], 1)
-    clients.run(ws, [[append_frame(c) for c in s[:1]] for s in w.chunks], 1)
     for c, n in w.levels.items():
         shares = [w.prompts[:n][i::c] for i in range(c)]
         steps = sum(len(p) for p in w.prompts[:n]) + n * args.max_tokens
+        progress(f"{count} API server(s): warming up at c={c} (untimed, as for the engine)")
+        clients.run({**http, "stream": False}, shares, steps)
         for stream in (False, True):
             progress(f"{count} API server(s): HTTP completions c={c}, {'streaming' if stream else 'not streaming'}")
-            r["http", count, c, stream] = run = clients.run({**http, "stream": stream}, shares, steps)
+            profile = (os.path.join(args.profile, f"{count}-servers-c{c}-{'sse' if stream else 'plain'}")
+                       if args.profile and c == top else None)
+            r["http", count, c, stream] = run = measured(server, clients, {**http, "stream": stream}, shares, steps,
+                                                         profile)
             print(run.line(f"HTTP {'SSE' if stream else 'plain'}, {run.procs} client procs", r["engine", c]),
                   flush=True)
     frames = [[append_frame(c) for c in s] for s in w.chunks]
+    clients.run(ws, frames, 1)  # warm-up
     for window in (1, args.window):
         progress(f"{count} API server(s): websocket appends, {len(frames)} sessions, window {window}")
-        r["ws", count, window] = run = clients.run({**ws, "window": window}, frames, r["ws_engine"].steps)
+        profile = os.path.join(args.profile, f"{count}-servers-ws-window{window}") if args.profile else None
+        r["ws", count, window] = run = measured(server, clients, {**ws, "window": window}, frames,
+                                                r["ws_engine"].steps, profile)
         print(run.line(f"websocket, window {window}", r["ws_engine"]), flush=True)
     if "long_ws" not in r:
         progress(f"{count} API server(s): long append over one websocket, binary frames, window {args.window}")
         binary = [binary_frame(c) for c in w.long_chunks]
-        clients.run(ws, [binary[:2]], 1)
-        r["long_ws"] = run = clients.run(ws, [binary], args.long_ids)
+        clients.run(ws, [binary[:8]], 1)
+        profile = os.path.join(args.profile, "long-append") if args.profile else None
+        r["long_ws"] = run = measured(server, clients, ws, [binary], args.long_ids, profile)
         print(run.line("websocket long append", r["long_model"], "the model"), flush=True)
 
 
 def summary(args, r: dict, config, title: str) -> str:
     n, x = "{:,.0f}".format, lambda run, base: f"{run.rate / base.rate:.2f}"
     out = [f"\n### {title}\n", f"`python bench/bench_server.py {shlex.join(sys.argv[1:])}`: "
-           f"{config.max_num_streams} slots, {config.max_num_batched_tokens} steps per engine step. Completions: "
+           f"{config.max_num_streams} slots, {config.max_num_batched_tokens} steps per engine step; "
+           f"{args.cpu_note}. Completions: "
            f"greedy, prompts of {args.prompt_len - 8}-{args.prompt_len + 8} ids, {args.max_tokens} tokens; steps/s "
            "counts prompt + generated steps; latency and time to first token (TTFT): p50 / p99 ms.\n",
            "| API servers | c | client procs | engine steps/s | HTTP steps/s | HTTP/engine | SSE steps/s | SSE/engine "
@@ -477,6 +578,16 @@ def summary(args, r: dict, config, title: str) -> str:
     return "\n".join(out)
 
 
+def split_cpus(num_server: int) -> tuple[list[int] | None, list[int] | None]:
+    """The server's CPUs and the clients', or (None, None) for no split."""
+    cpus = sorted(os.sched_getaffinity(0))
+    num_server = len(cpus) // 2 if num_server < 0 else num_server
+    if num_server == 0 or len(cpus) < 2:
+        return None, None
+    num_server = min(num_server, len(cpus) - 1)
+    return cpus[:num_server], cpus[num_server:]
+
+
 def main() -> int:
     args = parse_args()
     import torch
@@ -496,11 +607,17 @@ def main() -> int:
     progress(title)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (timeout) stop the server, print what was measured
     w, r, clients = Workload(args, min(cfg.vocab_size, 256)), {}, None
+    server_cpus, client_cpus = split_cpus(args.server_cpus)
+    args.cpu_note = (f"server and engine direct on {len(server_cpus)} of {len(server_cpus) + len(client_cpus)} CPUs, "
+                     "load generators on the others" if server_cpus else "no CPU split")
+    if server_cpus:
+        progress(f"server and engine direct on CPUs {server_cpus}, load generators on {client_cpus}")
+        os.sched_setaffinity(0, server_cpus)
     try:
         bench_engine(args, model, tokenizer, config, w, r)
-        clients = Clients(min(args.client_procs, top))
+        clients = Clients(min(args.client_procs, top), client_cpus)
         for count in args.api_server_counts:
-            server = Server(args, config, count)
+            server = Server(args, config, count, server_cpus)
             try:
                 bench_server(args, server, clients, count, w, r)
             finally:

@@ -36,6 +36,12 @@ DEFAULT_TIMEOUT = 120.0
 # it over (503 session_owned_elsewhere: nothing was applied, so retrying is safe). Retried this long: a dead
 # replica's lease TTL (10 s by default) and a little more.
 SESSION_MOVE_WAIT = 15.0
+# An append numbered with `seq` is answered from the session's record when it was applied before, so every failure
+# that leaves its effect unknown may be retried: a broken connection, a proxy's 502/504 for a replica that died
+# with the request in flight, the session still busy with the first try, a replica or its store unavailable.
+NUMBERED_RETRY_STATUSES = (409, 502, 503, 504)
+NUMBERED_RETRY_CODES = ("session_busy", "session_owned_elsewhere", "engine_unavailable", "state_store_unavailable",
+                        "no_free_slots", "error")  # "error": a proxy's own (non-JSON) 502/504 page
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
 
 
@@ -103,9 +109,20 @@ def _drop_none(body: dict) -> dict:
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _inputs_body(input_ids=None, inputs=None, text=None, outputs=None) -> dict:
+def _inputs_body(input_ids=None, inputs=None, text=None, outputs=None, seq: int | None = None) -> dict:
     return _drop_none({"input_ids": _to_list(input_ids), "inputs": _to_list(inputs), "text": text,
-                       "outputs": list(outputs) if outputs is not None else None})
+                       "outputs": list(outputs) if outputs is not None else None, "seq": seq})
+
+
+def _may_retry(err: "InfoMambaError", numbered: bool, deadline: float) -> bool:
+    """Retry a request after `err`? Any request when its session is moving between replicas (nothing was
+    applied); a numbered append after any failure of unknown effect. Up to the deadline."""
+    if time.monotonic() > deadline:
+        return False
+    if err.code == "session_owned_elsewhere":
+        return True
+    return numbered and (err.status == 0 or err.status in NUMBERED_RETRY_STATUSES) and err.code in (
+        *NUMBERED_RETRY_CODES, "connection_error")
 
 
 def _to_list(value):
@@ -176,17 +193,18 @@ class InfoMambaClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, numbered: bool = False, **kwargs) -> httpx.Response:
         deadline = time.monotonic() + SESSION_MOVE_WAIT
         while True:
             try:
-                return _check(self._http.request(method, path, **kwargs))
-            except httpx.TransportError as exc:
-                raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
+                try:
+                    return _check(self._http.request(method, path, **kwargs))
+                except httpx.TransportError as exc:
+                    raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
             except InfoMambaError as err:
-                if err.code != "session_owned_elsewhere" or time.monotonic() > deadline:
+                if not _may_retry(err, numbered, deadline):
                     raise
-                time.sleep(min(err.retry_after or 1.0, 1.0))
+                time.sleep(min(err.retry_after or 0.2, 1.0))
 
     def _stream(self, path: str, body: dict) -> Iterator[dict]:
         try:
@@ -247,18 +265,28 @@ class InfoMambaClient:
         return self._request("POST", "/v1/forward", json=body).json()
 
     # sessions
-    def create_session(self, snapshot: bytes | str | None = None) -> "Session":
+    def create_session(self, snapshot: bytes | str | None = None, numbered: bool = False) -> "Session":
+        """numbered: the handle numbers its appends (seq 1, 2, ...), so each is retried safely (Session.append)."""
         body = {"snapshot": _b64(snapshot)} if snapshot is not None else {}
         data = self._request("POST", "/v1/sessions", json=body).json()
-        return Session(self, data["id"], data.get("steps", 0))
+        return Session(self, data["id"], data.get("steps", 0), next_seq=1 if numbered else None)
 
-    def session(self, session_id: str, steps: int = 0) -> "Session":
-        """A handle on an existing session (no request is made)."""
-        return Session(self, session_id, steps)
+    def session(self, session_id: str, steps: int = 0, next_seq: int | None = None) -> "Session":
+        """A handle on an existing session (no request is made); next_seq: number its appends from there."""
+        return Session(self, session_id, steps, next_seq)
 
-    def append(self, session_id: str, input_ids=None, inputs=None, text=None, outputs=None) -> dict:
-        return self._request("POST", f"/v1/sessions/{session_id}/append",
-                             json=_inputs_body(input_ids, inputs, text, outputs)).json()
+    def sessions(self) -> list[dict]:
+        """Every session (with a shared store, every replica's): id, steps, resident here, owner replica."""
+        return self._request("GET", "/v1/sessions").json()["data"]
+
+    def append(self, session_id: str, input_ids=None, inputs=None, text=None, outputs=None,
+               seq: int | None = None) -> dict:
+        """seq: this append's number in the session (increasing). Then a failure of unknown effect (a dropped
+        connection, a replica dying behind a proxy) is retried, and an append that was applied already is
+        answered from the server's record ("replayed": true, its steps, no outputs) instead of being applied
+        again."""
+        return self._request("POST", f"/v1/sessions/{session_id}/append", numbered=seq is not None,
+                             json=_inputs_body(input_ids, inputs, text, outputs, seq)).json()
 
     def generate(self, session_id: str, prompt: str | None = None, input_ids=None, **fields) -> dict:
         return self._request("POST", f"/v1/sessions/{session_id}/generate",
@@ -288,10 +316,17 @@ class InfoMambaClient:
 class _SessionHandle:
     """A session's id and the server's step count, updated from each answer."""
 
-    def __init__(self, client, session_id: str, steps: int = 0):
+    def __init__(self, client, session_id: str, steps: int = 0, next_seq: int | None = None):
         self.client = client
         self.id = session_id
         self.steps = steps
+        self.next_seq = next_seq  # None: appends go unnumbered
+
+    def _number(self) -> int | None:
+        seq = self.next_seq
+        if seq is not None:
+            self.next_seq = seq + 1
+        return seq
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, steps={self.steps})"
@@ -306,7 +341,8 @@ class Session(_SessionHandle):
     """An HTTP session handle; `steps` follows the server's count after each call."""
 
     def append(self, input_ids=None, inputs=None, text=None, outputs=None) -> dict:
-        return self._track(self.client.append(self.id, input_ids, inputs, text, outputs))
+        """Numbered (and so retried safely) when the handle has next_seq."""
+        return self._track(self.client.append(self.id, input_ids, inputs, text, outputs, self._number()))
 
     def generate(self, prompt: str | None = None, input_ids=None, **fields) -> dict:
         return self._track(self.client.generate(self.id, prompt, input_ids, **fields))
@@ -377,17 +413,18 @@ class AsyncInfoMambaClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    async def _request(self, method: str, path: str, numbered: bool = False, **kwargs) -> httpx.Response:
         deadline = time.monotonic() + SESSION_MOVE_WAIT
         while True:
             try:
-                return _check(await self._http.request(method, path, **kwargs))
-            except httpx.TransportError as exc:
-                raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
+                try:
+                    return _check(await self._http.request(method, path, **kwargs))
+                except httpx.TransportError as exc:
+                    raise InfoMambaError(0, "connection_error", f"{method} {self.url}{path}: {exc}") from exc
             except InfoMambaError as err:
-                if err.code != "session_owned_elsewhere" or time.monotonic() > deadline:
+                if not _may_retry(err, numbered, deadline):
                     raise
-                await asyncio.sleep(min(err.retry_after or 1.0, 1.0))
+                await asyncio.sleep(min(err.retry_after or 0.2, 1.0))
 
     async def _stream(self, path: str, body: dict) -> AsyncIterator[dict]:
         try:
@@ -442,17 +479,22 @@ class AsyncInfoMambaClient:
             body["return_state"] = True
         return (await self._request("POST", "/v1/forward", json=body)).json()
 
-    async def create_session(self, snapshot: bytes | str | None = None) -> "AsyncSession":
+    async def create_session(self, snapshot: bytes | str | None = None, numbered: bool = False) -> "AsyncSession":
         body = {"snapshot": _b64(snapshot)} if snapshot is not None else {}
         data = (await self._request("POST", "/v1/sessions", json=body)).json()
-        return AsyncSession(self, data["id"], data.get("steps", 0))
+        return AsyncSession(self, data["id"], data.get("steps", 0), next_seq=1 if numbered else None)
 
-    def session(self, session_id: str, steps: int = 0) -> "AsyncSession":
-        return AsyncSession(self, session_id, steps)
+    def session(self, session_id: str, steps: int = 0, next_seq: int | None = None) -> "AsyncSession":
+        return AsyncSession(self, session_id, steps, next_seq)
 
-    async def append(self, session_id: str, input_ids=None, inputs=None, text=None, outputs=None) -> dict:
-        body = _inputs_body(input_ids, inputs, text, outputs)
-        return (await self._request("POST", f"/v1/sessions/{session_id}/append", json=body)).json()
+    async def sessions(self) -> list[dict]:
+        return (await self._request("GET", "/v1/sessions")).json()["data"]
+
+    async def append(self, session_id: str, input_ids=None, inputs=None, text=None, outputs=None,
+                     seq: int | None = None) -> dict:
+        body = _inputs_body(input_ids, inputs, text, outputs, seq)
+        return (await self._request("POST", f"/v1/sessions/{session_id}/append", numbered=seq is not None,
+                                    json=body)).json()
 
     async def generate(self, session_id: str, prompt: str | None = None, input_ids=None, **fields) -> dict:
         body = _generate_body(prompt, input_ids, fields, False)
@@ -482,7 +524,7 @@ class AsyncSession(_SessionHandle):
     """The async twin of Session."""
 
     async def append(self, input_ids=None, inputs=None, text=None, outputs=None) -> dict:
-        return self._track(await self.client.append(self.id, input_ids, inputs, text, outputs))
+        return self._track(await self.client.append(self.id, input_ids, inputs, text, outputs, self._number()))
 
     async def generate(self, prompt: str | None = None, input_ids=None, **fields) -> dict:
         return self._track(await self.client.generate(self.id, prompt, input_ids, **fields))
@@ -526,7 +568,7 @@ def _snapshot_bytes(frame: dict, binary: bytes | None) -> bytes:
     raise InfoMambaError(0, "protocol_error", f"snapshot frame without data: {sorted(frame)}")
 
 
-def binary_append_frame(array, outputs=None) -> bytes:
+def binary_append_frame(array, outputs=None, seq: int | None = None) -> bytes:
     """An append as one binary websocket frame: [u32 LE header length][JSON header][little-endian payload].
     Integer arrays go as int32 token ids (steps,), float arrays as float32 vectors (steps, d_input)."""
     import numpy as np
@@ -543,6 +585,8 @@ def binary_append_frame(array, outputs=None) -> bytes:
     header = {"type": "append", "dtype": dtype}
     if outputs is not None:
         header["outputs"] = list(outputs)
+    if seq is not None:
+        header["seq"] = seq
     head = json.dumps(header).encode()
     return len(head).to_bytes(4, "little") + head + np.ascontiguousarray(payload).tobytes()
 
@@ -648,13 +692,13 @@ class StreamSession:
             if reply.get("type") == answer:
                 return reply
 
-    def append(self, input_ids=None, inputs=None, text=None, outputs=None) -> dict:
-        """Feed one chunk; returns the `outputs` frame (per-step results, steps)."""
-        return self._request({"type": "append", **_inputs_body(input_ids, inputs, text, outputs)}, "outputs")
+    def append(self, input_ids=None, inputs=None, text=None, outputs=None, seq: int | None = None) -> dict:
+        """Feed one chunk; returns the `outputs` frame (per-step results, steps; with seq, "replayed")."""
+        return self._request({"type": "append", **_inputs_body(input_ids, inputs, text, outputs, seq)}, "outputs")
 
-    def append_array(self, array, outputs=None) -> dict:
+    def append_array(self, array, outputs=None, seq: int | None = None) -> dict:
         """Feed one chunk given as a numpy array (int ids or (steps, d_input) floats) in a binary frame."""
-        self._ws.send(binary_append_frame(array, outputs))
+        self._ws.send(binary_append_frame(array, outputs, seq))
         while True:
             reply, _ = self._recv()
             if reply.get("type") == "outputs":
@@ -772,11 +816,12 @@ class AsyncStreamSession:
             if reply.get("type") == answer:
                 return reply
 
-    async def append(self, input_ids=None, inputs=None, text=None, outputs=None) -> dict:
-        return await self._request({"type": "append", **_inputs_body(input_ids, inputs, text, outputs)}, "outputs")
+    async def append(self, input_ids=None, inputs=None, text=None, outputs=None, seq: int | None = None) -> dict:
+        return await self._request({"type": "append", **_inputs_body(input_ids, inputs, text, outputs, seq)},
+                                   "outputs")
 
-    async def append_array(self, array, outputs=None) -> dict:
-        await self._ws.send(binary_append_frame(array, outputs))
+    async def append_array(self, array, outputs=None, seq: int | None = None) -> dict:
+        await self._ws.send(binary_append_frame(array, outputs, seq))
         while True:
             reply, _ = await self._recv()
             if reply.get("type") == "outputs":

@@ -312,18 +312,19 @@ def _concept_chunk_output_kernel(
     final = tl.sum(tl.where(last_row, mass, 0.0), axis=0)  # (K,) rows past the end add nothing
     if (pid_dc == 0) & live & (first + CHUNK >= seq_end):  # the sequence's last chunk writes the final mass
         tl.store(concept_mass_ptr + slot * stride_mass_slot + j, final, mask=k_mask)
-    if SINGLE_CHUNK and live:  # pass 2's step, for this chunk's columns: the mean carried in, then its sums
-        if HAS_DECAY:
-            carry = tl.sum(tl.where(last_row, growth, 0.0), axis=0)  # (K,) γ^(chunk length)
-        else:
-            carry = tl.full((BLOCK_K,), 1.0, tl.float64)
-        denom = tl.where(k_mask, final + eps, 1.0)
-        keep = (carry * (mass_prev + eps) / denom).to(tl.float32)  # (K,) <= 1
-        tile = k_mask[:, None] & e_mask[None, :]
-        sums = tl.load(chunk_sum_ptr + chunk * stride_chunk_sum_chunk + j[:, None] * stride_chunk_sum_k + e[None, :],
-                       mask=tile, other=0.0)
-        tl.store(concept_mean_ptr + slot * stride_mean_slot + j[:, None] * stride_mean_k + e[None, :],
-                 mean_prev * keep[:, None] + sums / denom.to(tl.float32)[:, None], mask=tile)
+    if SINGLE_CHUNK:  # pass 2's step, for this chunk's columns: the mean carried in, then its sums
+        if live:
+            if HAS_DECAY:
+                carry = tl.sum(tl.where(last_row, growth, 0.0), axis=0)  # (K,) γ^(chunk length)
+            else:
+                carry = tl.full((BLOCK_K,), 1.0, tl.float64)
+            denom = tl.where(k_mask, final + eps, 1.0)
+            keep = (carry * (mass_prev + eps) / denom).to(tl.float32)  # (K,) <= 1
+            tile = k_mask[:, None] & e_mask[None, :]
+            sums = tl.load(chunk_sum_ptr + chunk * stride_chunk_sum_chunk + j[:, None] * stride_chunk_sum_k + e[None, :],
+                           mask=tile, other=0.0)
+            tl.store(concept_mean_ptr + slot * stride_mean_slot + j[:, None] * stride_mean_k + e[None, :],
+                     mean_prev * keep[:, None] + sums / denom.to(tl.float32)[:, None], mask=tile)
 
 
 @triton.jit

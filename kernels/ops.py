@@ -9,6 +9,8 @@ from kernels import concept_step as _concept_step
 from kernels import mamba_step as _mamba_step
 from kernels import selective_scan as _scan
 from kernels import selective_state_update as _update
+from kernels import window_attention as _attention
+from kernels import window_attention_update as _attention_update
 from kernels.dispatch import use_triton
 
 
@@ -34,3 +36,5 @@ add_rms_norm = _routed(_norm, "add_rms_norm")
 concept_readout = _routed(_readout, "concept_readout")
 concept_step = _routed(_concept_step, "concept_step")
 mamba_step = _routed(_mamba_step, "mamba_step")
+window_attention = _routed(_attention, "window_attention")
+window_attention_update = _routed(_attention_update, "window_attention_update")

@@ -9,9 +9,11 @@ from torch import nn
 
 from kernels import ops
 from kernels.packing import PackedLayout
-from model.config import InfoMambaConfig
+from model.attention import AttentionLayer
+from model.config import InfoMambaConfig, LayerConfig
 from model.layers import Batch, InfoMambaLayer, RMSNorm
-from model.state import StreamState
+from model.mlp import MlpLayer
+from model.state import AttentionState, LayerState, StreamState
 
 
 @dataclass
@@ -29,7 +31,10 @@ class InfoMamba(nn.Module):
             nn.init.normal_(self.embedding.weight, std=0.02)
         else:
             self.input_proj = nn.Linear(config.d_input, config.d_model)
-        self.layers = nn.ModuleList(InfoMambaLayer(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(make_layer(config, layer) for layer in config.layer_configs)
+        # where each layer's stream state lives: the recurrent tensors are stacked over the "infomamba" layers only
+        self._recurrent_index = {i: j for j, i in enumerate(
+            i for i, kind in enumerate(config.layer_types) if kind == "infomamba")}
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         if not config.is_tied:
             self.head = nn.Linear(config.d_model, config.d_head_output, bias=config.head != "lm")
@@ -116,9 +121,17 @@ class InfoMamba(nn.Module):
         y, residual = x, None
         for i, layer in enumerate(self.layers):
             h, residual = ops.add_rms_norm(y, residual, layer.norm.weight, layer.norm.eps)
-            y = layer(h, state.layer(i), batch)
+            y = layer(h, self.layer_state(state, i), batch)
         hidden, _ = ops.add_rms_norm(y, residual, self.norm_f.weight, self.norm_f.eps)
         return hidden
+
+    def layer_state(self, state: StreamState, i: int) -> LayerState | AttentionState | None:
+        """Layer i's views into `state`: a recurrent layer's conv/SSM/concept state, an attention layer's rings,
+        or None (an MLP keeps nothing)."""
+        kind = self.config.layer_types[i]
+        if kind == "infomamba":
+            return state.layer(self._recurrent_index[i])
+        return state.attention(i) if kind == "attention" else None
 
     def _pack(self, inputs: torch.Tensor, cu_seqlens: torch.Tensor | None, bounds: list[int] | None,
               ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -154,10 +167,18 @@ class InfoMamba(nn.Module):
         return nn.functional.linear(hidden, weight, bias)
 
 
+def make_layer(config: InfoMambaConfig, layer: LayerConfig) -> nn.Module:
+    if layer.type == "attention":
+        return AttentionLayer(config, layer)
+    if layer.type == "mlp":
+        return MlpLayer(config, layer)
+    return InfoMambaLayer(config)
+
+
 # Config fields added after the first release, with the value that keeps the first behaviour: left out of the
 # fingerprint at that value, so models saved before them keep their fingerprint, and their streams' snapshots
 # (a server's spilled sessions included) still load.
-_LATER_FIELDS = {"concept_decay": "none"}
+_LATER_FIELDS = {"concept_decay": "none", "layers": None}
 
 
 def _fingerprint_fields(config: InfoMambaConfig) -> dict:

@@ -6,9 +6,13 @@ code path with it.
 
 Glossary (paper symbols): x_t hidden, h_t normed hidden, a_t concept routing (k), v_t concept value (d_c),
 S/m concept sums/mass, γ concept decay, r_t global context, g_s/g_o IMF gates, u_t SSM input, s_t SSM state (E x N),
-Δ step size, A/B/C/D the S6 parameters, K conv width.
+Δ step size, A/B/C/D the S6 parameters, K conv width. Attention layers (hybrids): q/k/v per head (H query heads,
+G key/value heads, Dh wide), W the window; the oracle keeps every key and value in a list and attends to the last
+W of them, where the fast paths keep a ring.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,8 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class _LayerState:
+    """A recurrent layer's state."""
+
     def __init__(self, E: int, K: int, N: int, k: int, C: int):
         self.window = torch.zeros(K - 1, E)  # last K-1 conv inputs, oldest first
         self.s = torch.zeros(E, N)  # SSM state
@@ -31,7 +37,7 @@ class _LayerState:
 
     @classmethod
     def from_stream(cls, state: StreamState, i: int, eps: float) -> "_LayerState":
-        """Layer i of a one-stream StreamState, with its stored means turned back into raw sums S = (m + eps) mean."""
+        """Recurrent layer i of a one-stream StreamState, with its stored means turned back into raw sums S = (m + eps) mean."""
         st = cls.__new__(cls)
         st.window = state.conv[i, 0].float().t().clone()
         st.s = state.ssm[i, 0].float().clone()
@@ -46,6 +52,33 @@ class _LayerState:
         state.concept_mean[i, 0] = (self.S / (self.m[:, None] + eps)).float()
 
 
+class _AttentionHistory:
+    """An attention layer's past: the (rotated) key and value of every position seen, oldest first."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []  # each (G, Dh)
+        self.values: list[torch.Tensor] = []
+
+    @classmethod
+    def from_stream(cls, state: StreamState, i: int) -> "_AttentionHistory":
+        """Attention layer i of a one-stream StreamState: the positions its ring holds, max(0, P - W) .. P - 1."""
+        key, value = (t[0].float() for t in (state.rings[f"attention.{i}.key"], state.rings[f"attention.{i}.value"]))
+        seen, window = int(state.steps[0]), key.shape[1]
+        hist = cls()
+        for position in range(max(0, seen - window), seen):
+            hist.keys.append(key[:, position % window].clone())
+            hist.values.append(value[:, position % window].clone())
+        return hist
+
+    def write_to(self, state: StreamState, i: int, seen: int) -> None:
+        """Position p of the last W goes to ring entry p mod W; entries no position reached keep what they held."""
+        key, value = state.rings[f"attention.{i}.key"], state.rings[f"attention.{i}.value"]
+        window = key.shape[2]
+        for back in range(1, min(window, len(self.keys)) + 1):
+            key[0, :, (seen - back) % window] = self.keys[-back].to(key.dtype)
+            value[0, :, (seen - back) % window] = self.values[-back].to(value.dtype)
+
+
 @torch.no_grad()
 def reference_forward(model: InfoMamba, inputs: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
     """inputs: (T,) token ids or (T, d_input) floats for ONE sequence, from a zero state, or from `state` (a
@@ -54,18 +87,29 @@ def reference_forward(model: InfoMamba, inputs: torch.Tensor, state: StreamState
     cfg = model.config
     p = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
     E, N, K = cfg.d_inner, cfg.d_state, cfg.d_conv
-    if state is None:
-        states = [_LayerState(E, K, N, cfg.n_concepts, cfg.d_concept) for _ in range(cfg.n_layers)]
-    else:
-        states = [_LayerState.from_stream(state, i, cfg.concept_eps) for i in range(cfg.n_layers)]
+    recurrent = [i for i, kind in enumerate(cfg.layer_types) if kind == "infomamba"]
+    states: list = [None] * cfg.n_layers  # per layer: _LayerState, _AttentionHistory, or None (an MLP)
+    for i, kind in enumerate(cfg.layer_types):
+        if kind == "infomamba":
+            states[i] = (_LayerState(E, K, N, cfg.n_concepts, cfg.d_concept) if state is None
+                         else _LayerState.from_stream(state, recurrent.index(i), cfg.concept_eps))
+        elif kind == "attention":
+            states[i] = _AttentionHistory() if state is None else _AttentionHistory.from_stream(state, i)
+    first = 0 if state is None else int(state.steps[0])
     outputs = []
     for t in range(inputs.shape[0]):
         if cfg.vocab_size is not None:
             x = p["embedding.weight"][int(inputs[t])]
         else:
             x = p["input_proj.weight"] @ inputs[t].float() + p["input_proj.bias"]
-        for i, st in enumerate(states):
-            x = x + _layer_step(p, f"layers.{i}.", cfg, st, x)
+        for i, (layer, st) in enumerate(zip(cfg.layer_configs, states)):
+            pre = f"layers.{i}."
+            if layer.type == "attention":
+                x = x + _attention_step(p, pre, cfg, layer, st, x, first + t)
+            elif layer.type == "mlp":
+                x = x + _mlp_step(p, pre, cfg, x)
+            else:
+                x = x + _layer_step(p, pre, cfg, st, x)
         hidden = _rms(x, p["norm_f.weight"], cfg.norm_eps)
         weight = p["embedding.weight"] if cfg.is_tied else p["head.weight"]
         out = weight @ hidden
@@ -74,7 +118,10 @@ def reference_forward(model: InfoMamba, inputs: torch.Tensor, state: StreamState
         outputs.append(out)
     if state is not None:
         for i, st in enumerate(states):
-            st.write_to(state, i, cfg.concept_eps)
+            if isinstance(st, _LayerState):
+                st.write_to(state, recurrent.index(i), cfg.concept_eps)
+            elif isinstance(st, _AttentionHistory):
+                st.write_to(state, i, first + inputs.shape[0])
         state.steps += inputs.shape[0]
     out = torch.stack(outputs)
     return out[-1] if cfg.head == "classify" else out
@@ -129,3 +176,44 @@ def _mamba_step(p: dict, pre: str, cfg, st: _LayerState, u: torch.Tensor) -> tor
     y = st.s @ C + p[pre + "D"] * xc
     y = y * F.silu(z)
     return p[pre + "out_proj.weight"] @ y + p.get(pre + "out_proj.bias", 0.0)
+
+
+def _attention_step(p: dict, pre: str, cfg, layer, hist: _AttentionHistory, x: torch.Tensor,
+                    position: int) -> torch.Tensor:
+    """x_t -> W_O Attn(RMSNorm(x_t)) at absolute `position`, appending this step's key and value to `hist`."""
+    H, G = layer.n_heads, layer.n_kv_heads
+    Dh = cfg.d_model // H
+    h = _rms(x, p[pre + "norm.weight"], cfg.norm_eps)
+    q = (p[pre + "attention.q_proj.weight"] @ h).view(H, Dh)
+    k = (p[pre + "attention.k_proj.weight"] @ h).view(G, Dh)
+    v = (p[pre + "attention.v_proj.weight"] @ h).view(G, Dh)
+    if layer.rope:
+        q, k = _rotary(q, position, layer.rope_theta), _rotary(k, position, layer.rope_theta)
+    hist.keys.append(k)
+    hist.values.append(v)
+    keys = torch.stack(hist.keys[-layer.attention_window:])  # (n, G, Dh): the last W positions, this one included
+    values = torch.stack(hist.values[-layer.attention_window:])
+    heads = []
+    for head in range(H):
+        group = head // (H // G)  # the key/value head this query head reads
+        weights = torch.softmax(keys[:, group] @ q[head] / math.sqrt(Dh), dim=0)  # (n,)
+        heads.append(weights @ values[:, group])
+    return p[pre + "attention.o_proj.weight"] @ torch.cat(heads)
+
+
+def _rotary(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
+    """Rotate feature pairs (i, i + Dh/2) of each head row of x by position * theta^(-i / (Dh/2)), in fp64."""
+    half = x.shape[1] // 2
+    out = x.clone()
+    for i in range(half):
+        angle = position * theta ** (-i / half)
+        c, s = math.cos(angle), math.sin(angle)
+        out[:, i] = x[:, i] * c - x[:, i + half] * s
+        out[:, i + half] = x[:, i + half] * c + x[:, i] * s
+    return out
+
+
+def _mlp_step(p: dict, pre: str, cfg, x: torch.Tensor) -> torch.Tensor:
+    h = _rms(x, p[pre + "norm.weight"], cfg.norm_eps)
+    gate = p[pre + "mlp.gate_proj.weight"] @ h
+    return p[pre + "mlp.down_proj.weight"] @ (F.silu(gate) * (p[pre + "mlp.up_proj.weight"] @ h))

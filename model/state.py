@@ -5,7 +5,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError
@@ -28,13 +28,17 @@ class SnapshotError(ValueError):
 
 @dataclass
 class StreamState:
-    """Per-layer state for a batch (or pool) of streams; the batch axis is axis 1 (axis 0 for `steps`).
+    """Per-layer state for a batch (or pool) of streams. The recurrent tensors are stacked over the model's
+    "infomamba" layers (all of them, in a model without attention) with the batch on axis 1; `steps` and each
+    attention layer's rings have the batch on axis 0.
 
-    conv:          (n_layers, batch, d_inner, d_conv - 1)  last inputs of the causal conv, model dtype
-    ssm:           (n_layers, batch, d_inner, d_state)     fp32
-    concept_mean:  (n_layers, batch, k, d_c)               fp32, S / (m + eps)
-    concept_mass:  (n_layers, batch, k)                    fp64, m
-    steps:         (batch,)                                int64, steps seen
+    conv:          (n_recurrent, batch, d_inner, d_conv - 1)  last inputs of the causal conv, model dtype
+    ssm:           (n_recurrent, batch, d_inner, d_state)     fp32
+    concept_mean:  (n_recurrent, batch, k, d_c)               fp32, S / (m + eps)
+    concept_mass:  (n_recurrent, batch, k)                    fp64, m
+    steps:         (batch,)                                   int64, steps seen
+    rings:         "attention.{i}.key" / "attention.{i}.value" for model layer i: (batch, n_kv_heads, W, d_head) in
+                   the model dtype, the keys/values of the last W positions; position t sits at t mod W
     """
 
     conv: torch.Tensor
@@ -42,67 +46,109 @@ class StreamState:
     concept_mean: torch.Tensor
     concept_mass: torch.Tensor
     steps: torch.Tensor
+    rings: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, config: InfoMambaConfig, batch: int, device="cpu", dtype=torch.float32) -> "StreamState":
-        L, E = config.n_layers, config.d_inner
+        L, E = config.num_recurrent_layers, config.d_inner
+        rings = {}
+        for i, layer in enumerate(config.layer_configs):
+            if layer.type == "attention":
+                for name in ring_names(i):
+                    rings[name] = torch.zeros(batch, *config.kv_ring_shape(layer), device=device, dtype=dtype)
         return cls(
             conv=torch.zeros(L, batch, E, config.d_conv - 1, device=device, dtype=dtype),
             ssm=torch.zeros(L, batch, E, config.d_state, device=device, dtype=torch.float32),
             concept_mean=torch.zeros(L, batch, config.n_concepts, config.d_concept, device=device, dtype=torch.float32),
             concept_mass=torch.zeros(L, batch, config.n_concepts, device=device, dtype=torch.float64),
             steps=torch.zeros(batch, device=device, dtype=torch.int64),
+            rings=rings,
         )
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "StreamState":
+        """The inverse of `tensors()`."""
+        return cls(**{name: tensors[name] for name in STATE_FIELDS},
+                   rings={name: t for name, t in tensors.items() if name not in STATE_FIELDS})
 
     @property
     def batch_size(self) -> int:
         return self.steps.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in STATE_FIELDS}
+        return {**{name: getattr(self, name) for name in STATE_FIELDS}, **self.rings}
+
+    def _map(self, fn) -> "StreamState":
+        """A new state of fn(name, tensor, batch axis) for every tensor."""
+        return StreamState.from_tensors({name: fn(name, t, _batch_axis(name)) for name, t in self.tensors().items()})
 
     def clone(self) -> "StreamState":
-        return StreamState(**{k: v.clone() for k, v in self.tensors().items()})
+        return self._map(lambda name, t, axis: t.clone())
+
+    def to(self, device) -> "StreamState":
+        return self._map(lambda name, t, axis: t.to(device))
 
     def select(self, indices) -> "StreamState":
         """A copy of the streams at `indices` (a list or 1-D tensor of slots)."""
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.steps.device)
-        return StreamState(**{k: (v[idx] if k == "steps" else v[:, idx]).clone() for k, v in self.tensors().items()})
+        return self._map(lambda name, t, axis: t.index_select(axis, idx))
 
     def assign(self, indices, other: "StreamState") -> None:
         """Write `other`'s streams into slots `indices`, in place."""
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.steps.device)
+        theirs = other.tensors()
         for name, dst in self.tensors().items():
-            src = getattr(other, name).to(device=dst.device, dtype=dst.dtype)
-            if name == "steps":
-                dst[idx] = src
-            else:
-                dst[:, idx] = src
+            src = theirs[name].to(device=dst.device, dtype=dst.dtype)
+            dst.index_copy_(_batch_axis(name), idx, src)
 
     def reset(self, indices) -> None:
-        """Zero the streams at `indices` (a fresh stream)."""
+        """Zero the streams at `indices` (a fresh stream; a ring never shows another stream's keys)."""
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.steps.device)
         for name, tensor in self.tensors().items():
-            if name == "steps":
-                tensor[idx] = 0
-            else:
-                tensor[:, idx] = 0
+            tensor.index_fill_(_batch_axis(name), idx, 0)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def layer(self, i: int) -> "LayerState":
-        return LayerState(self.conv[i], self.ssm[i], self.concept_mean[i], self.concept_mass[i])
+    def layer(self, j: int) -> "LayerState":
+        """The views of recurrent layer j (the j-th "infomamba" layer of the model)."""
+        return LayerState(self.conv[j], self.ssm[j], self.concept_mean[j], self.concept_mass[j])
+
+    def attention(self, i: int) -> "AttentionState":
+        """The rings of model layer i, an attention layer."""
+        key, value = ring_names(i)
+        return AttentionState(self.rings[key], self.rings[value], self.steps)
 
 
 @dataclass
 class LayerState:
-    """One layer's views into a StreamState pool (batch axis first)."""
+    """One recurrent layer's views into a StreamState pool (batch axis first)."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
     concept_mean: torch.Tensor
     concept_mass: torch.Tensor
+
+
+@dataclass
+class AttentionState:
+    """One attention layer's rings in a StreamState pool, and the pool's step counts (the next position of each
+    slot, which decides where its keys go)."""
+
+    key: torch.Tensor  # (slots, n_kv_heads, W, d_head)
+    value: torch.Tensor  # (slots, n_kv_heads, W, d_head)
+    steps: torch.Tensor  # (slots,) int64
+
+
+def ring_names(i: int) -> tuple[str, str]:
+    return f"attention.{i}.key", f"attention.{i}.value"
+
+
+_RING_NAME = re.compile(r"attention\.(\d+)\.(key|value)")
+
+
+def _batch_axis(name: str) -> int:
+    return 0 if name == "steps" or _RING_NAME.fullmatch(name) else 1
 
 
 def state_nbytes_per_stream(config: InfoMambaConfig, dtype=torch.float32) -> int:
@@ -147,14 +193,68 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16"
               torch.int64: "I64"}
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-_SNAPSHOT_DTYPES = {"conv": ("F32", "BF16", "F16"), "ssm": ("F32",), "concept_mean": ("F32",),
+_MODEL_DTYPES = ("F32", "BF16", "F16")
+_SNAPSHOT_DTYPES = {"conv": _MODEL_DTYPES, "ssm": ("F32",), "concept_mean": ("F32",),
                     "concept_mass": ("F64",), "steps": ("I64",), LAST_OUTPUT: ("F32",)}
 
 
+def _allowed_dtypes(name: str) -> tuple[str, ...]:
+    return _MODEL_DTYPES if _RING_NAME.fullmatch(name) else _SNAPSHOT_DTYPES[name]
+
+
+def state_holds(state: StreamState) -> dict:
+    """What a state holds, as a snapshot's metadata says it: the number of recurrent layers, and per attention
+    layer (by model layer index) its ring: window, key/value heads, head width."""
+    rings = {}
+    for name, t in state.rings.items():
+        layer, kind = _RING_NAME.fullmatch(name).groups()
+        if kind == "key":
+            rings[layer] = {"attention_window": t.shape[2], "n_kv_heads": t.shape[1], "d_head": t.shape[3]}
+    return {"recurrent_layers": state.conv.shape[0], "attention_layers": dict(sorted(rings.items(), key=_layer_key))}
+
+
+def _layer_key(item) -> int:
+    return int(item[0])
+
+
+def _check_holds(metadata: dict, expected: dict, config: InfoMambaConfig) -> None:
+    """A snapshot of another layer layout is refused naming the difference, before the fingerprint says only
+    'another model'. Snapshots written before hybrids carry no `holds` and are left to the fingerprint."""
+    text = metadata.get("holds")
+    if text is None:
+        return
+    try:
+        holds = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise SnapshotError("snapshot metadata 'holds' is not JSON") from None
+    if holds == expected:
+        return
+    theirs = holds.get("attention_layers") if isinstance(holds, dict) else None
+    if theirs and not expected["attention_layers"]:
+        raise SnapshotError(f"snapshot holds the attention key/value rings of a hybrid model (attention layers "
+                            f"{', '.join(map(str, theirs))}); this model ({config.name!r}) has no attention layers")
+    raise SnapshotError(f"snapshot holds {_describe(holds)}; this model ({config.name!r}) keeps "
+                        f"{_describe(expected)}")
+
+
+def _describe(holds) -> str:
+    """'2 recurrent layers, attention layer 1 (window 64, 4 key/value heads of width 32)' from a `holds` dict."""
+    if not isinstance(holds, dict) or not isinstance(holds.get("attention_layers", {}), dict):
+        return f"{str(holds)[:80]!r}"
+    parts = [f"{holds.get('recurrent_layers')} recurrent layers"]
+    for i, ring in holds.get("attention_layers", {}).items():
+        ring = ring if isinstance(ring, dict) else {}
+        parts.append(f"attention layer {i} (window {ring.get('attention_window')}, {ring.get('n_kv_heads')} key/value "
+                     f"heads of width {ring.get('d_head')})")
+    return ", ".join(parts)
+
+
 def save_snapshot(state: StreamState, model_name: str, fingerprint: str,
-                  last_output: torch.Tensor | None = None) -> bytes:
+                  last_output: torch.Tensor | None = None, extra_metadata: dict[str, str] | None = None) -> bytes:
     """Serialize a single stream (batch 1), and optionally its last step's head output (d_out,), as a
-    self-describing safetensors blob whose metadata carries a checksum over the metadata and every tensor."""
+    self-describing safetensors blob whose metadata carries a checksum over the metadata and every tensor.
+    extra_metadata: more string entries (a server's own bookkeeping), covered by the checksum; they may not
+    replace the format's own."""
     if state.batch_size != 1:
         raise ValueError(f"snapshot: expected one stream, got a batch of {state.batch_size}")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.tensors().items()}
@@ -167,7 +267,12 @@ def save_snapshot(state: StreamState, model_name: str, fingerprint: str,
         "model_fingerprint": fingerprint,
         "steps": str(int(state.steps[0])),
         "shapes": json.dumps({k: list(v.shape) for k, v in tensors.items()}),
+        "holds": json.dumps(state_holds(state)),
     }
+    for key, value in (extra_metadata or {}).items():
+        if key in metadata or key == "checksum" or not isinstance(value, str):
+            raise ValueError(f"snapshot: extra metadata {key!r} clashes with the format's or is not a string")
+        metadata[key] = value
     entries = {name: (_ST_DTYPES[t.dtype], list(t.shape), t.reshape(-1).view(torch.uint8).numpy())
                for name, t in tensors.items()}
     metadata["checksum"] = _checksum(metadata, entries)
@@ -184,7 +289,8 @@ def read_snapshot(data: bytes, config: InfoMambaConfig, fingerprint: str, device
     """load_snapshot, plus the stream's last head output (fp32, on the CPU) when the snapshot carries one.
 
     Checked in this order, each failure a SnapshotError naming what failed: the safetensors framing, format and
-    version, the checksum (before anything else in the blob is believed), the model, each tensor's presence,
+    version, the checksum (before anything else in the blob is believed), the layers whose state it holds (a hybrid
+    model's attention rings), the model, each tensor's presence,
     dtype, shape and byte length, then the values (finite, bounded, mass >= 0, steps in range and consistent)."""
     metadata, entries = _snapshot_header(data)
     if metadata.get("format") != SNAPSHOT_FORMAT:
@@ -195,23 +301,24 @@ def read_snapshot(data: bytes, config: InfoMambaConfig, fingerprint: str, device
                             f"{', '.join(SNAPSHOT_READABLE_VERSIONS)})")
     if version != "1":
         _verify_checksum(metadata, entries)
+    expected = StreamState.empty(config, 1, device="meta", dtype=dtype)
+    _check_holds(metadata, state_holds(expected), config)
     if metadata.get("model_fingerprint") != fingerprint:
         raise SnapshotError(f"snapshot belongs to another model ({metadata.get('model_name')!r}, fingerprint "
                             f"{str(metadata.get('model_fingerprint'))[:12]}), not {config.name!r} ({fingerprint[:12]})")
 
-    expected = StreamState.empty(config, 1, device="meta", dtype=dtype)
     shapes = {name: tuple(t.shape) for name, t in expected.tensors().items()}
-    missing = [name for name in STATE_FIELDS if name not in entries]
+    missing = [name for name in shapes if name not in entries]
     if missing:
         raise SnapshotError(f"snapshot is missing tensor{'s' if len(missing) > 1 else ''} "
                             f"{', '.join(map(repr, missing))}")
-    extra = sorted(set(entries) - set(STATE_FIELDS) - {LAST_OUTPUT})
+    extra = sorted(set(entries) - set(shapes) - {LAST_OUTPUT})
     if extra:
         raise SnapshotError(f"snapshot has unexpected tensors {extra}")
     if LAST_OUTPUT in entries:
         shapes[LAST_OUTPUT] = (config.d_head_output,)
     for name, (st_dtype, shape, view) in entries.items():
-        allowed = _SNAPSHOT_DTYPES[name]
+        allowed = _allowed_dtypes(name)
         if st_dtype not in allowed:
             raise SnapshotError(f"snapshot tensor {name!r} has dtype {st_dtype}, expected "
                                 f"{allowed[0] if len(allowed) == 1 else 'one of ' + ', '.join(allowed)}")
@@ -225,7 +332,7 @@ def read_snapshot(data: bytes, config: InfoMambaConfig, fingerprint: str, device
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise SnapshotError(f"snapshot is corrupt: {exc}") from None
 
-    for name in ("conv", "ssm", "concept_mean"):
+    for name in ("conv", "ssm", "concept_mean", *expected.rings):
         _check_values(name, tensors[name], MAX_STATE_MAGNITUDE)
     mass = tensors["concept_mass"]
     _check_values("concept_mass", mass, None)
@@ -242,11 +349,14 @@ def read_snapshot(data: bytes, config: InfoMambaConfig, fingerprint: str, device
     if last_output is not None:
         _check_values(LAST_OUTPUT, last_output, MAX_OUTPUT_MAGNITUDE)
 
-    state = StreamState(**{name: tensors[name].to(device=device, dtype=getattr(expected, name).dtype)
-                           for name in STATE_FIELDS})
-    if state.conv.dtype != tensors["conv"].dtype and not torch.isfinite(state.conv).all():
-        raise SnapshotError(f"snapshot tensor 'conv' ({_ST_DTYPES[tensors['conv'].dtype]}) holds values beyond the "
-                            f"range of {state.conv.dtype} that this server runs in")
+    expected_tensors = expected.tensors()
+    state = StreamState.from_tensors({name: tensors[name].to(device=device, dtype=expected_tensors[name].dtype)
+                                      for name in expected_tensors})
+    # conv and the rings are in the writer's model dtype; a narrower one here must still hold their values
+    for name, t in state.tensors().items():
+        if t.dtype != tensors[name].dtype and not torch.isfinite(t).all():
+            raise SnapshotError(f"snapshot tensor {name!r} ({_ST_DTYPES[tensors[name].dtype]}) holds values beyond the "
+                                f"range of {t.dtype} that this server runs in")
     return state, last_output
 
 

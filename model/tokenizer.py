@@ -21,6 +21,12 @@ class ByteTokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return bytes(i for i in ids if 0 <= i < 256)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token as logprobs show it: its byte, or a special's name."""
+        if 0 <= token_id < 256:
+            return bytes([token_id])
+        return BYTE_SPECIALS[token_id - 256].encode() if token_id - 256 < len(BYTE_SPECIALS) else b""
+
 
 class HFTokenizer:
     """A tokenizer.json read with the `tokenizers` library."""
@@ -41,6 +47,10 @@ class HFTokenizer:
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.decode(ids).encode("utf-8")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token as logprobs show it (specials by name)."""
+        return self._tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
 
 def load_tokenizer(model_dir: str | Path | None, vocab_size: int | None):

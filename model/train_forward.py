@@ -12,7 +12,9 @@ window is returned detached), so:
   nothing overflows, unlike a log-space cumsum of decays), saving only a and s for the backward;
 - the concept filter is the decayed linear attention read_t = Σ_{s<=t} (q_t γ^(t-s) · a_s) v_s plus the carried
   state's share, q_t = (a_t M) / (m_t + eps), computed chunk by chunk (DESIGN.md §1): within a chunk a masked
-  product, across chunks a `linear_scan` of the chunks' decayed sums.
+  product, across chunks a `linear_scan` of the chunks' decayed sums;
+- a hybrid's attention layer is dense attention under a causal mask as wide as its window (from a zero state only:
+  a window carried into the next one would need the rings), its MLP layer the module itself.
 
 Axis letters as in model/layers.py: B batch, L length, D d_model, E d_inner, N d_state, k concepts, C d_concept;
 n chunks of Q rows.
@@ -24,8 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.attention import AttentionLayer, rotate
 from model.infomamba import InfoMamba
 from model.layers import ConceptBottleneck, InformationFusion, MambaMixer, rms_norm
+from model.mlp import MlpLayer
 from model.state import LayerState, StreamState
 
 SCAN_CHUNK = 8
@@ -44,6 +48,9 @@ def train_forward(model: InfoMamba, inputs: torch.Tensor, state: StreamState | N
     """inputs: token ids (B, L) or float vectors (B, L, d_input). Every sequence starts from a zero state, or from
     `state` (a StreamState of B streams, read only), and then the output carries the state after the window."""
     cfg = model.config
+    if cfg.is_hybrid and state is not None:
+        raise NotImplementedError("train_forward: a carried state through attention layers (stateful training of a "
+                                  "hybrid) is not implemented; hybrids train on windows from an empty state")
     x = model.embedding(inputs.long()) if cfg.vocab_size is not None else model.input_proj(inputs.to(model.dtype))
     branches, ends = [], []
     y, residual = x, None
@@ -51,6 +58,12 @@ def train_forward(model: InfoMamba, inputs: torch.Tensor, state: StreamState | N
         carried = state.layer(i) if state is not None else None
         residual = y.float() if residual is None else residual + y.float()
         h = rms_norm(residual, layer.norm.weight, layer.norm.eps)
+        if isinstance(layer, AttentionLayer):
+            y = attention_forward(layer, h, cfg.layer_configs[i].attention_window)
+            continue
+        if isinstance(layer, MlpLayer):
+            y = layer.mlp(h)
+            continue
         concept_end = None
         if layer.has_concepts:
             r, concept_end = concept_read(layer.concept, h, carried)
@@ -68,6 +81,27 @@ def train_forward(model: InfoMamba, inputs: torch.Tensor, state: StreamState | N
     bias = None if cfg.is_tied else model.head.bias
     new_state = _stack_state(state, ends, inputs.shape[1]) if state is not None else None
     return TrainOutput(logits=F.linear(hidden, weight, bias), branches=branches, state=new_state)
+
+
+def attention_forward(layer: AttentionLayer, h: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, L, D) -> (B, L, D): every position attends to itself and the window - 1 before it, from position 0."""
+    batch, length, _ = h.shape
+    proj = layer.attention
+    q = proj.q_proj(h).view(batch * length, layer.n_heads, layer.d_head)
+    k = proj.k_proj(h).view(batch * length, layer.n_kv_heads, layer.d_head)
+    v = proj.v_proj(h).view(batch, length, layer.n_kv_heads, layer.d_head)
+    if layer.rope_theta is not None:
+        positions = torch.arange(length, device=h.device).repeat(batch)
+        q, k = rotate(q, positions, layer.rope_theta), rotate(k, positions, layer.rope_theta)
+    group = layer.n_heads // layer.n_kv_heads
+    q = q.view(batch, length, layer.n_heads, layer.d_head).transpose(1, 2)  # (B, H, L, Dh)
+    k = k.view(batch, length, layer.n_kv_heads, layer.d_head).repeat_interleave(group, dim=2).transpose(1, 2)
+    v = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    t = torch.arange(length, device=h.device)
+    gap = t[:, None] - t[None, :]
+    visible = (gap >= 0) & (gap < window)  # (L, L)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=layer.scale)  # (B, H, L, Dh)
+    return proj.o_proj(out.transpose(1, 2).reshape(batch, length, layer.n_heads * layer.d_head))
 
 
 def _stack_state(state: StreamState, ends: list, length: int) -> StreamState:

@@ -1,6 +1,7 @@
 """The server's settings: one dataclass, validated on construction; the CLI and env vars fill it."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -14,6 +15,10 @@ class ServerConfig:
     gpu_memory_fraction: float = 0.5  # share of free GPU memory (after loading) the pool may take when sized
     max_num_batched_tokens: int = 2048  # input steps per engine step (prefill chunks + decode steps)
     max_num_prefill_tokens: int = 65_536  # input steps per engine step while no stream decodes (long appends)
+    # decode-only steps (CUDA graphs) a decoding batch may run while new inputs wait, before a mixed (eager) step
+    # takes them in together: a step that mixes even one prompt in runs eager (H200: 3.3 ms where a graph step takes
+    # 1.4 at 256 streams); 0: every step takes in what waits. Only with CUDA graphs.
+    max_prefill_wait_steps: int = 4
     max_queue: int = 256  # requests waiting for a slot before 429
     max_num_sessions: int = 10_000  # sessions in memory and on disk before 429
     max_body_bytes: int = 16 * 1024 * 1024  # 413 above
@@ -30,19 +35,30 @@ class ServerConfig:
     state_lease_ttl: float = 10.0  # seconds a dead replica's sessions stay locked before another may take them
     replica_id: str | None = None  # this replica's name on its session leases; None: hostname-pid-random
     torch_threads: int = 0  # the engine process's torch threads; 0: torch's default
-    api_server_count: int = 1  # HTTP frontend processes sharing the port, all talking to one engine process
+    # HTTP frontend processes sharing the port, all talking to one engine process; 0: one per 4 CPUs, at most 4 (on
+    # an H200 host four frontends gave 1.3-1.6x one's throughput at 64+ clients; bench/RESULTS.md)
+    api_server_count: int = 0
     api_key: str | None = None  # bearer token for HTTP and websocket; None: no auth
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0
     cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA + Triton kernels only)
 
+    @property
+    def num_api_servers(self) -> int:
+        if self.api_server_count:
+            return self.api_server_count
+        return min(4, max(1, len(os.sched_getaffinity(0)) // 4))
+
     def __post_init__(self) -> None:
         for name in ("port", "max_num_streams", "max_num_batched_tokens", "max_queue", "max_num_sessions",
                      "max_body_bytes", "max_request_steps", "max_batch_sequences", "max_ws_frame_bytes",
-                     "max_response_bytes", "api_server_count", "torch_threads", "max_num_prefill_tokens", "snapshot_every",
+                     "max_response_bytes", "torch_threads", "max_num_prefill_tokens", "snapshot_every",
+                     "max_prefill_wait_steps", "api_server_count",
                      "max_log_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("port", "max_num_streams", "torch_threads") else 1):
+            may_be_zero = name in ("port", "max_num_streams", "torch_threads", "max_prefill_wait_steps",
+                                   "api_server_count")
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if may_be_zero else 1):
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if not 0 < self.gpu_memory_fraction <= 0.95:
             raise ValueError(f"gpu_memory_fraction: expected a fraction in (0, 0.95], got {self.gpu_memory_fraction!r}")

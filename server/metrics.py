@@ -32,6 +32,8 @@ class Metrics:
         self.batch_tokens = Histogram(p + "batch_tokens", "Input steps per engine step", buckets=BATCH_BUCKETS,
                                       registry=r)
         self.engine_steps = Counter(p + "engine_steps", "Engine steps run", registry=r)
+        self.graph_steps = Counter(p + "graph_steps", "Engine steps that replayed a CUDA graph (decode-only)",
+                                   registry=r)
         self.requests_running = Gauge(p + "num_requests_running", "Requests in the running queue", registry=r)
         self.requests_waiting = Gauge(p + "num_requests_waiting", "Requests in the waiting queue", registry=r)
         self.slots_used = Gauge(p + "state_slots_used", "State pool slots in use", registry=r)
@@ -52,6 +54,14 @@ class Metrics:
                                          "store", registry=r)
         self.store_write_time = Histogram(p + "state_store_write_seconds", "Time to serialize and write one snapshot "
                                           "to the shared store", buckets=LATENCY_BUCKETS, registry=r)
+        self.store_log_writes = Counter(p + "state_store_log_writes", "Log records (the inputs of one answered "
+                                        "request) appended to the shared store, by result (ok, error)", ["result"],
+                                        registry=r)
+        self.store_log_write_bytes = Counter(p + "state_store_log_write_bytes", "Bytes of log records appended to "
+                                             "the shared store", registry=r)
+        self.store_log_write_time = Histogram(p + "state_store_log_write_seconds", "Time to append one engine "
+                                              "step's log records to the shared store (one round trip)",
+                                              buckets=LATENCY_BUCKETS, registry=r)
         self.store_reads = Counter(p + "state_store_reads", "Session snapshots loaded from the shared store",
                                    registry=r)
         self.store_read_time = Histogram(p + "state_store_read_seconds", "Time to take a session's lease and read "
@@ -60,6 +70,9 @@ class Metrics:
                                             "of and loaded (resumed here, or taken over)", registry=r)
         self.store_fenced = Counter(p + "state_store_fenced_writes", "Writes refused by the shared store because "
                                     "this replica no longer owned the session", registry=r)
+        self.replica_info = Gauge(p + "replica_info", "Always 1; its label names this replica (--replica-id, else "
+                                  "its host name), for joining per-replica panels on `instance`", ["replica"],
+                                  registry=r)
         self.gpu_memory = Gauge(p + "gpu_memory_bytes", "GPU memory held by torch (0 without a GPU)", ["kind"],
                                 registry=r)
 

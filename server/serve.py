@@ -124,7 +124,7 @@ def serve(config: ServerConfig, model_dir: str | None, log_level: str = "info") 
     engine.start()
     frontends = [spawn.Process(target=frontend_main, name=f"infomamba-api-{i}",
                                args=(config, engine_address, run_dir, log_level))
-                 for i in range(config.api_server_count)]
+                 for i in range(config.num_api_servers)]
     for p in frontends:
         p.start()
     log.info("listening on http://%s:%d with %d API frontend(s) (pids %s) and the engine (pid %d)", config.host,

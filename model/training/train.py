@@ -52,13 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for the training loop")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--imf-weight", type=float, default=0.01, help="weight of the IMF redundancy penalty")
-    p.add_argument("--imf-pool", type=int, default=64, help="tokens pooled into one sample for the penalty")
+    add_optimizer_args(p, lr=2e-3, imf_pool=64)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per periodic evaluation")
     p.add_argument("--final-eval-windows", type=int, default=4096)
@@ -71,6 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
+
+
+def add_optimizer_args(p: argparse.ArgumentParser, lr: float, imf_pool: int) -> None:
+    """AdamW, the schedule and the IMF penalty's options (build_optimizer, lr_at, redundancy_penalty read them)."""
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--imf-weight", type=float, default=0.01, help="weight of the IMF redundancy penalty")
+    p.add_argument("--imf-pool", type=int, default=imf_pool, help="tokens pooled into one sample for the penalty")
 
 
 def redundancy_penalty(branches: list[tuple[torch.Tensor, torch.Tensor]], pool: int) -> torch.Tensor:

@@ -10,12 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.edge import _UNSET, Edge, RedactSecrets
-from server.api.errors import APIError
+from server.api.errors import APIError, error_body
+from server.api.docs import install as install_docs
 from server.api.middleware import EdgeMiddleware
 from server.api.openapi import install as install_openapi
 from server.api.requests import ClientGone
 from server.api.responses import JSON, error_response
-from server.api.routes import forward, health, openai, sessions
+from server.api.routes import chat, forward, health, openai, sessions
 from server.api.validation import validation_error
 from server.api.ws import serve_websocket
 from server.config import ServerConfig
@@ -40,9 +41,12 @@ def create_app(config: ServerConfig, engine_address: str, ipc_dir: str, tokenize
             welcome.cancel()
             await edge.engine.close()
 
-    app = FastAPI(title="InfoMamba Serve", lifespan=lifespan)
+    # FastAPI's own OpenTelemetry hooks ask for a tracer provider on every request; /metrics is our telemetry
+    app = FastAPI(title="InfoMamba Serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
+    install_docs(app)
     app.add_middleware(EdgeMiddleware, edge=_EdgeProxy(app))
-    for module in (health, openai, forward, sessions):
+    for module in (health, openai, chat, forward, sessions):
         app.include_router(module.router)
     install_openapi(app)
 
@@ -68,12 +72,12 @@ async def _learn_model(edge: Edge) -> None:
 
 def _http_error(request, exc: StarletteHTTPException):
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSON({"error": {"code": code, "message": str(exc.detail), "field": None}}, status_code=exc.status_code)
+    return JSON(error_body(exc.status_code, code, str(exc.detail)), status_code=exc.status_code)
 
 
 def _internal_error(request, exc: Exception):
     log.error("unhandled error", exc_info=exc)
-    return JSON({"error": {"code": "internal_error", "message": "internal error", "field": None}}, status_code=500)
+    return JSON(error_body(500, "internal_error", "internal error"), status_code=500)
 
 
 class _EdgeProxy:

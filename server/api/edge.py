@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from model.config import InfoMambaConfig
 from model.tokenizer import load_tokenizer
+from server.api.chat_template import ChatTemplate
 from server.api.errors import APIError
 from server.api.validation import Validator
 from server.config import ServerConfig
@@ -14,6 +15,7 @@ from server.engine.client import EngineClient
 from server.metrics import EdgeMetrics
 
 _UNSET = object()
+log = logging.getLogger("infomamba.frontend")
 
 
 @dataclass(eq=False)
@@ -25,6 +27,8 @@ class Edge:
     model: InfoMambaConfig | None = None
     model_name: str = "infomamba"
     validator: Validator | None = None
+    chat_template: ChatTemplate | None = None
+    chat_template_error: str | None = None  # why the model directory's template did not load
     is_draining: bool = False
 
     def welcome(self) -> None:
@@ -35,6 +39,11 @@ class Edge:
         if self.tokenizer is _UNSET:
             self.tokenizer = load_tokenizer(info.model_dir, self.model.vocab_size)
         self.validator = Validator(self.config, self.model, self.tokenizer)
+        try:
+            self.chat_template = ChatTemplate.load(info.model_dir)
+        except ValueError as exc:
+            self.chat_template_error = str(exc)
+            log.warning("no chat completions: %s", exc)
 
     @property
     def is_ready(self) -> bool:

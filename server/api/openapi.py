@@ -14,10 +14,12 @@ class ErrorDetail(BaseModel):
     code: str
     message: str
     field: str | None
+    type: str  # OpenAI's: invalid_request_error, authentication_error, rate_limit_error, server_error
+    param: str | None  # OpenAI's name for `field`
 
 
 class ErrorBody(BaseModel):
-    """Every 4xx/5xx answer: {"error": {code, message, field}}."""
+    """Every 4xx/5xx answer: {"error": {code, message, field, type, param}}."""
 
     error: ErrorDetail
 

@@ -12,12 +12,17 @@ from server.api.edge import Edge
 from server.api.errors import APIError
 from server.detokenizer import Detokenizer
 from server.engine.client import EngineDead, RequestStream
-from server.engine.protocol import Array, RequestOutput, Sampling
+from server.engine.protocol import Array, Logprobs, RequestOutput, Sampling
 
 
 async def submit(edge: Edge, inputs: np.ndarray, **fields) -> RequestStream:
+    return (await submit_samples(edge, inputs, **fields))[0]
+
+
+async def submit_samples(edge: Edge, inputs: np.ndarray, **fields) -> list[RequestStream]:
+    """One request; with n > 1 in fields, its n samples' streams (the prompt runs once)."""
     try:
-        return await edge.engine.add(edge.engine.new_add(inputs=Array.of(inputs), **fields))
+        return await edge.engine.add_samples(edge.engine.new_add(inputs=Array.of(inputs), **fields))
     except EngineDead:
         raise edge.not_ready() from None
 
@@ -78,10 +83,16 @@ async def collect(stream: RequestStream) -> Collected:
     return got
 
 
+TokenLogprob = tuple[float, list[int], list[float]]  # the token's logprob, the top alternatives' ids and logprobs
+
+
 @dataclass
 class Token:
     id: int | None  # None: a last piece of text held back until the end
     text: str
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    offset: int = 0  # where the token's text starts in the generated text (when logprobs were asked)
+    prompt_logprobs: Logprobs | None = None  # on a request's first event, when it asked for them
 
 
 @dataclass
@@ -90,6 +101,9 @@ class Finish:
     output: RequestOutput
     text: str | None  # the whole generated text (None without a tokenizer)
     ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    prompt_logprobs: Logprobs | None = None
 
 
 async def finish_plain(edge: Edge, stream: RequestStream) -> Finish:
@@ -108,36 +122,56 @@ async def finish_plain(edge: Edge, stream: RequestStream) -> Finish:
     raise APIError(500, "internal_error", "the request ended without finishing")
 
 
-async def generate(edge: Edge, stream: RequestStream, sampling: Sampling, engine_checks_stop: bool):
+async def generate(edge: Edge, stream: RequestStream, sampling: Sampling | None, engine_checks_stop: bool):
     """Tokens with their text as they come, then one Finish. Stop strings cut the text here; for stateless
     requests a stop string also ends the request (the engine is told to stop), while a session's engine checks
-    them itself so its state ends exactly at the stop."""
-    detok = Detokenizer(edge.tokenizer, tuple(sampling.stop)) if edge.tokenizer is not None else None
-    ids: list[int] = []
-    stopped = False
+    them itself so its state ends exactly at the stop. sampling None: a request that only feeds its prompt (for
+    the prompt's logprobs)."""
+    stop = tuple(sampling.stop) if sampling is not None else ()
+    detok = Detokenizer(edge.tokenizer, stop) if edge.tokenizer is not None else None
+    done = Finish("", None, None, [])  # filled as tokens come
+    prompt_logprobs: Logprobs | None = None
+    stopped = sent_any = False
     try:
         async for out in stream:
             if out.error is not None:
                 raise APIError.from_engine(out.error)
-            for token in out.token_ids:
+            if out.prompt_logprobs is not None:
+                prompt_logprobs = _joined(prompt_logprobs, out.prompt_logprobs)
+            for j, token in enumerate(out.token_ids):
                 if stopped:
                     break
-                ids.append(token)
+                done.ids.append(token)
+                offset = len(detok.text) if detok is not None else 0
+                logprob = None
+                if out.logprobs is not None:
+                    logprob = (out.logprobs.chosen[j], out.logprobs.top_ids[j], out.logprobs.top_logprobs[j])
+                    done.logprobs.append(logprob)
+                    done.offsets.append(offset)
                 stopped = detok.add(token) if detok is not None else False
-                is_last = stopped or (out.finish_reason is not None and token == out.token_ids[-1])
-                yield Token(token, detok.delta(is_final=is_last) if detok is not None else "")
-            if stopped and not engine_checks_stop:
-                stream.cancel()
-                yield Finish("stop", out, detok.text, ids)
-                return
-            if out.finish_reason is not None:
-                if detok is not None and (tail := detok.delta(is_final=True)):
+                is_last = stopped or (out.finish_reason is not None and j == len(out.token_ids) - 1)
+                yield Token(token, detok.delta(is_final=is_last) if detok is not None else "", logprob, offset,
+                            None if sent_any else prompt_logprobs)
+                sent_any = True
+            if (stopped and not engine_checks_stop) or out.finish_reason is not None:
+                if stopped and not engine_checks_stop:
+                    stream.cancel()
+                elif detok is not None and (tail := detok.delta(is_final=True)):
                     yield Token(None, tail)
-                reason = "stop" if stopped else out.finish_reason
-                yield Finish(reason, out, detok.text if detok is not None else None, ids)
+                done.reason = "stop" if stopped else out.finish_reason
+                done.output, done.prompt_logprobs = out, prompt_logprobs
+                done.text = detok.text if detok is not None else None
+                yield done
                 return
     finally:
         stream.cancel()
+
+
+def _joined(current: Logprobs | None, more: Logprobs) -> Logprobs:
+    if current is None:
+        return more
+    current.extend(more)
+    return current
 
 
 class ClientGone(Exception):

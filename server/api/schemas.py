@@ -7,6 +7,8 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(strict=True, ge=-2, le=2, allow_inf_nan=False)]  # OpenAI's range
+Bias = Annotated[float, Field(strict=True, ge=-100, le=100, allow_inf_nan=False)]
 OutputKind = Literal["logits", "logprobs", "hidden", "head"]
 
 
@@ -24,6 +26,11 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
     stream: StrictBool = False
+    logit_bias: dict[StrictStr, Bias] | None = None  # token id (as a string, as OpenAI's) -> added to its logit
+    repetition_penalty: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] = 1.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
 
 
 class ForwardRequest(Strict):
@@ -43,6 +50,9 @@ class AppendRequest(Strict):
     inputs: list[list[Float]] | None = None
     text: StrictStr | None = None
     outputs: list[OutputKind] | None = None
+    # the client's number for this append, increasing per session: a retry of an applied one is answered from the
+    # record (README, "Idempotent appends")
+    seq: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
 
 
 class GenerateRequest(SamplingFields, Strict):
@@ -56,24 +66,49 @@ class StreamOptions(BaseModel):
 
 class CompletionRequest(SamplingFields):
     """OpenAI's completions request. A field this server does not implement is refused when set to anything but
-    its no-op value (n, best_of, echo, logprobs, suffix, logit_bias, penalties, min_tokens), and an unknown field
-    is refused: a parameter is never silently ignored."""
+    its no-op value (suffix; best_of other than n), and an unknown field is refused: a parameter is never
+    silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
-    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
-    best_of: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
-    echo: Literal[False] = False
-    logprobs: None = None
+    max_tokens: Annotated[StrictInt, Field(ge=0)] = 16  # 0 only with echo: the prompt's logprobs, nothing generated
+    n: Annotated[StrictInt, Field(ge=1)] = 1
+    best_of: Annotated[StrictInt, Field(ge=1)] | None = None
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None  # top alternatives per token (OpenAI's 0..5)
     suffix: None = None
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    presence_penalty: Annotated[float, Field(strict=True, ge=0, le=0)] = 0.0
-    frequency_penalty: Annotated[float, Field(strict=True, ge=0, le=0)] = 0.0
-    repetition_penalty: Annotated[float, Field(strict=True, ge=1, le=1)] = 1.0
-    min_tokens: Annotated[StrictInt, Field(ge=0, le=0)] = 0
-    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+
+
+class ContentPart(Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """One message; extra keys (name, tool_calls, ...) reach the chat template as they are."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """OpenAI's chat completions request: the messages are rendered with the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
+    n: Annotated[StrictInt, Field(ge=1)] = 1
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    add_generation_prompt: StrictBool = True  # the template's flag: open the assistant's turn
 
 
 # websocket frames (the type field picks the model)

@@ -39,26 +39,31 @@ async def create(edge: Edge, snapshot_b64: str | None, new_session: str | None =
     return await session_call(edge, "create", snapshot=snapshot, new_session=new_session)
 
 
-async def start_append(edge: Edge, sid: str, inputs: np.ndarray, kinds: tuple[str, ...], wait_if_busy: bool = False):
+async def start_append(edge: Edge, sid: str, inputs: np.ndarray, kinds: tuple[str, ...], wait_if_busy: bool = False,
+                       seq: int | None = None):
     """Submit an append now; returns a coroutine that waits for its answer. Appends started in order are applied
-    in that order."""
+    in that order. With `seq`, the answer says whether it was applied now or before (`replayed`: a retry, answered
+    from the session's record with the steps after it and no outputs)."""
+    numbered = {} if seq is None else {"seq": seq}
     if inputs.shape[0] == 0:
         info = session_call(edge, "info", sid)
 
         async def empty():
-            return {"results": {k: [] for k in kinds}, "steps": (await info).steps}
+            return {"results": {k: [] for k in kinds}, "steps": (await info).steps,
+                    **({**numbered, "replayed": False} if numbered else {})}
         return empty()
     edge.validator.output_budget(inputs.shape[0], kinds)
-    stream = await submit(edge, inputs, outputs=list(kinds), session=sid, wait_if_busy=wait_if_busy)
+    stream = await submit(edge, inputs, outputs=list(kinds), session=sid, wait_if_busy=wait_if_busy, seq=seq)
 
     async def answer():
         got = await collect(stream)
-        return {"results": got.joined(kinds, edge.model.head == "classify"), "steps": got.final.steps}
+        return {"results": got.joined(kinds, edge.model.head == "classify"), "steps": got.final.steps,
+                **({**numbered, "replayed": got.final.replayed} if numbered else {})}
     return answer()
 
 
-async def append(edge: Edge, sid: str, inputs: np.ndarray, kinds: tuple[str, ...]) -> dict:
-    return await (await start_append(edge, sid, inputs, kinds))
+async def append(edge: Edge, sid: str, inputs: np.ndarray, kinds: tuple[str, ...], seq: int | None = None) -> dict:
+    return await (await start_append(edge, sid, inputs, kinds, seq=seq))
 
 
 @dataclass

@@ -158,11 +158,16 @@ class Validator:
                            f"({self.config.max_response_bytes / 2**20:.0f} MiB); ask for fewer kinds, or append the "
                            "input in chunks to a session (the websocket's binary frames page it for you)", field)
 
-    def sampling(self, req: schemas.SamplingFields, num_input: int) -> Sampling:
-        if self.model.head != "lm":
-            raise bad_request(f"generation needs a language-model head; this model's head is {self.model.head!r}",
-                              "max_tokens")
-        self.steps(num_input + req.max_tokens, "max_tokens")
+    def sampling(self, req: schemas.SamplingFields, num_input: int, max_tokens: int | None = None,
+                 logprobs: int | None = None, num_samples: int = 1) -> Sampling:
+        """max_tokens: instead of the request's; logprobs: top alternatives to report with each token;
+        num_samples: samples of this input (n), each of up to max_tokens steps."""
+        self.lm_head("max_tokens")
+        max_tokens = req.max_tokens if max_tokens is None else max_tokens
+        self.steps(num_input + num_samples * max_tokens, "max_tokens")
+        if req.min_tokens > max_tokens:
+            raise APIError(422, "invalid_field", f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
+                           "min_tokens")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
         if any(s == "" for s in stop):
             raise bad_request("stop strings must not be empty", "stop")
@@ -177,6 +182,28 @@ class Validator:
         stop_ids = self.token_ids(req.stop_token_ids or [], "stop_token_ids")
         if req.seed is not None and not 0 <= req.seed < SEED_LIMIT:
             raise APIError(422, "invalid_field", f"seed: expected an integer in [0, 2**63), got {req.seed}", "seed")
-        return Sampling(max_tokens=req.max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
+        return Sampling(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
                         top_p=req.top_p, seed=req.seed, stop=stop, stop_token_ids=stop_ids.tolist(),
-                        ignore_eos=req.ignore_eos)
+                        ignore_eos=req.ignore_eos, logit_bias=self.logit_bias(req.logit_bias),
+                        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                        frequency_penalty=req.frequency_penalty, min_tokens=req.min_tokens, logprobs=logprobs)
+
+    def lm_head(self, field: str) -> None:
+        if self.model.head != "lm":
+            raise bad_request(f"generation needs a language-model head; this model's head is {self.model.head!r}",
+                              field)
+
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        """OpenAI's keys are token ids written as strings; each must be one in the vocabulary."""
+        found = {}
+        for key, value in (bias or {}).items():
+            field = f"logit_bias.{key}"
+            if not (key.isascii() and key.isdigit()) or len(key) > 19:
+                raise APIError(422, "invalid_field", f"logit_bias keys are token ids (decimal strings), got {key!r}",
+                               field)
+            token = int(key)
+            if token >= self.model.vocab_size:
+                raise APIError(422, "token_out_of_vocabulary", f"token id {token} is outside the vocabulary "
+                               f"[0, {self.model.vocab_size})", field)
+            found[token] = value
+        return found

@@ -131,7 +131,7 @@ class Connection:
                 array = edge.validator.inputs(frame.input_ids, frame.inputs, frame.text)
             elif frame.input_ids is not None or frame.inputs is not None or frame.text is not None:
                 raise bad_request("a binary frame carries its inputs in the payload", "inputs")
-            answer = await start_append(edge, sid, array, kinds, wait_if_busy=True)
+            answer = await start_append(edge, sid, array, kinds, wait_if_busy=True, seq=frame.seq)
             await self.answers.put(("outputs-binary" if frame.binary else "outputs", answer))
         elif frame.type == "generate":
             run = await open_generate(edge, self._session(), frame, wait_if_busy=True)
@@ -251,6 +251,7 @@ class Connection:
 def binary_outputs(result: dict) -> bytes:
     """An outputs answer as one binary frame: a JSON header, then each kind's float32 values (row-major)."""
     arrays = {k: np.asarray(v, dtype="<f4") for k, v in result["results"].items()}
-    header = orjson.dumps({"type": "outputs", "steps": result["steps"],
+    numbered = {k: result[k] for k in ("seq", "replayed") if k in result}
+    header = orjson.dumps({"type": "outputs", "steps": result["steps"], **numbered,
                            "kinds": {k: list(a.shape) for k, a in arrays.items()}})
     return struct.pack("<I", len(header)) + header + b"".join(a.tobytes() for a in arrays.values())

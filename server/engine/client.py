@@ -12,7 +12,7 @@ import zmq
 import zmq.asyncio
 
 from server.engine.protocol import (Abort, Add, EngineInfo, Error, Hello, Reply, RequestOutput, SessionOp, Utility,
-                                    output_decoder, request_encoder)
+                                    child_rid, output_decoder, request_encoder)
 
 log = logging.getLogger("infomamba.frontend")
 LIVENESS_INTERVAL = 0.2  # seconds between checks that the engine process is alive
@@ -106,10 +106,18 @@ class EngineClient:
     # -- requests ------------------------------------------------------------------------------------------
 
     async def add(self, request: Add) -> RequestStream:
+        return (await self.add_samples(request))[0]
+
+    async def add_samples(self, request: Add) -> list[RequestStream]:
+        """The streams of an Add's request.n samples, registered before it is sent."""
         self._check_alive()
-        stream = self.streams[request.rid] = RequestStream(self, request.rid)
+        streams = []
+        for i in range(request.n):
+            rid = child_rid(request.rid, i)
+            streams.append(RequestStream(self, rid))
+            self.streams[rid] = streams[-1]
         await self._push.send(request_encoder.encode(request))
-        return stream
+        return streams
 
     def new_add(self, **fields) -> Add:
         return Add(client=self.id, rid=new_id(), **fields)

@@ -5,9 +5,11 @@ server/engine/process.py and the frontends); one thread owns everything here, so
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
+import socket
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -19,8 +21,8 @@ from model.state import save_snapshot, state_nbytes_per_stream
 from server.config import ServerConfig
 from server.engine import errors
 from server.engine.errors import EngineError
-from server.engine.protocol import (Abort, Add, Array, EngineInfo, Error, Hello, Reply, RequestOutput, Sampling,
-                                    SessionOp, StepOutputs, Utility)
+from server.engine.protocol import (Abort, Add, Array, EngineInfo, Error, Hello, Logprobs, Reply, RequestOutput,
+                                    Sampling, SessionOp, StepOutputs, Utility, child_rid)
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -62,11 +64,17 @@ class EngineCore:
         self.scheduler = Scheduler(self.pool, max(config.max_num_batched_tokens, num_streams),
                                    config.max_num_prefill_tokens)
         self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs)
+        if getattr(self.runner, "graphs", None) is not None:  # eager decode steps cost what mixed ones do
+            self.scheduler.max_prefill_wait_steps = config.max_prefill_wait_steps
         # events from other threads (frontend requests, finished writes), handled by the engine thread in order
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.store = open_store(config, state_dir, model.config.name, model.fingerprint(), self.inbox.put,
+        self.on_post = None  # called after each post(), to wake a loop that sleeps elsewhere (EngineLoop)
+        self.store = open_store(config, state_dir, model.config.name, model.fingerprint(), self.post,
                                 self.metrics)
         self.sessions = SessionTable(self.pool, model, self.store, config.max_num_sessions, config.session_ttl)
+        # this replica's name on its leases, and the `replica` label of its series (the dashboard joins on it)
+        self.replica_id = getattr(self.store, "replica_id", None) or config.replica_id or socket.gethostname()
+        self.metrics.replica_info.labels(self.replica_id).set(1)
         self.requests: dict[tuple[str, str], Sequence] = {}
         self.num_steps = 0
         self._outputs: dict[tuple[str, str], RequestOutput] = {}  # this step's, by (client, rid)
@@ -92,15 +100,21 @@ class EngineCore:
                           num_slots=self.pool.num_total,
                           kernels="triton" if use_triton(self.model.norm_f.weight) else "pytorch")
 
+    def post(self, message) -> None:
+        """From any thread: a message for the engine thread to handle in order."""
+        self.inbox.put(message)
+        if self.on_post is not None:
+            self.on_post()
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._awaiting_slot)
 
     # -- one turn of the loop ------------------------------------------------------------------------------
 
     def run_once(self, timeout: float | None = None) -> dict[str, StepOutputs]:
-        """Handle what arrived (waiting up to `timeout` for something when idle), run one step, and return
-        the step's outputs by frontend."""
-        block = not self.scheduler.has_work()
+        """Handle what arrived (waiting up to `timeout` for something when idle; 0: never), run one step, and
+        return the step's outputs by frontend."""
+        block = timeout != 0 and not self.scheduler.has_work()
         try:
             self.handle(self.inbox.get(block=block, timeout=timeout if block else None))
             while True:
@@ -171,6 +185,8 @@ class EngineCore:
                 self._fail(chunk.seq, EngineError("internal_error", "the engine step failed"))
             return batch
         self.metrics.observe_step(batch, time.monotonic() - t0)
+        if result.replayed:
+            self.metrics.graph_steps.inc()
         self.postprocess(batch, result)
         self.num_steps += 1
         return batch
@@ -195,16 +211,22 @@ class EngineCore:
         key = (req.client, req.rid)
         inputs = torch.from_numpy(req.inputs.numpy().copy())
         session = self.sessions.get(req.session) if req.session is not None else None
-        sampling = _sampling(req.sampling) if req.sampling is not None else None
+        sampling = _sampling(req.sampling, self.eos_id) if req.sampling is not None else None
+        if req.n > 1 and (session is not None or sampling is None or req.want_state):
+            raise EngineError("invalid_request", "n > 1 is for stateless generation only", "n")
         seq = Sequence(inputs, outputs=tuple(req.outputs), sampling=sampling, want_state=req.want_state,
                        feed_last=session is not None and sampling is not None,
-                       keep_last_logits=(session is not None or req.want_state) and self.model.config.head == "lm",
+                       keep_last_logits=(session is not None or req.want_state or req.n > 1)
+                       and self.model.config.head == "lm",
                        tokenizer=self.tokenizer if session is not None else None, rid=req.rid, client=req.client,
-                       session=session)
+                       session=session, prompt_logprobs=req.prompt_logprobs,
+                       seq=req.seq if session is not None else None)
         if session is None:
             if self.scheduler.num_waiting_for_slot >= self.config.max_queue:
                 raise errors.queue_full(self.config.max_queue)
             self.requests[key] = seq
+            for i in range(1, req.n):
+                seq.forks.append(self._fork_request(seq, i))
             self.scheduler.add(seq)
             return
         if session.is_busy or session.queue:
@@ -215,6 +237,37 @@ class EngineCore:
             return
         self.requests[key] = seq
         self._start_in_session(seq)
+
+    def _fork_request(self, parent: Sequence, index: int) -> Sequence:
+        """Sample `index` of an n > 1 request: it waits until the parent's prompt has run (_fork)."""
+        seed = parent.sampling.seed
+        sampling = dataclasses.replace(parent.sampling, seed=None if seed is None else (seed + index) % 2**63)
+        child = Sequence(torch.empty(0, dtype=torch.int64), sampling=sampling, rid=child_rid(parent.rid, index),
+                         client=parent.client)
+        child.fork_of = parent
+        self.requests[(child.client, child.rid)] = child
+        return child
+
+    def _fork(self, parent: Sequence) -> None:
+        """The parent's prompt has run: each fork starts from a copy of its state and its last logits."""
+        state = self.pool.read(parent.slot)  # a copy: the parent's slot moves on
+        for child in parent.forks:
+            child.initial_state, child.initial_logits = state, parent.initial_logits
+            self.scheduler.add(child)
+        parent.forks = []
+        parent.keep_last_logits = False
+
+    def _drop_forks(self, parent: Sequence, reason: str, error: Error | None = None) -> None:
+        """The parent ended before its prompt had run: so do the forks waiting for it."""
+        for child in parent.forks:
+            self.requests.pop((child.client, child.rid), None)
+            child.status = SeqStatus.FINISHED
+            out = self._output(child.client, child.rid)
+            if error is not None:
+                out.error = error
+            else:
+                out.finish_reason = reason
+        parent.forks = []
 
     def _start_in_session(self, seq: Sequence) -> None:
         session = seq.session
@@ -227,6 +280,7 @@ class EngineCore:
             if seq.num_prompt == 0 and seq.sampling is not None and session.last_logits is None:
                 raise EngineError("nothing_to_run", "the session has no previous output to continue from; give a "
                                   "prompt or input_ids", "prompt")
+            recorded = session.recorded(seq.seq) if seq.seq is not None else None
         except EngineError as exc:
             session.running = None
             self.requests.pop((seq.client, seq.rid), None)
@@ -234,9 +288,23 @@ class EngineCore:
             seq.status = SeqStatus.FINISHED
             self._next_in_session(session)
             return
+        if recorded is not None:
+            self._answer_from_record(seq, recorded)
+            return
         seq.slot = session.slot
         seq.initial_logits = session.last_logits if seq.num_prompt == 0 else None
         self.scheduler.add(seq)
+
+    def _answer_from_record(self, seq: Sequence, steps: int) -> None:
+        """A retry of an append already applied: its steps from the record, nothing run. Sent once every write
+        queued before it has landed (the original's among them), as the original's answer would have been."""
+        session = seq.session
+        session.running = None
+        self.requests.pop((seq.client, seq.rid), None)
+        seq.status = SeqStatus.FINISHED
+        answer = RequestOutput(seq.rid, finish_reason="done", steps=steps, replayed=True)
+        self._log_waiters.append(_Waiter(seq.client, answer, session))
+        self._next_in_session(session)
 
     def _must_wait_for_slot(self, session: Session, item) -> bool:
         """Park `item` (a request or an operation of a spilled session) while every slot runs something."""
@@ -273,6 +341,12 @@ class EngineCore:
 
     def _abort(self, seq: Sequence) -> None:
         session = seq.session
+        if seq.fork_of is not None and seq in seq.fork_of.forks:  # its parent's prompt is still running
+            seq.fork_of.forks.remove(seq)
+            seq.status = SeqStatus.FINISHED
+            self.requests.pop((seq.client, seq.rid), None)
+            self._output(seq.client, seq.rid).finish_reason = "cancelled"
+            return
         if seq in self._awaiting_slot:
             self._awaiting_slot.remove(seq)
             session.running = None
@@ -285,6 +359,10 @@ class EngineCore:
             self.requests.pop((seq.client, seq.rid), None)
             self._output(seq.client, seq.rid).finish_reason = "cancelled"
             return
+        if seq.seq is not None and seq.num_fed:
+            # a numbered append runs to its end once begun: cut short, its retry could neither be answered from
+            # the record (it was not all applied) nor applied again (part of it was)
+            return
         seq.is_cancelled = True
         self._finish(seq, "cancelled")
 
@@ -296,14 +374,16 @@ class EngineCore:
         # counters once per step, not once per token: they cost microseconds each, times hundreds of streams
         self.metrics.prompt_steps.inc(sum(c.num_tokens for c in batch.chunks if not c.is_decode))
         self.metrics.generation_steps.inc(len(result.sampled))
+        last_logits, outputs, sampled = result.last_logits, result.outputs, result.sampled
+        prompt_logprobs, logprobs = result.prompt_logprobs, result.logprobs
         for chunk in batch.chunks:
             seq = chunk.seq
             if seq.status is SeqStatus.FINISHED:
                 continue
-            if seq.id in result.last_logits:
-                seq.initial_logits = result.last_logits[seq.id]
-            if seq.id in result.outputs:
-                arrays = {kind: t.numpy() for kind, t in result.outputs[seq.id].items()}
+            if last_logits and seq.id in last_logits:
+                seq.initial_logits = last_logits[seq.id]
+            if outputs and seq.id in outputs:
+                arrays = {kind: t.numpy() for kind, t in outputs[seq.id].items()}
                 if not all(np.isfinite(a).all() for a in arrays.values()):
                     self._fail(seq, EngineError("non_finite_output", "the model produced NaN or infinity for "
                                                 "this input (its state may hold extreme values)"))
@@ -312,15 +392,24 @@ class EngineCore:
                 out = self._output(seq.client, seq.rid)
                 for kind, a in arrays.items():
                     out.outputs[kind] = Array.of(_join(out.outputs.get(kind), a))
-            if seq.id in result.sampled:
-                self._on_token(seq, result.sampled[seq.id], now)
+            if not chunk.is_decode:  # what only input chunks can bring
+                if prompt_logprobs and seq.id in prompt_logprobs:
+                    _extend(self._output(seq.client, seq.rid), "prompt_logprobs", prompt_logprobs[seq.id])
+                if seq.forks and seq.num_fed >= seq.num_prompt:
+                    self._fork(seq)
+            token = sampled.get(seq.id)
+            if token is not None:
+                self._on_token(seq, token, now, logprobs.get(seq.id) if logprobs else None)
             elif seq.num_pending == 0:
                 self._finish(seq, seq.finish_reason or "done")
 
-    def _on_token(self, seq: Sequence, token: int, now: float) -> None:
+    def _on_token(self, seq: Sequence, token: int, now: float, logprobs: Logprobs | None = None) -> None:
         self._mark_output(seq, now, 1)
         seq.output_ids.append(token)
-        self._output(seq.client, seq.rid).token_ids.append(token)
+        out = self._output(seq.client, seq.rid)
+        out.token_ids.append(token)
+        if logprobs is not None:
+            _extend(out, "logprobs", logprobs)
         params = seq.sampling
         reason = None
         if seq.detok is not None and seq.detok.add(token):
@@ -342,8 +431,9 @@ class EngineCore:
         if seq.initial_logits is None or seq.sampling is None:
             self._fail(seq, EngineError("nothing_to_run", "no inputs to run"))
             return
-        token = sample(seq.initial_logits[None], [seq])[0]
-        self._on_token(seq, token, time.monotonic())
+        # on the model's device, as its later steps are: a seeded generator and the sampler's tensors live there
+        tokens, logprobs = sample(seq.initial_logits[None].to(self.model.device), [seq])
+        self._on_token(seq, tokens[0], time.monotonic(), logprobs.get(0))
 
     def _mark_output(self, seq: Sequence, now: float, n: int) -> None:
         if seq.first_output_time is None:
@@ -356,10 +446,15 @@ class EngineCore:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status is SeqStatus.FINISHED:
             return
+        if seq.forks:
+            self._drop_forks(seq, reason)
         out = self._output(seq.client, seq.rid)
         out.finish_reason, out.num_prompt = reason, seq.num_fed
         if seq.slot is not None and seq.status is SeqStatus.RUNNING:
-            out.steps = self.pool.steps(seq.slot)
+            # a request's own slot started at zero (a fork's at its parent's prompt): its steps are known without
+            # reading the device
+            out.steps = (seq.num_fed + seq.num_decoded + (seq.fork_of.num_prompt if seq.fork_of is not None else 0)
+                         if seq.owns_slot else self.pool.steps(seq.slot))
             if seq.want_state and reason != "cancelled":
                 out.state = save_snapshot(self.pool.read(seq.slot), self.model.config.name,
                                           self.sessions.fingerprint, seq.initial_logits)
@@ -377,6 +472,8 @@ class EngineCore:
     def _fail(self, seq: Sequence, error: EngineError) -> None:
         out = self._output(seq.client, seq.rid)
         out.error = error.to_struct()
+        if seq.forks:
+            self._drop_forks(seq, "error", out.error)
         was_running = seq.status is SeqStatus.RUNNING
         self.scheduler.finish(seq, "error")
         self.requests.pop((seq.client, seq.rid), None)
@@ -400,8 +497,11 @@ class EngineCore:
             if seq.keep_last_logits and seq.initial_logits is not None:
                 session.last_logits = seq.initial_logits
             fed = _fed_inputs(seq)
+            numbered = seq.seq if out.error is None and out.finish_reason != "cancelled" else None
+            if numbered is not None:
+                session.record(numbered, session.steps)
             if seq.client != INTERNAL and len(fed):  # its state moved: on disk before the answer goes out
-                self._make_durable(session, steps_before, fed, seq.client, out)
+                self._make_durable(session, steps_before, fed, seq.client, out, numbered)
         self._next_in_session(session)
 
     def _replay_failed(self, session: Session, error: Error) -> None:
@@ -420,14 +520,16 @@ class EngineCore:
                 self._output(item.client, item.rid).error = failure
         self._next_in_session(session)
 
-    def _make_durable(self, session: Session, steps_before: int, fed: np.ndarray, client: str, answer) -> None:
+    def _make_durable(self, session: Session, steps_before: int, fed: np.ndarray, client: str, answer,
+                      seq: int | None = None) -> None:
         """A log record of the inputs (group-committed with the step's others), or a snapshot when that is
         smaller or the session's log has grown long."""
-        if (not self.store.supports_log or session.logged_steps + len(fed) >= self.config.snapshot_every
+        if (not self.store.supports_log or session.needs_snapshot
+                or session.logged_steps + len(fed) >= self.config.snapshot_every
                 or fed.nbytes >= self._snapshot_nbytes):
             self._hold(self.sessions.persist(session), client, answer, session, snapshot_steps=session.steps)
             return
-        record = LogRecord.of(session.id, steps_before, fed)
+        record = LogRecord.of(session.id, steps_before, fed, seq)
         session.log.append(record)
         self._log_batch.append(record)
         self._log_waiters.append(_Waiter(client, answer, session))
@@ -435,8 +537,9 @@ class EngineCore:
             self._outputs.pop((client, answer.rid), None)
 
     def _flush_log(self) -> None:
-        """One log write (one fsync) for every session answer of this turn."""
-        if self._log_batch:
+        """One log write (one fsync) for every session answer of this turn (with no records: a barrier that answers
+        from records wait on)."""
+        if self._log_waiters:
             ticket = self.store.append_log(self._log_batch)
             self._held.setdefault(ticket, []).extend(self._log_waiters)
             self._log_batch, self._log_waiters = [], []
@@ -448,6 +551,10 @@ class EngineCore:
     def _session_op(self, op: SessionOp, queued: bool = False) -> None:
         client, rid = op.client, op.rid
         try:
+            if op.op == "list":
+                self._replies[client].append(Reply(rid, info={"sessions": self.sessions.listing(),
+                                                              "replica": self.replica_id}))
+                return
             if op.op == "create":
                 session = self.sessions.create(op.snapshot, op.new_session)
                 self._hold(self.sessions.persist(session), client, Reply(rid, session=session.id,
@@ -493,16 +600,21 @@ class EngineCore:
         if done.ticket == self._rotation:
             self._rotation = None
         for waiter in self._held.pop(done.ticket, []):  # none: a write nobody waits for (a removal)
-            self._release(waiter, done)
+            failure = done.error
+            if done.failed and waiter.session is not None:  # a log write that some sessions' records missed
+                failure = done.failed.get(waiter.session.id, failure)
+            self._release(waiter, failure)
 
-    def _release(self, waiter: "_Waiter", done: Persisted) -> None:
+    def _release(self, waiter: "_Waiter", failure: str | None) -> None:
         client, answer, session = waiter.client, waiter.answer, waiter.session
         if session is not None and waiter.snapshot_steps is not None:
             session.writes_in_flight -= 1
-            if done.error is None:
+            if failure is None:
                 self.sessions.snapshot_landed(session, waiter.snapshot_steps)
-        if done.error is not None:
-            error = Error("state_not_persisted", f"{done.error}; the session's state in memory includes this "
+        if failure is not None:
+            if session is not None:  # records after a gap would not chain: the session's next write is a snapshot
+                session.needs_snapshot = True
+            error = Error("state_not_persisted", f"{failure}; the session's state in memory includes this "
                           "request, but it would not survive a restart", "session")
             if isinstance(answer, Reply):
                 answer.ok, answer.error = False, error
@@ -566,13 +678,25 @@ class EngineCore:
         return out
 
 
-def _sampling(s: Sampling) -> SamplingParams:
+def _sampling(s: Sampling, eos_id: int | None) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                               seed=s.seed, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
-                              ignore_eos=s.ignore_eos)
+                              ignore_eos=s.ignore_eos, logit_bias=dict(s.logit_bias),
+                              repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+                              frequency_penalty=s.frequency_penalty, min_tokens=s.min_tokens, logprobs=s.logprobs,
+                              eos_id=eos_id)
     except ValueError as exc:
         raise EngineError("invalid_field", str(exc), str(exc).split(":")[0]) from None
+
+
+def _extend(out: RequestOutput, name: str, more: Logprobs) -> None:
+    """Add a step's logprobs to what the output holds already this step."""
+    current = getattr(out, name)
+    if current is None:
+        setattr(out, name, Logprobs(list(more.chosen), list(more.top_ids), list(more.top_logprobs)))
+    else:
+        current.extend(more)
 
 
 def _join(previous: Array | None, new: np.ndarray) -> np.ndarray:
@@ -584,7 +708,7 @@ def _merge(current: RequestOutput | None, held: RequestOutput) -> RequestOutput:
     if current is None:
         return held
     current.token_ids = held.token_ids + current.token_ids
-    for name in ("finish_reason", "error", "steps", "num_prompt", "state"):
+    for name in ("finish_reason", "error", "steps", "num_prompt", "state", "replayed"):
         if getattr(held, name) not in (None, 0):
             setattr(current, name, getattr(held, name))
     return current

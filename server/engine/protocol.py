@@ -37,6 +37,12 @@ class Sampling(msgspec.Struct, array_like=True, omit_defaults=True):
     stop: list[str] = []  # stop strings: the engine checks them only for session generates (their state must end
     stop_token_ids: list[int] = []  # exactly at the stop); for stateless requests the frontend does
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = {}
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None  # top alternatives to report with each sampled token (0: only its own)
 
 
 # -- frontend -> engine ----------------------------------------------------------------------------------------
@@ -57,6 +63,10 @@ class Add(msgspec.Struct, tag="add", omit_defaults=True):
     session: str | None = None  # run in this session's state (it is carried, and persisted before the answer)
     wait_if_busy: bool = False  # session busy: queue behind its running request (websocket pipelining) or refuse
     want_state: bool = False  # send a snapshot of the final state with the finish (forward's return_state)
+    prompt_logprobs: int | None = None  # report each input token's logprob (after the first) and top alternatives
+    n: int = 1  # samples of one prompt: the prompt runs once, then its state is copied for samples 1..n-1, whose
+    # outputs come under child_rid(rid, i)
+    seq: int | None = None  # a session append's sequence number: a retry of an applied one is answered, not rerun
 
 
 class Abort(msgspec.Struct, tag="abort"):
@@ -65,7 +75,7 @@ class Abort(msgspec.Struct, tag="abort"):
 
 
 class SessionOp(msgspec.Struct, tag="session", omit_defaults=True):
-    """create (optionally from a snapshot), snapshot, fork, delete, info."""
+    """create (optionally from a snapshot), snapshot, fork, delete, info, list (every session: Reply.info)."""
 
     client: str
     rid: str
@@ -87,7 +97,26 @@ class Utility(msgspec.Struct, tag="utility"):
 EngineRequest = Union[Hello, Add, Abort, SessionOp, Utility]
 
 
+def child_rid(rid: str, index: int) -> str:
+    """The request id under which sample `index` of an Add with n > 1 answers (sample 0 answers as the Add)."""
+    return rid if index == 0 else f"{rid}.{index}"
+
+
 # -- engine -> frontend ----------------------------------------------------------------------------------------
+
+class Logprobs(msgspec.Struct, array_like=True):
+    """Log-probabilities under the model's own distribution (before logit_bias, penalties and temperature) for a
+    run of positions: the token there, and the position's top alternatives, most likely first."""
+
+    chosen: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+    def extend(self, more: "Logprobs") -> None:
+        self.chosen += more.chosen
+        self.top_ids += more.top_ids
+        self.top_logprobs += more.top_logprobs
+
 
 class Error(msgspec.Struct, omit_defaults=True):
     """An engine error; the edge maps `code` to an HTTP status (server/api/errors.py)."""
@@ -104,11 +133,14 @@ class RequestOutput(msgspec.Struct, omit_defaults=True):
     rid: str
     outputs: dict[str, Array] = {}  # kind -> (steps, width) float32 for the steps fed this engine step
     token_ids: list[int] = []  # sampled this step
+    logprobs: Logprobs | None = None  # of token_ids, when the request asked
+    prompt_logprobs: Logprobs | None = None  # of the input tokens fed this step (from the second), when asked
     finish_reason: str | None = None  # set on the request's last output
     error: Error | None = None
     steps: int | None = None  # the stream's steps seen, on finish
     num_prompt: int = 0  # on finish: steps fed from the request's inputs
     state: bytes | None = None  # snapshot, on finish (want_state)
+    replayed: bool = False  # on finish: the request's `seq` was applied before; `steps` is from then
 
 
 class Reply(msgspec.Struct, omit_defaults=True):

@@ -5,6 +5,7 @@ continues on another when its replica dies.
 Keys (one hash tag per session, so a session's keys stay together):
     {prefix}:{<sid>}:state   hash: blob (the key of the current snapshot), steps, version, owner
     {prefix}:{<sid>}:blob:<replica>:<n>   a snapshot (safetensors bytes)
+    {prefix}:{<sid>}:log     list: the inputs fed since that snapshot, one msgpack LogRecord each (wal.py)
     {prefix}:{<sid>}:lease   the owning replica's id, with a TTL (SET NX PX); renewed while the session is resident
     {prefix}:{<sid>}:wanted  another replica asked for the session (the owner hands it over when it is idle)
     {prefix}:sessions        hash: sid -> steps, for listing
@@ -15,11 +16,20 @@ whose lease another replica holds is refused with 503 + Retry-After (the lease's
 session wanted, so its owner hands it over at its next renewal if it is idle. A dead replica's leases expire after
 `--state-lease-ttl` seconds; its sessions then continue elsewhere from their last acknowledged state.
 
-Fencing: a write uploads the snapshot under a key of its own (a plain SET: handing a large argument to Lua costs
-a copy), then commits it with a Lua script that checks, inside Redis, that the lease is this replica's (or free)
-and that the stored version is the one this replica loaded or last wrote, and only then points the session at the
-new blob (dropping the old one). Both go in one round trip. A write from a replica that lost the session in
-between (a pause longer than the lease, a network split) is refused and its blob dropped, never applied.
+The log: as with the state dir (server/engine/wal.py), an acknowledged append or generate needs only its inputs in
+the store, not the whole state: the engine hands the store one record per answered request (a few bytes a step),
+and the records of one engine step go to Redis in one pipelined round trip (group commit), each appended to its
+session's list by a Lua script under the same checks as a snapshot. A snapshot is written every --snapshot-every
+logged steps (and at create and fork); its commit empties the session's list, which by then holds only records the
+snapshot covers (one writer thread applies a replica's writes in submission order). A replica taking a session
+over reads its snapshot and list in one script and replays the records.
+
+Fencing: every change of a session bumps its stored version. A snapshot is uploaded under a key of its own (a
+plain SET: handing a large argument to Lua costs a copy), then committed with a Lua script that checks, inside
+Redis, that the lease is this replica's (or free) and that the stored version is the one this replica loaded or
+last wrote, and only then points the session at the new blob (dropping the old one). Both go in one round trip. A
+log record is appended under the same check. A write from a replica that lost the session in between (a pause
+longer than the lease, a network split) is refused (and its blob dropped), never applied.
 
 Writes run on one thread, in submission order, so the engine loop never waits on the network. sync mode (the
 default) reports a write done once Redis has it, and the engine answers only then; async mode reports it at once,
@@ -43,14 +53,15 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 
 from model.state import StreamState, save_snapshot
-from server.engine import errors
+from server.engine import errors, wal
 from server.engine.errors import EngineError
 from server.engine.store import Persisted, WriterThread
+from server.engine.wal import LogRecord
 
 log = logging.getLogger("infomamba.store")
 MAX_SESSION_ID = 128
 
-# KEYS: state, lease, index, new blob. ARGV: me, expected version, lease ms, steps, sid.
+# KEYS: state, lease, index, new blob, log. ARGV: me, expected version, lease ms, steps, sid.
 _COMMIT = """
 local owner = redis.call('GET', KEYS[2])
 local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
@@ -61,12 +72,30 @@ if (owner and owner ~= ARGV[1]) or version ~= tonumber(ARGV[2]) then
 end
 local old = redis.call('HGET', KEYS[1], 'blob')
 if old then redis.call('DEL', old) end
+redis.call('DEL', KEYS[5])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 redis.call('HSET', KEYS[1], 'blob', KEYS[4], 'steps', ARGV[4], 'version', version + 1, 'owner', ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[5], ARGV[4])
 return {version + 1, ARGV[1]}
 """
-# KEYS: state, lease, wanted. ARGV: me, lease ms. -> {1, snapshot, version} | {0} (no such session) | {-1, owner, pttl}
+# KEYS: state, lease, index, log. ARGV: me, expected version, lease ms, steps after, record, sid, steps before.
+# -> {version} | {-1, owner} | {-2, version} | {-3, stored steps}; version 0: the session is gone (deleted through
+# another replica); -3: the record would not continue the stored steps (an earlier write of this session failed)
+_APPEND = """
+local owner = redis.call('GET', KEYS[2])
+local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if owner and owner ~= ARGV[1] then return {-1, owner} end
+if version ~= tonumber(ARGV[2]) or version == 0 then return {-2, tostring(version)} end
+local steps = redis.call('HGET', KEYS[1], 'steps') or '0'
+if tonumber(steps) ~= tonumber(ARGV[7]) then return {-3, steps} end
+redis.call('RPUSH', KEYS[4], ARGV[5])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+redis.call('HSET', KEYS[1], 'steps', ARGV[4], 'version', version + 1, 'owner', ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[6], ARGV[4])
+return {version + 1}
+"""
+# KEYS: state, lease, wanted, log. ARGV: me, lease ms.
+# -> {1, snapshot, version, log records} | {0} (no such session) | {-1, owner, pttl}
 _ACQUIRE = """
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then
@@ -77,7 +106,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[3])
 local v = redis.call('HMGET', KEYS[1], 'blob', 'version')
-return {1, redis.call('GET', v[1]), v[2]}
+return {1, redis.call('GET', v[1]), v[2], redis.call('LRANGE', KEYS[4], 0, -1)}
 """
 # KEYS: lease, wanted. ARGV: me, lease ms. -> 0 lost, 1 renewed, 2 renewed and wanted elsewhere
 _RENEW = """
@@ -90,13 +119,13 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-# KEYS: state, lease, wanted, index. ARGV: me, sid. -> 1 deleted | {-1, owner}
+# KEYS: state, lease, wanted, index, log. ARGV: me, sid. -> 1 deleted | {-1, owner}
 _DELETE = """
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then return {-1, owner} end
 local blob = redis.call('HGET', KEYS[1], 'blob')
 if blob then redis.call('DEL', blob) end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
 redis.call('HDEL', KEYS[4], ARGV[2])
 return 1
 """
@@ -113,11 +142,17 @@ class Relinquish:
 
 @dataclass(slots=True)
 class _Job:
-    kind: str  # write | delete | release
+    kind: str  # write | log | delete | release
     ticket: int
-    session: str
+    session: str  # "" for a log job (its records name their sessions)
     state: StreamState | None = None
     last_logits: torch.Tensor | None = None
+    metadata: dict[str, str] | None = None
+    records: list[LogRecord] | None = None
+
+    @property
+    def sessions(self) -> list[str]:
+        return [r.session for r in self.records] if self.records is not None else [self.session]
 
 
 class RedisSessionStore(WriterThread):
@@ -142,6 +177,7 @@ class RedisSessionStore(WriterThread):
         # short timeouts: the engine thread reads from here, and a dead Redis must not stall it for long
         self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=1, health_check_interval=10)
         self._commit = self.redis.register_script(_COMMIT)
+        self._append = self.redis.register_script(_APPEND)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
@@ -162,12 +198,15 @@ class RedisSessionStore(WriterThread):
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    # No write-ahead log here yet: every answered change is a snapshot (the engine checks this flag).
-    supports_log = False
-    log_bytes = 0
+    supports_log = True  # answers may wait on a log record instead of a whole snapshot
+    log_bytes = 0  # each session's list is emptied by its next snapshot: nothing to rotate
 
     def read_log(self) -> list:
+        """Nothing to pick up at start (see persisted_sessions); a session's records come with its snapshot."""
         return []
+
+    def rotate_log(self, carried: list[LogRecord]) -> int:
+        return self.append_log([])
 
     def stop(self) -> None:
         """Finish every queued write, then hand back every lease (the sessions' last states are in Redis)."""
@@ -194,9 +233,15 @@ class RedisSessionStore(WriterThread):
 
     # -- engine thread -----------------------------------------------------------------------------------------
 
-    def write(self, sid: str, state: StreamState, last_logits: torch.Tensor | None) -> int:
+    def write(self, sid: str, state: StreamState, last_logits: torch.Tensor | None,
+              metadata: dict[str, str] | None = None) -> int:
         """Queue a snapshot of one stream (a CPU copy the caller will not touch again); returns its ticket."""
-        return self._submit(_Job("write", 0, sid, state, last_logits))
+        return self._submit(_Job("write", 0, sid, state, last_logits, metadata))
+
+    def append_log(self, records: list[LogRecord]) -> int:
+        """Queue this engine step's log records (one round trip for all); returns the ticket. No records: a
+        barrier, done once every write queued before it is."""
+        return self._submit(_Job("log", 0, "", records=records))
 
     def delete(self, sid: str) -> int:
         return self._submit(_Job("delete", 0, sid))
@@ -217,14 +262,15 @@ class RedisSessionStore(WriterThread):
             raise self._unavailable(exc) from None
         return None if steps is None else int(steps)
 
-    def read(self, sid: str) -> bytes:
-        """The session's last stored snapshot, taking its lease: this replica owns the session from now on."""
+    def load(self, sid: str) -> tuple[bytes, list[LogRecord]]:
+        """The session's last stored snapshot and the log records after it, taking its lease: this replica owns
+        the session from now on."""
         self._wait_applied(sid)
         self._check_up()
         t0 = time.monotonic()
         try:
-            got = self._acquire(keys=[self._key(sid, "state"), self._key(sid, "lease"), self._key(sid, "wanted")],
-                                args=[self.replica_id, self.lease_ms])
+            got = self._acquire(keys=[self._key(sid, "state"), self._key(sid, "lease"), self._key(sid, "wanted"),
+                                      self._key(sid, "log")], args=[self.replica_id, self.lease_ms])
         except self._redis_errors as exc:
             raise self._unavailable(exc) from None
         if got[0] == -1:
@@ -243,41 +289,37 @@ class RedisSessionStore(WriterThread):
         if self.metrics is not None:
             self.metrics.store_reads.inc()
             self.metrics.store_read_time.observe(time.monotonic() - t0)
-        return got[1]
+        return got[1], [wal.unpack(r) for r in got[3]]
 
-    def peek(self, sid: str) -> bytes:
-        """The session's last stored snapshot, without taking its lease (it is the owner's acknowledged state)."""
-        self._wait_applied(sid)
-        self._check_up()
-        try:
-            for _ in range(3):  # the owner may replace the blob between the two reads
-                blob = self.redis.hget(self._key(sid, "state"), "blob")
-                data = None if blob is None else self.redis.get(blob)
-                if data is not None or blob is None:
-                    break
-        except self._redis_errors as exc:
-            raise self._unavailable(exc) from None
-        if data is None:
-            raise errors.session_not_found(sid)
-        return data
+    def read(self, sid: str) -> bytes:
+        """The session's last stored snapshot (its lease taken, as load)."""
+        return self.load(sid)[0]
 
     def persisted_sessions(self) -> dict[str, int]:
         """Nothing to pick up at start: replicas find the store's sessions on demand (lookup), so no replica
         registers every session of the cluster."""
         return {}
 
-    def all_sessions(self) -> dict[str, int]:
-        """Every session in the store, sid -> steps."""
-        return {k.decode(): int(v) for k, v in self.redis.hgetall(f"{self.prefix}:sessions").items()}
+    def list_sessions(self) -> list[dict]:
+        """Every session in the store: id, steps, and the replica holding its lease (None: none holds it)."""
+        self._check_up()
+        try:
+            steps = {k.decode(): int(v) for k, v in self.redis.hgetall(f"{self.prefix}:sessions").items()}
+            sids = sorted(steps)
+            owners = self.redis.mget([self._key(sid, "lease") for sid in sids]) if sids else []
+        except self._redis_errors as exc:
+            raise self._unavailable(exc) from None
+        return [{"id": sid, "steps": steps[sid], "owner": None if owner is None else owner.decode()}
+                for sid, owner in zip(sids, owners)]
 
     def _submit(self, job: _Job) -> int:
         if job.kind != "release":
             self._tickets += 1
             job.ticket = self._tickets
-        if job.kind == "write" and self.is_async:
+        if job.kind in ("write", "log") and self.is_async:
             self.on_done(Persisted(job.ticket, job.session))  # acknowledged now; the write follows
         with self._idle:
-            self._pending[job.session] += 1
+            self._pending.update(job.sessions)
         if self._thread is None:  # not started (unit tests, shutdown): apply inline
             self._apply(job)
         else:
@@ -322,9 +364,13 @@ class RedisSessionStore(WriterThread):
                 self._renew_leases()
 
     def _apply(self, job: _Job) -> None:
+        failed = None
         try:
             if job.kind == "write":
                 error = self._apply_write(job)
+            elif job.kind == "log":
+                failed = self._apply_log(job)
+                error = None
             elif job.kind == "delete":
                 error = self._apply_delete(job)
             else:
@@ -338,40 +384,36 @@ class RedisSessionStore(WriterThread):
             error = self.error = f"the state store {self.directory} refused a write: {exc}"
         finally:
             with self._idle:
-                self._pending[job.session] -= 1
-                if not self._pending[job.session]:
-                    del self._pending[job.session]
+                self._pending.subtract(job.sessions)
+                for sid in set(job.sessions):
+                    if self._pending[sid] <= 0:
+                        self._pending.pop(sid)
                 self._idle.notify_all()
         if error is not None:
-            log.error("session %s: %s", job.session, error)
+            log.error("session %s: %s", job.session or "(log)", error)
             if self.metrics is not None:
-                self.metrics.store_writes.labels("error").inc()
+                (self.metrics.store_log_writes if job.kind == "log" else self.metrics.store_writes).labels(
+                    "error").inc()
         if job.kind != "release":
-            if self.is_async and job.kind == "write":
+            if self.is_async and job.kind in ("write", "log"):
                 return  # acknowledged at submission; a failure shows in /health and the logs
-            self.on_done(Persisted(job.ticket, job.session, error))
+            self.on_done(Persisted(job.ticket, job.session, error, failed))
 
     def _apply_write(self, job: _Job) -> str | None:
         t0 = time.monotonic()
-        data = save_snapshot(job.state, self.model_name, self.fingerprint, job.last_logits)
+        data = save_snapshot(job.state, self.model_name, self.fingerprint, job.last_logits, job.metadata)
         sid = job.session
         self._blobs += 1
         blob = self._key(sid, f"blob:{self._blob_prefix}:{self._blobs}")
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(blob, data)
-            self._commit(keys=[self._key(sid, "state"), self._key(sid, "lease"), f"{self.prefix}:sessions", blob],
+            self._commit(keys=[self._key(sid, "state"), self._key(sid, "lease"), f"{self.prefix}:sessions", blob,
+                               self._key(sid, "log")],
                          args=[self.replica_id, self._versions.get(sid, 0), self.lease_ms,
                                int(job.state.steps[0]), sid], client=pipe)
             got = pipe.execute()[1]
         if got[0] < 0:
-            self._held.discard(sid)
-            self._lost.add(sid)
-            if self.metrics is not None:
-                self.metrics.store_fenced.inc()
-            if got[0] == -1:
-                return f"session {sid} is now owned by replica {got[1].decode()}: this replica's write was refused"
-            return (f"session {sid} changed in the state store since this replica loaded it (version "
-                    f"{got[1].decode()}, expected {self._versions.get(sid, 0)}): this replica's write was refused")
+            return self._fenced(sid, got, self._versions.get(sid, 0))
         self._versions[sid] = int(got[0])
         self._held.add(sid)
         self.error = None
@@ -381,10 +423,63 @@ class RedisSessionStore(WriterThread):
             self.metrics.store_write_time.observe(time.monotonic() - t0)
         return None
 
+    def _apply_log(self, job: _Job) -> dict[str, str] | None:
+        """Every record in one round trip, each appended under its session's lease and version check; returns
+        the sessions whose record was refused, with why."""
+        if not job.records:
+            return None
+        t0 = time.monotonic()
+        expected = {}  # sid -> the version its next record must find (records of one session chain)
+        nbytes = 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for record in job.records:
+                sid = record.session
+                version = expected.get(sid, self._versions.get(sid, 0))
+                expected[sid] = version + 1
+                packed = wal.pack(record)
+                nbytes += len(packed)
+                self._append(keys=[self._key(sid, "state"), self._key(sid, "lease"), f"{self.prefix}:sessions",
+                                   self._key(sid, "log")],
+                             args=[self.replica_id, version, self.lease_ms, record.steps_before + record.num_steps,
+                                   packed, sid, record.steps_before], client=pipe)
+            answers = pipe.execute()
+        failed = {}
+        for record, got in zip(job.records, answers):
+            sid = record.session
+            if sid in failed:
+                continue  # its earlier record was refused: so is every later one
+            if got[0] == -3:  # still this replica's; its next change must be a snapshot (the engine sees to it)
+                failed[sid] = (f"session {sid}: the state store holds it up to step {got[1].decode()}, and this "
+                               f"record starts at step {record.steps_before} (an earlier write failed)")
+            elif got[0] < 0:
+                failed[sid] = self._fenced(sid, got, self._versions.get(sid, 0))
+            else:
+                self._versions[sid] = int(got[0])
+                self._held.add(sid)
+        self.error = None
+        if self.metrics is not None:
+            self.metrics.store_log_writes.labels("ok").inc(len(job.records) - len(failed))
+            self.metrics.store_log_write_bytes.inc(nbytes)
+            self.metrics.store_log_write_time.observe(time.monotonic() - t0)
+        return failed or None
+
+    def _fenced(self, sid: str, got: list, expected: int) -> str:
+        """A write the store refused: this replica no longer owns the session (the engine is told to drop it)."""
+        self._held.discard(sid)
+        self._lost.add(sid)
+        if self.metrics is not None:
+            self.metrics.store_fenced.inc()
+        if got[0] == -1:
+            return f"session {sid} is now owned by replica {got[1].decode()}: this replica's write was refused"
+        if got[1] == b"0":
+            return f"session {sid} was deleted from the state store: this replica's write was refused"
+        return (f"session {sid} changed in the state store since this replica loaded it (version "
+                f"{got[1].decode()}, expected {expected}): this replica's write was refused")
+
     def _apply_delete(self, job: _Job) -> str | None:
         sid = job.session
         got = self._delete(keys=[self._key(sid, "state"), self._key(sid, "lease"), self._key(sid, "wanted"),
-                                 f"{self.prefix}:sessions"], args=[self.replica_id, sid])
+                                 f"{self.prefix}:sessions", self._key(sid, "log")], args=[self.replica_id, sid])
         self._held.discard(sid)
         self._versions.pop(sid, None)
         if isinstance(got, list):

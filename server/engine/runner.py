@@ -10,7 +10,8 @@ import torch
 from kernels.dispatch import use_triton
 from server.engine.cuda_graphs import DEFAULT_BATCH_SIZES, CudaGraphDecoder
 from model.infomamba import InfoMamba, ModelOutput
-from server.engine.sampler import sample
+from server.engine.protocol import Logprobs
+from server.engine.sampler import input_logprobs, sample
 from server.engine.scheduler import ScheduledBatch
 from server.engine.state_pool import StatePool
 
@@ -20,6 +21,9 @@ class StepResult:
     outputs: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # seq id -> kind -> (n, width) CPU
     last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq id -> (vocab,) CPU
     sampled: dict[int, int] = field(default_factory=dict)  # seq id -> token id
+    logprobs: dict[int, Logprobs] = field(default_factory=dict)  # seq id -> its sampled token's, when asked
+    prompt_logprobs: dict[int, Logprobs] = field(default_factory=dict)  # seq id -> its fed inputs', when asked
+    replayed: bool = False  # the step replayed a CUDA graph
 
 
 class ModelRunner:
@@ -36,38 +40,52 @@ class ModelRunner:
             sizes = [bs for bs in DEFAULT_BATCH_SIZES if bs < pool.num_total] + [min(pool.num_total, 256)]
             self.graphs = CudaGraphDecoder(model, pool.state, batch_sizes=sizes)
 
-    def needs_sample(self, chunk) -> bool:
-        seq = chunk.seq
-        return seq.is_generating and chunk.start + chunk.num_tokens >= seq.num_prompt
-
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
+        self.pool.zero_allocated()
         inputs, cu_seqlens, starts, slots = self._pack(batch)
         state_indices = self.pool.slot_indices(slots)
-        if self._can_replay(batch):
+        replayed = self._can_replay(batch)
+        if replayed:
             out = ModelOutput(hidden=None, head=self.graphs(inputs, state_indices))
         else:
             # the layout is known here (starts): the model and its kernels never read it back from the device
             out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=state_indices,
                                 bounds=starts)
-        result = StepResult()
-        sample_rows, sample_seqs = [], []
+        result = StepResult(replayed=replayed)
+        sample_rows: list[int] = []  # the row of out.head each sampled stream draws from: its chunk's last step
+        sample_seqs = []
         for i, chunk in enumerate(batch.chunks):
-            seq, lo, hi = chunk.seq, starts[i], starts[i + 1]
-            if seq.outputs and not chunk.is_decode:
-                result.outputs[seq.id] = self._per_step(seq.outputs, out, lo, hi, i)
-            needs_logits = self.is_lm and (self.needs_sample(chunk) or (seq.keep_last_logits and hi > lo))
-            if needs_logits:
-                row = out.head[hi - 1]
-                if self.needs_sample(chunk):
-                    sample_rows.append(row)
-                    sample_seqs.append(seq)
-                if seq.keep_last_logits:
-                    result.last_logits[seq.id] = row.float().cpu()
+            seq, hi = chunk.seq, starts[i + 1]
+            if not chunk.is_decode:
+                if seq.outputs:
+                    result.outputs[seq.id] = self._per_step(seq.outputs, out, starts[i], hi, i)
+                if seq.prompt_logprobs is not None and self.is_lm:
+                    self._input_logprobs(result, chunk, out.head[starts[i]:hi])
+            if not self.is_lm:
+                continue
+            if seq.sampling is not None and not seq.is_draining and chunk.start + chunk.num_tokens >= seq.num_prompt:
+                sample_rows.append(hi - 1)
+                sample_seqs.append(seq)
+            if seq.keep_last_logits and hi > starts[i]:
+                result.last_logits[seq.id] = out.head[hi - 1].float().cpu()
         if sample_seqs:
-            tokens = sample(torch.stack(sample_rows), sample_seqs)
-            result.sampled = {seq.id: t for seq, t in zip(sample_seqs, tokens)}
+            # one gather, not a view per stream; an all-decode step samples from every row as it is
+            rows = (out.head[:len(sample_rows)] if sample_rows[-1] == len(sample_rows) - 1
+                    else out.head[torch.tensor(sample_rows, device=out.head.device)])
+            tokens, logprobs = sample(rows, sample_seqs)
+            result.sampled = dict(zip((seq.id for seq in sample_seqs), tokens))
+            if logprobs:
+                result.logprobs = {sample_seqs[row].id: found for row, found in logprobs.items()}
         return result
+
+    def _input_logprobs(self, result: StepResult, chunk, logits: torch.Tensor) -> None:
+        # row j predicts input j + 1; the prompt's last row predicts the first sampled token instead
+        seq = chunk.seq
+        num_rows = min(logits.shape[0], seq.num_prompt - 1 - chunk.start)
+        if num_rows > 0:
+            targets = seq.inputs[chunk.start + 1:chunk.start + 1 + num_rows]
+            result.prompt_logprobs[seq.id] = input_logprobs(logits[:num_rows], targets, seq.prompt_logprobs)
 
     def _can_replay(self, batch: ScheduledBatch) -> bool:
         return (self.graphs is not None and len(batch.chunks) <= self.graphs.batch_sizes[-1]

@@ -4,6 +4,11 @@ Each step packs decode steps (one token each) of running streams and prefill chu
 up to `max_num_batched_tokens`. Long inputs are split into chunks with the state carried in the stream's slot.
 Scheduled streams rotate to the back of the running queue, so every stream is served round-robin; with
 max_num_batched_tokens >= max_num_streams each running prefill gets at least one token every step.
+
+With `max_prefill_wait_steps` > 0 (CUDA graphs on), a step in which streams decode leaves small prefill work
+waiting for up to that many steps: decode-only steps replay a graph, and a step that mixes in a single prompt
+runs eager, at the cost of a graph step several times over. New prompts then enter together, once per few steps.
+Prefill work of at least half a step's budget goes in at once.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool, max_num_batched_tokens: int, max_num_prefill_tokens: int | None = None):
+    def __init__(self, pool, max_num_batched_tokens: int, max_num_prefill_tokens: int | None = None,
+                 max_prefill_wait_steps: int = 0):
         """pool: anything with allocate() -> slot | None and free(slot) (the StatePool, or a fake in tests).
         max_num_prefill_tokens: the budget of a step in which no stream decodes; nobody waits on such a step's
         latency, and a long append then goes through in a few large steps instead of many small ones."""
@@ -41,6 +47,8 @@ class Scheduler:
         self.pool = pool
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_prefill_tokens = max(max_num_prefill_tokens or 0, max_num_batched_tokens)
+        self.max_prefill_wait_steps = max_prefill_wait_steps
+        self.num_prefill_waits = 0  # decode-only steps run in a row while prefill work waited
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
 
@@ -90,6 +98,9 @@ class Scheduler:
                     blocked = True
                     continue
                 seq.slot = slot
+                if seq.initial_state is not None:  # a fork of another request: it starts from that one's state
+                    self.pool.write(slot, seq.initial_state)
+                    seq.initial_state = None
                 self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -115,14 +126,24 @@ class Scheduler:
             if budget and seq.is_decode:
                 chunks.append(ScheduledChunk(seq, seq.num_fed, 1, True))
                 budget -= 1
-        for seq in self.running:
-            if budget and not seq.is_decode and seq.num_pending > 0:
-                n = min(seq.num_pending, budget)
-                chunks.append(ScheduledChunk(seq, seq.num_fed, n, False))
-                budget -= n
+        if chunks and self._prefill_can_wait(budget):
+            self.num_prefill_waits += 1
+        else:
+            self.num_prefill_waits = 0
+            for seq in self.running:
+                if budget and not seq.is_decode and seq.num_pending > 0:
+                    n = min(seq.num_pending, budget)
+                    chunks.append(ScheduledChunk(seq, seq.num_fed, n, False))
+                    budget -= n
         if not chunks:
             return None
         scheduled = {id(c.seq) for c in chunks}
         rest = [s for s in self.running if id(s) not in scheduled]
         self.running = deque(rest + [c.seq for c in chunks])
         return ScheduledBatch(chunks)
+
+    def _prefill_can_wait(self, budget: int) -> bool:
+        if self.num_prefill_waits >= self.max_prefill_wait_steps:
+            return False
+        pending = sum(seq.num_pending for seq in self.running if not seq.is_decode)
+        return 0 < pending < budget // 2

@@ -24,6 +24,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    repetition_penalty: float = 1.0  # Hugging Face's: over the prompt and the generated tokens
+    presence_penalty: float = 0.0  # OpenAI's: over the generated tokens
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0  # eos and stop_token_ids are masked until this many tokens are generated
+    logprobs: int | None = None  # report each sampled token's logprob and this many top alternatives
+    eos_id: int | None = None  # the model's end of text (min_tokens masks it)
+    is_processed: bool = field(init=False)  # any of the above: the sampler's slower path runs for this row
+    is_plain_greedy: bool = field(init=False)  # an argmax and nothing else: what the sampler checks first
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -36,6 +45,25 @@ class SamplingParams:
             raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: expected in [0, 2**63), got {self.seed}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty: expected > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens: expected in [0, max_tokens], got {self.min_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs: expected >= 0, got {self.logprobs}")
+        self.is_processed = bool(self.logit_bias or self.repetition_penalty != 1 or self.presence_penalty
+                                 or self.frequency_penalty or self.min_tokens or self.logprobs is not None)
+        self.is_plain_greedy = self.is_greedy and not self.is_processed
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """The tokens that end generation, which min_tokens holds back."""
+        eos = (self.eos_id,) if self.eos_id is not None and not self.ignore_eos else ()
+        return tuple(dict.fromkeys(self.stop_token_ids + eos))
 
     @property
     def is_greedy(self) -> bool:
@@ -68,6 +96,9 @@ class Sequence:
     rid: str = ""
     client: str = ""
     session: object = None  # the Session this request runs in, if any
+    prompt_logprobs: int | None = None  # report each input token's logprob and this many top alternatives
+    initial_state: object = None  # a StreamState written into the slot at admission (a fork of another request)
+    seq: int | None = None  # the client's sequence number of a session append (idempotent retries)
     id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self) -> None:
@@ -82,6 +113,9 @@ class Sequence:
         self.is_cancelled = False
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
+        self.history = None  # the sampler's per-request tensors (penalties, logit_bias), built on first use
+        self.forks: list[Sequence] = []  # n > 1: the other samples, started from this one's state after its prompt
+        self.fork_of: Sequence | None = None
         self.detok = Detokenizer(self.tokenizer, self.sampling.stop) if self.sampling and self.sampling.stop \
             and self.tokenizer is not None else None
         self.arrival_time = time.monotonic()

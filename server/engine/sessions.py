@@ -6,19 +6,26 @@ Durability: every change of a session's state is on disk before the request that
 snapshot (create, fork, and every `snapshot_every` steps) or as a write-ahead log record of the inputs fed since
 (server/engine/wal.py). The engine keeps each session's unsnapshotted records in memory too, so a session can give
 its slot back at any time without a write (spilling is freeing the slot); coming back, it loads its snapshot and
-replays the records after it."""
+replays the records after it. A shared store (server/engine/redis_store.py) keeps each session's records itself
+and hands them over with the snapshot, so another replica can take the session over.
+
+Idempotent appends: an append may carry the client's sequence number (`seq`, increasing per session). The last
+MAX_NUM_APPLIED numbers applied, each with the session's steps after it, travel in the snapshot's metadata and in
+the log records, so a retried append (its answer lost with a dying replica, say) is answered from that record
+wherever the session is loaded next, instead of being applied twice."""
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from model.state import SnapshotError, read_snapshot, save_snapshot
+from model.state import SnapshotError, read_snapshot, save_snapshot, snapshot_metadata
 from server.engine import errors
 from server.engine.errors import EngineError
 from server.engine.state_pool import StatePool
@@ -26,6 +33,8 @@ from server.engine.store import SessionStore
 from server.engine.wal import LogRecord
 
 log = logging.getLogger("infomamba.sessions")
+MAX_NUM_APPLIED = 64  # sequence numbers remembered per session: a websocket's frames in flight (api/ws.py) and more
+APPLIED_META = "infomamba_applied_seqs"  # stored snapshots' metadata entry: [[seq, steps after], ...]
 
 
 @dataclass(eq=False)
@@ -39,10 +48,28 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     writes_in_flight: int = 0  # snapshots submitted to the store and not yet on disk
     log: list[LogRecord] = field(default_factory=list)  # inputs fed since the snapshot on disk, in order
+    applied: list[tuple[int, int]] = field(default_factory=list)  # (seq, steps after it) of the last appends
+    needs_snapshot: bool = False  # a write of its failed: the stored copy may miss steps that no record will bring
 
     @property
     def logged_steps(self) -> int:
         return sum(r.num_steps for r in self.log)
+
+    def recorded(self, seq: int) -> int | None:
+        """The steps after the append numbered `seq` if it was applied (a retry), None if it is new; an
+        EngineError if it can be neither (not above the last applied number, and not remembered)."""
+        for number, steps in reversed(self.applied):
+            if number == seq:
+                return steps
+        if self.applied and seq <= self.applied[-1][0]:
+            raise EngineError("invalid_seq", f"seq {seq} is not above the session's last applied seq "
+                              f"{self.applied[-1][0]} and is not among its last {len(self.applied)} appends; "
+                              "number appends with increasing seq", "seq")
+        return None
+
+    def record(self, seq: int, steps: int) -> None:
+        self.applied.append((seq, steps))
+        del self.applied[:-MAX_NUM_APPLIED]
 
     @property
     def is_busy(self) -> bool:
@@ -78,16 +105,14 @@ class SessionTable:
         first use); then compact the log to just those records."""
         for sid, steps in self.store.persisted_sessions().items():
             self.sessions[sid] = Session(sid, steps=steps)
+        by_session = defaultdict(list)
         for record in self.store.read_log():
-            session = self.sessions.get(record.session)
-            if session is None or record.steps_before < session.steps:
-                continue  # a deleted session, or inputs a snapshot already holds
-            if record.steps_before > session.steps:
-                log.error("session %s: the log skips from step %d to %d; it resumes at %d", session.id,
-                          session.steps, record.steps_before, session.steps)
-                continue
-            session.log.append(record)
-            session.steps += record.num_steps
+            by_session[record.session].append(record)
+        for sid, records in by_session.items():
+            session = self.sessions.get(sid)
+            if session is not None:  # else a deleted session's
+                session.log = chained(sid, records, session.steps)
+                session.steps += session.logged_steps
         if self.store.supports_log:
             self.store.rotate_log([r for s in self.sessions.values() for r in s.log])
         return len(self.sessions)
@@ -119,6 +144,20 @@ class SessionTable:
             self.store.release(sid)
         elif not session.is_busy and not session.queue and session.is_clean:
             self.spill(session)
+
+    def listing(self) -> list[dict]:
+        """Every session, by id: its steps, whether this replica holds it in a slot, and with a shared store the
+        replica holding its lease (None: none; the next request for it loads it wherever it lands)."""
+        shared = self.store.list_sessions()
+        if shared is None:
+            return [{"id": s.id, "steps": s.steps, "resident": s.slot is not None}
+                    for s in sorted(self.sessions.values(), key=lambda s: s.id)]
+        for entry in shared:
+            here = self.sessions.get(entry["id"])
+            entry["resident"] = here is not None and here.slot is not None
+            if entry["resident"]:  # this replica's count may be ahead of the store's in async mode
+                entry["steps"] = max(entry["steps"], here.steps)
+        return shared
 
     def new_id(self, proposed: str | None) -> str:
         """A fresh session id, or the one a proxy proposed (so the session is created where it will be routed)."""
@@ -172,10 +211,12 @@ class SessionTable:
         session.writes_in_flight += 1
         state = self.pool.read(session.slot, device="cpu")  # the copy the writer serializes; the slot moves on
         last = None if session.last_logits is None else session.last_logits.clone()
-        return self.store.write(session.id, state, last)
+        metadata = {APPLIED_META: json.dumps(session.applied)} if session.applied else None
+        return self.store.write(session.id, state, last, metadata)
 
     def snapshot_landed(self, session: Session, steps: int) -> None:
         session.log = [r for r in session.log if r.steps_before >= steps]
+        session.needs_snapshot = False
 
     def make_resident(self, session: Session) -> np.ndarray | None:
         """Bring a spilled session back into a slot (reading the store, which keeps its copy). Returns the logged
@@ -183,15 +224,20 @@ class SessionTable:
         if session.slot is not None:
             return None
         try:
-            data = self.store.read(session.id)
+            data, records = self.store.load(session.id)
         except OSError as exc:
             raise EngineError("session_unrestorable", f"session {session.id} could not be read: {exc}",
                               "session") from None
         state, last_logits = self.parse(data, "session", code="session_unrestorable")
+        steps = int(state.steps[0])
+        if records is not None:  # the shared store's records are the session's (another replica may have fed it)
+            session.log = chained(session.id, records, steps)
         slot = self.allocate(keep=session)
         self.pool.write(slot, state)
         session.slot, session.last_logits = slot, last_logits
-        pending = [r for r in session.log if r.steps_before >= int(state.steps[0])]
+        pending = [r for r in session.log if r.steps_before >= steps]
+        session.steps = steps + sum(r.num_steps for r in pending)
+        session.applied = _applied(snapshot_metadata(data).get(APPLIED_META), pending)
         return np.concatenate([r.array() for r in pending]) if pending else None
 
     def parse(self, data: bytes, field: str, code: str = "invalid_snapshot"):
@@ -232,3 +278,29 @@ class SessionTable:
         for session in expired:
             self.spill(session)
         return len(expired)
+
+
+def chained(sid: str, records: list[LogRecord], steps: int) -> list[LogRecord]:
+    """The records that continue a snapshot at `steps`, each starting where the one before ended."""
+    kept = []
+    for record in records:
+        if record.steps_before < steps:
+            continue  # a snapshot holds it already
+        if record.steps_before > steps:
+            log.error("session %s: the log skips from step %d to %d; it resumes at %d", sid, steps,
+                      record.steps_before, steps)
+            break
+        kept.append(record)
+        steps += record.num_steps
+    return kept
+
+
+def _applied(stored: str | None, records: list[LogRecord]) -> list[tuple[int, int]]:
+    """A loaded session's remembered sequence numbers: its snapshot's, then its replayed records'."""
+    try:
+        applied = [(int(seq), int(steps)) for seq, steps in json.loads(stored)] if stored else []
+    except (ValueError, TypeError) as exc:  # checksummed with the snapshot, so only a bug of ours gets here
+        log.error("ignoring a stored snapshot's unreadable sequence numbers: %s", exc)
+        applied = []
+    applied += [(r.seq, r.steps_before + r.num_steps) for r in records if r.seq is not None]
+    return applied[-MAX_NUM_APPLIED:]

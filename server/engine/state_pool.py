@@ -34,6 +34,7 @@ class StatePool:
         self.num_total = max_num_streams
         self._free = list(range(max_num_streams - 1, -1, -1))  # pop() hands out low slots first
         self._used: set[int] = set()
+        self._unzeroed: set[int] = set()  # handed out, still holding a previous stream's state
         self._lock = threading.Lock()
 
     @property
@@ -45,14 +46,23 @@ class StatePool:
         return self.num_total - len(self._free)
 
     def allocate(self) -> int | None:
-        """A zeroed slot, or None when every slot is taken. Engine thread only (it zeroes state)."""
+        """A slot for a fresh stream, or None when every slot is taken. Engine thread only.
+
+        The slot is zeroed by the next zero_allocated() (the runner calls it before each step) or before anything
+        reads it, so the slots a step admits are zeroed together: one indexed write per state tensor, where one
+        slot at a time was a fifth of the engine thread's time at 256 streams (H200 profile)."""
         with self._lock:
             if not self._free:
                 return None
             slot = self._free.pop()
             self._used.add(slot)
-        self.state.reset([slot])
+        self._unzeroed.add(slot)
         return slot
+
+    def zero_allocated(self) -> None:
+        if self._unzeroed:
+            self.state.reset(sorted(self._unzeroed))
+            self._unzeroed.clear()
 
     def free(self, slot: int) -> None:
         with self._lock:
@@ -60,21 +70,24 @@ class StatePool:
                 raise ValueError(f"slot {slot} is not allocated")
             self._used.remove(slot)
             self._free.append(slot)
+        self._unzeroed.discard(slot)
 
     def read(self, slot: int, device=None) -> StreamState:
         """A batch-1 copy of one slot (for snapshots), on `device` if given."""
+        self.zero_allocated()
         state = self.state.select([slot])
-        if device is None:
-            return state
-        return StreamState(**{name: t.to(device) for name, t in state.tensors().items()})
+        return state if device is None else state.to(device)
 
     def write(self, slot: int, state: StreamState) -> None:
+        self._unzeroed.discard(slot)  # overwritten whole
         self.state.assign([slot], state)
 
     def copy(self, src: int, dst: int) -> None:
+        self.zero_allocated()
         self.state.assign([dst], self.state.select([src]))
 
     def steps(self, slot: int) -> int:
+        self.zero_allocated()
         return int(self.state.steps[slot])
 
     def slot_indices(self, slots: list[int]) -> torch.Tensor:

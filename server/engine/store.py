@@ -31,6 +31,7 @@ class Persisted:
     ticket: int
     session: str
     error: str | None = None
+    failed: dict[str, str] | None = None  # a log write that went through for some sessions only: sid -> why not
 
 
 @dataclass(slots=True)
@@ -39,6 +40,7 @@ class _Job:
     session: str
     state: StreamState | None  # None: delete the session's file (unless `log` is set)
     last_logits: torch.Tensor | None = None
+    metadata: dict[str, str] | None = None  # the session's own bookkeeping, kept in the snapshot (sessions.APPLIED_META)
     log: bytes | None = None  # encoded log records to append
     rotate: bool = False  # start a new log segment with `log` in it, drop the old segments
 
@@ -97,15 +99,17 @@ class SessionStore(WriterThread):
 
     # -- engine thread -----------------------------------------------------------------------------------------
 
-    def write(self, sid: str, state: StreamState, last_logits: torch.Tensor | None) -> int:
+    def write(self, sid: str, state: StreamState, last_logits: torch.Tensor | None,
+              metadata: dict[str, str] | None = None) -> int:
         """Queue a snapshot of one stream (a CPU copy the caller will not touch again); returns its ticket."""
-        return self._submit(_Job(0, sid, state, last_logits))
+        return self._submit(_Job(0, sid, state, last_logits, metadata))
 
     def delete(self, sid: str) -> int:
         return self._submit(_Job(0, sid, None))
 
     def append_log(self, records: list[LogRecord]) -> int:
-        """Queue log records (group commit: one fsync for all); returns the ticket."""
+        """Queue log records (group commit: one fsync for all); returns the ticket. No records: a barrier, done
+        once every write queued before it is."""
         return self._submit(_Job(0, "", None, log=wal.encode(records)))
 
     def rotate_log(self, carried: list[LogRecord]) -> int:
@@ -133,10 +137,17 @@ class SessionStore(WriterThread):
     def read(self, sid: str) -> bytes:
         return self.path(sid).read_bytes()
 
-    peek = read  # a read that does not make the session resident (a shared store takes no lease for it)
+    def load(self, sid: str) -> tuple[bytes, list[LogRecord] | None]:
+        """The session's snapshot, and the log records after it where the store keeps them per session (None
+        here: the engine holds every session's records in memory since start)."""
+        return self.read(sid), None
 
     def lookup(self, sid: str) -> int | None:
         """A session not picked up at start: none here (every file in the directory was)."""
+        return None
+
+    def list_sessions(self) -> None:
+        """None: the engine's own table lists every session (a shared store lists the cluster's)."""
         return None
 
     def release(self, sid: str) -> None:
@@ -159,20 +170,63 @@ class SessionStore(WriterThread):
     # -- writer thread -----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self.on_done(self._apply(job))
+        while True:
+            batch = [self._jobs.get()]
+            while batch[-1] is not None:  # everything queued by now, in order
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            for done in self._apply_batch([job for job in batch if job is not None]):
+                self.on_done(done)
+            if batch[-1] is None:
+                return
+
+    def _apply_batch(self, jobs: list[_Job]) -> list[Persisted]:
+        """Apply jobs in order, except that a session's snapshot followed in the batch by a newer one of the same
+        session (no delete of it between) is not written: the newer one covers it, and both are reported once it
+        lands. When the disk is slower than the engine (a long stream appending 64K-id frames: two fsyncs a
+        frame), the writer then keeps up by writing the latest state instead of every intermediate one."""
+        superseded: dict[int, int] = {}  # index of a skipped snapshot -> index of the one that covers it
+        latest: dict[str, int] = {}
+        for i, job in enumerate(jobs):
+            if job.log is not None or job.rotate:
+                continue
+            if job.state is not None and job.session in latest:
+                superseded[latest[job.session]] = i
+            latest[job.session] = i
+            if job.state is None:  # a delete: earlier snapshots are not covered by anything after it
+                latest.pop(job.session)
+        waiting: dict[int, list[int]] = {}  # index of a written job -> the skipped ones it covers directly
+        results = []
+        for i, job in enumerate(jobs):
+            if i in superseded:
+                waiting.setdefault(superseded[i], []).append(i)
+                continue
+            done = self._apply(job)
+            stack, covered = [i], []
+            while stack:
+                for skipped in waiting.pop(stack.pop(), []):
+                    covered.append(skipped)
+                    stack.append(skipped)
+            # the jobs this one covers are reported first, in the order they were submitted
+            results += [Persisted(jobs[j].ticket, jobs[j].session, done.error) for j in sorted(covered)]
+            results.append(done)
+        return results
 
     def _apply(self, job: _Job) -> Persisted:
         path = self.path(job.session)
         try:
             if job.rotate:
                 self.wal.rotate(job.log)
-            elif job.log is not None:
+            elif job.log:
                 self.wal.append(job.log)
+            elif job.log is not None:
+                return Persisted(job.ticket, job.session)  # a barrier: the jobs before it are done
             elif job.state is None:
                 path.unlink(missing_ok=True)
             else:
-                data = save_snapshot(job.state, self.model_name, self.fingerprint, job.last_logits)
+                data = save_snapshot(job.state, self.model_name, self.fingerprint, job.last_logits, job.metadata)
                 atomic_write(path, data)
         except OSError as exc:
             self.error = describe(exc, self.directory)

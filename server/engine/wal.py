@@ -28,11 +28,13 @@ class LogRecord(msgspec.Struct, array_like=True):
     dtype: str  # numpy dtype string: "<i4" token ids, "<f4" float vectors
     shape: list[int]
     data: bytes
+    seq: int | None = None  # the client's sequence number of the append (idempotent retries); last: older records
+    # without it still decode
 
     @classmethod
-    def of(cls, session: str, steps_before: int, inputs: np.ndarray) -> "LogRecord":
+    def of(cls, session: str, steps_before: int, inputs: np.ndarray, seq: int | None = None) -> "LogRecord":
         inputs = np.ascontiguousarray(inputs.astype("<i4") if inputs.dtype.kind in "iu" else inputs.astype("<f4"))
-        return cls(session, steps_before, inputs.dtype.str, list(inputs.shape), inputs.tobytes())
+        return cls(session, steps_before, inputs.dtype.str, list(inputs.shape), inputs.tobytes(), seq)
 
     def array(self) -> np.ndarray:
         return np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
@@ -45,10 +47,19 @@ class LogRecord(msgspec.Struct, array_like=True):
 _decoder = msgspec.msgpack.Decoder(LogRecord)
 
 
+def pack(record: LogRecord) -> bytes:
+    """One record, unframed (a shared store keeps each as an element of a per-session list)."""
+    return _encoder.encode(record)
+
+
+def unpack(data: bytes) -> LogRecord:
+    return _decoder.decode(data)
+
+
 def encode(records: list[LogRecord]) -> bytes:
     parts = []
     for record in records:
-        payload = _encoder.encode(record)
+        payload = pack(record)
         parts.append(struct.pack("<I", len(payload)) + payload + struct.pack("<I", zlib.crc32(payload)))
     return b"".join(parts)
 

@@ -153,6 +153,32 @@ def test_connection_errors_are_typed():
     assert not InfoMambaClient(url, timeout=2).is_ready()
 
 
+def test_numbered_appends_are_retried_after_failures_of_unknown_effect_and_others_are_not(lm_server):
+    """Between the client and a real server, a transport that breaks the first try of each request after the
+    server applied it (a proxy losing the answer): a numbered append's retry is answered from the record."""
+    import httpx
+
+    real = httpx.HTTPTransport()
+    broken = set()
+
+    def lose_first_answer(request: httpx.Request) -> httpx.Response:
+        response = real.handle_request(request)
+        if request.method == "POST" and request.url.path.endswith("/append") and request.content not in broken:
+            broken.add(request.content)
+            response.read()
+            return httpx.Response(502, text="<html>502 Bad Gateway</html>")  # nginx's page: applied or not?
+        return response
+
+    with InfoMambaClient(lm_server.url, transport=httpx.MockTransport(lose_first_answer)) as c:
+        session = c.create_session(numbered=True)
+        assert session.append(input_ids=[1, 2, 3])["replayed"] is True  # applied once, answered from the record
+        assert session.append(input_ids=[4])["steps"] == 4 and session.next_seq == 3
+        with pytest.raises(InfoMambaError) as err:
+            c.append(session.id, input_ids=[5])  # unnumbered: a 502 is the caller's to judge
+        assert err.value.status == 502
+    assert [s["steps"] for s in InfoMambaClient(lm_server.url).sessions() if s["id"] == session.id] == [5]
+
+
 def test_api_key(auth_server):
     API_KEY = auth_server.config.api_key
     with InfoMambaClient(auth_server.url) as anonymous:

@@ -74,6 +74,79 @@ def test_prometheus_scale_config_finds_replicas_by_dns():
     assert "dns_sd_configs" in PROMETHEUS_SCALE.read_text()
 
 
+# --- per-replica Grafana panels ---------------------------------------------------------------------------------
+
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "infomamba.json"
+PER_REPLICA = {"Throughput by replica": "infomamba:prompt_tokens_total",
+               "Sessions held by replica": "infomamba:sessions_live",
+               "Lease takeovers": "infomamba:state_store_sessions_taken_total",
+               "State store write latency by replica": "infomamba:state_store_log_write_seconds_bucket"}
+
+
+def _panels() -> list[dict]:
+    return json.loads(DASHBOARD.read_text())["panels"]
+
+
+def _as_prometheus(expr: str) -> str:
+    """A dashboard query as Prometheus reads it, Grafana's variables filled in."""
+    return expr.replace("$__rate_interval", "1m").replace('"$job"', '".*"').replace('"$replica"', '".*"')
+
+
+def _promtool() -> str:
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        from tests.docker.test_docker_config import _missing
+
+        _missing("promtool", "apt-get install prometheus")
+    return promtool
+
+
+def test_dashboard_has_per_replica_panels_named_by_replica_id():
+    panels = {p["title"]: p for p in _panels()}
+    templating = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    assert any(v["name"] == "replica" and "infomamba:replica_info" in v["definition"] for v in templating)
+    for title, metric in PER_REPLICA.items():
+        panel = next((p for t, p in panels.items() if t.startswith(title)), None)
+        assert panel is not None, f"no panel {title!r}"
+        exprs = [t["expr"] for t in panel["targets"]]
+        assert any(metric in e for e in exprs), f"{title}: does not query {metric}"
+        for expr in exprs:
+            assert "by (replica" in expr and "group_left (replica) infomamba:replica_info" in expr, (title, expr)
+            assert "{{replica}}" in next(t["legendFormat"] for t in panel["targets"] if t["expr"] == expr)
+
+
+def test_every_dashboard_query_parses_and_the_per_replica_join_computes_by_replica(tmp_path):
+    """promtool parses every query (as recording rules), and evaluates the throughput panel's query over two
+    scraped replicas' series: one line per replica, named by its --replica-id."""
+    import yaml
+
+    promtool = _promtool()
+    exprs = [t["expr"] for p in _panels() for t in p.get("targets", [])]
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:query{i}", "expr": _as_prometheus(e)}
+                                                        for i, e in enumerate(exprs)]}]}
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    result = _run([promtool, "check", "rules", str(tmp_path / "rules.yml")])
+    assert result.returncode == 0, f"promtool check rules:\n{result.stdout}{result.stderr}"
+
+    throughput = next(p for p in _panels() if p["title"].startswith("Throughput by replica"))["targets"][0]["expr"]
+    series = []
+    for instance, replica, prompt, generated in (("10.0.0.1:8000", "r1", 150, 15), ("10.0.0.2:8000", "r2", 30, 0)):
+        labels = f'job="infomamba", instance="{instance}"'
+        series += [{"series": f"infomamba:prompt_tokens_total{{{labels}}}", "values": f"0+{prompt}x40"},
+                   {"series": f"infomamba:generation_tokens_total{{{labels}}}", "values": f"0+{generated}x40"},
+                   {"series": f'infomamba:replica_info{{{labels}, replica="{replica}"}}', "values": "1x40"}]
+    test = {"rule_files": [], "evaluation_interval": "15s",
+            "tests": [{"interval": "15s", "input_series": series,
+                       "promql_expr_test": [{"expr": _as_prometheus(throughput), "eval_time": "5m",
+                                             "exp_samples": [{"labels": '{replica="r1"}', "value": 11},
+                                                             {"labels": '{replica="r2"}', "value": 2}]}]}]}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
+    result = _run([promtool, "test", "rules", str(tmp_path / "test.yml")])
+    assert result.returncode == 0, f"promtool test rules:\n{result.stdout}{result.stderr}"
+
+
 # --- nginx ------------------------------------------------------------------------------------------------------
 
 def test_nginx_config_passes_nginx_t(tmp_path):

@@ -12,6 +12,7 @@ OPS = {
     "concept_filter": "concept_filter", "concept_filter_update": "concept_filter",
     "add_rms_norm": "add_rms_norm", "concept_readout": "concept_readout", "concept_step": "concept_step",
     "mamba_step": "mamba_step",
+    "window_attention": "window_attention", "window_attention_update": "window_attention_update",
 }
 
 
@@ -42,9 +43,11 @@ def test_modules_import_without_triton():
         "sys.meta_path.insert(0, Block())\n"
         "import torch\n"
         "from kernels import add_rms_norm, causal_conv1d, concept_filter, ops, selective_scan, selective_state_update\n"
-        "from kernels import concept_readout, concept_step, mamba_step\n"
+        "from kernels import concept_readout, concept_step, mamba_step, window_attention, window_attention_update\n"
         "assert not hasattr(selective_scan, 'selective_scan') and hasattr(selective_scan, 'selective_scan_ref')\n"
         "assert not hasattr(mamba_step, 'mamba_step') and hasattr(concept_step, 'concept_step_ref')\n"
+        "assert not hasattr(window_attention, 'window_attention') and hasattr(window_attention, 'window_attention_ref')\n"
+        "assert not hasattr(window_attention_update, 'window_attention_update')\n"
         "assert not hasattr(concept_filter, 'concept_filter_update')\n"
         "out, res = ops.add_rms_norm(torch.ones(2, 4), None, torch.ones(4), 1e-5)\n"
         "assert torch.allclose(out, torch.ones(2, 4), atol=1e-4)\n"
@@ -68,15 +71,21 @@ def test_a_layout_is_trusted_only_for_its_own_cu_seqlens_and_caches_its_chunk_ta
     assert chunk_seq.tolist() == [0, 0, 1] and chunk_pos.tolist() == [0, 1, 0] and chunk_cu.tolist() == [0, 2, 3]
 
 
-def test_the_runner_hands_the_layout_down_so_no_kernel_reads_cu_seqlens(monkeypatch):
-    """The model is given cu_seqlens's host values: a host read of it during the pass would be a sync."""
+HYBRID_LAYERS = [{"type": "infomamba"}, {"type": "attention", "n_heads": 2, "attention_window": 2, "rope": True}]
+
+
+@pytest.mark.parametrize("layers", [None, HYBRID_LAYERS], ids=["infomamba", "hybrid"])
+def test_the_runner_hands_the_layout_down_so_no_kernel_reads_cu_seqlens(monkeypatch, layers):
+    """The model is given cu_seqlens's host values: a host read of it during the pass would be a sync (a hybrid's
+    attention kernels and rotary positions included)."""
     from model.config import InfoMambaConfig
     from model.infomamba import InfoMamba
 
     monkeypatch.setenv("INFOMAMBA_KERNELS", "triton")  # the kernels (interpreted on the CPU), not the references
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels run interpreted on the CPU
     torch.manual_seed(0)
-    model = InfoMamba(InfoMambaConfig(d_model=16, n_layers=2, vocab_size=260, n_concepts=4, d_state=4)).to(device)
+    model = InfoMamba(InfoMambaConfig(d_model=16, n_layers=0 if layers else 2, vocab_size=260, n_concepts=4,
+                                      d_state=4, layers=layers)).to(device)
     cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
     reads = []
     real_tolist = torch.Tensor.tolist

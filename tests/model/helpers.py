@@ -68,3 +68,21 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def attention(n_heads: int, window: int, **fields) -> dict:
+    return {"type": "attention", "n_heads": n_heads, "attention_window": window, **fields}
+
+
+# Hybrid layer lists at d_model 24. MIXED: a recurrent layer first (MambaFormer), grouped-query attention with
+# rotary positions over 5 steps, an MLP, multi-head attention over 3; ATTENTION_ONLY: no recurrent layer at all,
+# and a window of 1 (each step sees only itself); LONG_WINDOW: a window longer than any test stream.
+MIXED = ({"type": "infomamba"}, attention(4, 5, n_kv_heads=2, rope=True), {"type": "mlp", "d_mlp": 40},
+         attention(2, 3))
+ATTENTION_ONLY = (attention(3, 4, rope=True, rope_theta=100.0), {"type": "mlp", "d_mlp": 16}, attention(6, 1, n_kv_heads=3))
+LONG_WINDOW = ({"type": "infomamba"}, attention(2, 64), {"type": "infomamba"})
+
+
+def make_hybrid(seed: int = 0, layers=MIXED, **overrides) -> InfoMamba:
+    """make_model with a layer list (n_layers follows it)."""
+    return make_model(seed, layers=layers, n_layers=0, **overrides)

@@ -14,8 +14,10 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 
 
 def assert_states_close(a, b):
+    theirs = b.tensors()
+    assert a.tensors().keys() == theirs.keys()
     for name, x in a.tensors().items():
-        y = getattr(b, name)
+        y = theirs[name]
         if name == "steps":
             assert torch.equal(x, y)
         else:
@@ -57,15 +59,22 @@ def test_one_pass_equals_any_chunking_and_steps(fields, length, data, seed):
     model = build(seed, **fields)
     inputs = make_inputs(model, 2, length, seed)
     cuts = sorted(data.draw(st.lists(st.integers(1, max(1, length - 1)), max_size=4), label="cuts"))
+    _, whole_state = assert_one_pass_equals_chunks_and_steps(model, inputs, cuts)
+    assert int(whole_state.steps[0]) == length
+
+
+def assert_one_pass_equals_chunks_and_steps(model, inputs, cuts):
+    """inputs (batch, T) in one pass, in chunks ending at `cuts`, and one step at a time: the same outputs and final
+    states. Returns the one pass's (head (batch, T, d_out), state)."""
     with torch.no_grad():
         whole, whole_state = run_chunks(model, inputs, [])
         chunked, chunked_state = run_chunks(model, inputs, cuts)
-        stepped, stepped_state = run_chunks(model, inputs, range(1, length))
+        stepped, stepped_state = run_chunks(model, inputs, range(1, inputs.shape[1]))
     torch.testing.assert_close(chunked, whole, **TOL)
     torch.testing.assert_close(stepped, whole, **TOL)
     assert_states_close(chunked_state, whole_state)
     assert_states_close(stepped_state, whole_state)
-    assert int(whole_state.steps[0]) == length
+    return whole, whole_state
 
 
 @settings(max_examples=15, deadline=None)
@@ -84,7 +93,11 @@ def test_batched_model_matches_reference(fields, length, seed):
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5), k=st.sampled_from([0, 4]),
        decay=st.sampled_from(["none", "learned"]), seed=st.integers(0, 1000))
 def test_packed_batch_equals_each_sequence_alone(lengths, k, decay, seed):
-    model = build(seed, n_concepts=k, concept_decay=decay)
+    assert_packed_batch_equals_each_alone(build(seed, n_concepts=k, concept_decay=decay), lengths, seed)
+
+
+def assert_packed_batch_equals_each_alone(model, lengths, seed):
+    """Sequences of these lengths packed in one batch get the outputs and final states each gets alone."""
     seqs = [make_inputs(model, 1, n, seed + i)[0] for i, n in enumerate(lengths)]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import make_inputs, make_model, set_decays
+from helpers import MIXED, attention, make_inputs, make_model, set_decays
 from kernels.dispatch import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -25,14 +25,18 @@ def run(model, inputs, cuts, kernels, monkeypatch):
 
 
 SIZES = [dict(d_model=24, n_layers=2, d_state=4, d_conv=3, n_concepts=3, d_concept=6),
-         dict(d_model=24, n_layers=2, d_state=4, d_conv=3, n_concepts=3, d_concept=6, concept_decay="learned")]
+         dict(d_model=24, n_layers=2, d_state=4, d_conv=3, n_concepts=3, d_concept=6, concept_decay="learned"),
+         dict(d_model=24, d_state=4, d_conv=3, n_concepts=3, d_concept=6, layers=MIXED, n_layers=0)]
 if CUDA:
     SIZES.append(dict(d_model=768, n_layers=4, d_state=16, d_conv=4, n_concepts=16, d_concept=192, vocab_size=512))
     SIZES.append({**SIZES[-1], "concept_decay": "learned"})
+    # a 130M-class hybrid's layer kinds at 4 layers: 12 heads on 4 key/value heads, a window the stream wraps
+    SIZES.append({**SIZES[-2], "n_layers": 0, "layers": ({"type": "infomamba"}, attention(12, 48, n_kv_heads=4),
+                                                         {"type": "mlp", "d_mlp": 1536}, attention(12, 4096))})
 
 
 def size_id(fields):
-    return f"d{fields['d_model']}-{fields.get('concept_decay', 'none')}"
+    return f"d{fields['d_model']}-{'hybrid' if fields.get('layers') else fields.get('concept_decay', 'none')}"
 
 
 @pytest.mark.parametrize("fields", SIZES, ids=size_id)
@@ -48,11 +52,13 @@ def test_kernels_match_torch_path_in_one_pass_chunks_and_steps(fields, monkeypat
         torch.testing.assert_close(got, expected, **TOL[torch.float32])
         torch.testing.assert_close(state.ssm, expected_state.ssm, **TOL[torch.float32])
         torch.testing.assert_close(state.concept_mean, expected_state.concept_mean, **TOL[torch.float32])
+        for name, ring in expected_state.rings.items():
+            torch.testing.assert_close(state.rings[name], ring, **TOL[torch.float32])
         assert torch.equal(state.steps, expected_state.steps)
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 arithmetic needs a GPU (the interpreter gets it wrong)")
-@pytest.mark.parametrize("fields", SIZES[-2:], ids=size_id)
+@pytest.mark.parametrize("fields", SIZES[-3:], ids=size_id)
 def test_bf16_kernels_err_no_more_than_the_bf16_torch_path(fields, monkeypatch):
     # Random bf16 models drift from their fp32 selves through every layer; the kernels must not drift further
     # than the PyTorch path does, in one pass and in chunks.
@@ -69,11 +75,12 @@ def test_bf16_kernels_err_no_more_than_the_bf16_torch_path(fields, monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decode_matches_eager_decode(dtype, monkeypatch):
+@pytest.mark.parametrize("fields", SIZES[-2:], ids=size_id)
+def test_cuda_graph_decode_matches_eager_decode(dtype, fields, monkeypatch):
     from server.engine.cuda_graphs import CudaGraphDecoder
 
     monkeypatch.setenv("INFOMAMBA_KERNELS", "triton")
-    model = make_model(1, **SIZES[-1]).to(DEVICE, dtype)
+    model = make_model(1, **fields).to(DEVICE, dtype)
     inputs = make_inputs(model, 5, 8).to(DEVICE)
     eager, graphed = model.empty_state(16), model.empty_state(16)
     decoder = CudaGraphDecoder(model, graphed, batch_sizes=(1, 2, 4, 8))
@@ -84,4 +91,6 @@ def test_cuda_graph_decode_matches_eager_decode(dtype, monkeypatch):
             got = decoder(inputs[:, t], slots)
             torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
     torch.testing.assert_close(graphed.ssm, eager.ssm, **TOL[dtype])
+    for name, ring in eager.rings.items():  # the hybrid's key/value rings live in the graphed pool too
+        torch.testing.assert_close(graphed.rings[name], ring, **TOL[dtype])
     assert torch.equal(graphed.steps, eager.steps)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from helpers import make_inputs, make_model
+from helpers import attention, make_hybrid, make_inputs, make_model
 from model.state import (LAST_OUTPUT, MAX_OUTPUT_MAGNITUDE, MAX_STATE_MAGNITUDE, MAX_STEPS, SnapshotError, StreamState,
                          _checksum, _snapshot_header, load_snapshot, read_snapshot, save_snapshot,
                          state_nbytes_per_stream)
@@ -414,3 +414,133 @@ def test_version_1_snapshots_get_every_content_check():
     _refused(model, _join(header, body, resign=False), "tensor 'ssm' has dtype I32, expected F32")
     header["__metadata__"]["format_version"] = "3"
     _refused(model, _join(header, body, resign=False), "format version '3' is not supported .*reads versions 1, 2")
+
+
+def test_extra_metadata_is_kept_and_covered_by_the_checksum_and_cannot_replace_the_format_s():
+    model, _, state = _blob()
+    blob = save_snapshot(state, model.config.name, model.fingerprint(), extra_metadata={"server_note": "[[1, 5]]"})
+    header, body = _split(blob)
+    assert header["__metadata__"]["server_note"] == "[[1, 5]]"
+    read_snapshot(blob, model.config, model.fingerprint())
+    header["__metadata__"]["server_note"] = "[[1, 6]]"
+    _refused(model, _join(header, body, resign=False), "checksum mismatch")
+    for clash in ({"steps": "99"}, {"checksum": "x"}, {"note": 5}):
+        with pytest.raises(ValueError, match="extra metadata"):
+            save_snapshot(state, model.config.name, model.fingerprint(), extra_metadata=clash)
+
+
+# --- Hybrid models: the key/value rings of attention layers are state like any other --------------------------
+
+def _hybrid_blob(seed: int = 1, length: int = 13, edit=None, **overrides):
+    model = make_hybrid(seed, **overrides)
+    with torch.no_grad():
+        out, state = model(make_inputs(model, 1, length))
+    if edit is not None:
+        edit(state)
+    return model, save_snapshot(state, model.config.name, model.fingerprint(), last_output=out.head[-1]), state
+
+
+def test_a_non_hybrid_state_holds_exactly_what_it_held_before_hybrids():
+    state = make_model(0).empty_state(2)
+    assert list(state.tensors()) == ["conv", "ssm", "concept_mean", "concept_mass", "steps"] and not state.rings
+
+
+def test_a_hybrid_state_is_fixed_size_and_counts_its_rings():
+    model = make_hybrid(0)  # rings: W = 5 with 2 key/value heads of 6, W = 3 with 2 of 12
+    state = model.empty_state(1)
+    assert state.conv.shape[0] == 1  # one recurrent layer: the recurrent tensors skip the other three
+    assert {n: tuple(t.shape) for n, t in state.rings.items()} == {
+        "attention.1.key": (1, 2, 5, 6), "attention.1.value": (1, 2, 5, 6),
+        "attention.3.key": (1, 2, 3, 12), "attention.3.value": (1, 2, 3, 12)}
+    ring_bytes = 2 * (2 * 5 * 6 + 2 * 3 * 12) * 4
+    assert state_nbytes_per_stream(model.config) == state_nbytes_per_stream(make_model(0, n_layers=1).config) + ring_bytes
+    assert state_nbytes_per_stream(model.config, torch.bfloat16) < state_nbytes_per_stream(model.config)
+    with torch.no_grad():
+        sizes = {model(make_inputs(model, 1, n))[1].nbytes() for n in (1, 7, 40)}
+    assert sizes == {state_nbytes_per_stream(model.config)}
+
+
+def test_a_hybrid_snapshot_says_what_it_holds_and_resumes_like_never_stopping():
+    model = make_hybrid(2)
+    inputs = make_inputs(model, 1, 19)  # past both windows: the rings wrapped
+    with torch.no_grad():
+        whole, _ = model(inputs)
+        _, state = model(inputs[:, :11])
+        blob = save_snapshot(state, model.config.name, model.fingerprint())
+        restored = load_snapshot(blob, model.config, model.fingerprint())
+        for name, tensor in state.tensors().items():
+            assert torch.equal(restored.tensors()[name], tensor), name
+        rest, _ = model(inputs[:, 11:], restored)
+    torch.testing.assert_close(rest.head, whole.head[11:], atol=2e-5, rtol=1e-4)
+    holds = json.loads(_split(blob)[0]["__metadata__"]["holds"])
+    assert holds == {"recurrent_layers": 1, "attention_layers": {
+        "1": {"attention_window": 5, "n_kv_heads": 2, "d_head": 6},
+        "3": {"attention_window": 3, "n_kv_heads": 2, "d_head": 12}}}
+
+
+def test_a_hybrid_snapshot_is_refused_by_a_non_hybrid_model_naming_the_rings():
+    hybrid, blob, _ = _hybrid_blob()
+    plain = make_model(1)
+    message = _refused(plain, blob, "hybrid model")
+    assert "attention layers 1, 3" in message and "has no attention layers" in message
+    # and the other way round: a plain snapshot into the hybrid
+    _, plain_blob, _ = _blob()
+    message = _refused(hybrid, plain_blob, "snapshot holds 2 recurrent layers; this model")
+    assert "attention layer 1 (window 5" in message
+
+
+def test_a_snapshot_of_another_window_is_refused_naming_both():
+    _, blob, _ = _hybrid_blob(layers=({"type": "infomamba"}, attention(2, 8)))
+    model = make_hybrid(1, layers=({"type": "infomamba"}, attention(2, 4)))
+    message = _refused(model, blob, "snapshot holds 1 recurrent layers, attention layer 1 \\(window 8")
+    assert "keeps 1 recurrent layers, attention layer 1 (window 4" in message
+
+
+@pytest.mark.parametrize("value, message", [(float("nan"), "holds NaN or infinity"),
+                                            (3e6, "holds a value of magnitude 3e\\+06, beyond the bound 1e\\+06")])
+def test_poisoned_rings_are_refused(value, message):
+    model, blob, _ = _hybrid_blob(edit=lambda s: s.rings["attention.3.value"].view(-1).__setitem__(4, value))
+    _refused(model, blob, f"tensor 'attention.3.value' {message}")
+
+
+def test_a_relabelled_or_missing_ring_is_refused():
+    model, blob, state = _hybrid_blob()
+    header, body = _split(blob)
+    header["attention.1.key"]["dtype"] = "I32"
+    _refused(model, _join(header, body), "tensor 'attention.1.key' has dtype I32")
+    header, body = _split(blob)
+    header["attention.9.key"] = header.pop("attention.1.key")
+    _refused(model, _join(header, body), "missing tensor 'attention.1.key'")
+
+
+def test_hybrid_rings_move_between_replicas_in_different_dtypes():
+    model = make_hybrid(3)
+    with torch.no_grad():
+        _, state = model.to(torch.bfloat16)(make_inputs(model, 1, 9))
+    assert state.rings["attention.1.key"].dtype == torch.bfloat16
+    blob = save_snapshot(state, model.config.name, model.fingerprint())
+    moved = load_snapshot(blob, model.config, model.fingerprint(), dtype=torch.float32)
+    assert moved.rings["attention.1.key"].dtype == torch.float32
+    assert torch.equal(moved.rings["attention.1.key"], state.rings["attention.1.key"].float())
+
+
+def test_pool_reset_and_copy_carry_the_rings():
+    from server.engine.state_pool import StatePool
+
+    model = make_hybrid(4)
+    pool = StatePool(model, 3)
+    slot = pool.allocate()
+    pool.zero_allocated()  # as the runner does before each step
+    with torch.no_grad():
+        model(make_inputs(model, 1, 6), pool.state, state_indices=torch.tensor([slot]))
+    written = {name: ring[slot].clone() for name, ring in pool.state.rings.items()}
+    assert all(ring.abs().sum() > 0 for ring in written.values())
+    other = pool.allocate()
+    pool.copy(slot, other)  # a fork
+    for name, ring in pool.state.rings.items():
+        assert torch.equal(ring[other], written[name]) and torch.equal(ring[slot], written[name]), name
+    pool.free(slot)
+    assert pool.allocate() == slot
+    fresh = pool.read(slot)  # the reused slot shows no keys of the stream that had it
+    assert all(ring.abs().sum() == 0 for ring in fresh.rings.values())
+    assert torch.equal(pool.read(other).rings["attention.3.value"][0], written["attention.3.value"])

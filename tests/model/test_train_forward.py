@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import make_inputs, make_model, one_thread, set_decays
+from helpers import ATTENTION_ONLY, MIXED, make_hybrid, make_inputs, make_model, one_thread, set_decays
 from model import train_forward as train_forward_module
 from model.reference import reference_forward
 from model.train_forward import _scan, linear_scan, train_forward
@@ -48,6 +48,22 @@ def test_matches_model_forward(overrides, length):
         got = train_forward(model, ids)
     torch.testing.assert_close(got.logits.reshape(-1, got.logits.shape[-1]), expected.head, atol=2e-5, rtol=1e-4)
     assert len(got.branches) == (model.config.n_layers if model.config.n_concepts else 0)
+
+
+@pytest.mark.parametrize("layers", [MIXED, ATTENTION_ONLY], ids=["mixed", "attention-only"])
+def test_a_hybrid_matches_model_forward_and_trains(layers):
+    # streams past every window (5, 3; 4 and 1), rotary positions, grouped-query heads, an MLP
+    model = make_hybrid(6, layers)
+    ids = make_inputs(model, batch=3, length=17, seed=2)
+    with torch.no_grad():
+        expected, _ = model(ids)
+        got = train_forward(model, ids)
+    torch.testing.assert_close(got.logits.reshape(-1, got.logits.shape[-1]), expected.head, atol=2e-5, rtol=1e-4)
+    train_forward(model, ids).logits.logsumexp(-1).mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for name, g in grads.items() if ".attention." in name or ".mlp." in name)
+    with pytest.raises(NotImplementedError, match="hybrid"):
+        train_forward(model, ids, model.empty_state(3))
 
 
 def test_float_inputs_and_per_step_head():

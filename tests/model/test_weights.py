@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import make_inputs, make_model
+from helpers import make_hybrid, make_inputs, make_model
 from model.weights import WeightsError, load_model, save_model
 
 
@@ -114,12 +114,45 @@ def test_learned_decay_directory_without_its_tensors_names_them(tmp_path):
         load_model(tmp_path / "m")
 
 
-def test_concept_decay_none_keeps_the_fingerprint_of_models_saved_before_the_field(saved):
-    # Spilled sessions and snapshots of an existing model must still load after the upgrade.
+def test_later_fields_at_their_first_value_keep_the_fingerprint_of_models_saved_before_them(saved):
+    # Spilled sessions and snapshots of an existing model must still load after the upgrade: concept_decay "none"
+    # and no layer list (not a hybrid) leave the fingerprint as it was.
     model, _ = saved
     before = hashlib.sha256(repr(sorted(
-        (k, v) for k, v in model.config.to_dict().items() if k != "concept_decay")).encode())
+        (k, v) for k, v in model.config.to_dict().items() if k not in ("concept_decay", "layers"))).encode())
     for name, tensor in sorted(model.state_dict().items()):
         before.update(name.encode())
         before.update(tensor.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy().tobytes())
     assert model.fingerprint() == before.hexdigest()
+
+
+def test_a_hybrid_directory_round_trips_with_tensor_names_that_say_what_they_are(tmp_path):
+    model = make_hybrid(0)  # infomamba, attention (GQA, rotary), mlp, attention
+    save_model(model, tmp_path / "h")
+    names = set(load_file(str(tmp_path / "h" / "model.safetensors")))
+    assert {f"layers.1.attention.{p}_proj.weight" for p in "qkvo"} | {"layers.1.norm.weight"} <= names
+    assert {f"layers.2.mlp.{p}_proj.weight" for p in ("gate", "up", "down")} <= names
+    assert not any(n.startswith(("layers.1.mixer", "layers.2.mixer", "layers.3.concept")) for n in names)
+    loaded = load_model(tmp_path / "h")
+    assert loaded.config == model.config and loaded.config.layer_types == ("infomamba", "attention", "mlp", "attention")
+    inputs = make_inputs(model, 2, 9)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs)[0].head, model(inputs)[0].head)
+    assert loaded.fingerprint() == model.fingerprint() != make_model(0).fingerprint()
+
+
+def test_a_hybrid_directory_with_missing_or_misshapen_attention_weights_names_them(tmp_path):
+    save_model(make_hybrid(0), tmp_path / "h")
+    rewrite(tmp_path / "h", lambda t: t.pop("layers.3.attention.v_proj.weight"))
+    with pytest.raises(WeightsError, match=r"missing tensors: layers\.3\.attention\.v_proj\.weight"):
+        load_model(tmp_path / "h")
+    save_model(make_hybrid(0), tmp_path / "h")
+    data = json.loads((tmp_path / "h" / "config.json").read_text())
+    data["layers"][1]["n_kv_heads"] = 4  # the checkpoint has 2 key/value heads
+    (tmp_path / "h" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match=r"layers\.1\.attention\.k_proj\.weight: shape \(12, 24\), expected \(24, 24\)"):
+        load_model(tmp_path / "h")
+    data["layers"][1].update(n_heads=5, n_kv_heads=1)
+    (tmp_path / "h" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match=r"config\.json: layers\[1\]\.n_heads: d_model 24 is not divisible by 5"):
+        load_model(tmp_path / "h")

@@ -52,7 +52,7 @@ class ServerThread:
     """The engine loop on one thread and uvicorn on another, talking over ZMQ exactly as the processes of
     `infomamba serve` do (tests/server/test_processes.py runs those)."""
 
-    def __init__(self, model, tokenizer=None, state_dir=None, **config):
+    def __init__(self, model, tokenizer=None, state_dir=None, model_dir=None, **config):
         self.port = free_port()
         # small steps even when nothing decodes, so long inputs really go through in chunks
         config.setdefault("max_num_prefill_tokens", config.get("max_num_batched_tokens", 2048))
@@ -60,7 +60,7 @@ class ServerThread:
         self.run_dir = tempfile.mkdtemp(prefix="infomamba-test-")
         self.state_dir = state_dir or os.path.join(self.run_dir, "sessions")
         address = f"ipc://{self.run_dir}/engine"
-        self.core = EngineCore(model, tokenizer, self.config, self.state_dir)
+        self.core = EngineCore(model, tokenizer, self.config, self.state_dir, model_dir=model_dir)
         warm_up(self.core)
         self.core.sessions.pick_up_persisted()
         self.loop = EngineLoop(self.core, address)

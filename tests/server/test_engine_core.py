@@ -28,6 +28,7 @@ class FakeRunner:
         self.fail_next = False
 
     def run(self, batch) -> StepResult:
+        self.pool.zero_allocated()
         self.num_runs += 1
         if self.fail_next:
             self.fail_next = False
@@ -188,6 +189,11 @@ def test_session_answers_wait_for_the_disk_and_report_a_failed_write(tmp_path, m
     monkeypatch.undo()
     add(core, "c", [5], session=sid)
     assert finish_of(run_until_quiet(core)["outputs"]["c"]).steps == 5 and core.store.error is None
+    # after the failed write a record of [5] would not chain to what is stored (step 3): a snapshot was written
+    assert core.sessions.get(sid).log == [] and core.store.persisted_sessions()[sid] == 5
+    again = make_core(tmp_path)
+    again.sessions.pick_up_persisted()
+    assert again.sessions.get(sid).steps == 5
 
 
 def test_idle_sessions_give_their_slots_to_waiting_requests(tmp_path):
@@ -273,3 +279,49 @@ def test_a_failed_replay_fails_the_waiting_request_and_the_next_one_replays_agai
     assert session.steps == 6 and session.slot is None  # nothing half-replayed was kept
     add(again, "c", [1], session=sid)
     assert finish_of(run_until_quiet(again)["outputs"]["c"]).steps == 7
+
+
+def test_a_slow_disk_writes_the_newest_snapshot_of_a_session_and_reports_every_ticket(tmp_path, monkeypatch):
+    from server.engine.store import SessionStore, _Job
+
+    model = tiny_lm()
+    written = []
+    real_write = store_module.atomic_write
+    monkeypatch.setattr(store_module, "atomic_write", lambda path, data: (written.append(path.name),
+                                                                          real_write(path, data)))
+    store = SessionStore(tmp_path, "tiny-lm", model.fingerprint(), lambda done: None)
+    states = [model.empty_state(1) for _ in range(4)]
+    for i, state in enumerate(states):
+        state.steps[0] = 10 * (i + 1)
+    # queued while the writer was busy: a, a, b, a, then a delete of b and a newer snapshot of b
+    jobs = [_Job(1, "a", states[0]), _Job(2, "a", states[1]), _Job(3, "b", states[2]), _Job(4, "a", states[3]),
+            _Job(5, "b", None), _Job(6, "b", states[0])]
+    done = store._apply_batch(jobs)
+    assert [d.ticket for d in done] == [3, 1, 2, 4, 5, 6]  # a's older tickets reported when its newest landed
+    assert all(d.error is None for d in done)
+    assert written == ["b.state.safetensors", "a.state.safetensors", "b.state.safetensors"]
+    assert store.persisted_sessions() == {"a": 40, "b": 10}
+
+
+def test_n_samples_fork_the_state_after_the_prompt_and_cancel_with_it(tmp_path):
+    core = make_core(tmp_path)  # 4 slots, 8 input steps per engine step: the prompt takes three steps
+    sampling = Sampling(max_tokens=3, temperature=0)
+    add(core, "a", list(range(20)), sampling=sampling, n=3)
+    outs = run_until_quiet(core)["outputs"]
+    for rid in ("a", "a.1", "a.2"):  # each sample continues from the prompt's state (20 steps), then 2 decodes
+        assert sum((o.token_ids for o in outs[rid]), []) == [20, 21, 22]
+        assert finish_of(outs[rid]).finish_reason == "length" and finish_of(outs[rid]).steps == 22
+    assert core.metrics.registry.get_sample_value("infomamba:prompt_tokens_total") == 20  # the prompt ran once
+    assert core.pool.num_used == 0
+    add(core, "b", list(range(20)), sampling=sampling, n=3)
+    core.run_once(timeout=0.01)
+    core.inbox.put(Abort("c", "b.2"))  # a fork cancelled while the prompt runs never starts
+    outs = run_until_quiet(core)["outputs"]
+    assert finish_of(outs["b.2"]).finish_reason == "cancelled" and not sum((o.token_ids for o in outs["b.2"]), [])
+    assert sum((o.token_ids for o in outs["b.1"]), []) == [20, 21, 22]
+    add(core, "d", list(range(20)), sampling=sampling, n=2)
+    core.run_once(timeout=0.01)
+    core.inbox.put(Abort("c", "d"))  # the prompt's request cancelled: its forks go with it
+    outs = run_until_quiet(core)["outputs"]
+    assert finish_of(outs["d.1"]).finish_reason == "cancelled" and finish_of(outs["d"]).finish_reason == "cancelled"
+    assert core.pool.num_used == 0 and not core.requests

@@ -15,7 +15,10 @@ from tests.server.conftest import running, tiny_lm
 def error_of(r, status, field="__any__"):
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field", "type", "param"}
+    assert body["error"]["param"] == body["error"]["field"]  # OpenAI's names beside ours
+    assert body["error"]["type"] == ("invalid_request_error" if status < 500 and status not in (401, 429) else
+                                     {401: "authentication_error", 429: "rate_limit_error"}.get(status, "server_error"))
     if field != "__any__":
         assert body["error"]["field"] == field, body
     return body["error"]
@@ -175,13 +178,24 @@ def test_ready_is_503_until_the_engine_answers():
         srv.stop()
 
 
-def test_unimplemented_openai_parameters_are_refused_not_ignored(lm_server):
-    for body, field in (({"logit_bias": {"5": 100}}, "logit_bias"), ({"repetition_penalty": 1.2}, "repetition_penalty"),
-                        ({"min_tokens": 3}, "min_tokens"), ({"presence_penalty": 0.5}, "presence_penalty")):
-        r = httpx.post(lm_server.url + "/v1/completions", json={"prompt": [1], "max_tokens": 2, **body})
-        assert error_of(r, 422, field)["code"] == "invalid_field"
-    r = httpx.post(lm_server.url + "/v1/completions", json={"prompt": [1], "max_tokens": 2, "best_off": 2})
-    assert error_of(r, 400, "best_off")["code"] == "unknown_field"
+def test_openai_parameters_out_of_range_or_unsupported_are_refused_not_ignored(lm_server):
+    cases = [({"logit_bias": {"5": 101}}, 422, "logit_bias.5", "invalid_field"),
+             ({"logit_bias": {"x": 1}}, 422, "logit_bias.x", "invalid_field"),
+             ({"logit_bias": {"260": 1}}, 422, "logit_bias.260", "token_out_of_vocabulary"),
+             ({"repetition_penalty": 0}, 422, "repetition_penalty", "invalid_field"),
+             ({"presence_penalty": 2.5}, 422, "presence_penalty", "invalid_field"),
+             ({"frequency_penalty": -3}, 422, "frequency_penalty", "invalid_field"),
+             ({"min_tokens": 3}, 422, "min_tokens", "invalid_field"),  # above max_tokens
+             ({"logprobs": 6}, 422, "logprobs", "invalid_field"),
+             ({"best_of": 3}, 400, "best_of", "invalid_request"),
+             ({"suffix": "x"}, 422, "suffix", "invalid_field"),
+             ({"max_tokens": 0}, 422, "max_tokens", "invalid_field"),  # only with echo
+             ({"n": 65}, 413, "n", "too_many_sequences"),
+             ({"best_off": 2}, 400, "best_off", "unknown_field")]
+    for extra, status, field, code in cases:
+        r = httpx.post(lm_server.url + "/v1/completions", json={"prompt": [1], "max_tokens": 2, **extra})
+        assert error_of(r, status, field)["code"] == code, extra
     r = httpx.post(lm_server.url + "/v1/completions",  # no-op values are fine
-                   json={"prompt": [1], "max_tokens": 2, "logit_bias": {}, "repetition_penalty": 1.0, "user": "u"})
+                   json={"prompt": [1], "max_tokens": 2, "logit_bias": {}, "repetition_penalty": 1.0, "user": "u",
+                         "best_of": 1, "n": 1, "echo": False})
     assert r.status_code == 200

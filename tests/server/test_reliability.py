@@ -177,7 +177,7 @@ def test_hostile_http_inputs_get_a_4xx_and_the_server_keeps_serving(lm_server):
     for route, raw in cases:
         r = httpx.post(lm_server.url + route, content=raw, headers={"content-type": "application/json"})
         assert 400 <= r.status_code < 500, (route, raw[:80], r.status_code, r.text)
-        assert set(r.json()["error"]) == {"code", "message", "field"}
+        assert set(r.json()["error"]) == {"code", "message", "field", "type", "param"}
     r = httpx.post(lm_server.url + "/v1/completions", json={"prompt": [1, 2], "max_tokens": 2, "seed": 2**63 - 1})
     assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2
     assert httpx.post(lm_server.url + f"/v1/sessions/{sid}/append", json={"input_ids": [1]}).json()["steps"] == 1
@@ -254,6 +254,24 @@ def test_api_keys_never_reach_the_access_log():
                                ("127.0.0.1:5", "GET", "/v1/stream?api_key=sekrit&x=1", "1.1", 101), None)
     RedactSecrets().filter(record)
     assert "sekrit" not in record.getMessage() and "api_key=[redacted]&x=1" in record.getMessage()
+
+
+def test_docs_pages_load_every_asset_from_this_server(lm_server):
+    """/docs and /redoc work offline: the pages name no other host, and every asset they load is served here."""
+    import re
+
+    for page, kinds in (("/docs", {"js", "css", "png"}), ("/redoc", {"js", "png"})):
+        r = httpx.get(lm_server.url + page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "://" not in r.text  # no CDN, no web fonts, no online validator
+        assets = re.findall(r'(?:src|href)="(/[^"]+)"', r.text)
+        assert {a.rsplit(".", 1)[1] for a in assets} == kinds
+        for asset in assets:
+            got = httpx.get(lm_server.url + asset)
+            assert got.status_code == 200 and len(got.content) > 4000, asset
+    document = httpx.get(lm_server.url + "/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions"} <= set(document["paths"])
+    assert "ChatCompletionRequest" in document["components"]["schemas"]
 
 
 def test_schema_fuzzing_finds_no_server_error(lm_server, tmp_path):

@@ -1,7 +1,9 @@
 """Scale-out through real parts: replicas sharing a real Redis (`--state-store`) and a real nginx in front of them
-(docker/nginx). A session continues on another replica after its replica is SIGKILLed, with the outputs of one
-uninterrupted pass; a lease keeps a second replica from advancing a live replica's session, and a write from a
-replica that lost the session is refused; nginx sends every request of one session to one replica."""
+(docker/nginx). A session continues on another replica after its replica is SIGKILLed, from its snapshot and
+logged inputs, with the outputs of one uninterrupted pass, and a retried numbered append is answered from the
+record; a lease keeps a second replica from advancing a live replica's session, and a write (snapshot or log
+record) from a replica that lost the session is refused; an acknowledged append costs Redis its inputs' bytes, not
+a snapshot; every replica lists every session; nginx sends every request of one session to one replica."""
 from __future__ import annotations
 
 import re
@@ -17,6 +19,7 @@ from model.state import StreamState
 from model.tokenizer import ByteTokenizer
 from model.weights import save_model
 from server.engine.redis_store import RedisSessionStore
+from server.engine.wal import LogRecord
 from tests.server.conftest import ServerThread, tiny_lm
 from tests.server.scale import NginxProxy, RedisServer
 from tests.server.test_engine_api import greedy_reference
@@ -82,8 +85,10 @@ def counter(base: str, route: str, status: str = "200") -> float:
 
 
 def test_a_session_continues_on_another_replica_after_its_replica_is_killed(store_url, redis_server, tmp_path):
-    """Two replicas behind nginx; SIGKILL of the one that holds a session between two of a client's appends: the
-    client (retrying 503s) carries on through the proxy, and every output equals one uninterrupted pass."""
+    """Two replicas behind nginx; SIGKILL of the one that holds a session between two of a client's numbered
+    appends: the client (retrying 503s) carries on through the proxy; the other replica replays the logged inputs,
+    answers the retry of an append whose answer was lost from the record, and every output equals one
+    uninterrupted pass."""
     rng = np.random.default_rng(0)
     chunks = [rng.integers(0, 256, n).tolist() for n in (5, 9, 6, 3)]
     model_dir = save_model(tiny_lm(), tmp_path / "tiny-lm")
@@ -101,7 +106,11 @@ def test_a_session_continues_on_another_replica_after_its_replica_is_killed(stor
                     break
             else:
                 pytest.fail("no session landed on replica a")
-            got = [client.append(sid, input_ids=c, outputs=["logits"])["results"]["logits"] for c in chunks[:2]]
+            got = [client.append(sid, input_ids=c, outputs=["logits"], seq=i + 1)["results"]["logits"]
+                   for i, c in enumerate(chunks[:2])]
+            # acknowledged as two log records after the create's snapshot (of step 0), not as snapshots
+            assert redis_server.client.llen(f"infomamba:{{{sid}}}:log") == 2
+            assert redis_server.client.hget(f"infomamba:{{{sid}}}:state", "steps") == b"14"
             pids = a.children()
             a.kill_all()  # SIGKILL: no shutdown, no lease released; every acknowledged append is in Redis
             killed = time.monotonic()
@@ -110,9 +119,11 @@ def test_a_session_continues_on_another_replica_after_its_replica_is_killed(stor
             # whether it was applied (idempotent appends are not there yet).
             assert all_gone(pids)
             time.sleep(0.2)
-            got.append(client.append(sid, input_ids=chunks[2], outputs=["logits"])["results"]["logits"])
+            retried = client.append(sid, input_ids=chunks[1], outputs=["logits"], seq=2)  # as if its ack was lost
             assert time.monotonic() - killed < LEASE_TTL + 2  # served again within the lease TTL (+ slack)
-            last = client.append(sid, input_ids=chunks[3], outputs=["logits"])
+            assert (retried["replayed"], retried["steps"], retried["results"]["logits"]) == (True, 14, [])
+            got.append(client.append(sid, input_ids=chunks[2], outputs=["logits"], seq=3)["results"]["logits"])
+            last = client.append(sid, input_ids=chunks[3], outputs=["logits"], seq=4)
             got.append(last["results"]["logits"])
             assert last["steps"] == sum(map(len, chunks))
             assert redis_server.client.get(f"infomamba:{{{sid}}}:lease") == b"b"
@@ -185,6 +196,95 @@ def test_a_write_from_a_replica_that_lost_the_session_is_refused(store_url, redi
     assert done["a"][-1].error is None
     a.stop()
     b.stop()
+
+
+def test_a_log_record_from_a_replica_that_lost_the_session_is_refused(store_url, redis_server):
+    model = tiny_lm()
+    done = {"a": [], "b": []}
+    a = RedisSessionStore(store_url, model.config.name, model.fingerprint(), done["a"].append, replica_id="a")
+    b = RedisSessionStore(store_url, model.config.name, model.fingerprint(), done["b"].append, replica_id="b")
+    a.write("s1", StreamState.empty(model.config, 1), None)
+    first = LogRecord.of("s1", 0, np.array([1, 2, 3]), seq=7)
+    a.append_log([first])
+    assert done["a"][-1].error is None and done["a"][-1].failed is None
+    redis_server.client.delete("infomamba:{s1}:lease")  # a's lease expires
+    _, records = b.load("s1")  # b takes over: the snapshot and the records after it
+    assert records == [first]
+    b.append_log([LogRecord.of("s1", 3, np.array([4]))])
+    assert done["b"][-1].failed is None
+    a.write("s2", StreamState.empty(model.config, 1), None)
+    a.append_log([LogRecord.of("s1", 3, np.array([9, 9])), LogRecord.of("s2", 0, np.array([5]))])  # one round trip
+    refused = done["a"][-1]
+    assert refused.error is None and set(refused.failed) == {"s1"}, refused  # s2's record went in
+    assert "owned by replica b" in refused.failed["s1"]
+    assert redis_server.client.llen("infomamba:{s1}:log") == 2 and redis_server.client.llen("infomamba:{s2}:log") == 1
+    assert redis_server.client.hget("infomamba:sessions", "s1") == b"4"
+    b.release("s1")  # free again, but a's copy is behind the store's: still refused
+    a.append_log([LogRecord.of("s1", 3, np.array([9, 9]))])
+    assert "changed in the state store" in done["a"][-1].failed["s1"]
+    state = StreamState.empty(model.config, 1)
+    state.steps += 4
+    b.load("s1")
+    b.write("s1", state, None)  # a snapshot covers the records: the log is emptied
+    assert redis_server.client.llen("infomamba:{s1}:log") == 0
+    assert b.load("s1")[1] == []
+    b.append_log([LogRecord.of("s1", 6, np.array([1]))])  # would skip steps 4 and 5 (say their write failed)
+    assert "holds it up to step 4" in done["b"][-1].failed["s1"]
+    b.append_log([LogRecord.of("s1", 4, np.array([1, 2]))])  # still b's: a record that continues goes in
+    assert done["b"][-1].failed is None and b.load("s1")[1][0].steps_before == 4
+    a.stop()
+    b.stop()
+
+
+def redis_bytes_in(redis_server) -> int:
+    return int(redis_server.client.info("stats")["total_net_input_bytes"])
+
+
+def test_an_acknowledged_append_costs_redis_its_inputs_not_a_snapshot(store_url, redis_server):
+    """Bytes Redis received per acknowledged 16-token append of the tiny test model, with a snapshot per answer
+    (--snapshot-every 1: how every answer was written before the log) and with the log."""
+    per_ack = {}
+    for label, every in (("snapshot", 1), ("log", 4096)):
+        srv = replica(store_url, label, snapshot_every=every).start()
+        try:
+            sid = httpx.post(srv.url + "/v1/sessions", json={}).json()["id"]
+            logits_of(append(srv.url, sid, list(range(16))))
+            before = redis_bytes_in(redis_server)
+            for _ in range(20):
+                r = httpx.post(f"{srv.url}/v1/sessions/{sid}/append", json={"input_ids": list(range(16)),
+                                                                              "outputs": []})
+                assert r.status_code == 200, r.text
+            per_ack[label] = (redis_bytes_in(redis_server) - before) / 20
+        finally:
+            srv.stop()
+    snapshot = len(redis_server.client.get(redis_server.client.hget(f"infomamba:{{{sid}}}:state", "blob")))
+    print(f"bytes to Redis per ack: {per_ack} (snapshot {snapshot} B)")
+    assert per_ack["snapshot"] > snapshot  # the whole state, each time
+    assert per_ack["log"] < 1000 and per_ack["log"] * 10 < per_ack["snapshot"]
+
+
+def test_every_replica_lists_every_session_and_a_record_moves_with_its_snapshot(store_url):
+    a = replica(store_url, "a", snapshot_every=4).start()
+    b = replica(store_url, "b", snapshot_every=4).start()
+    try:
+        on_a = httpx.post(a.url + "/v1/sessions", json={}).json()["id"]
+        on_b = httpx.post(b.url + "/v1/sessions", json={}).json()["id"]
+        r = httpx.post(f"{a.url}/v1/sessions/{on_a}/append", json={"input_ids": [1, 2, 3, 4, 5], "seq": 1})
+        assert r.json()["steps"] == 5  # 5 steps >= 4: answered once a snapshot holding seq 1 is in Redis
+        httpx.post(f"{b.url}/v1/sessions/{on_b}/append", json={"input_ids": [6, 7]})
+        for srv in (a, b):
+            listing = httpx.get(srv.url + "/v1/sessions").json()
+            assert listing["object"] == "list" and listing["replica"] == ("a" if srv is a else "b")
+            assert {(s["id"], s["steps"], s["owner"], s["resident"]) for s in listing["data"]} == {
+                (on_a, 5, "a", srv is a), (on_b, 2, "b", srv is b)}
+        a.stop()  # a clean stop hands its leases back; b takes the session on its next request
+        again = httpx.post(f"{b.url}/v1/sessions/{on_a}/append", json={"input_ids": [1, 2, 3, 4, 5], "seq": 1})
+        assert (again.json()["steps"], again.json()["replayed"]) == (5, True), again.text
+        owners = {s["id"]: s["owner"] for s in httpx.get(b.url + "/v1/sessions").json()["data"]}
+        assert owners == {on_a: "b", on_b: "b"}
+    finally:
+        a.stop() if a.thread.is_alive() else None
+        b.stop()
 
 
 def test_nginx_routes_each_session_to_one_replica_and_spreads_the_rest(store_url, redis_server):

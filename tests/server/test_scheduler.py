@@ -98,3 +98,64 @@ def test_prefill_only_steps_take_the_larger_budget_until_someone_decodes():
     gen.pending_token = 7  # gen now decodes: steps shrink back to the latency budget
     batch = sched.schedule()
     assert batch.num_tokens <= 4 and any(c.is_decode for c in batch.chunks)
+
+
+def _decoders(sched, n):
+    seqs = []
+    for _ in range(n):
+        s = Sequence(torch.zeros(0, dtype=torch.long), sampling=SamplingParams(max_tokens=100))
+        s.pending_token = 1
+        seqs.append(s)
+        sched.add(s)
+    return seqs
+
+
+def _decode_again(decoders):
+    for s in decoders:
+        s.pending_token = 1
+
+
+def test_small_prompts_wait_a_few_decode_steps_then_enter_together():
+    sched = Scheduler(FakePool(8), max_num_batched_tokens=64, max_prefill_wait_steps=3)
+    decoders = _decoders(sched, 4)
+    feed(sched.schedule())  # decode-only: nothing waits yet
+    _decode_again(decoders)
+    prompts = []
+    kinds = []
+    for step in range(6):
+        if step < 2:  # a new short prompt arrives on each of the first two steps
+            prompts.append(Sequence(torch.arange(5)))
+            sched.add(prompts[-1])
+        batch = sched.schedule()
+        assert sum(c.is_decode for c in batch.chunks) == 4, "decoders run every step"
+        kinds.append(sorted(c.num_tokens for c in batch.chunks if not c.is_decode))
+        feed(batch)
+        _decode_again(decoders)
+    assert kinds == [[], [], [], [5, 5], [], []]  # both prompts in one mixed step, after 3 decode-only steps
+    assert all(p.num_fed == 5 for p in prompts)
+
+
+def test_large_prefill_work_and_idle_batches_do_not_wait():
+    sched = Scheduler(FakePool(8), max_num_batched_tokens=64, max_prefill_wait_steps=4)
+    alone = Sequence(torch.arange(5))
+    sched.add(alone)
+    assert [c.num_tokens for c in sched.schedule().chunks] == [5], "nobody decodes: nothing to wait for"
+    sched2 = Scheduler(FakePool(8), max_num_batched_tokens=64, max_prefill_wait_steps=4)
+    decoders = _decoders(sched2, 2)
+    feed(sched2.schedule())
+    _decode_again(decoders)
+    big = Sequence(torch.arange(40))  # at least half of what the step has left: in at once
+    sched2.add(big)
+    batch = sched2.schedule()
+    assert [c.num_tokens for c in batch.chunks if c.seq is big] == [40]
+
+
+def test_frontend_count_defaults_to_one_per_four_cpus_at_most_four(monkeypatch):
+    import os
+
+    from server.config import ServerConfig
+
+    for cpus, expected in ((2, 1), (8, 2), (16, 4), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert ServerConfig().num_api_servers == expected
+    assert ServerConfig(api_server_count=3).num_api_servers == 3

@@ -5,6 +5,7 @@ import os
 
 from fastapi import APIRouter, Request, Response
 
+from server.api.errors import error_body
 from server.api.responses import JSON
 from server.engine.client import EngineDead
 
@@ -19,8 +20,7 @@ async def health(request: Request):
     body = {"status": "ok", "frontend": {"pid": os.getpid()}, "engine": {"pid": info.pid if info else None, "alive": not edge.engine.dead,
                                        "loaded": info is not None}}
     if edge.engine.dead:
-        body.update(status="unhealthy", error={"code": "engine_unavailable", "message": "the engine process has "
-                                               "stopped", "field": None})
+        body.update(status="unhealthy", **error_body(503, "engine_unavailable", "the engine process has stopped"))
         return JSON(body, status_code=503)
     if info is not None and edge.is_ready:
         try:
@@ -30,8 +30,7 @@ async def health(request: Request):
         body["engine"].update(stats)
         body["state_store"] = {"path": stats["state_dir"], "error": stats["state_store_error"]}
         if stats["state_store_error"]:
-            body.update(status="unhealthy", error={"code": "state_store_unusable",
-                                                   "message": stats["state_store_error"], "field": None})
+            body.update(status="unhealthy", **error_body(503, "state_store_unusable", stats["state_store_error"]))
             return JSON(body, status_code=503)
     return JSON(body)
 

@@ -1,17 +1,18 @@
 """OpenAI-compatible routes: /v1/models, /v1/models/{id}, /v1/completions (plain and streamed)."""
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter, Request
 
-from server.api import schemas
+from server.api import samples, schemas
 from server.api.errors import APIError, bad_request
+from server.api.logprobs import completion_logprobs, prompt_entries, text_offsets
 from server.api.openapi import body, errors
-from server.api.requests import Finish, Token, finish_plain, generate, started, submit, unless_disconnected
+from server.api.requests import Finish, Token
 from server.api.responses import JSON, sse, sse_response
 from server.api.validation import loads, parse
 
@@ -33,9 +34,7 @@ async def models(request: Request):
 @router.get("/v1/models/{model_id:path}", responses=errors(404))
 async def model(model_id: str, request: Request):
     edge = request.app.state.edge
-    if model_id != edge.model_name:
-        raise APIError(404, "model_not_found", f"model {model_id!r} is not served here (try {edge.model_name!r})",
-                       "model")
+    check_model(edge, model_id)
     return JSON(model_card(edge))
 
 
@@ -43,53 +42,92 @@ async def model(model_id: str, request: Request):
 async def completions(request: Request):
     edge = request.app.state.edge
     req = parse(schemas.CompletionRequest, loads(await request.body()))
-    if req.model is not None and req.model != edge.model_name:
-        raise APIError(404, "model_not_found", f"model {req.model!r} is not served here (try {edge.model_name!r})",
-                       "model")
+    check_model(edge, req.model)
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("best_of is not supported (only best_of equal to n, which returns every sample)",
+                          "best_of")
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(422, "invalid_field", "max_tokens 0 generates nothing: it is for echo (the prompt, with its "
+                       "logprobs when asked)", "max_tokens")
     prompts = completion_prompts(edge, req.prompt)
-    if len(prompts) > edge.config.max_batch_sequences:
-        raise APIError(413, "too_many_sequences", f"{len(prompts)} prompts exceed max_batch_sequences", "prompt")
-    samplings = [edge.validator.sampling(req, ids.shape[0]) for ids in prompts]
-    streams = []
-    try:
-        for ids, sampling in zip(prompts, samplings):
-            streams.append(await submit(edge, ids, sampling=sampling))
-    except BaseException:
-        for s in streams:
-            s.cancel()
-        raise
-    runs = [generate(edge, s, sampling, engine_checks_stop=False) for s, sampling in zip(streams, samplings)]
+    check_num_choices(edge, len(prompts), req.n)
+    samplings = [_sampling(edge, req, ids.shape[0]) for ids in prompts]
+    echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+    runs = await samples.start(edge, prompts, samplings, req.n, echo_logprobs, is_streamed=req.stream)
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     num_prompt = sum(ids.shape[0] for ids in prompts)
     base = {"id": rid, "object": "text_completion", "created": created, "model": edge.model_name}
+    echoes = [Echo.of(edge.tokenizer, ids, req.echo, req.logprobs is not None) for ids in prompts]
     if req.stream:
-        try:
-            for s in streams:
-                await started(s)
-        except APIError:
-            for s in streams:
-                s.cancel()
-            raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(completion_events(runs, base, num_prompt, include_usage))
-    if not any(s.stop for s in samplings):  # nothing to watch token by token: collect ids, decode once
-        for run in runs:
-            await run.aclose()
-        finishes = await unless_disconnected(request, asyncio.gather(*(finish_plain(edge, s) for s in streams)))
-    else:
-        finishes = await unless_disconnected(request, asyncio.gather(*(_last(run) for run in runs)))
-    choices = [{"index": i, "text": f.text if f.text is not None else "", "logprobs": None,
-                "finish_reason": f.reason, "token_ids": f.ids} for i, f in enumerate(finishes)]
+        return sse_response(completion_events(edge, runs, req.n, echoes, base, num_prompt, include_usage,
+                                              req.logprobs is not None))
+    per_token = any(s is None or s.stop for s in samplings) or req.logprobs is not None
+    finishes = await samples.finish_all(edge, request, runs, per_token)
+    choices = []
+    for k, f in enumerate(finishes):
+        echo = echoes[k // req.n]
+        text = f.text if f.text is not None else ""
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = echo.logprobs(edge.tokenizer, finishes[k - k % req.n].prompt_logprobs)
+            more = completion_logprobs(edge.tokenizer, f.ids, f.logprobs, f.offsets, echo.offset)
+            for key, values in more.items():
+                logprobs[key] += values
+        choices.append({"index": k, "text": echo.text + text, "logprobs": logprobs, "finish_reason": _reason(f),
+                        "token_ids": f.ids})
     generated = sum(len(f.ids) for f in finishes)
-    return JSON({**base, "choices": choices, "usage": {"prompt_tokens": num_prompt, "completion_tokens": generated,
-                                                       "total_tokens": num_prompt + generated}})
+    return JSON({**base, "choices": choices, "usage": samples.usage(num_prompt, generated)})
 
 
-async def _last(run) -> Finish:
-    async for event in run:
-        if isinstance(event, Finish):
-            return event
-    raise APIError(500, "internal_error", "the request ended without finishing")
+def _sampling(edge, req: schemas.CompletionRequest, num_prompt: int):
+    """The prompt's sampling, or None for max_tokens 0 (echo: the prompt is fed, nothing generated)."""
+    if req.max_tokens:
+        return edge.validator.sampling(req, num_prompt, logprobs=req.logprobs, num_samples=req.n)
+    edge.validator.lm_head("max_tokens")
+    edge.validator.steps(num_prompt, "prompt")
+    return None
+
+
+def check_model(edge, model: str | None) -> None:
+    if model is not None and model != edge.model_name:
+        raise APIError(404, "model_not_found", f"model {model!r} is not served here (try {edge.model_name!r})",
+                       "model")
+
+
+def check_num_choices(edge, num_prompts: int, n: int) -> None:
+    if num_prompts * n > edge.config.max_batch_sequences:
+        raise APIError(413, "too_many_sequences", f"{num_prompts} prompts x n = {n} samples exceed "
+                       f"max_batch_sequences ({edge.config.max_batch_sequences})", "n" if n > 1 else "prompt")
+
+
+def _reason(finish: Finish) -> str:
+    return "length" if finish.reason == "done" else finish.reason  # "done": a prompt fed with max_tokens 0
+
+
+@dataclass
+class Echo:
+    """What echo puts before a prompt's choices: its text, and (with logprobs) its tokens' logprobs and offsets.
+    offset: where the generated text starts in prompt + generated text (logprobs' text_offset counts from the
+    prompt's start, echoed or not, as OpenAI's do)."""
+
+    ids: list[int]
+    text: str
+    offset: int
+    offsets: list[int]
+    is_echoed: bool
+
+    @classmethod
+    def of(cls, tokenizer, ids: np.ndarray, is_echoed: bool, wants_offsets: bool) -> "Echo":
+        if not (is_echoed or wants_offsets):
+            return cls([], "", 0, [], False)
+        text, offsets = text_offsets(tokenizer, ids.tolist())
+        return cls(ids.tolist(), text if is_echoed else "", len(text), offsets, is_echoed)
+
+    def logprobs(self, tokenizer, prompt_logprobs) -> dict:
+        if not self.is_echoed:
+            return completion_logprobs(tokenizer, [], [], [])
+        return completion_logprobs(tokenizer, self.ids, prompt_entries(prompt_logprobs, len(self.ids)), self.offsets)
 
 
 def completion_prompts(edge, prompt) -> list[np.ndarray]:
@@ -113,41 +151,59 @@ def completion_prompts(edge, prompt) -> list[np.ndarray]:
     return arrays
 
 
-async def completion_events(runs, base: dict, num_prompt: int, include_usage: bool):
-    queue: asyncio.Queue = asyncio.Queue()
+async def completion_events(edge, runs, n: int, echoes: list[Echo], base: dict, num_prompt: int,
+                            include_usage: bool, wants_logprobs: bool):
+    """SSE chunks of every choice as they come. A choice's first chunk carries its echo; with logprobs, a fork's
+    events wait until its prompt's first sample has brought the prompt's logprobs."""
+    generated = 0
+    prompt_logprobs: dict[int, object] = {}  # prompt -> its logprobs, once its first sample has said
+    held: dict[int, list] = {}  # prompt -> its forks' events, while they wait for that
+    is_opened: set[int] = set()  # choices whose echo went out
 
-    async def pump(index: int, run):
-        try:
-            async for event in run:
-                await queue.put((index, event))
-        except APIError as exc:
-            await queue.put((index, exc))
-        finally:
-            await queue.put((index, None))
+    def chunks(index: int, event):
+        nonlocal generated
+        prompt, echo = index // n, echoes[index // n]
+        text, logprobs = "", None
+        if index not in is_opened:
+            is_opened.add(index)
+            text = echo.text
+            if wants_logprobs:
+                logprobs = echo.logprobs(edge.tokenizer, prompt_logprobs.get(prompt))
+        if isinstance(event, Token):
+            generated += event.id is not None
+            if wants_logprobs:
+                ids, found = ([event.id], [event.logprob]) if event.id is not None else ([], [])
+                more = completion_logprobs(edge.tokenizer, ids, found, [event.offset] * len(ids), echo.offset)
+                logprobs = more if logprobs is None else {k: v + more[k] for k, v in logprobs.items()}
+            yield sse({**base, "choices": [{"index": index, "text": text + event.text, "logprobs": logprobs,
+                                            "finish_reason": None,
+                                            "token_ids": [event.id] if event.id is not None else []}]})
+        elif isinstance(event, Finish):
+            if text or logprobs:
+                yield sse({**base, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                                "finish_reason": None, "token_ids": []}]})
+            yield sse({**base, "choices": [{"index": index, "text": "", "logprobs": None,
+                                            "finish_reason": _reason(event)}]})
+        elif isinstance(event, APIError):
+            yield sse(event.body())
 
-    tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
-    generated, open_count = 0, len(runs)
-    try:
-        while open_count:
-            index, event = await queue.get()
-            if event is None:
-                open_count -= 1
-            elif isinstance(event, Token):
-                generated += event.id is not None
-                yield sse({**base, "choices": [{"index": index, "text": event.text, "logprobs": None,
-                                                "finish_reason": None,
-                                                "token_ids": [event.id] if event.id is not None else []}]})
-            elif isinstance(event, Finish):
-                yield sse({**base, "choices": [{"index": index, "text": "", "logprobs": None,
-                                                "finish_reason": event.reason}]})
-            elif isinstance(event, APIError):
-                yield sse(event.body())
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": {"prompt_tokens": num_prompt, "completion_tokens": generated,
-                                                        "total_tokens": num_prompt + generated}})
-        yield sse("[DONE]")
-    finally:
-        for t in tasks:
-            t.cancel()
-        for run in runs:
-            await run.aclose()
+    async for index, event in samples.merged(runs):
+        if event is None:
+            continue
+        prompt = index // n
+        if wants_logprobs and echoes[prompt].is_echoed and prompt not in prompt_logprobs:
+            if index % n:
+                held.setdefault(prompt, []).append((index, event))
+                continue
+            prompt_logprobs[prompt] = getattr(event, "prompt_logprobs", None)
+            for chunk in chunks(index, event):
+                yield chunk
+            for waiting in held.pop(prompt, []):
+                for chunk in chunks(*waiting):
+                    yield chunk
+            continue
+        for chunk in chunks(index, event):
+            yield chunk
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": samples.usage(num_prompt, generated)})
+    yield sse("[DONE]")

@@ -16,6 +16,14 @@ from server.api.validation import loads, parse
 router = APIRouter()
 
 
+@router.get("/v1/sessions", responses=errors(503))
+async def list_sessions(request: Request):
+    """Every session: this replica's, or with a shared store (--state-store) every replica's, each with the replica
+    holding it (`owner`)."""
+    reply = await session_call(request.app.state.edge, "list")
+    return JSON({"object": "list", "data": reply.info["sessions"], "replica": reply.info.get("replica")})
+
+
 @router.post("/v1/sessions", status_code=201, openapi_extra=body(schemas.SessionCreateRequest, required=False),
              responses=errors(422, 429, 507))
 async def create_session(request: Request):
@@ -32,7 +40,7 @@ async def append_route(sid: str, request: Request):
     req = parse(schemas.AppendRequest, loads(await request.body()))
     kinds = edge.validator.output_kinds(req.outputs)
     inputs = edge.validator.inputs(req.input_ids, req.inputs, req.text)
-    result = await unless_disconnected(request, append(edge, sid, inputs, kinds))
+    result = await unless_disconnected(request, append(edge, sid, inputs, kinds, req.seq))
     width = sum(edge.model.d_model if k == "hidden" else edge.model.d_head_output for k in kinds)
     return await json_response(result, num_values=inputs.shape[0] * width)
 
