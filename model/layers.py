@@ -195,7 +195,8 @@ class FusedWeights:
     out_weight (D, E + C) = [W_out, W_o]: out_proj(y) + W_o (g_o ⊙ r) as one product over [y; g_o ⊙ r].
 
     Built from the parameters, which stay the only thing saved, loaded and hashed. The cost is memory: in_proj's
-    and out_proj's weights are held twice (about 0.7x the layer's parameters again).
+    and out_proj's weights are held twice, and W_in W_s is new: about as many numbers again as the layer's own
+    parameters (a plain Mamba layer builds none).
     """
 
     pre_weight: torch.Tensor
