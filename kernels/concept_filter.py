@@ -17,15 +17,18 @@ REF_CHUNK = 64  # the reference works chunk by chunk too, so a 10^5-step sequenc
 
 
 def concept_filter_ref(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None,
-                       layout: PackedLayout | None = None):
+                       layout: PackedLayout | None = None, is_logits=False):
     """Chunk form.
 
     a: (total, k) routing weights (rows sum to 1); v: (total, d_c); mix: (k, k) the matrix M;
     concept_mean: (slots, k, d_c) fp32 and concept_mass: (slots, k) fp64, read and updated in place;
     state_indices: (batch,), -1 skips the sequence (output rows zero);
-    log_decay: (k,) λ = log γ <= 0 per concept, or None (γ = 1, a running mean over the whole past).
+    log_decay: (k,) λ = log γ <= 0 per concept, or None (γ = 1, a running mean over the whole past);
+    is_logits: `a` holds the routing logits W_a h + b_a, and their softmax (in fp32) is the routing weights.
     Returns read_t = a_t^T M (S_t / (m_t + eps)): (total, d_c) fp32.
     """
+    if is_logits:
+        a = torch.softmax(a.float(), dim=-1)
     out = a.new_zeros((a.shape[0], v.shape[1]), dtype=torch.float32)
     slots = state_indices.tolist()
     mix = mix.float()
@@ -118,6 +121,18 @@ from kernels._triton import HAS_TRITON, check_indices, check_pool, rows, tl, tri
 
 
 @triton.jit
+def _load_routing(a_ptr, rows, row_mask, j, k, stride_a_token, IS_LOGITS: tl.constexpr):
+    """(T, K) fp32 routing weights of `rows`, 0 on masked rows and past k; from logits: their softmax."""
+    mask = row_mask[:, None] & (j < k)[None, :]
+    a = tl.load(a_ptr + rows[:, None] * stride_a_token + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    if IS_LOGITS:
+        a = tl.where((j < k)[None, :], a, float("-inf"))
+        a = tl.exp(a - tl.max(a, axis=1)[:, None])
+        a = tl.where(mask, a / tl.sum(a, axis=1)[:, None], 0.0)
+    return a
+
+
+@triton.jit
 def _concept_chunk_sums_kernel(
     # pointers
     a_ptr, v_ptr, log_decay_ptr, cu_seqlens_ptr, state_indices_ptr, chunk_seq_ptr, chunk_pos_ptr, chunk_sum_ptr,
@@ -133,6 +148,7 @@ def _concept_chunk_sums_kernel(
     BLOCK_DC: tl.constexpr,
     HAS_DECAY: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,  # every sequence is one chunk: copy the pool's state in as each chunk's entry
+    IS_LOGITS: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     pid_dc = tl.program_id(1)
@@ -145,8 +161,7 @@ def _concept_chunk_sums_kernel(
     row_mask = (rows < seq_end) & live
     j = tl.arange(0, BLOCK_K)  # (K,)
     e = pid_dc * BLOCK_DC + tl.arange(0, BLOCK_DC)  # (E,) columns of v
-    a = tl.load(a_ptr + rows[:, None] * stride_a_token + j[None, :], mask=row_mask[:, None] & (j < k)[None, :],
-                other=0.0).to(tl.float32)  # (T, K)
+    a = _load_routing(a_ptr, rows, row_mask, j, k, stride_a_token, IS_LOGITS)  # (T, K)
     v = tl.load(v_ptr + rows[:, None] * stride_v_token + e[None, :], mask=row_mask[:, None] & (e < d_c)[None, :],
                 other=0.0).to(tl.float32)  # (T, E)
     a64 = a.to(tl.float64)
@@ -262,6 +277,7 @@ def _concept_chunk_output_kernel(
     BLOCK_DC: tl.constexpr,
     HAS_DECAY: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,  # every sequence is one chunk: this pass also writes the pool's final mean
+    IS_LOGITS: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     pid_dc = tl.program_id(1)
@@ -278,8 +294,7 @@ def _concept_chunk_output_kernel(
     k_mask = j < k
     e = pid_dc * BLOCK_DC + tl.arange(0, BLOCK_DC)  # (E,)
     e_mask = e < d_c
-    a = tl.load(a_ptr + rows[:, None] * stride_a_token + j[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0).to(tl.float32)  # (T, K)
+    a = _load_routing(a_ptr, rows, row_mask, j, k, stride_a_token, IS_LOGITS)  # (T, K)
     v = tl.load(v_ptr + rows[:, None] * stride_v_token + e[None, :], mask=row_mask[:, None] & e_mask[None, :],
                 other=0.0).to(tl.float32)  # (T, E)
     mix = tl.load(mix_ptr + j[:, None] * stride_mix_row + j[None, :], mask=k_mask[:, None] & k_mask[None, :],
@@ -435,7 +450,7 @@ def _decay_args(log_decay, placeholder):
 
 
 def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None,
-                    layout=None, chunk_size=None, block_chunks=None):
+                    layout=None, is_logits=False, chunk_size=None, block_chunks=None):
     """concept_filter with the chunk length and the chunks per block of pass 2's scan exposed (tests)."""
     if a.dim() != 2 or v.dim() != 2:
         raise ValueError(f"concept_filter: a and v must be 2-D, got {tuple(a.shape)} and {tuple(v.shape)}")
@@ -472,7 +487,8 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
         k, d_c,
         a.stride(0), v.stride(0), chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0),
         concept_mean.stride(0), concept_mean.stride(1), concept_mass.stride(0),
-        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, SINGLE_CHUNK=single, num_warps=4,
+        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, SINGLE_CHUNK=single,
+        IS_LOGITS=is_logits, num_warps=4,
     )
     if not single:
         max_chunks = triton.cdiv(max_len, chunk)
@@ -492,22 +508,25 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
         k, d_c, float(eps),
         a.stride(0), v.stride(0), mix.stride(0), concept_mean.stride(0), concept_mean.stride(1),
         concept_mass.stride(0), chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0), out.stride(0),
-        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, SINGLE_CHUNK=single, num_warps=4,
+        CHUNK=chunk, BLOCK_K=block_k, BLOCK_DC=block_dc, HAS_DECAY=has_decay, SINGLE_CHUNK=single,
+        IS_LOGITS=is_logits, num_warps=4,
     )
     return out
 
 
 def concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None,
-                   layout: PackedLayout | None = None):
+                   layout: PackedLayout | None = None, is_logits=False):
     """Chunk form.
 
     a: (total, k) routing weights (rows sum to 1); v: (total, d_c); mix: (k, k) the matrix M;
     concept_mean: (slots, k, d_c) fp32 and concept_mass: (slots, k) fp64, read and updated in place;
     state_indices: (batch,), -1 skips the sequence (output rows zero);
-    log_decay: (k,) λ = log γ <= 0 per concept, or None (γ = 1, a running mean over the whole past).
+    log_decay: (k,) λ = log γ <= 0 per concept, or None (γ = 1, a running mean over the whole past);
+    is_logits: `a` holds the routing logits W_a h + b_a, and their softmax (in fp32) is the routing weights.
     Returns read_t = a_t^T M (S_t / (m_t + eps)): (total, d_c) fp32.
     """
-    return _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay, layout)
+    return _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay, layout,
+                           is_logits)
 
 
 def concept_filter_update(a, v, mix, concept_mean, concept_mass, state_indices, eps, log_decay=None):

@@ -162,9 +162,8 @@ class ConceptBottleneck(nn.Module):
                                            state.concept_mean, state.concept_mass, batch.state_indices, self.eps,
                                            self.norm_eps, log_decay, out_output=out_output)
             return to_input
-        a = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (T, k)
-        read = ops.concept_filter(a, v, self.mix, state.concept_mean, state.concept_mass, batch.cu_seqlens,
-                                  batch.state_indices, self.eps, log_decay, layout=batch.layout)
+        read = ops.concept_filter(logits, v, self.mix, state.concept_mean, state.concept_mass, batch.cu_seqlens,
+                                  batch.state_indices, self.eps, log_decay, layout=batch.layout, is_logits=True)
         to_input, _ = ops.concept_readout(read, gate_h, self.norm.weight, gate_weight, self.norm_eps,
                                           out_output=out_output)
         return to_input

@@ -122,3 +122,19 @@ def test_concept_filter_update_matches_ref_and_chunk(dtype, k, d_c, batch, deep,
     assert_close(torch.stack(outs, 1).reshape(batch * steps, d_c), out_chunk, OUT_TOL, "chunk read")
     assert_close(m_c, m_ours, OUT_TOL, "chunk concept_mean")
     torch.testing.assert_close(s_c, s_ours, **mass_tol(decay))
+
+
+@pytest.mark.parametrize("lengths,decay", [([70, 5], "mixed"), ([5, 30], None)])
+def test_concept_filter_from_logits(lengths, decay):
+    """is_logits: the kernels take the routing logits and softmax them on load, in every pass (70 tokens: two chunks;
+    5 and 30: one chunk each, no pass across chunks)."""
+    cu, idx = packed_batch(lengths, len(lengths) + 1)
+    _, v, mix, mean, mass = make(sum(lengths), 5, 24, torch.float32, len(lengths) + 1, deep=True)
+    logits = 2 * torch.randn(sum(lengths), 5, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    lam = log_decay(decay, 5)
+    m_ref, s_ref, m_ours, s_ours = mean.clone(), mass.clone(), mean.clone(), mass.clone()
+    out_ref = concept_filter_ref(torch.softmax(logits, -1), v, mix, m_ref, s_ref, cu, idx, EPS, lam)
+    out = concept_filter(logits, v, mix, m_ours, s_ours, cu, idx, EPS, lam, is_logits=True)
+    assert_close(out, out_ref, OUT_TOL, "read")
+    assert_close(m_ours, m_ref, OUT_TOL, "concept_mean")
+    torch.testing.assert_close(s_ours, s_ref, atol=1e-6, rtol=1e-6)  # the kernel's own softmax: fp32 rounding of a

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from kernel_testing import DEVICE, DTYPES, ON_GPU, STATE_TOL, TOL, assert_close, packed_batch
 
-from kernels.concept_filter import concept_filter_ref
+from kernels.concept_filter import concept_filter
 from kernels.concept_readout import concept_readout, concept_readout_ref
 from kernels.concept_step import _concept_step, concept_step, concept_step_ref
 
@@ -128,8 +128,8 @@ def test_concept_step_ref_is_design_md_layer_in_fp64(decay):
 
 @pytest.mark.parametrize("decay", [None, "mixed"])
 def test_steps_equal_the_prefill_path(decay):
-    """Three decode steps per stream equal the prefill path over the same three tokens: softmax, the chunked concept
-    filter, then concept_readout (the chunk kernels' and the step kernel's state agree too)."""
+    """Three decode steps per stream equal the prefill path over the same three tokens: the chunked concept filter
+    from the routing logits, then concept_readout (the chunk kernels' and the step kernel's state agree too)."""
     k, d_c, _ = SIZES[-1]
     batch, steps = 5, 3
     _, idx = packed_batch([1] * batch, batch + 1, dead=(2,))
@@ -143,7 +143,7 @@ def test_steps_equal_the_prefill_path(decay):
     stepped = [torch.stack([o[i] for o in outs], 1).reshape(batch * steps, d_c) for i in range(2)]
     logits, v, gate_h = inputs
     cu = torch.arange(0, batch * steps + 1, steps, dtype=torch.int32, device=DEVICE)
-    read = concept_filter_ref(torch.softmax(logits.float(), -1), v, weights["mix"], m_chunk, s_chunk, cu, idx, EPS, lam)
+    read = concept_filter(logits, v, weights["mix"], m_chunk, s_chunk, cu, idx, EPS, lam, is_logits=True)
     chunked = concept_readout(read, gate_h, weights["norm_weight"], weights["gate_weight"], NORM_EPS)
     for a, b, what in zip(stepped, chunked, ("g_s r", "g_o r")):
         assert_close(a, b, TOL[torch.float32], what)

@@ -15,10 +15,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # in_proj(h) at once, and the whole concept step is one kernel (before issue 10: about 25 per layer).
 DECODE_PER_LAYER = {0: 5, 3: 6}
 # Prefill, per layer, one sequence of one chunk. k = 0: norm, in_proj, conv (outputs and the carried window),
-# x_proj, dt_proj, scan, out_proj; k > 0 adds the softmax, the concept filter's two passes, the read-back and gates,
-# and the injection into in_proj's output (in_proj itself is in the one product of h). A sequence longer than a
-# chunk adds the passes across chunks: one for the concept filter, two for the scan.
-PREFILL_PER_LAYER = {0: 7, 3: 12}
+# x_proj, dt_proj, scan, out_proj; k > 0 adds the concept filter's two passes (the softmax is taken in both), the
+# read-back and gates, and the injection into in_proj's output (in_proj itself is in the one product of h). A
+# sequence longer than a chunk adds the passes across chunks: one for the concept filter, two for the scan.
+PREFILL_PER_LAYER = {0: 7, 3: 11}
 
 
 def per_layer(k, fn):
