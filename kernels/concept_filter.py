@@ -494,13 +494,15 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
         max_chunks = triton.cdiv(max_len, chunk)
         block_nc = block_chunks or min(max(triton.next_power_of_2(max_chunks), 16), 64)  # tl.dot needs 16
         block_dc_prefix = min(block_dc, 32)
+        # sm_90 compile (ptxas -v): 64 chunks a block spill on 4 warps, not on 8; 32 fit on 4
         _concept_chunk_prefix_kernel[(batch, k, triton.cdiv(d_c, block_dc_prefix))](
             concept_mean, concept_mass, log_decay, cu_seqlens, state_indices, chunk_cu, chunk_sum, chunk_mass,
             entry_mean, entry_mass,
             d_c, float(eps),
             concept_mean.stride(0), concept_mean.stride(1), concept_mass.stride(0),
             chunk_sum.stride(0), chunk_sum.stride(1), chunk_mass.stride(0),
-            CHUNK=chunk, BLOCK_NC=block_nc, BLOCK_DC=block_dc_prefix, HAS_DECAY=has_decay, num_warps=4,
+            CHUNK=chunk, BLOCK_NC=block_nc, BLOCK_DC=block_dc_prefix, HAS_DECAY=has_decay,
+            num_warps=8 if block_nc > 32 else 4,
         )
     _concept_chunk_output_kernel[grid](
         a, v, mix, log_decay, concept_mean, concept_mass, cu_seqlens, state_indices, chunk_seq, chunk_pos, chunk_sum,

@@ -51,8 +51,26 @@ def mamba_step_ref(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt
 # Triton kernels over (row block, channel block). Rows come BLOCK_B (>= 16) at a time so that the projections
 # run on the tensor cores with their weights read once per row block, not once per row; padding rows are masked.
 
-from kernels._jit import LOG2E, dot_rows, lowp_dot, silu, softplus, stored  # noqa: E402
+from kernels._jit import dot_rows, lowp_dot, silu, softplus, stored  # noqa: E402
 from kernels._triton import HAS_TRITON, check_indices, check_pool, tl, triton  # noqa: E402
+
+
+@triton.jit
+def _injected(inject_ptr, inject_weight_ptr, rows, row_mask, cols, col_mask, d_inject, stride_inject_row,
+              stride_inject_weight_row, LOWP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    """(B, BLOCK) fp32: inject[rows] @ inject_weight[cols]^T, the injection into in_proj's output columns `cols`,
+    over d_inject in blocks of BLOCK_C (a whole (rows, d_inject) operand would crowd the registers)."""
+    acc = tl.zeros((BLOCK_B, BLOCK), dtype=tl.float32)
+    for c0 in range(0, d_inject, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < d_inject
+        inject = tl.load(inject_ptr + rows[:, None] * stride_inject_row + c[None, :],
+                         mask=row_mask[:, None] & c_mask[None, :], other=0.0)  # (B, C)
+        weight = tl.load(inject_weight_ptr + cols[:, None] * stride_inject_weight_row + c[None, :],
+                         mask=col_mask[:, None] & c_mask[None, :], other=0.0)  # (BLOCK, C)
+        acc += dot_rows(inject, tl.trans(weight), inject_weight_ptr, LOWP)
+    return acc
 
 
 @triton.jit
@@ -85,20 +103,15 @@ def _mamba_step_conv_kernel(
     live = slots >= 0
     w_tap = tl.arange(0, BLOCK_W)  # (W,) window tap, oldest first; tap D_CONV - 1 is this step's x
     p = tl.arange(0, BLOCK_P)  # (P,) x_proj outputs
-    if HAS_INJECT:
-        c = tl.arange(0, BLOCK_C)
-        inject = tl.load(inject_ptr + rows[:, None] * stride_inject_row + c[None, :],
-                         mask=row_mask[:, None] & (c < d_inject)[None, :], other=0.0)  # (B, C)
     part = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
-    for sub in tl.static_range(NUM_SUB):
+    for sub in range(NUM_SUB):
         e = (pid_e * NUM_SUB + sub) * BLOCK_E + tl.arange(0, BLOCK_E)  # (E,)
         e_mask = e < d_inner
         tile = row_mask[:, None] & e_mask[None, :]
         x = tl.load(xz_ptr + rows[:, None] * stride_xz_row + e[None, :], mask=tile, other=0.0).to(tl.float32)
         if HAS_INJECT:
-            w_in = tl.load(inject_weight_ptr + e[:, None] * stride_inject_weight_row + c[None, :],
-                           mask=e_mask[:, None] & (c < d_inject)[None, :], other=0.0)  # (E, C)
-            x = stored(x + dot_rows(inject, tl.trans(w_in), inject_weight_ptr, LOWP), xz_ptr)
+            x = stored(x + _injected(inject_ptr, inject_weight_ptr, rows, row_mask, e, e_mask, d_inject,
+                                     stride_inject_row, stride_inject_weight_row, LOWP, BLOCK_B, BLOCK_E, BLOCK_C), xz_ptr)
         # the window (B, E, W): the carried K - 1 inputs, then x
         live3 = (tile & live[:, None])[:, :, None]
         state = conv_state_ptr + slots[:, None, None] * stride_conv_state_slot + e[None, :, None] * stride_conv_state_d
@@ -173,12 +186,8 @@ def _mamba_step_ssm_kernel(
     dt = softplus(dt + tl.load(dt_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :])
     z = tl.load(xz_ptr + rows[:, None] * stride_xz_row + d_inner + d[None, :], mask=tile, other=0.0).to(tl.float32)
     if HAS_INJECT:
-        c = tl.arange(0, BLOCK_C)
-        inject = tl.load(inject_ptr + rows[:, None] * stride_inject_row + c[None, :],
-                         mask=row_mask[:, None] & (c < d_inject)[None, :], other=0.0)  # (B, C)
-        w_z = tl.load(inject_weight_ptr + (d_inner + d)[:, None] * stride_inject_weight_row + c[None, :],
-                      mask=d_mask[:, None] & (c < d_inject)[None, :], other=0.0)  # (D, C)
-        z = stored(z + dot_rows(inject, tl.trans(w_z), inject_weight_ptr, LOWP), xz_ptr)
+        z = stored(z + _injected(inject_ptr, inject_weight_ptr, rows, row_mask, d_inner + d, d_mask, d_inject,
+                                 stride_inject_row, stride_inject_weight_row, LOWP, BLOCK_B, BLOCK_D, BLOCK_C), xz_ptr)
     xc = tl.load(xc_ptr + rows[:, None] * stride_xc_row + d[None, :], mask=tile, other=0.0).to(tl.float32)
     live3 = (tile & live[:, None])[:, :, None] & n_mask[None, None, :]
     state_ptrs = (ssm_state_ptr + slots[:, None, None] * stride_ssm_state_slot + d[None, :, None] * stride_ssm_state_d
@@ -186,7 +195,7 @@ def _mamba_step_ssm_kernel(
     s = tl.load(state_ptrs, mask=live3, other=0.0)  # (B, D, N) fp32
     A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :], mask=d_mask[:, None] & n_mask[None, :],
                 other=0.0).to(tl.float32)  # (D, N)
-    s = tl.exp2(A[None, :, :] * (dt * LOG2E)[:, :, None]) * s + (dt * xc)[:, :, None] * B[:, None, :]
+    s = tl.exp2(A[None, :, :] * (dt * 1.4426950408889634)[:, :, None]) * s + (dt * xc)[:, :, None] * B[:, None, :]
     tl.store(state_ptrs, s, mask=live3)
     y = tl.sum(s * C[:, None, :], axis=2)  # (B, D)
     y += tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :] * xc
@@ -250,10 +259,11 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
     config = _step_config(batch, d_inner)
     block_e, num_sub, block_d = block_e or config[0], num_sub or config[1], block_d or config[2]
     block_b = 16  # tl.dot's least
+    # 8 warps: the sm_90 compile (ptxas -v) of both kernels spills on 4 at the 130M config in bf16
     num_parts = triton.cdiv(d_inner, block_e * num_sub)
     xc = torch.empty((batch, d_inner), device=xz.device, dtype=xz.dtype)  # (batch, E) the conv's output
     dbc_part = torch.empty((num_parts, batch, d_proj), device=xz.device, dtype=torch.float32)
-    block_c = max(triton.next_power_of_2(d_inject), 16)
+    block_c = min(max(triton.next_power_of_2(d_inject), 16), 64)  # the injection's inner dimension, per block
     lowp = lowp_dot(xz.dtype)
     placeholder = xz  # pointer arguments the kernels never read (no injection)
     grid_b = triton.cdiv(batch, block_b)
@@ -267,7 +277,7 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
         conv_state.stride(1), x_proj_weight.stride(0), xc.stride(0), dbc_part.stride(0), dbc_part.stride(1),
         HAS_INJECT=inject is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv, LOWP=lowp,
         NUM_SUB=num_sub, BLOCK_B=block_b, BLOCK_E=block_e, BLOCK_W=triton.next_power_of_2(d_conv),
-        BLOCK_P=max(triton.next_power_of_2(d_proj), 16), BLOCK_C=block_c, num_warps=4,
+        BLOCK_P=max(triton.next_power_of_2(d_proj), 16), BLOCK_C=block_c, num_warps=8,
     )
     _mamba_step_ssm_kernel[(grid_b, triton.cdiv(d_inner, block_d))](
         xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder, xc,
@@ -278,7 +288,7 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
         dt_proj_weight.stride(0), A.stride(0), ssm_state.stride(0), ssm_state.stride(1), out.stride(0),
         HAS_INJECT=inject is not None, LOWP=lowp, NUM_PARTS=num_parts, BLOCK_B=block_b, BLOCK_D=block_d,
         BLOCK_N=triton.next_power_of_2(d_state), BLOCK_R=max(triton.next_power_of_2(dt_rank), 16),
-        BLOCK_C=block_c, num_warps=4,
+        BLOCK_C=block_c, num_warps=8,
     )
     return out
 
