@@ -50,6 +50,19 @@ def dot_rows(a, b, like_ptr, LOWP: tl.constexpr):
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
+@triton.jit
+def dot_split(a, b, like_ptr, LOWP: tl.constexpr):
+    """a (M, K) fp32 @ b (K, N), b holding values of `like_ptr`'s dtype, to about fp32 accuracy: with LOWP, a is
+    split into a 16-bit head and the 16-bit rounding of the rest, two exact tensor-core products (a rounded to 16
+    bits would put a rounding of its own into the result, which a product of unrounded inputs does not have)."""
+    if LOWP:
+        dtype = like_ptr.dtype.element_ty
+        head = a.to(dtype)
+        tail = (a - head.to(tl.float32)).to(dtype)
+        return tl.dot(head, b.to(dtype)) + tl.dot(tail, b.to(dtype))
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
 def lowp_dot(dtype: torch.dtype) -> bool:
     """Whether dot_rows may multiply in `dtype`: 16-bit, and on a GPU (the interpreter gets bf16 arithmetic wrong)."""
     return dtype in (torch.float16, torch.bfloat16) and not interpreting()

@@ -90,8 +90,10 @@ def _concept_step_kernel(
 
 def _step_rows(batch: int) -> int:
     """Rows per program (no autotune: the kernel writes state in place). One row each keeps the most programs in
-    flight for small batches; four share the gate weights' reads when there are rows to spare."""
-    return 1 if batch <= 16 else 4
+    flight; the rows of a program update their states one after another, so more rows a program make a longer
+    chain (the first GPU run, with four rows a program from batch 32, decoded k = 16 at batch 64-256 slower than
+    before the fusion). `bench_model.py --sweep` times 1, 2, 4 and 8."""
+    return 1
 
 
 def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean, concept_mass, state_indices, eps,

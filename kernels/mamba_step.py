@@ -10,6 +10,11 @@ be one launch without a grid-wide barrier; the partial sums (a few KB per row) a
 With concepts (DESIGN.md §1) the SSM input u = h + W_s (g_s ⊙ r) only feeds in_proj, so in_proj(u) =
 in_proj(h) + (W_in W_s)(g_s ⊙ r): the layer hands in in_proj(h) as `xz` and g_s ⊙ r as `inject` with
 `inject_weight` = W_in W_s, and each launch adds its own channels' share.
+
+The intermediates stay in fp32, more accurate than the unfused path, which stores each in the model dtype. That is
+also what makes the step checkable against its reference in bf16: rounding a result computed in two summation
+orders to 16 bits flips the last bit of one element in a few thousand, and a flipped dt moves a whole state row
+(issue 10's first GPU run). The tensor cores take an fp32 operand as a 16-bit head plus the rounding of the rest.
 """
 from __future__ import annotations
 
@@ -29,18 +34,18 @@ def mamba_step_ref(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt
     state_indices: (batch,), -1 skips the row (output zero, no state touched);
     inject: (batch, C) and inject_weight: (2 E, C), or None: xz + inject @ inject_weight^T replaces xz;
     out: optional (batch, E) destination. Returns y = (s C + D xc) SiLU(z): (batch, E) in xz.dtype.
-    Activations are rounded to xz.dtype where the unfused path stores them: x and z, the conv output, x_proj's
-    and dt_proj's outputs.
+    Everything between the inputs and y is fp32 (x and z after the injection, the conv output, x_proj's and
+    dt_proj's outputs); only what is stored is rounded: the carried window to its dtype, y to xz.dtype.
     """
-    dtype = xz.dtype
     E, R, N = conv_weight.shape[0], dt_proj_weight.shape[1], A.shape[1]
+    xz32 = xz.float()
     if inject is not None:
-        xz = (xz.float() + inject.float() @ inject_weight.float().t()).to(dtype)
-    xc = causal_conv1d_update_ref(xz[:, :E], conv_weight, conv_bias, conv_state, state_indices)  # (batch, E)
-    dbc = (xc.float() @ x_proj_weight.float().t()).to(dtype)  # (batch, R + 2N)
-    dt = (dbc[:, :R].float() @ dt_proj_weight.float().t()).to(dtype)  # (batch, E)
-    y = selective_state_update_ref(xc, dt, A, dbc[:, R:R + N], dbc[:, R + N:], D, xz[:, E:], dt_bias, ssm_state,
-                                   state_indices)
+        xz32 = xz32 + inject.float() @ inject_weight.float().t()
+    xc = causal_conv1d_update_ref(xz32[:, :E], conv_weight, conv_bias, conv_state, state_indices)  # (batch, E) fp32
+    dbc = xc @ x_proj_weight.float().t()  # (batch, R + 2N)
+    dt = dbc[:, :R] @ dt_proj_weight.float().t()  # (batch, E)
+    y = selective_state_update_ref(xc, dt, A, dbc[:, R:R + N], dbc[:, R + N:], D, xz32[:, E:], dt_bias, ssm_state,
+                                   state_indices).to(xz.dtype)
     if out is None:
         return y
     out.copy_(y)
@@ -51,7 +56,7 @@ def mamba_step_ref(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt
 # Triton kernels over (row block, channel block). Rows come BLOCK_B (>= 16) at a time so that the projections
 # run on the tensor cores with their weights read once per row block, not once per row; padding rows are masked.
 
-from kernels._jit import dot_rows, lowp_dot, silu, softplus, stored  # noqa: E402
+from kernels._jit import dot_rows, dot_split, lowp_dot, silu, softplus, stored  # noqa: E402
 from kernels._triton import HAS_TRITON, check_indices, check_pool, tl, triton  # noqa: E402
 
 
@@ -110,8 +115,8 @@ def _mamba_step_conv_kernel(
         tile = row_mask[:, None] & e_mask[None, :]
         x = tl.load(xz_ptr + rows[:, None] * stride_xz_row + e[None, :], mask=tile, other=0.0).to(tl.float32)
         if HAS_INJECT:
-            x = stored(x + _injected(inject_ptr, inject_weight_ptr, rows, row_mask, e, e_mask, d_inject,
-                                     stride_inject_row, stride_inject_weight_row, LOWP, BLOCK_B, BLOCK_E, BLOCK_C), xz_ptr)
+            x += _injected(inject_ptr, inject_weight_ptr, rows, row_mask, e, e_mask, d_inject, stride_inject_row,
+                           stride_inject_weight_row, LOWP, BLOCK_B, BLOCK_E, BLOCK_C)
         # the window (B, E, W): the carried K - 1 inputs, then x
         live3 = (tile & live[:, None])[:, :, None]
         state = conv_state_ptr + slots[:, None, None] * stride_conv_state_slot + e[None, :, None] * stride_conv_state_d
@@ -122,18 +127,18 @@ def _mamba_step_conv_kernel(
         acc = tl.sum(window * w[None, :, :], axis=2)  # (B, E)
         if HAS_CONV_BIAS:
             acc += tl.load(conv_bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
-        xc = tl.where(tile & live[:, None], stored(silu(acc), xc_ptr), 0.0)
-        tl.store(xc_ptr + rows[:, None] * stride_xc_row + e[None, :], xc.to(xc_ptr.dtype.element_ty), mask=tile)
+        xc = tl.where(tile & live[:, None], silu(acc), 0.0)  # (B, E) fp32
+        tl.store(xc_ptr + rows[:, None] * stride_xc_row + e[None, :], xc, mask=tile)
         # shift the window left by one: new[w] = old[w + 1], new[K - 2] = x
         shifted = tl.load(state + w_tap[None, None, :] + 1, mask=live3 & (w_tap < D_CONV - 2)[None, None, :],
                           other=0.0)
-        new = tl.where((w_tap == D_CONV - 2)[None, None, :], x[:, :, None].to(conv_state_ptr.dtype.element_ty),
-                       shifted)
+        new = tl.where((w_tap == D_CONV - 2)[None, None, :],
+                       stored(x, conv_state_ptr)[:, :, None].to(conv_state_ptr.dtype.element_ty), shifted)
         tl.debug_barrier()  # every thread has read the old window before any of it is overwritten
         tl.store(state + w_tap[None, None, :], new, mask=live3 & (w_tap < D_CONV - 1)[None, None, :])
         w_x = tl.load(x_proj_weight_ptr + p[None, :] * stride_x_proj_row + e[:, None],
                       mask=e_mask[:, None] & (p < d_proj)[None, :], other=0.0)  # (E, P)
-        part += dot_rows(xc, w_x, x_proj_weight_ptr, LOWP)
+        part += dot_split(xc, w_x, x_proj_weight_ptr, LOWP)
     tl.store(dbc_part_ptr + pid_e * stride_part_part + rows[:, None] * stride_part_row + p[None, :], part,
              mask=row_mask[:, None] & (p < d_proj)[None, :])
 
@@ -170,7 +175,7 @@ def _mamba_step_ssm_kernel(
     n_mask = n < d_state
     r = tl.arange(0, BLOCK_R)
     tile = row_mask[:, None] & d_mask[None, :]
-    # x_proj's output: the partial sums of launch 1, added up and rounded as a stored activation
+    # x_proj's output: the partial sums of launch 1, added up (fp32)
     delta = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
     B = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     C = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
@@ -179,15 +184,14 @@ def _mamba_step_ssm_kernel(
         delta += tl.load(part + r[None, :], mask=row_mask[:, None] & (r < dt_rank)[None, :], other=0.0)
         B += tl.load(part + dt_rank + n[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         C += tl.load(part + dt_rank + d_state + n[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-    delta, B, C = stored(delta, xz_ptr), stored(B, xz_ptr), stored(C, xz_ptr)
     w_dt = tl.load(dt_proj_weight_ptr + d[None, :] * stride_dt_proj_row + r[:, None],
                    mask=(r < dt_rank)[:, None] & d_mask[None, :], other=0.0)  # (R, D)
-    dt = stored(dot_rows(delta, w_dt, dt_proj_weight_ptr, LOWP), xz_ptr)  # (B, D)
+    dt = dot_split(delta, w_dt, dt_proj_weight_ptr, LOWP)  # (B, D)
     dt = softplus(dt + tl.load(dt_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :])
     z = tl.load(xz_ptr + rows[:, None] * stride_xz_row + d_inner + d[None, :], mask=tile, other=0.0).to(tl.float32)
     if HAS_INJECT:
-        z = stored(z + _injected(inject_ptr, inject_weight_ptr, rows, row_mask, d_inner + d, d_mask, d_inject,
-                                 stride_inject_row, stride_inject_weight_row, LOWP, BLOCK_B, BLOCK_D, BLOCK_C), xz_ptr)
+        z += _injected(inject_ptr, inject_weight_ptr, rows, row_mask, d_inner + d, d_mask, d_inject, stride_inject_row,
+                       stride_inject_weight_row, LOWP, BLOCK_B, BLOCK_D, BLOCK_C)
     xc = tl.load(xc_ptr + rows[:, None] * stride_xc_row + d[None, :], mask=tile, other=0.0).to(tl.float32)
     live3 = (tile & live[:, None])[:, :, None] & n_mask[None, None, :]
     state_ptrs = (ssm_state_ptr + slots[:, None, None] * stride_ssm_state_slot + d[None, :, None] * stride_ssm_state_d
@@ -261,7 +265,7 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
     block_b = 16  # tl.dot's least
     # 8 warps: the sm_90 compile (ptxas -v) of both kernels spills on 4 at the 130M config in bf16
     num_parts = triton.cdiv(d_inner, block_e * num_sub)
-    xc = torch.empty((batch, d_inner), device=xz.device, dtype=xz.dtype)  # (batch, E) the conv's output
+    xc = torch.empty((batch, d_inner), device=xz.device, dtype=torch.float32)  # (batch, E) the conv's output
     dbc_part = torch.empty((num_parts, batch, d_proj), device=xz.device, dtype=torch.float32)
     block_c = min(max(triton.next_power_of_2(d_inject), 16), 64)  # the injection's inner dimension, per block
     lowp = lowp_dot(xz.dtype)
@@ -303,8 +307,8 @@ def mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bia
     state_indices: (batch,), -1 skips the row (output zero, no state touched);
     inject: (batch, C) and inject_weight: (2 E, C), or None: xz + inject @ inject_weight^T replaces xz;
     out: optional (batch, E) destination. Returns y = (s C + D xc) SiLU(z): (batch, E) in xz.dtype.
-    Activations are rounded to xz.dtype where the unfused path stores them: x and z, the conv output, x_proj's
-    and dt_proj's outputs.
+    Everything between the inputs and y is fp32 (x and z after the injection, the conv output, x_proj's and
+    dt_proj's outputs); only what is stored is rounded: the carried window to its dtype, y to xz.dtype.
     """
     return _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, conv_state,
                        ssm_state, state_indices, inject, inject_weight, out)

@@ -58,8 +58,11 @@ def test_mamba_step_matches_ref_over_steps(dtype, is_inject, sizes, batch):
         assert_close(got, want, TOL[dtype], f"step {step} y")
         assert (buffer[:, d_inner:] == 7.0).all(), "columns past out were written"
         assert (got[idx < 0] == 0).all()
-    assert_close(c_ours, c_ref, TOL[dtype], "conv_state")
-    assert_close(s_ours, s_ref, STATE_TOL[dtype], "ssm_state")
+        # the carried window holds x in the model dtype: with the injection, x is a sum computed in another order
+        # than the reference's, whose rounding may differ in the last bit
+        assert_close(c_ours, c_ref, TOL[dtype] if is_inject else (0, 0), f"step {step} conv_state")
+        assert_close(s_ours, s_ref, STATE_TOL[dtype], f"step {step} ssm_state")
+        c_ref.copy_(c_ours)  # each step is checked from the same state
     assert not torch.equal(s_ours, ssm_state)  # the live slots moved ...
     untouched = torch.ones(num_slots, dtype=torch.bool, device=DEVICE)
     untouched[idx[idx >= 0].long()] = False
