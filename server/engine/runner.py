@@ -114,7 +114,7 @@ class ModelRunner:
         flush_decode_tokens()
         inputs = torch.cat(pieces).to(self.device, non_blocking=True)
         starts = list(itertools.accumulate(lengths))  # host copy: row ranges without reading the device
-        cu_seqlens = torch.tensor(starts, dtype=torch.int32).to(self.device)
+        cu_seqlens = torch.tensor(starts, dtype=torch.int32).to(self.device, non_blocking=True)  # no stream sync
         return inputs, cu_seqlens, starts, slots
 
     def _per_step(self, kinds, out, lo: int, hi: int, i: int) -> dict[str, torch.Tensor]:
