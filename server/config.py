@@ -34,7 +34,7 @@ class ServerConfig:
     state_store_mode: str = "sync"  # sync: acknowledged once the store has it; async: acknowledged before (see README)
     state_lease_ttl: float = 10.0  # seconds a dead replica's sessions stay locked before another may take them
     replica_id: str | None = None  # this replica's name on its session leases; None: hostname-pid-random
-    torch_threads: int = 0  # the engine process's torch threads; 0: torch's default
+    torch_threads: int = 0  # the engine's torch threads; 0: on a CPU, the CPUs the frontends leave, else torch's
     # HTTP frontend processes sharing the port, all talking to one engine process; 0: one per 4 CPUs, at most 4 (on
     # an H200 host four frontends gave 1.3-1.6x one's throughput at 64+ clients; bench/RESULTS.md)
     api_server_count: int = 0

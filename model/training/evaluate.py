@@ -6,7 +6,8 @@ Each document (a file's bytes plus one end-of-file token) is fed from an empty s
 `InfoMamba.forward`, the serving path, with the state carried (DESIGN.md §1: evaluate a model the way it is served).
 Token i + 1 is predicted from tokens 0..i; the first token of a document is not scored. `--reset-every 512` empties
 the state every 512 tokens instead, which is the model card's windowed measurement. With no paths, the held-out
-split of this interpreter's standard library (corpus.py) is evaluated.
+split of this interpreter's standard library (corpus.py) is evaluated, its near-duplicates of training files
+(near_duplicates.py: half or more of their lines seen in training) reported apart.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from model.infomamba import InfoMamba
 from model.tokenizer import ByteTokenizer
 from model.training.corpus import list_files, load_corpus
+from model.training.near_duplicates import NEAR_DUPLICATE_OVERLAP, line_overlap, split_near_duplicates
 from model.weights import load_model
 
 # Bucket i holds the tokens at positions [POSITION_BUCKETS[i], POSITION_BUCKETS[i + 1]); the last one is open.
@@ -154,17 +156,29 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     model = load_model(args.model_dir, device=args.device)
     if args.paths:
-        docs, names = read_documents(args.paths)
-    else:
+        groups = {"given files": args.paths}
+    else:  # the held-out split, its near-duplicates of training files reported apart
         corpus = load_corpus()
-        docs, names = read_documents([str(corpus.root / f) for f in corpus.held_out_files])
-    report = stream_bpb(model, docs, names, args.chunk_len, args.batch_size, args.reset_every)
-    for row in report["by_position"]:
-        end = row["end"] if row["end"] is not None else "..."
-        print(f"positions {row['start']:>7}-{end:<7} {row['tokens']:>9,} tokens  {row['bpb']:.4f} bpb")
-    print(f"all {report['tokens']:,} tokens of {len(docs)} documents: {report['bpb']:.4f} bpb")
+        overlap = line_overlap(corpus.root, corpus.train_files, corpus.held_out_files)
+        for name, share in overlap.items():
+            print(f"held out: {name}: {100 * share:.0f}% of its lines are in training files")
+        clean, near = split_near_duplicates(overlap)
+        groups = {"held out, clean": [str(corpus.root / f) for f in clean],
+                  f"held out, near-duplicates (>= {100 * NEAR_DUPLICATE_OVERLAP:.0f}% lines seen)":
+                  [str(corpus.root / f) for f in near]}
+    reports = {}
+    for label, paths in groups.items():
+        if not paths:
+            continue
+        docs, names = read_documents(paths)
+        report = reports[label] = stream_bpb(model, docs, names, args.chunk_len, args.batch_size, args.reset_every)
+        print(f"== {label}")
+        for row in report["by_position"]:
+            end = row["end"] if row["end"] is not None else "..."
+            print(f"positions {row['start']:>7}-{end:<7} {row['tokens']:>9,} tokens  {row['bpb']:.4f} bpb")
+        print(f"all {report['tokens']:,} tokens of {len(docs)} documents: {report['bpb']:.4f} bpb")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def engine_main(config, model_dir: str | None, input_address: str, state_dir: st
     try:
         t0 = time.monotonic()
         model, tokenizer = make_loader(config, model_dir)()
-        set_torch_threads(config.torch_threads)
+        set_torch_threads(config, model.device.type)
         core = EngineCore(model, tokenizer, config, state_dir, model_dir=model_dir)
         describe(core)
         warm_up(core)
@@ -155,13 +155,17 @@ def engine_main(config, model_dir: str | None, input_address: str, state_dir: st
     loop.run()
 
 
-def set_torch_threads(requested: int) -> None:
-    """0 leaves torch's default. One thread with a GPU was tried on the H200 (bench/RESULTS.md) and gave no clear
-    gain, so it is not the default; on a small CPU host, 1 can be much faster when other processes are busy."""
+def set_torch_threads(config, device_type: str) -> None:
+    """--torch-threads, or by default: on a CPU, the CPUs the frontends leave free (torch's default takes every CPU
+    and then fights the frontends for them: on 2 cores, one thread was 1.7x faster, issue 8); with a GPU, torch's
+    default (one thread gave no clear gain on the H200, bench/RESULTS.md)."""
     import torch
 
-    if requested:
-        torch.set_num_threads(requested)
+    threads = config.torch_threads
+    if not threads and device_type == "cpu":
+        threads = max(1, len(os.sched_getaffinity(0)) - config.num_api_servers)
+    if threads:
+        torch.set_num_threads(threads)
     log.info("torch threads: %d", torch.get_num_threads())
 
 

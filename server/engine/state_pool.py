@@ -91,4 +91,5 @@ class StatePool:
         return int(self.state.steps[slot])
 
     def slot_indices(self, slots: list[int]) -> torch.Tensor:
-        return torch.tensor(slots, dtype=torch.int32, device=self.state.steps.device)
+        # built on the host and copied without a stream sync (a list straight to the device waits for the stream)
+        return torch.tensor(slots, dtype=torch.int32).to(self.state.steps.device, non_blocking=True)

@@ -55,3 +55,17 @@ def test_read_documents(tmp_path):
     docs, names = read_documents([str(tmp_path)])
     assert [d.tolist() for d in docs] == [[97, 98, 99, 257], [120, 121, 257]]
     assert names == [str(tmp_path / "a.py"), str(tmp_path / "pkg" / "b.py")]
+
+
+def test_held_out_files_that_repeat_training_lines_are_told_apart(tmp_path):
+    from model.training.near_duplicates import line_overlap, split_near_duplicates
+
+    table = "".join(f"    '\\x{i:02x}'     #  0x{i:02X} -> CHARACTER NUMBER {i}\n" for i in range(40))
+    (tmp_path / "cp1.py").write_text("# codec one\n" + table)
+    (tmp_path / "cp2.py").write_text("# codec two, nearly the same table\n" + table.replace("NUMBER 3", "NUMBER 9"))
+    (tmp_path / "code.py").write_text("def totally_new_function(argument):\n    return argument * 2 + 1\n"
+                                      "import os  # short lines are not counted\n")
+    (tmp_path / "empty.py").write_text("")
+    overlap = line_overlap(tmp_path, ["cp1.py"], ["cp2.py", "code.py", "empty.py"])
+    assert overlap["cp2.py"] > 0.7 and overlap["code.py"] == 0.0 and overlap["empty.py"] == 0.0
+    assert split_near_duplicates(overlap) == (["code.py", "empty.py"], ["cp2.py"])

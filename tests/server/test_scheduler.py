@@ -149,13 +149,3 @@ def test_large_prefill_work_and_idle_batches_do_not_wait():
     batch = sched2.schedule()
     assert [c.num_tokens for c in batch.chunks if c.seq is big] == [40]
 
-
-def test_frontend_count_defaults_to_one_per_four_cpus_at_most_four(monkeypatch):
-    import os
-
-    from server.config import ServerConfig
-
-    for cpus, expected in ((2, 1), (8, 2), (16, 4), (64, 4)):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
-        assert ServerConfig().num_api_servers == expected
-    assert ServerConfig(api_server_count=3).num_api_servers == 3
