@@ -72,7 +72,7 @@ def join_parts(outs, parts_cu):
 
 def assert_close(actual, expected, tol, what):
     atol, rtol = tol
-    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.float(), expected.float().to(actual.device), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def ssm_inputs(rows, d_inner, d_state, dtype, slots, seed=0):
