@@ -137,6 +137,36 @@ def bench_prefill(model, lengths, clock, cuda):
     return out
 
 
+def gpu_busy(fn, top: int = 6) -> dict:
+    """One call of fn() under the profiler: the sum of its GPU activities' durations (the device's busy time) and
+    the kernels that take most of it. Busy time far under the wall time means the host is the bound."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    by_name: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[event.name] = by_name.get(event.name, 0.0) + event.device_time_total
+    ranked = sorted(by_name.items(), key=lambda item: -item[1])[:top]
+    return {"busy_ms": sum(by_name.values()) / 1e3, "top": [(name[:60], round(us, 1)) for name, us in ranked]}
+
+
+def busy_breakdown(model, prefill_len: int) -> dict:
+    """GPU busy time of an eager decode step (batch 1 and 256) and of a prefill, beside their wall time elsewhere."""
+    cfg, out = model.config, {}
+    with torch.inference_mode():
+        for bs in (1, 256):
+            pool = model.empty_state(bs)
+            tokens = torch.randint(0, cfg.vocab_size, (bs,), device=model.device)
+            slots = torch.arange(bs, dtype=torch.int32, device=model.device)
+            out[f"decode_b{bs}"] = gpu_busy(decode_step_fn(model, pool, tokens, slots, False))
+        ids = torch.randint(0, cfg.vocab_size, (1, prefill_len), device=model.device)
+        out[f"prefill_{prefill_len}"] = gpu_busy(lambda: model(ids))
+    return out
+
+
 def count_launches(model, fields, k, device, dtype, cuda):
     """Per decode step of `model` (batch 1): the Python-side count and, on a GPU, the profiler's; per layer: the
     difference between 2-layer and 1-layer models of the same widths."""
@@ -262,6 +292,9 @@ def main() -> None:
         got["prefill"] = bench_prefill(model, plan["lengths"], clock, cuda)
         print(f"prefill done ({time.perf_counter() - t0:.0f} s)", flush=True)
         got["launches"] = count_launches(model, plan["model"], k, device, dtype, cuda)
+        if cuda:
+            got["busy"] = busy_breakdown(model, plan["lengths"][0])
+            print(f"busy: {json.dumps(got['busy'])}", flush=True)
         if not args.skip_long:
             got["stream"] = bench_long_stream(model, plan["probe"], plan["far"], plan["stride"], clock, cuda)
             print(f"long stream done ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -303,6 +336,14 @@ def report(results, plan) -> str:
               f"{b['launches']['per_step_gpu']} |",
               f"| per layer | {a['launches']['per_layer']} | {b['launches']['per_layer']} |",
               "", f"per layer, k={k1}: {', '.join(b['launches']['per_layer_ops'])}"]
+    if "busy" in a:
+        lines += ["", f"| GPU busy ms in one eager call (sum of the profiler's activities) | k={k0} | k={k1} |",
+                  "| --- | ---: | ---: |"]
+        lines += [f"| {what} | {a['busy'][what]['busy_ms']:.3f} | {b['busy'][what]['busy_ms']:.3f} |"
+                  for what in a["busy"]]
+        for k, got in ((k0, a), (k1, b)):
+            for what, busy in got["busy"].items():
+                lines.append(f"- k={k} {what}: " + ", ".join(f"{name} {us:.0f} µs" for name, us in busy["top"]))
     if "stream" in a:
         lines += ["", "| one stream, k | prefill µs/token near | far | far/near | decode ms near | far | far/near |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
