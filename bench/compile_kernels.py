@@ -62,7 +62,8 @@ def compile_one(kernel, ptrs, constexprs, arch, num_warps, out_ptr=None):
     os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
-    shown = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK_") or k in ("BLOCK_D", "BLOCK_NC")}
+    shown = {k: v for k, v in constexprs.items()
+             if not k.startswith("BLOCK_") or k in ("BLOCK_D", "BLOCK_NC", "BLOCK_M", "BLOCK_O")}
     print(f"{kernel.fn.__name__} {shown} warps {num_warps}: {regs.group(1) if regs else '?'} registers, "
           f"{spills.group(1) if spills else '?'} bytes spilled", flush=True)
 
@@ -78,6 +79,12 @@ def main() -> None:
             compile_one(concept_step._concept_step_kernel, ptrs, dict(
                 HAS_DECAY=decay, ROWS=rows, BLOCK_M=16, BLOCK_K=16, BLOCK_C=256, BLOCK_O=32, LOWP=lowp), args.arch,
                 4 if rows == 1 else 8)
+        for decay in (False, True):
+            compile_one(concept_step._concept_step_update_kernel, ptrs, dict(
+                HAS_DECAY=decay, BLOCK_K=16, BLOCK_C=256), args.arch, 8)
+        for block_m, block_o in ((1, 16), (1, 32), (2, 16), (4, 16), (16, 16), (16, 32)):  # bench_model --sweep's
+            compile_one(concept_step._concept_step_gates_kernel, {**ptrs, "read_ptr": "*fp32"}, dict(
+                BLOCK_M=block_m, BLOCK_C=256, BLOCK_O=block_o, LOWP=lowp), args.arch, 4)
         compile_one(concept_readout._concept_readout_kernel, ptrs, dict(
             BLOCK_M=64, BLOCK_C=256, BLOCK_O=16, LOWP=lowp), args.arch, 8)
         for inject, num_sub in itertools.product((False, True), (1, 2, 4)):

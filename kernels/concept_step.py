@@ -30,11 +30,23 @@ def concept_step_ref(logits, v, gate_h, mix, norm_weight, gate_weight, concept_m
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Triton kernel: one program per ROWS rows. Each row's state update is kernels/concept_filter.py's (a (k, d_c)
+# Two ways to run the step (the wrapper picks one by batch size, `_step_path`):
+#   one launch, one program per ROWS rows (`_concept_step_kernel`): the state update, read-back and the whole gate
+#     product in one program, so at batch 1 one program on one SM does all of it serially (~17 µs on the H200);
+#   two launches (`_concept_step_update_kernel`, then `_concept_step_gates_kernel`): the first, one program per
+#     row, updates the state and leaves the read-back a^T M mean (batch, d_c) fp32 in a scratch buffer; the second,
+#     a grid of (row blocks, column blocks of the gates), recomputes the cheap RMSNorm + GELU of its rows from the
+#     scratch and computes only its columns of the gate product, so one row's work is spread over d_c / BLOCK_O
+#     programs (12 at d_c 192).
+# Why two launches and not one grid that also updates the state: every gate column needs the whole read-back (the
+# norm is over all of d_c), the read-back needs the whole updated mean, so every program of a row must read the
+# whole OLD state, and any program that writes it in place would race with the others' reads (the launch orders
+# nothing between programs). The update's own launch owns the slot (one program per row, mean and mass written
+# once), and the gate programs never touch the state. The scratch is 4 d_c bytes a row. Each row's state update is kernels/concept_filter.py's (a (k, d_c)
 # tile per slot); the rows' read-backs are gathered into one (BLOCK_M, d_c) tile so that the gate product runs
 # on the tensor cores with its weights read once per program (kernels/concept_readout.py).
 
-from kernels._jit import lowp_dot  # noqa: E402
+from kernels._jit import dot_rows, gelu, lowp_dot, sigmoid, stored  # noqa: E402
 from kernels._triton import HAS_TRITON, tl, triton  # noqa: E402
 from kernels.concept_filter import _check_concept_args, _decay_args, update_slot  # noqa: E402
 from kernels.concept_readout import check_readout_args, readout_block_c, readout_gates  # noqa: E402
@@ -88,17 +100,127 @@ def _concept_step_kernel(
                   BLOCK_O, LOWP)
 
 
+@triton.jit
+def _concept_step_update_kernel(
+    # pointers
+    logits_ptr, v_ptr, mix_ptr, log_decay_ptr, concept_mean_ptr, concept_mass_ptr, state_indices_ptr, read_ptr,
+    # sizes
+    k, d_c, eps,
+    # strides
+    stride_logits_row, stride_v_row, stride_mix_row, stride_mean_slot, stride_mean_k, stride_mass_slot,
+    stride_read_row,
+    # meta-parameters
+    HAS_DECAY: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Launch 1 of the two-launch step: softmax routing, the slot's mean and mass updated in place, the read-back
+    a^T M mean stored (zero for -1 rows). One program per row: the only program that touches the slot."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_K)  # (K,)
+    c = tl.arange(0, BLOCK_C)  # (C,)
+    k_mask = j < k
+    c_mask = c < d_c
+    slot = tl.load(state_indices_ptr + row).to(tl.int64)
+    live = slot >= 0
+    logits = tl.load(logits_ptr + row * stride_logits_row + j, mask=k_mask, other=0.0)
+    logits = tl.where(k_mask, logits.to(tl.float32), float("-inf"))
+    a = tl.exp(logits - tl.max(logits, axis=0))
+    a = a / tl.sum(a, axis=0)  # (K,) softmax; 0 past k
+    v = tl.load(v_ptr + row * stride_v_row + c, mask=c_mask & live, other=0.0).to(tl.float32)
+    mix = tl.load(mix_ptr + j[:, None] * stride_mix_row + j[None, :], mask=k_mask[:, None] & k_mask[None, :],
+                  other=0.0).to(tl.float32)  # (K, K)
+    read = update_slot(a, v, mix, j, c, slot, live, log_decay_ptr, concept_mean_ptr, concept_mass_ptr,
+                       k, d_c, eps, stride_mean_slot, stride_mean_k, stride_mass_slot, HAS_DECAY)
+    tl.store(read_ptr + row * stride_read_row + c, read, mask=c_mask)
+
+
+@triton.jit
+def _concept_step_gates_kernel(
+    # pointers
+    read_ptr, gate_h_ptr, norm_weight_ptr, gate_weight_ptr, to_input_ptr, to_output_ptr,
+    # sizes
+    batch, d_c, norm_eps,
+    # strides
+    stride_read_row, stride_gate_h_row, stride_gate_weight_row, stride_to_input_row, stride_to_output_row,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,  # rows per program: 1 (or up to 8) as a broadcast product, >= 16 on the tensor cores
+    BLOCK_C: tl.constexpr,
+    BLOCK_O: tl.constexpr,  # output columns of each gate per program
+    LOWP: tl.constexpr,
+):
+    """Launch 2 of the two-launch step: r = GELU(RMSNorm(read)) for BLOCK_M rows (every program of the rows
+    recomputes it: d_c numbers a row), then columns o of both gates: g_s ⊙ r and g_o ⊙ r at o. Reads no state.
+    The rounding follows concept_readout.readout_gates step for step, so both paths give the same r."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (M,)
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)  # (O,)
+    c = tl.arange(0, BLOCK_C)  # (C,)
+    row_mask = rows < batch
+    c_mask = c < d_c
+    o_mask = o < d_c
+    w_mask = o_mask[:, None] & c_mask[None, :]
+    # the gate weights first: the largest load, and independent of everything else
+    w_s = tl.load(gate_weight_ptr + o[:, None] * stride_gate_weight_row + c[None, :], mask=w_mask, other=0.0)
+    w_o = tl.load(gate_weight_ptr + (d_c + o)[:, None] * stride_gate_weight_row + c[None, :], mask=w_mask,
+                  other=0.0)  # (O, C)
+    mask = row_mask[:, None] & c_mask[None, :]
+    tile = row_mask[:, None] & o_mask[None, :]
+    read = tl.load(read_ptr + rows[:, None] * stride_read_row + c[None, :], mask=mask, other=0.0)  # (M, C) fp32
+    read_o = tl.load(read_ptr + rows[:, None] * stride_read_row + o[None, :], mask=tile, other=0.0)  # (M, O)
+    gate_h = gate_h_ptr + rows[:, None] * stride_gate_h_row + o[None, :]
+    h_s = tl.load(gate_h, mask=tile, other=0.0).to(tl.float32)
+    h_o = tl.load(gate_h + d_c, mask=tile, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(read * read, axis=1) / d_c + norm_eps)  # (M,)
+    w = tl.load(norm_weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    r = tl.where(mask, stored(gelu(stored(read * rstd[:, None] * w[None, :], norm_weight_ptr)), to_output_ptr), 0.0)
+    # r at this program's columns: the same elementwise operations on the same numbers, so the same values as r's
+    # columns o (a register tile cannot be sliced by columns)
+    w_o_norm = tl.load(norm_weight_ptr + o, mask=o_mask, other=0.0).to(tl.float32)
+    r_o = tl.where(tile, stored(gelu(stored(read_o * rstd[:, None] * w_o_norm[None, :], norm_weight_ptr)),
+                                to_output_ptr), 0.0)  # (M, O)
+    if BLOCK_M >= 16:
+        p_s = dot_rows(r, tl.trans(w_s), gate_weight_ptr, LOWP)  # (M, O)
+        p_o = dot_rows(r, tl.trans(w_o), gate_weight_ptr, LOWP)
+    else:  # a few rows: products of 16-bit values are exact in fp32, only the order of the sum differs
+        p_s = tl.sum(r[:, None, :] * w_s.to(tl.float32)[None, :, :], axis=2)
+        p_o = tl.sum(r[:, None, :] * w_o.to(tl.float32)[None, :, :], axis=2)
+    g_s = sigmoid(h_s + p_s)
+    g_o = sigmoid(h_o + p_o)
+    tl.store(to_input_ptr + rows[:, None] * stride_to_input_row + o[None, :],
+             stored(g_s * r_o, to_input_ptr).to(to_input_ptr.dtype.element_ty), mask=tile)
+    tl.store(to_output_ptr + rows[:, None] * stride_to_output_row + o[None, :],
+             stored(g_o * r_o, to_output_ptr).to(to_output_ptr.dtype.element_ty), mask=tile)
+
+
 def _step_rows(batch: int) -> int:
-    """Rows per program (no autotune: the kernel writes state in place). One row each keeps the most programs in
-    flight; the rows of a program update their states one after another, so more rows a program make a longer
-    chain (the first GPU run, with four rows a program from batch 32, decoded k = 16 at batch 64-256 slower than
-    before the fusion). `bench_model.py --sweep` times 1, 2, 4 and 8."""
+    """Rows per program of the one-launch path (no autotune: the kernel writes state in place). One row each keeps
+    the most programs in flight; the rows of a program update their states one after another, so more rows a
+    program make a longer chain (the first GPU run, with four rows a program from batch 32, decoded k = 16 at batch
+    64-256 slower than before the fusion). `bench_model.py --sweep` times 1, 2, 4 and 8."""
     return 1
 
 
+# Up to this batch the two-launch path (its gate product spread over column blocks); above it the one-launch path.
+# Picked without a GPU (issue 10: the one-launch step took ~17 µs a layer at batch 1 as one program); the
+# two-launch path is expected to win at every batch (bench/RESULTS.md), but until `bench_model.py --sweep` has timed
+# both at batch 64 and 256 the large batches keep the path that was measured.
+SPLIT_MAX_BATCH = 64
+
+
+def _step_path(batch: int, d_c: int):
+    """None: the one-launch path; else (rows per program, output columns per program) of the gates launch. Small
+    batches take one row a program as a broadcast product (no tensor-core padding to 16 rows) and 16 columns (12
+    programs a row at d_c 192); larger ones 16 rows a program on the tensor cores."""
+    if batch > SPLIT_MAX_BATCH:
+        return None
+    block_o = min(readout_block_c(d_c), 16)
+    return (1, block_o) if batch <= 16 else (16, block_o)
+
+
 def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean, concept_mass, state_indices, eps,
-                  norm_eps, log_decay=None, out_output=None, rows=None, num_warps=None):
-    """concept_step with the launch configuration exposed (benchmark sweeps)."""
+                  norm_eps, log_decay=None, out_output=None, rows=None, num_warps=None, split=None):
+    """concept_step with the launch configuration exposed (benchmark sweeps, tests): `rows` forces the one-launch
+    path with that many rows a program; `split` = (rows, columns) a program forces the two-launch path."""
     for name, t in (("logits", logits), ("v", v)):
         if t.dim() != 2 or t.stride(-1) != 1:
             raise ValueError(f"concept_step: {name} must be 2-D with unit column stride, got {tuple(t.shape)}")
@@ -113,8 +235,29 @@ def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean
     to_output = out_output if out_output is not None else torch.empty_like(to_input)
     if batch == 0:
         return to_input, to_output
-    rows = rows or _step_rows(batch)
     block_c = readout_block_c(d_c)
+    if split is None and rows is None:
+        split = _step_path(batch, d_c)
+    if split is not None:
+        block_m, block_o = split
+        read = torch.empty((batch, d_c), device=logits.device, dtype=torch.float32)  # (batch, d_c) a^T M mean
+        # sm_90 compile (ptxas -v) at k 16, d_c 192, bf16: see bench/compile_kernels.py
+        _concept_step_update_kernel[(batch,)](
+            logits, v, mix, log_decay, concept_mean, concept_mass, state_indices, read,
+            k, d_c, float(eps),
+            logits.stride(0), v.stride(0), mix.stride(0), concept_mean.stride(0), concept_mean.stride(1),
+            concept_mass.stride(0), read.stride(0),
+            HAS_DECAY=has_decay, BLOCK_K=triton.next_power_of_2(k), BLOCK_C=block_c, num_warps=8,
+        )
+        _concept_step_gates_kernel[(triton.cdiv(batch, block_m), triton.cdiv(d_c, block_o))](
+            read, gate_h, norm_weight, gate_weight, to_input, to_output,
+            batch, d_c, float(norm_eps),
+            read.stride(0), gate_h.stride(0), gate_weight.stride(0), to_input.stride(0), to_output.stride(0),
+            BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_O=block_o, LOWP=lowp_dot(dtype),
+            num_warps=num_warps or 4,
+        )
+        return to_input, to_output
+    rows = rows or _step_rows(batch)
     _concept_step_kernel[(triton.cdiv(batch, rows),)](
         logits, v, gate_h, mix, log_decay, concept_mean, concept_mass, state_indices, norm_weight, gate_weight,
         to_input, to_output,

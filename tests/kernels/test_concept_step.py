@@ -8,6 +8,7 @@ from kernel_testing import DEVICE, DTYPES, ON_GPU, STATE_TOL, TOL, assert_close,
 
 from kernels.concept_filter import concept_filter
 from kernels.concept_readout import concept_readout, concept_readout_ref
+from kernels import concept_step as concept_step_mod
 from kernels.concept_step import _concept_step, concept_step, concept_step_ref
 
 EPS, NORM_EPS = 1e-6, 1e-5
@@ -45,10 +46,15 @@ def step(fn, inputs, weights, mean, mass, idx, lam, **kwargs):
     return fn(*inputs, w["mix"], w["norm_weight"], w["gate_weight"], mean, mass, idx, EPS, NORM_EPS, lam, **kwargs)
 
 
+@pytest.mark.parametrize("split_max", [None, 8])  # the wrapper's threshold as it is, and one that batch 21 passes
 @pytest.mark.parametrize("dtype,decay,deep", CASES)
 @pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("batch", [1, 64, 256] if ON_GPU else [1, 21])
-def test_concept_step_matches_ref_over_steps(dtype, decay, deep, sizes, batch):
+def test_concept_step_matches_ref_over_steps(dtype, decay, deep, sizes, batch, split_max, monkeypatch):
+    """Both launch paths as the wrapper picks them: at or under SPLIT_MAX_BATCH the two-launch path (one row a
+    program up to batch 16, 16 rows a program above), over it the one-launch path."""
+    if split_max is not None:
+        monkeypatch.setattr(concept_step_mod, "SPLIT_MAX_BATCH", split_max)
     k, d_c, _ = sizes
     num_slots = batch + 2
     dead = (batch - 1,) if batch > 1 else ()
@@ -88,6 +94,30 @@ def test_concept_step_rows_per_program_agree(rows):
     for a, b, what in zip(got, want, ("g_s r", "g_o r")):
         assert_close(a, b, TOL[torch.float32], what)
     assert_close(mean, m_ref, STATE_TOL[torch.float32], "concept_mean")
+
+
+@pytest.mark.parametrize("block_m,block_o", [(1, 16), (2, 32), (4, 16), (16, 16), (16, 32)])
+@pytest.mark.parametrize("decay", [None, "mixed"])
+def test_concept_step_two_launch_configs_agree(block_m, block_o, decay):
+    """The benchmark sweeps the gates launch's (rows, columns) a program: every choice computes the same step, twice
+    in a row, and leaves the slots no row names as they were (21 rows: a ragged end; a -1 row)."""
+    sizes, batch = SIZES[-1], 21
+    _, idx = packed_batch([1] * batch, batch + 3, dead=(2,))
+    lam = log_decay(decay, sizes[0])
+    _, _, mean, mass = make(batch, *sizes, torch.float32, batch + 3)
+    m_ref, s_ref, initial = mean.clone(), mass.clone(), mean.clone()
+    for t in range(2):
+        inputs, weights, _, _ = make(batch, *sizes, torch.float32, batch + 3, seed=t + 1)
+        want = step(concept_step_ref, inputs, weights, m_ref, s_ref, idx, lam)
+        got = step(_concept_step, inputs, weights, mean, mass, idx, lam, split=(block_m, block_o))
+        for a, b, what in zip(got, want, ("g_s r", "g_o r")):
+            assert_close(a, b, TOL[torch.float32], f"step {t} {what}")
+            assert (a[2] == 0).all()
+        assert_close(mean, m_ref, STATE_TOL[torch.float32], f"step {t} concept_mean")
+        torch.testing.assert_close(mass, s_ref, **MASS_TOL)
+    untouched = torch.ones(batch + 3, dtype=torch.bool, device=DEVICE)
+    untouched[idx[idx >= 0].long()] = False
+    assert torch.equal(mean[untouched], initial[untouched])
 
 
 @pytest.mark.parametrize("decay", [None, "mixed"])
