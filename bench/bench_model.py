@@ -229,12 +229,38 @@ def bench_long_stream(model, probe, far, stride, clock, cuda):
 
 
 def sweep_decode(model, batches, clock):
-    """Decode ms per step under CUDA graphs for each launch configuration of the fused decode kernels."""
-    rows_choices = (1, 2, 4, 8)
-    # (channels per block, blocks per program of launch 1, channels per program of launch 2); wider blocks spill
-    # at this config (bench/compile_kernels.py)
-    mamba_choices = [(64, 1, 16), (64, 1, 32), (64, 2, 16), (64, 2, 32), (64, 4, 16), (64, 4, 32)]
-    original = (concept_step_mod._step_rows, mamba_step_mod._step_config)
+    """Decode ms per step under CUDA graphs for each launch configuration of the fused decode kernels, one kernel's
+    configuration at a time (the other at its default). Concept step: the one-launch path at 1, 2, 4, 8 rows a
+    program, and the two-launch path (update, then the gates over (rows, columns) a program). Mamba step: the
+    two-launch path (channels per block, blocks per program of launch 1, channels per program of launch 2) and the
+    three-launch path (the same for launch 1, then channels per program of the dt launch). The defaults:
+    concept_step.SPLIT_MAX_BATCH and _step_path, mamba_step.THREE_LAUNCH_MIN_BATCH, _step_config and
+    _three_launch_config; set them from this table."""
+    concept_choices = [("rows", rows) for rows in (1, 2, 4, 8)] + [
+        ("split", config) for config in ((1, 16), (1, 32), (2, 16), (4, 16), (16, 16), (16, 32))]
+    # wider blocks spill at this config (bench/compile_kernels.py)
+    mamba_choices = [("two", config) for config in ((64, 1, 16), (64, 1, 32), (64, 2, 16), (64, 2, 32), (64, 4, 16),
+                                                    (64, 4, 32))]
+    mamba_choices += [("three", config) for config in ((64, 1, 64), (64, 1, 128), (64, 2, 64), (64, 2, 128))]
+    names = ("_step_rows", "_step_path")
+    original_concept = {name: getattr(concept_step_mod, name) for name in names}
+    names = ("_step_config", "_three_launch_config", "THREE_LAUNCH_MIN_BATCH")
+    original_mamba = {name: getattr(mamba_step_mod, name) for name in names}
+
+    def restore():
+        for name, value in original_concept.items():
+            setattr(concept_step_mod, name, value)
+        for name, value in original_mamba.items():
+            setattr(mamba_step_mod, name, value)
+
+    def default_labels(bs):
+        path = original_concept["_step_path"](bs, model.config.d_concept)
+        concept = ("rows", original_concept["_step_rows"](bs)) if path is None else ("split", path)
+        three = bs >= original_mamba["THREE_LAUNCH_MIN_BATCH"]
+        config = (original_mamba["_three_launch_config"] if three else original_mamba["_step_config"])(
+            bs, model.config.d_inner)
+        return f"{concept[0]} {concept[1]}", f"{'three' if three else 'two'} {config}"
+
     results = []
     pool = model.empty_state(max(batches))
     try:
@@ -242,19 +268,25 @@ def sweep_decode(model, batches, clock):
             for bs in batches:
                 tokens = torch.randint(0, model.config.vocab_size, (bs,), device=model.device)
                 slots = torch.arange(bs, dtype=torch.int32, device=model.device)
-                default_mamba = original[1](bs, model.config.d_inner)
-                for rows in rows_choices:
-                    concept_step_mod._step_rows = lambda batch, rows=rows: rows
+                concept_default, mamba_default = default_labels(bs)
+                for path, config in concept_choices:
+                    if path == "rows":
+                        concept_step_mod._step_path = lambda batch, d_c: None
+                        concept_step_mod._step_rows = lambda batch, rows=config: rows
+                    else:
+                        concept_step_mod._step_path = lambda batch, d_c, config=config: config
                     ms = clock(decode_step_fn(model, pool, tokens, slots, True), iters=50) * 1e3
-                    results.append(dict(batch=bs, concept_rows=rows, mamba=default_mamba, ms=ms))
-                concept_step_mod._step_rows = original[0]
-                for config in mamba_choices:
-                    mamba_step_mod._step_config = lambda batch, d_inner, config=config: config
+                    results.append(dict(batch=bs, concept=f"{path} {config}", mamba=mamba_default, ms=ms))
+                    restore()
+                for path, config in mamba_choices:
+                    mamba_step_mod.THREE_LAUNCH_MIN_BATCH = 0 if path == "three" else 1 << 30
+                    name = "_three_launch_config" if path == "three" else "_step_config"
+                    setattr(mamba_step_mod, name, lambda batch, d_inner, config=config: config)
                     ms = clock(decode_step_fn(model, pool, tokens, slots, True), iters=50) * 1e3
-                    results.append(dict(batch=bs, concept_rows=original[0](bs), mamba=config, ms=ms))
-                mamba_step_mod._step_config = original[1]
+                    results.append(dict(batch=bs, concept=concept_default, mamba=f"{path} {config}", ms=ms))
+                    restore()
     finally:
-        concept_step_mod._step_rows, mamba_step_mod._step_config = original
+        restore()
     return results
 
 
@@ -361,9 +393,9 @@ def report(results, plan) -> str:
                          f"{tp['decode'][plan['batches'][0]]['eager_ms']:.1f} ms, prefill {plan['lengths'][0]} tokens "
                          f"{tp['prefill'][plan['lengths'][0]]['tokens_per_s']:,.0f} tokens/s")
     if "sweep" in b:
-        lines += ["", f"| sweep (k={k1}), batch | concept rows/program | mamba (block_e, num_sub, block_d) | ms |",
-                  "| ---: | ---: | --- | ---: |"]
-        lines += [f"| {r['batch']} | {r['concept_rows']} | {r['mamba']} | {r['ms']:.3f} |" for r in b["sweep"]]
+        lines += ["", f"| sweep (k={k1}), batch | concept: rows (rows/program) or split (rows, columns)/program | "
+                  "mamba: two or three launches (block_e, num_sub, block_d) | ms |", "| ---: | --- | --- | ---: |"]
+        lines += [f"| {r['batch']} | {r['concept']} | {r['mamba']} | {r['ms']:.3f} |" for r in b["sweep"]]
     return "\n".join(lines)
 
 

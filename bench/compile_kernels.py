@@ -25,7 +25,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import causal_conv1d, concept_filter, concept_readout, concept_step, mamba_step  # noqa: E402
+from kernels import (causal_conv1d, concept_filter, concept_readout, concept_step, mamba_step,  # noqa: E402
+                     selective_state_update)
 
 FLOAT_ARGS = ("eps", "norm_eps")
 
@@ -63,7 +64,8 @@ def compile_one(kernel, ptrs, constexprs, arch, num_warps, out_ptr=None):
     regs = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
     shown = {k: v for k, v in constexprs.items()
-             if not k.startswith("BLOCK_") or k in ("BLOCK_D", "BLOCK_NC", "BLOCK_M", "BLOCK_O")}
+             if not k.startswith("BLOCK_") or k in ("BLOCK_D", "BLOCK_NC", "BLOCK_M", "BLOCK_O")
+             and not k.startswith(("HAS_CONV", "D_CONV", "DT_"))}
     print(f"{kernel.fn.__name__} {shown} warps {num_warps}: {regs.group(1) if regs else '?'} registers, "
           f"{spills.group(1) if spills else '?'} bytes spilled", flush=True)
 
@@ -95,6 +97,16 @@ def main() -> None:
             compile_one(mamba_step._mamba_step_ssm_kernel, ptrs, dict(
                 HAS_INJECT=inject, LOWP=lowp, NUM_PARTS=parts, BLOCK_B=16, BLOCK_D=block_d, BLOCK_N=16, BLOCK_R=64,
                 BLOCK_C=64), args.arch, 8)
+        # the three-launch (large-batch) path: launch 1 as above, then the dt launch and the state update
+        f32_out = {**ptrs, **{name: "*fp32" for name in ("dt_ptr", "z_ptr", "B_ptr", "C_ptr")}}
+        for inject, (parts, block_d) in itertools.product((False, True), ((24, 64), (24, 128), (12, 64), (12, 128))):
+            compile_one(mamba_step._mamba_step_dt_kernel, f32_out, dict(
+                HAS_INJECT=inject, LOWP=lowp, NUM_PARTS=parts, PART_UNROLL=mamba_step.DT_PART_UNROLL, BLOCK_B=16,
+                BLOCK_D=block_d, BLOCK_N=16, BLOCK_R=64, BLOCK_C=64), args.arch, mamba_step.DT_WARPS)
+        for z in ("*fp32", act):
+            compile_one(selective_state_update._selective_state_update_kernel, {
+                **f32_out, "x_ptr": "*fp32", "z_ptr": z}, dict(
+                HAS_D=True, HAS_Z=True, HAS_DT_BIAS=False, DT_SOFTPLUS=False, BLOCK_D=64, BLOCK_N=16), args.arch, 2)
         if not lowp:
             continue
         # the chunk kernels compute in fp32 whatever the activations' dtype

@@ -57,7 +57,8 @@ def mamba_step_ref(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt
 # run on the tensor cores with their weights read once per row block, not once per row; padding rows are masked.
 
 from kernels._jit import dot_rows, dot_split, lowp_dot, silu, softplus, stored  # noqa: E402
-from kernels._triton import HAS_TRITON, check_indices, check_pool, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, check_indices, check_pool, rows, tl, triton  # noqa: E402
+from kernels.selective_state_update import _selective_state_update_kernel, _update_config  # noqa: E402
 
 
 @triton.jit
@@ -207,6 +208,74 @@ def _mamba_step_ssm_kernel(
     tl.store(out_ptr + rows[:, None] * stride_out_row + d[None, :], y.to(out_ptr.dtype.element_ty), mask=tile)
 
 
+@triton.jit
+def _mamba_step_dt_kernel(
+    # pointers
+    xz_ptr, inject_ptr, inject_weight_ptr, dbc_part_ptr, dt_proj_weight_ptr, dt_bias_ptr, dt_ptr, z_ptr, B_ptr,
+    C_ptr,
+    # sizes
+    batch, d_inner, d_state, dt_rank, d_inject,
+    # strides
+    stride_xz_row, stride_inject_row, stride_inject_weight_row, stride_part_part, stride_part_row,
+    stride_dt_proj_row, stride_dt_row, stride_z_row, stride_B_row, stride_C_row,
+    # meta-parameters
+    HAS_INJECT: tl.constexpr,
+    LOWP: tl.constexpr,
+    NUM_PARTS: tl.constexpr,
+    PART_UNROLL: tl.constexpr,  # partial sums loaded at once
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Launch 2 of the three-launch (large-batch) step: launch 2 of the two-launch step without the state. The
+    partial sums of x_proj added up; dt = softplus(dt_proj(δ) + dt_bias) and, with the injection, z + injection,
+    both (batch, E) fp32; B and C (batch, N) fp32 from the first channel block's programs. Everything the state
+    update needs, so that it runs as kernels/selective_state_update.py's one-row programs."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # (B,)
+    row_mask = rows < batch
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (D,) channels
+    d_mask = d < d_inner
+    n = tl.arange(0, BLOCK_N)
+    n_mask = n < d_state
+    r = tl.arange(0, BLOCK_R)
+    tile = row_mask[:, None] & d_mask[None, :]
+    # the partial sums PART_UNROLL at a time, in the order the two-launch path adds them: all of them unrolled
+    # (as there) spill at 24 parts (ptxas -v: 660 bytes), and one at a time would be 24 dependent loads
+    w_dt = tl.load(dt_proj_weight_ptr + d[None, :] * stride_dt_proj_row + r[:, None],
+                   mask=(r < dt_rank)[:, None] & d_mask[None, :], other=0.0)  # (R, D)
+    delta = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
+    for i0 in range(0, NUM_PARTS, PART_UNROLL):
+        for u in tl.static_range(PART_UNROLL):
+            part = dbc_part_ptr + (i0 + u) * stride_part_part + rows[:, None] * stride_part_row
+            delta += tl.load(part + r[None, :], mask=row_mask[:, None] & (r < dt_rank)[None, :] & (i0 + u < NUM_PARTS),
+                             other=0.0)
+    dt = dot_split(delta, w_dt, dt_proj_weight_ptr, LOWP)  # (B, D)
+    dt = softplus(dt + tl.load(dt_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :])
+    tl.store(dt_ptr + rows[:, None] * stride_dt_row + d[None, :], dt, mask=tile)
+    if HAS_INJECT:
+        z = tl.load(xz_ptr + rows[:, None] * stride_xz_row + d_inner + d[None, :], mask=tile,
+                    other=0.0).to(tl.float32)
+        z += _injected(inject_ptr, inject_weight_ptr, rows, row_mask, d_inner + d, d_mask, d_inject,
+                       stride_inject_row, stride_inject_weight_row, LOWP, BLOCK_B, BLOCK_D, BLOCK_C)
+        tl.store(z_ptr + rows[:, None] * stride_z_row + d[None, :], z, mask=tile)
+    if pid_d == 0:
+        B = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        C = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        for i0 in range(0, NUM_PARTS, PART_UNROLL):
+            for u in tl.static_range(PART_UNROLL):
+                part = dbc_part_ptr + (i0 + u) * stride_part_part + rows[:, None] * stride_part_row
+                part_mask = row_mask[:, None] & n_mask[None, :] & (i0 + u < NUM_PARTS)
+                B += tl.load(part + dt_rank + n[None, :], mask=part_mask, other=0.0)
+                C += tl.load(part + dt_rank + d_state + n[None, :], mask=part_mask, other=0.0)
+        bc_mask = row_mask[:, None] & n_mask[None, :]
+        tl.store(B_ptr + rows[:, None] * stride_B_row + n[None, :], B, mask=bc_mask)
+        tl.store(C_ptr + rows[:, None] * stride_C_row + n[None, :], C, mask=bc_mask)
+
+
 def _step_config(batch: int, d_inner: int):
     """(channels per block of launch 1, blocks per program there, channels per program of launch 2). Hand-picked,
     no autotune (both launches write state in place): small batches spread over more, narrower programs; launch 2
@@ -217,9 +286,28 @@ def _step_config(batch: int, d_inner: int):
     return block_e, num_sub, block_d
 
 
+# Above this batch the three-launch path. Why (issue 10's H200 profile at batch 256: launch 1 ~31 µs and launch 2
+# ~45 µs a layer, against ~12 µs for the 50 MB of state launch 2 moves): both launches run 8 warps a program at
+# 155-255 registers a thread (ptxas -v), so one program fits an SM, and each program is one long dependent chain
+# (the x_proj partial sums, dt_proj and the injection's products, and only then the state load), so nothing hides
+# the memory latency; launch 1 had 96 programs (16 row blocks x 6) for 132 SMs. The three-launch path keeps
+# launch 1 (with more programs), moves everything but the state into a launch of its own, and updates the state
+# with kernels/selective_state_update.py's kernel (one row and 64 channels a program, 1-2 warps, the state load
+# issued first: many programs an SM), which main ran at batch 256 in 1.11 ms a step for k = 0.
+THREE_LAUNCH_MIN_BATCH = 128
+DT_PART_UNROLL, DT_WARPS = 8, 8  # the dt launch: no spills at the 130M config (bench/compile_kernels.py)
+
+
+def _three_launch_config(batch: int, d_inner: int):
+    """(channels per block of launch 1, blocks per program there, channels per program of the dt launch)."""
+    return min(triton.next_power_of_2(d_inner), 64), 1 if batch <= 256 else 2, 64
+
+
 def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, conv_state, ssm_state,
-                state_indices, inject=None, inject_weight=None, out=None, block_e=None, num_sub=None, block_d=None):
-    """mamba_step with the launch configuration exposed (benchmark sweeps)."""
+                state_indices, inject=None, inject_weight=None, out=None, block_e=None, num_sub=None, block_d=None,
+                three=None):
+    """mamba_step with the launch configuration exposed (benchmark sweeps, tests): `three` forces the three-launch
+    path (True) or the two-launch one (False); else the batch picks (THREE_LAUNCH_MIN_BATCH)."""
     if xz.dim() != 2 or xz.stride(-1) != 1:
         raise ValueError(f"mamba_step: xz must be (batch, 2 d_inner) with unit column stride, got {tuple(xz.shape)}")
     batch = xz.shape[0]
@@ -260,7 +348,8 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
     out = out if out is not None else torch.empty((batch, d_inner), device=xz.device, dtype=xz.dtype)
     if batch == 0:
         return out
-    config = _step_config(batch, d_inner)
+    three = batch >= THREE_LAUNCH_MIN_BATCH if three is None else three
+    config = (_three_launch_config if three else _step_config)(batch, d_inner)
     block_e, num_sub, block_d = block_e or config[0], num_sub or config[1], block_d or config[2]
     block_b = 16  # tl.dot's least
     # 8 warps: the sm_90 compile (ptxas -v) of both kernels spills on 4 at the 130M config in bf16
@@ -283,6 +372,11 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
         NUM_SUB=num_sub, BLOCK_B=block_b, BLOCK_E=block_e, BLOCK_W=triton.next_power_of_2(d_conv),
         BLOCK_P=max(triton.next_power_of_2(d_proj), 16), BLOCK_C=block_c, num_warps=8,
     )
+    if three:
+        _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_bias, A, D, xc, ssm_state,
+                           state_indices, out, batch, d_inner, d_state, dt_rank, d_inject, num_parts, block_b,
+                           block_d, block_c, lowp)
+        return out
     _mamba_step_ssm_kernel[(grid_b, triton.cdiv(d_inner, block_d))](
         xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder, xc,
         dbc_part, dt_proj_weight, dt_bias, A, D, ssm_state, state_indices, out,
@@ -295,6 +389,44 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
         BLOCK_C=block_c, num_warps=8,
     )
     return out
+
+
+def _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_bias, A, D, xc, ssm_state,
+                       state_indices, out, batch, d_inner, d_state, dt_rank, d_inject, num_parts, block_b, block_d,
+                       block_c, lowp):
+    """Launches 2 and 3 of the three-launch path: dt, z (with the injection), B and C in fp32, then the state
+    update. The intermediates stay fp32 as in the two-launch path, so both compute the same step (only the order of
+    sums differs: none, since both add the same partial sums in the same order and take the same products)."""
+    dt = torch.empty((batch, d_inner), device=xz.device, dtype=torch.float32)  # (batch, E) softplus'd, bias in
+    B = torch.empty((batch, d_state), device=xz.device, dtype=torch.float32)  # (batch, N)
+    C = torch.empty_like(B)
+    if inject is not None:
+        z = torch.empty((batch, d_inner), device=xz.device, dtype=torch.float32)  # (batch, E) z + injection
+        z_in = z
+    else:  # z read straight from xz's second half by the state update
+        z, z_in = dt, xz[:, d_inner:]
+    placeholder = xz
+    _mamba_step_dt_kernel[(triton.cdiv(batch, block_b), triton.cdiv(d_inner, block_d))](
+        xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder,
+        dbc_part, dt_proj_weight, dt_bias, dt, z, B, C,
+        batch, d_inner, d_state, dt_rank, d_inject,
+        xz.stride(0), inject.stride(0) if inject is not None else 0,
+        inject_weight.stride(0) if inject is not None else 0, dbc_part.stride(0), dbc_part.stride(1),
+        dt_proj_weight.stride(0), dt.stride(0), z.stride(0), B.stride(0), C.stride(0),
+        HAS_INJECT=inject is not None, LOWP=lowp, NUM_PARTS=num_parts, PART_UNROLL=DT_PART_UNROLL, BLOCK_B=block_b,
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), BLOCK_R=max(triton.next_power_of_2(dt_rank), 16),
+        BLOCK_C=block_c, num_warps=DT_WARPS,
+    )
+    z_in = rows(z_in)
+    ssu_block_d, block_n, ssu_warps = _update_config(batch, d_inner, d_state)
+    _selective_state_update_kernel[(batch, triton.cdiv(d_inner, ssu_block_d))](
+        xc, dt, A, B, C, D, z_in, dt, ssm_state, state_indices, out,
+        d_inner, d_state,
+        xc.stride(0), dt.stride(0), A.stride(0), B.stride(0), C.stride(0), z_in.stride(0),
+        ssm_state.stride(0), ssm_state.stride(1), out.stride(0),
+        HAS_D=True, HAS_Z=True, HAS_DT_BIAS=False, DT_SOFTPLUS=False, BLOCK_D=ssu_block_d, BLOCK_N=block_n,
+        num_warps=ssu_warps,
+    )
 
 
 def mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, conv_state, ssm_state,

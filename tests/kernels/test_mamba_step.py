@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from kernel_testing import DEVICE, DTYPES, ON_GPU, STATE_TOL, TOL, assert_close, packed_batch
 
 from kernels.causal_conv1d import causal_conv1d_update_ref
+from kernels import mamba_step as mamba_step_mod
 from kernels.mamba_step import _mamba_step, mamba_step, mamba_step_ref
 from kernels.selective_state_update import selective_state_update_ref
 
@@ -37,11 +38,15 @@ def call(fn, xz, weights, conv_state, ssm_state, idx, inject=None, inject_weight
               w["D"], conv_state, ssm_state, idx, inject, inject_weight, **kwargs)
 
 
+@pytest.mark.parametrize("three_min", [None, 8])  # the wrapper's threshold as it is, and one that batch 19 passes
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("is_inject", [False, True])
 @pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_mamba_step_matches_ref_over_steps(dtype, is_inject, sizes, batch):
+def test_mamba_step_matches_ref_over_steps(dtype, is_inject, sizes, batch, three_min, monkeypatch):
+    """Both launch paths as the wrapper picks them: under THREE_LAUNCH_MIN_BATCH two launches, from it three."""
+    if three_min is not None:
+        monkeypatch.setattr(mamba_step_mod, "THREE_LAUNCH_MIN_BATCH", three_min)
     num_slots = batch + 3
     dead = (batch // 2,) if batch > 1 else ()
     _, idx = packed_batch([1] * batch, num_slots, dead)
@@ -82,6 +87,31 @@ def test_mamba_step_launch_configs_agree(block_e, num_sub, block_d):
                num_sub=num_sub, block_d=block_d)
     assert_close(got, want, TOL[torch.float32], "y")
     assert_close(ssm_state, s_ref, STATE_TOL[torch.float32], "ssm_state")
+
+
+@pytest.mark.parametrize("block_e,num_sub,block_d", [(16, 1, 16), (16, 3, 32), (32, 2, 64)])
+@pytest.mark.parametrize("is_inject", [False, True])
+def test_mamba_step_three_launch_configs_agree(block_e, num_sub, block_d, is_inject):
+    """The three-launch path (large batches) at the configurations the benchmark sweeps, two steps in a row, against
+    the reference; slots no row names stay as they were (19 rows: a ragged row block; a -1 row)."""
+    sizes, batch = SIZES[0], 19
+    _, idx = packed_batch([1] * batch, batch + 3, dead=(4,))
+    xz, inject, inject_weight, weights, conv_state, ssm_state = make(batch, *sizes, torch.float32, batch + 3)
+    extra = dict(inject=inject, inject_weight=inject_weight) if is_inject else {}
+    c_ref, s_ref, c_ours, s_ours = conv_state.clone(), ssm_state.clone(), conv_state.clone(), ssm_state.clone()
+    for step in range(2):
+        xz_t = xz * (1.0 - 0.3 * step)
+        want = call(mamba_step_ref, xz_t, weights, c_ref, s_ref, idx, **extra)
+        got = call(_mamba_step, xz_t, weights, c_ours, s_ours, idx, **extra, block_e=block_e, num_sub=num_sub,
+                   block_d=block_d, three=True)
+        assert_close(got, want, TOL[torch.float32], f"step {step} y")
+        assert (got[4] == 0).all()
+        assert_close(c_ours, c_ref, TOL[torch.float32], f"step {step} conv_state")
+        assert_close(s_ours, s_ref, STATE_TOL[torch.float32], f"step {step} ssm_state")
+    untouched = torch.ones(batch + 3, dtype=torch.bool, device=DEVICE)
+    untouched[idx[idx >= 0].long()] = False
+    assert torch.equal(s_ours[untouched], ssm_state[untouched])
+    assert torch.equal(c_ours[untouched], conv_state[untouched])
 
 
 def test_injection_is_in_proj_of_the_injected_input():

@@ -10,10 +10,12 @@ from kernels.launches import counting_launches
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# Decode, per layer. k = 0: add+RMSNorm, in_proj, conv update + x_proj, dt_proj + state update + gate, out_proj.
-# k > 0 adds one launch: the single product of h gives the routing logits, values, the h half of the gates and
-# in_proj(h) at once, and the whole concept step is one kernel (before issue 10: about 25 per layer).
-DECODE_PER_LAYER = {0: 5, 3: 6}
+# Decode at batch 3, per layer. k = 0: add+RMSNorm, in_proj, conv update + x_proj, dt_proj + state update + gate,
+# out_proj. k > 0 adds two launches: the single product of h gives the routing logits, values, the h half of the
+# gates and in_proj(h) at once, and the concept step is two kernels at small batches (the state update, then the
+# gates spread over column blocks; one kernel over concept_step.SPLIT_MAX_BATCH) (before issue 10: about 25 per
+# layer). From mamba_step.THREE_LAUNCH_MIN_BATCH the Mamba step takes one launch more.
+DECODE_PER_LAYER = {0: 5, 3: 7}
 # Prefill, per layer, one sequence of one chunk. k = 0: norm, in_proj, conv (outputs and the carried window),
 # x_proj, dt_proj, scan, out_proj; k > 0 adds the concept filter's two passes (the softmax is taken in both), the
 # read-back and gates, and the injection into in_proj's output (in_proj itself is in the one product of h). A
