@@ -1,5 +1,6 @@
-"""The concept path's whole decode step in one launch (DESIGN.md §1): softmax routing, the concept mean and mass
-update (concept_decay none or learned), the read-back through M, RMSNorm + GELU, and the IMF gates.
+"""The concept path's whole decode step in one or two launches (DESIGN.md §1): softmax routing, the concept mean and
+mass update (concept_decay none or learned), the read-back through M, RMSNorm + GELU, and the IMF gates. Small
+batches take two launches so that one row's gate product is spread over many programs (see below).
 
 The layer's one projection of h supplies the routing logits (W_a h + b_a), the values (W_v h) and the h half of
 the gates (W_g[:, :D] h + b_g); this op does everything between that projection and the in_proj/out_proj

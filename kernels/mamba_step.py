@@ -6,6 +6,9 @@ dt_proj, state update):
 
 x_proj reduces over every channel and the state update needs its result for every channel, so the step cannot
 be one launch without a grid-wide barrier; the partial sums (a few KB per row) are what crosses between the two.
+From THREE_LAUNCH_MIN_BATCH rows launch 2 is split in two, so that the state update runs in many small programs:
+    launch 2: the partial sums added up, dt_proj + softplus, z + injection, written in fp32;
+    launch 3: kernels/selective_state_update.py's kernel on them (state update, D skip, SiLU(z) gate).
 
 With concepts (DESIGN.md §1) the SSM input u = h + W_s (g_s ⊙ r) only feeds in_proj, so in_proj(u) =
 in_proj(h) + (W_in W_s)(g_s ⊙ r): the layer hands in in_proj(h) as `xz` and g_s ⊙ r as `inject` with

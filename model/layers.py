@@ -95,7 +95,7 @@ class MambaMixer(nn.Module):
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         conv_w = self.conv1d.weight.squeeze(1)  # (E, K)
         A = self.neg_A()  # (E, N)
-        if batch.is_decode:  # two launches for the whole step (kernels/mamba_step.py)
+        if batch.is_decode:  # two launches for the whole step, three at large batches (kernels/mamba_step.py)
             return ops.mamba_step(xz, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                                   self.dt_proj.bias, A, self.D, state.conv, state.ssm, batch.state_indices, inject,
                                   inject_weight, out=out)
@@ -157,7 +157,7 @@ class ConceptBottleneck(nn.Module):
         W_a h + b_a, v (T, C) W_v h, gate_h (T, 2C) W_g[:, :D] h + b_g; gate_weight (2C, C) is W_g[:, D:].
         Writes g_o ⊙ r into out_output (T, C); returns g_s ⊙ r (T, C)."""
         log_decay = self.log_decay()  # (k,) or None
-        if batch.is_decode:  # one launch for the whole step (kernels/concept_step.py)
+        if batch.is_decode:  # one launch for the whole step, two at small batches (kernels/concept_step.py)
             to_input, _ = ops.concept_step(logits, v, gate_h, self.mix, self.norm.weight, gate_weight,
                                            state.concept_mean, state.concept_mass, batch.state_indices, self.eps,
                                            self.norm_eps, log_decay, out_output=out_output)
