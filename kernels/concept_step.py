@@ -43,9 +43,10 @@ def concept_step_ref(logits, v, gate_h, mix, norm_weight, gate_weight, concept_m
 # norm is over all of d_c), the read-back needs the whole updated mean, so every program of a row must read the
 # whole OLD state, and any program that writes it in place would race with the others' reads (the launch orders
 # nothing between programs). The update's own launch owns the slot (one program per row, mean and mass written
-# once), and the gate programs never touch the state. The scratch is 4 d_c bytes a row. Each row's state update is kernels/concept_filter.py's (a (k, d_c)
-# tile per slot); the rows' read-backs are gathered into one (BLOCK_M, d_c) tile so that the gate product runs
-# on the tensor cores with its weights read once per program (kernels/concept_readout.py).
+# once), and the gate programs never touch the state. The scratch is 4 d_c bytes a row.
+# In both, each row's state update is kernels/concept_filter.py's (a (k, d_c) tile per slot). In the one-launch
+# path the rows' read-backs are gathered into one (BLOCK_M, d_c) tile so that the gate product runs on the tensor
+# cores with its weights read once per program (kernels/concept_readout.py).
 
 from kernels._jit import dot_rows, gelu, lowp_dot, sigmoid, stored  # noqa: E402
 from kernels._triton import HAS_TRITON, tl, triton  # noqa: E402
