@@ -22,8 +22,9 @@ stream_bpb, whole documents from an empty state, bits per byte by position in th
     httpx, pydantic, found with importlib; --third-party DIR ... instead), up to --third-party-bytes of each: its
     longest files that fit in half of that, then others picked by a hash of the path; names, versions and licenses
     are recorded.
-Writes OUT/compare_arms.json (every run, every number) and prints the tables in markdown; each run's directory
-OUT/<arm>-s<seed>/ holds the model, metrics.json, eval.json and log.txt.
+Writes three files into --out: compare_arms.json (every run, every number), compare_arms.md (the tables, also
+printed) and logs.txt (every run's log); each run's directory --work-dir/<arm>-s<seed>/ (a temporary directory by
+default) holds its model, metrics.json, eval.json and log.txt.
 
 Time (--budget-check): training is memory-bound: train_forward materializes (batch, length, d_inner, d_state) fp32
 tensors per layer. Model: seconds per step = bytes moved / bandwidth + aten ops x a per-op floor, where bytes and
@@ -49,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -285,7 +287,7 @@ def launch(runs: list[dict], args: argparse.Namespace, t0: float) -> None:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num)))
     procs = []
     for i, share in enumerate(shares):
-        log_path = share[0]["log"] if len(share) == 1 else str(Path(args.out) / f"process-{i}.log")
+        log_path = share[0]["log"] if len(share) == 1 else str(Path(args.work_dir) / f"process-{i}.log")
         log = open(log_path, "w")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--run-one", *(run["plan"] for run in share)]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -480,7 +482,10 @@ def budget_check(arms: list[Arm], args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "compare_arms"))
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "compare_arms"),
+                   help="results: compare_arms.json, compare_arms.md (the tables) and logs.txt (three files)")
+    p.add_argument("--work-dir", default=None,
+                   help="the runs' directories (models, metrics, logs); default: a new temporary directory")
     p.add_argument("--tiny", action="store_true", help="toy sizes, few steps, the CPU: a smoke run")
     p.add_argument("--budget-check", action="store_true", help="print a wall-time estimate, launch nothing")
     p.add_argument("--seeds", type=int, default=3)
@@ -532,8 +537,8 @@ def tiny_corpus(root: Path, max_files: int | None) -> tuple[str, int]:
     return str(root), max_files
 
 
-SETTINGS = ("steps", "batch_size", "seq_len", "seeds", "d_state", "k0_match", "imf_weight", "device", "max_files",
-            "corpus_root", "eval_max_tokens", "chunk_len", "eval_batch_size", "no_windows", "deadline_s",
+SETTINGS = ("work_dir", "steps", "batch_size", "seq_len", "seeds", "d_state", "k0_match", "imf_weight", "device",
+            "max_files", "corpus_root", "eval_max_tokens", "chunk_len", "eval_batch_size", "no_windows", "deadline_s",
             "stop_after_minutes", "tiny")
 
 
@@ -551,8 +556,10 @@ def main(argv: list[str] | None = None) -> dict | None:
               f"({arm.num_params / arms[1].num_params - 1:+.1%} vs {arms[1].name})", flush=True)
     if args.arms:
         arms = [a for a in arms if a.name in args.arms.split(",")]
+    if args.work_dir is None:
+        args.work_dir = tempfile.mkdtemp(prefix="compare_arms-")
     if args.tiny and args.corpus_root is None:
-        args.corpus_root, args.max_files = tiny_corpus(Path(args.out) / "tiny_corpus", args.max_files)
+        args.corpus_root, args.max_files = tiny_corpus(Path(args.work_dir) / "tiny_corpus", args.max_files)
     groups, held_info = held_out_groups(args.corpus_root, args.max_files)
     packages = [n for n in args.third_party_packages.split(",") if n]
     groups[THIRD], third_info = third_party_group(args.third_party, packages, args.third_party_bytes)
@@ -563,7 +570,7 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"near-duplicates ({held_bytes[NEAR]:,} bytes); third party: {sources}", flush=True)
     if args.budget_check:
         return budget_check(arms, args)
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.deadline_s:
         elapsed = time.time() - t0
@@ -574,7 +581,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     for seed in range(args.seeds):
         for arm in arms:
             name = f"{arm.name}-s{seed}"
-            run_dir = out / name
+            run_dir = work / name
             run_dir.mkdir(parents=True, exist_ok=True)
             plan = {"run": name, "arm": arm.name, "seed": seed, "out": str(run_dir), "device": args.device,
                     "train_argv": train_argv(arm, seed, run_dir, args), "groups": groups,
@@ -600,8 +607,13 @@ def main(argv: list[str] | None = None) -> dict | None:
               "wall_seconds": round(time.time() - t0, 1),
               "command": "python bench/compare_arms.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     (out / "compare_arms.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n# {args.seeds} seeds x {len(arms)} arms, {args.steps} steps of {args.batch_size} x {args.seq_len} "
-          f"(stateful), on {result['device']}; wall {result['wall_seconds']:.0f}s; {out / 'compare_arms.json'}\n")
+    logs = sorted({run["log"] for run in runs} | {str(p) for p in work.glob("process-*.log")})
+    (out / "logs.txt").write_text("".join(f"== {log}\n{Path(log).read_text(errors='replace')}\n"
+                                          for log in logs if Path(log).exists()))
+    title = (f"# {args.seeds} seeds x {len(arms)} arms, {args.steps} steps of {args.batch_size} x {args.seq_len} "
+             f"(stateful), on {result['device']}; wall {result['wall_seconds']:.0f}s")
+    (out / "compare_arms.md").write_text(title + "\n\n" + "\n".join(lines) + "\n")
+    print(f"\n{title}; {out}/compare_arms.json, compare_arms.md, logs.txt; models in {work}\n")
     print("\n".join(lines), flush=True)
     return result
 

@@ -31,8 +31,12 @@ def test_k0_arm_is_parameter_matched_at_the_default_sizes():
 
 def test_tiny_run_reports_every_arm_with_three_seeds(tmp_path, capsys):
     compare_arms = load()
-    result = compare_arms.main(["--tiny", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "compare_arms.json").read_text())
+    out = tmp_path / "out"
+    result = compare_arms.main(["--tiny", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    # three files: what comes back from a device run is a few files, the models stay in the work directory
+    assert sorted(p.name for p in out.iterdir()) == ["compare_arms.json", "compare_arms.md", "logs.txt"]
+    assert (tmp_path / "work" / "k0-matched-s2" / "model.safetensors").is_file()
+    saved = json.loads((out / "compare_arms.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     names = [a["name"] for a in saved["arms"]]
     assert len(names) == 4 and names[0] == "k0-matched"
@@ -46,7 +50,8 @@ def test_tiny_run_reports_every_arm_with_three_seeds(tmp_path, capsys):
     tokens = {name: {r["seed"]: r["train"]["tokens_seen"] for r in saved["runs"][name]} for name in names}
     assert all(t == tokens[names[0]] for t in tokens.values())
     assert saved["third_party"] and all(s["license"] and s["files"] for s in saved["third_party"])
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith(tuple(f"| {n} | " for n in names))]
-    assert len(rows) == 3 * 4 and "| arm | params | seeds | held-out clean bpb | third-party bpb |" in out
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith(tuple(f"| {n} | " for n in names))]
+    assert len(rows) == 3 * 4 and "| arm | params | seeds | held-out clean bpb | third-party bpb |" in printed
     assert all(" | 3 | " in row for row in rows[:4])
+    assert "\n".join(saved["table"]) in (out / "compare_arms.md").read_text()
