@@ -1,0 +1,189 @@
+"""The frontend alone: µs of CPU per request of the hot routes, driven through the ASGI app in this process with
+the engine faked (it answers every request at once with one output per generated token, as engine steps would).
+No sockets, no HTTP parsing: what is measured is the app (middleware, routing, validation, generation, framing).
+
+    python bench/bench_edge.py                      # every case, 2000 requests each
+    python bench/bench_edge.py --cases completions-sse --requests 5000 --profile /tmp/edge.prof
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.config import InfoMambaConfig  # noqa: E402
+from model.tokenizer import ByteTokenizer  # noqa: E402
+from server.api import app as app_module  # noqa: E402
+from server.config import ServerConfig  # noqa: E402
+from server.engine.client import RequestStream  # noqa: E402
+from server.engine.protocol import Add, EngineInfo, Reply, RequestOutput  # noqa: E402
+
+CONFIG = InfoMambaConfig(d_model=32, n_layers=2, vocab_size=260, n_concepts=4, d_state=8, name="tiny-lm")
+
+
+class FakeEngine:
+    """EngineClient's surface as the routes use it; every Add is answered at once, one output per token."""
+
+    def __init__(self, *args):
+        self.id = "fake"
+        self.info = EngineInfo(pid=0, model_name="tiny-lm", config=CONFIG.to_dict(), fingerprint="f", model_dir=None,
+                               state_bytes_per_stream=0, num_slots=1024, kernels="none")
+        self.ready = asyncio.Event()
+        self.ready.set()
+        self.dead = False
+        self.streams: dict[str, RequestStream] = {}
+        self.count = 0
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    def new_add(self, **fields) -> Add:
+        self.count += 1
+        return Add(client=self.id, rid=str(self.count), **fields)
+
+    async def add_samples(self, request: Add) -> list[RequestStream]:
+        stream = RequestStream(self, request.rid)
+        self.streams[request.rid] = stream
+        if request.sampling is None:  # an append: the outputs asked, one step's rows, then the finish
+            n = request.inputs.shape[0]
+            outputs = {k: _array(n, 260) for k in request.outputs}
+            stream.queue.put_nowait(RequestOutput(request.rid, outputs=outputs, finish_reason="done", steps=n,
+                                                  num_prompt=n))
+            return [stream]
+        m, loop = request.sampling.max_tokens, asyncio.get_running_loop()
+
+        def step(i: int) -> None:  # one token per loop turn, as one engine step's outputs would come
+            last = i == m - 1
+            stream.queue.put_nowait(RequestOutput(request.rid, token_ids=[65 + i % 26],
+                                                  finish_reason="length" if last else None,
+                                                  steps=request.inputs.shape[0] + m if last else None))
+            if not last:
+                loop.call_soon(step, i + 1)
+        loop.call_soon(step, 0)
+        return [stream]
+
+    async def session_op(self, op, session=None, snapshot=None, wait_if_busy=False, new_session=None) -> Reply:
+        return Reply("x", session=session or "s", steps=0)
+
+    def send_nowait(self, message) -> None:
+        pass
+
+
+def _array(rows: int, width: int):
+    import numpy as np
+    from server.engine.protocol import Array
+    return Array.of(np.zeros((rows, width), dtype=np.float32))
+
+
+PROMPT = list(range(40, 88))  # 48 ids, as bench_server's prompts
+CASES = {
+    "completions": ("/v1/completions", {"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "ignore_eos": True}),
+    "completions-sse": ("/v1/completions", {"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "ignore_eos": True,
+                                            "stream": True}),
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 32,
+                                      "temperature": 0}),
+    "chat-sse": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 32,
+                                          "temperature": 0, "stream": True}),
+    "append": ("/v1/sessions/s1/append", {"input_ids": list(range(16)), "outputs": []}),
+    "completions-1tok": ("/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "temperature": 0}),
+}
+
+
+async def call(app, path: str, body: bytes) -> tuple[int, int]:
+    """One request through the ASGI app as uvicorn (httptools) would make it; returns (status, body bytes)."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "scheme": "http", "method": "POST",
+             "root_path": "", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())], "state": {}}
+    sent = [False]
+    never = asyncio.get_running_loop().create_future()
+    got = {"status": 0, "n": 0}
+
+    async def receive():
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await never
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            got["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            got["n"] += len(message.get("body", b""))
+
+    await app(scope, receive, send)
+    never.cancel()
+    return got["status"], got["n"]
+
+
+async def run_case(app, name: str, requests: int, profile: cProfile.Profile | None) -> float:
+    path, body = CASES[name]
+    raw = orjson.dumps(body)
+    for _ in range(200):  # warm up
+        status, _ = await call(app, path, raw)
+        if status != 200:
+            raise RuntimeError(f"{name}: status {status}")
+    if profile is not None:
+        profile.enable()
+    start = time.process_time()
+    for _ in range(requests):
+        await call(app, path, raw)
+    seconds = time.process_time() - start
+    if profile is not None:
+        profile.disable()
+    return seconds / requests * 1e6
+
+
+async def main_async(args) -> None:
+    app_module.EngineClient = FakeEngine
+    config = ServerConfig(host="127.0.0.1", port=8000, max_batch_sequences=1024)
+    app = app_module.create_app(config, "ipc://unused", tempfile.mkdtemp(), tokenizer=ByteTokenizer())
+    template = tempfile.mkdtemp()
+    Path(template, "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    async with app.router.lifespan_context(app):
+        edge = app.state.edge
+        edge.engine.info.model_dir = template
+        edge.welcome()
+        profile = cProfile.Profile() if args.profile else None
+        for name in args.cases:
+            us = min([await run_case(app, name, args.requests, profile) for _ in range(args.repeats)])
+            print(f"{name:<18} {us:8.1f} us/request (CPU, best of {args.repeats})", flush=True)
+    if profile is not None:
+        profile.dump_stats(args.profile)
+        pstats.Stats(args.profile).sort_stats("cumulative").print_stats(45)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", default=None, help="write cProfile stats of the measured requests here")
+    args = p.parse_args()
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
