@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.api.edge import _UNSET, Edge, RedactSecrets
 from server.api.errors import APIError, error_body
 from server.api.docs import install as install_docs
+from server.api.hot import HotRoutes
 from server.api.middleware import EdgeMiddleware
 from server.api.openapi import install as install_openapi
 from server.api.requests import ClientGone
@@ -45,6 +46,7 @@ def create_app(config: ServerConfig, engine_address: str, ipc_dir: str, tokenize
     app = FastAPI(title="InfoMamba Serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     install_docs(app)
+    app.add_middleware(HotRoutes, fastapi_app=app)  # added first: it runs inside EdgeMiddleware
     app.add_middleware(EdgeMiddleware, edge=_EdgeProxy(app))
     for module in (health, openai, chat, forward, sessions):
         app.include_router(module.router)
