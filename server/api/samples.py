@@ -57,6 +57,18 @@ async def _last(run) -> Finish:
 
 async def merged(started_runs: list):
     """(choice index, event) as each choice produces them; an error is an APIError event; None ends a choice."""
+    if len(started_runs) == 1:  # the common case: the one choice's events as they come, with no task or queue
+        run = started_runs[0][1]
+        try:
+            try:
+                async for event in run:
+                    yield 0, event
+            except APIError as exc:
+                yield 0, exc
+            yield 0, None
+        finally:
+            await run.aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, run):
