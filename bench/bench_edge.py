@@ -60,14 +60,14 @@ class FakeEngine:
         if request.sampling is None:  # an append: the outputs asked, one step's rows, then the finish
             n = request.inputs.shape[0]
             outputs = {k: _array(n, 260) for k in request.outputs}
-            stream.queue.put_nowait(RequestOutput(request.rid, outputs=outputs, finish_reason="done", steps=n,
+            stream.put(RequestOutput(request.rid, outputs=outputs, finish_reason="done", steps=n,
                                                   num_prompt=n))
             return [stream]
         m, loop = request.sampling.max_tokens, asyncio.get_running_loop()
 
         def step(i: int) -> None:  # one token per loop turn, as one engine step's outputs would come
             last = i == m - 1
-            stream.queue.put_nowait(RequestOutput(request.rid, token_ids=[65 + i % 26],
+            stream.put(RequestOutput(request.rid, token_ids=[65 + i % 26],
                                                   finish_reason="length" if last else None,
                                                   steps=request.inputs.shape[0] + m if last else None))
             if not last:
