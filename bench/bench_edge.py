@@ -4,12 +4,14 @@ No sockets, no HTTP parsing: what is measured is the app (middleware, routing, v
 
     python bench/bench_edge.py                      # every case, 2000 requests each
     python bench/bench_edge.py --cases completions-sse --requests 5000 --profile /tmp/edge.prof
+    python bench/bench_edge.py --server --concurrency 16     # through uvicorn: the server process's CPU per request
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import sys
 import tempfile
@@ -57,17 +59,18 @@ class FakeEngine:
     async def add_samples(self, request: Add) -> list[RequestStream]:
         stream = RequestStream(self, request.rid)
         self.streams[request.rid] = stream
+        put = stream.put if hasattr(stream, "put") else stream.queue.put_nowait  # (older RequestStreams)
         if request.sampling is None:  # an append: the outputs asked, one step's rows, then the finish
             n = request.inputs.shape[0]
             outputs = {k: _array(n, 260) for k in request.outputs}
-            stream.put(RequestOutput(request.rid, outputs=outputs, finish_reason="done", steps=n,
+            put(RequestOutput(request.rid, outputs=outputs, finish_reason="done", steps=n,
                                                   num_prompt=n))
             return [stream]
         m, loop = request.sampling.max_tokens, asyncio.get_running_loop()
 
         def step(i: int) -> None:  # one token per loop turn, as one engine step's outputs would come
             last = i == m - 1
-            stream.put(RequestOutput(request.rid, token_ids=[65 + i % 26],
+            put(RequestOutput(request.rid, token_ids=[65 + i % 26],
                                                   finish_reason="length" if last else None,
                                                   steps=request.inputs.shape[0] + m if last else None))
             if not last:
@@ -149,18 +152,30 @@ async def run_case(app, name: str, requests: int, profile: cProfile.Profile | No
     return seconds / requests * 1e6
 
 
-async def main_async(args) -> None:
+def fake_app(port: int = 8000):
+    """The frontend's app around FakeEngine, with a chat template; the Edge learns the model at startup."""
     app_module.EngineClient = FakeEngine
-    config = ServerConfig(host="127.0.0.1", port=8000, max_batch_sequences=1024)
+    config = ServerConfig(host="127.0.0.1", port=port, max_batch_sequences=1024)
     app = app_module.create_app(config, "ipc://unused", tempfile.mkdtemp(), tokenizer=ByteTokenizer())
     template = tempfile.mkdtemp()
     Path(template, "chat_template.jinja").write_text(
         "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    async with app.router.lifespan_context(app):
-        edge = app.state.edge
+    app_module._learn_model = _learn_at_once(template)
+    return app
+
+
+def _learn_at_once(template: str):
+    async def learn(edge) -> None:
         edge.engine.info.model_dir = template
         edge.welcome()
+    return learn
+
+
+async def main_async(args) -> None:
+    app = fake_app()
+    async with app.router.lifespan_context(app):
+        await asyncio.sleep(0)  # the lifespan's task learns the model
         for name in args.cases:
             runs = [await run_case(app, name, args.requests, None) for _ in range(args.repeats)]
             # Python function calls per request: a count that other load on the machine does not change
@@ -177,19 +192,100 @@ async def main_async(args) -> None:
             pstats.Stats(args.profile).sort_stats("cumulative").print_stats(45)
 
 
+def serve_child(port: int, access_log: bool) -> None:
+    import uvicorn
+    uvicorn.run(fake_app(port), host="127.0.0.1", port=port, log_level="info" if access_log else "warning",
+                access_log=access_log)
+
+
+async def client(port: int, raw: bytes, count: int, is_stream: bool) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(count):
+        writer.write(raw)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.decode())
+        if is_stream:  # chunked: read to the last chunk
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        else:
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+    writer.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_server(args) -> None:
+    """CPU seconds of the uvicorn process per request, HTTP parsing and socket writes included."""
+    import multiprocessing
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    child = multiprocessing.get_context("spawn").Process(target=serve_child, args=(port, args.access_log))
+    child.start()
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port)).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        time.sleep(0.5)
+        for name in args.cases:
+            path, body = CASES[name]
+            data = orjson.dumps(body)
+            raw = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                   f"content-length: {len(data)}\r\n\r\n").encode() + data
+            per_client = max(1, args.requests // args.concurrency)
+            is_stream = bool(body.get("stream"))
+            asyncio.run(client(port, raw, 50, is_stream))  # warm up
+            runs = []
+            for _ in range(args.repeats):
+                before, start = cpu_seconds(child.pid), time.perf_counter()
+
+                async def clients():
+                    await asyncio.gather(*(client(port, raw, per_client, is_stream)
+                                           for _ in range(args.concurrency)))
+                asyncio.run(clients())
+                n = per_client * args.concurrency
+                runs.append(((cpu_seconds(child.pid) - before) / n * 1e6, n / (time.perf_counter() - start)))
+            best = min(runs)
+            print(f"{name:<18} {best[0]:8.1f} us/request server CPU (best of {args.repeats}; all: "
+                  f"{' '.join(f'{r[0]:.0f}' for r in runs)}), {best[1]:7.0f} requests/s at c={args.concurrency}",
+                  flush=True)
+    finally:
+        child.terminate()
+        child.join()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", default=None, help="write cProfile stats of the measured requests here")
+    p.add_argument("--server", action="store_true", help="through uvicorn in a child process (its CPU per request)")
+    p.add_argument("--concurrency", type=int, default=16, help="with --server: keep-alive connections")
+    p.add_argument("--access-log", action="store_true", help="with --server: uvicorn's access log on, as in serve")
     args = p.parse_args()
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main_async(args))
+    if args.server:
+        run_server(args)
+    else:
+        asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
