@@ -14,7 +14,7 @@ from server.api.logprobs import completion_logprobs, prompt_entries, text_offset
 from server.api.openapi import body, errors
 from server.api.requests import Finish, Token
 from server.api.responses import JSON, Chunks, sse, sse_response
-from server.api.validation import loads, parse
+from server.api.validation import parse_body
 
 router = APIRouter()
 
@@ -41,7 +41,7 @@ async def model(model_id: str, request: Request):
 @router.post("/v1/completions", openapi_extra=body(schemas.CompletionRequest), responses=errors(404, 413, 422, 429))
 async def completions(request: Request):
     edge = request.app.state.edge
-    req = parse(schemas.CompletionRequest, loads(await request.body()))
+    req = parse_body(schemas.CompletionRequest, await request.body())
     check_model(edge, req.model)
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (only best_of equal to n, which returns every sample)",
