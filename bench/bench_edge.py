@@ -102,6 +102,7 @@ CASES = {
                                           "temperature": 0, "stream": True}),
     "append": ("/v1/sessions/s1/append", {"input_ids": list(range(16)), "outputs": []}),
     "completions-1tok": ("/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "temperature": 0}),
+    "ws-append": ("/v1/stream", None),  # appends of 16 ids over one websocket, 100 frames pipelined
 }
 
 
@@ -134,7 +135,49 @@ async def call(app, path: str, body: bytes) -> tuple[int, int]:
     return got["status"], got["n"]
 
 
+async def websocket(app, frames: list[str]) -> int:
+    """One /v1/stream connection that sends every frame at once (pipelined) and then closes; returns the frames
+    answered."""
+    scope = {"type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "scheme": "ws", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "root_path": "",
+             "path": "/v1/stream", "raw_path": b"/v1/stream", "query_string": b"", "headers": [], "subprotocols": [],
+             "state": {}}
+    incoming = [{"type": "websocket.connect"}] + [{"type": "websocket.receive", "text": f} for f in frames]
+    incoming.append({"type": "websocket.receive", "text": '{"type": "close"}'})
+    incoming.reverse()
+    answered = 0
+
+    async def receive():
+        if incoming:
+            return incoming.pop()
+        await asyncio.get_running_loop().create_future()
+
+    async def send(message):
+        nonlocal answered
+        answered += message["type"] == "websocket.send"
+
+    await app(scope, receive, send)
+    return answered
+
+
+WS_FRAMES = ['{"type": "open"}'] + [orjson.dumps({"type": "append", "input_ids": list(range(16)), "outputs": []}
+                                                  ).decode()] * 100
+
+
 async def run_case(app, name: str, requests: int, profile: cProfile.Profile | None) -> float:
+    if name == "ws-append":  # per frame, 100 appends a connection
+        connections = max(1, requests // 100)
+        await websocket(app, WS_FRAMES)
+        if profile is not None:
+            profile.enable()
+        start = time.process_time()
+        for _ in range(connections):
+            if await websocket(app, WS_FRAMES) != len(WS_FRAMES):
+                raise RuntimeError("ws-append: frames unanswered")
+        seconds = time.process_time() - start
+        if profile is not None:
+            profile.disable()
+        return seconds / (connections * 100) * 1e6
     path, body = CASES[name]
     raw = orjson.dumps(body)
     for _ in range(200):  # warm up
@@ -242,6 +285,8 @@ def run_server(args) -> None:
         time.sleep(0.5)
         for name in args.cases:
             path, body = CASES[name]
+            if body is None:
+                continue  # (websocket cases run in process only)
             data = orjson.dumps(body)
             raw = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                    f"content-length: {len(data)}\r\n\r\n").encode() + data

@@ -196,5 +196,10 @@ class FastAppendRequest(msgspec.Struct, forbid_unknown_fields=True):
     seq: Annotated[int, msgspec.Meta(ge=0, le=_I64)] | None = None
 
 
+class FastWSAppend(FastAppendRequest, forbid_unknown_fields=True, kw_only=True):
+    type: Literal["append"]
+    binary: bool = False
+
+
 FAST_DECODERS = {CompletionRequest: msgspec.json.Decoder(FastCompletionRequest),
-                 AppendRequest: msgspec.json.Decoder(FastAppendRequest)}
+                 AppendRequest: msgspec.json.Decoder(FastAppendRequest), WSAppend: msgspec.json.Decoder(FastWSAppend)}

@@ -14,15 +14,16 @@ from server.api.validation import loads, parse, parse_body
 
 INF = "__1e999__"  # JSON's 1e999 (no encoder writes it): replaced in the dumped text
 ODD = [None, True, False, 0, 1, -1, 2, 5, 6, 16, -3, 0.5, 1.0, INF, 2**63, 2**63 - 1, -2**63 - 1, 101,
-       "", "5", "x", [], [1, 2], [True], ["a", "b"], [[1, 2], [3]], [1.5], {}, {"include_usage": True},
-       {"include_usage": 1}, {"7": 1.5}, {"7": 101}, {"7": True}, {"7": INF}, ["logits"], ["bogus"], [[0.5, 1.0]],
-       [[INF]]]
+       "", "5", "x", "append", "open", [], [1, 2], [True], ["a", "b"], [[1, 2], [3]], [1.5], {},
+       {"include_usage": True}, {"include_usage": 1}, {"7": 1.5}, {"7": 101}, {"7": True}, {"7": INF}, ["logits"],
+       ["bogus"], [[0.5, 1.0]], [[INF]]]
 FIELDS = {
     schemas.CompletionRequest: ["prompt", "model", "max_tokens", "n", "best_of", "echo", "logprobs", "suffix",
                                 "stream_options", "user", "temperature", "top_p", "top_k", "seed", "stop",
                                 "stop_token_ids", "ignore_eos", "stream", "logit_bias", "repetition_penalty",
                                 "presence_penalty", "frequency_penalty", "min_tokens", "unknown"],
     schemas.AppendRequest: ["input_ids", "inputs", "text", "outputs", "seq", "unknown"],
+    schemas.WSAppend: ["type", "binary", "input_ids", "inputs", "text", "outputs", "seq", "unknown"],
 }
 
 
@@ -56,7 +57,8 @@ def assert_same(model_cls, raw: bytes) -> None:
 @pytest.mark.parametrize("model_cls", list(FIELDS))
 def test_a_mirror_refuses_what_its_model_refuses_and_agrees_on_the_rest(model_cls):
     rng = random.Random(0)
-    required = {"prompt": [1, 2, 3]} if model_cls is schemas.CompletionRequest else {}
+    required = {schemas.CompletionRequest: {"prompt": [1, 2, 3]},
+                schemas.WSAppend: {"type": "append"}}.get(model_cls, {})
     for name in FIELDS[model_cls]:
         for value in ODD:
             assert_same(model_cls, dumps({**required, name: value}))
