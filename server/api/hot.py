@@ -21,7 +21,6 @@ class HotRoutes:
 
     def __init__(self, app, fastapi_app: FastAPI):
         self.app = app
-        self.fastapi_app = fastapi_app
         self.exact: dict[str, Route] = {}  # path -> route, for routes without path parameters
         self.patterned: list[Route] = []
         # the routers' own routes (FastAPI's app.routes holds included routers, not their routes)
