@@ -26,6 +26,8 @@ class HotRoutes:
         # the routers' own routes (FastAPI's app.routes holds included routers, not their routes)
         for route in (r for router in (openai.router, chat.router, sessions.router) for r in router.routes):
             if getattr(route, "endpoint", None) in HOT_ENDPOINTS and route.methods == {"POST"}:
+                if route.dependencies or route.response_model is not None:  # FastAPI's machinery, skipped here
+                    raise ValueError(f"hot route {route.path} declares dependencies or a response model")
                 if route.param_convertors:
                     self.patterned.append(route)
                 else:

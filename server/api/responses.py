@@ -87,7 +87,8 @@ class EventStream(Response):
         except asyncio.CancelledError:
             if not is_gone:
                 raise
-            task.uncancel()  # our own cancel, for the disconnect: the answer simply ends
+            if hasattr(task, "uncancel"):  # (Python 3.11+ counts cancels) ours, for the disconnect: the answer ends
+                task.uncancel()
         finally:
             watcher.cancel()
             await self.events.aclose()
