@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -270,14 +271,23 @@ def replica_benchmarks(redis_url: str, tmp: Path, cpus_per_replica: int, session
                 pool.starmap(_client_process, [(url, per_worker, appends, chunk, client_cpus)] * workers)
                 return workers * per_worker * appends * chunk / (time.perf_counter() - t0)
 
+        def owners() -> dict[str, str | None]:
+            listing = httpx.get(replicas[0].url + "/v1/sessions", timeout=60).json()["data"]
+            return {entry["id"]: entry.get("owner") for entry in listing}
+
         for label, upstreams in (("one", replicas[:1]), ("two", replicas)):
             proxy = NginxProxy([f"127.0.0.1:{r.port}" for r in upstreams])
             try:
                 run(proxy.url)  # warm: compiles, first sessions
+                before = owners()
                 results[f"{label}_replica_steps_per_s"] = round(run(proxy.url))
+                # how the proxy's hash spread this run's sessions (a lease names its replica while it lives)
+                split = Counter(o for sid, o in owners().items() if sid not in before)
+                results[f"{label}_replica_sessions_by_owner"] = dict(sorted(split.items(), key=str))
             finally:
                 proxy.stop()
-            print(label, results[f"{label}_replica_steps_per_s"], flush=True)
+            print(label, results[f"{label}_replica_steps_per_s"], results[f"{label}_replica_sessions_by_owner"],
+                  flush=True)
         results["ratio"] = round(results["two_replica_steps_per_s"] / results["one_replica_steps_per_s"], 2)
     finally:
         for r in replicas:
