@@ -1,0 +1,183 @@
+"""The engine thread's host time per step outside the model call, on the CPU: EngineCore with the real ModelRunner
+(pack, sampler, result building) around a stub model that returns prebuilt logits at once, so every microsecond
+measured is Python on the engine thread: scheduling, the runner's host side, sampling (greedy, plain argmax),
+postprocess (per-token bookkeeping, stop checks, outputs), take_outputs and the msgpack encode of each frontend's
+message.
+
+  decode: N streams all decoding (48-token prompts run first, unmeasured; max_tokens never reached).
+  churn:  N streams of 32 greedy tokens after a 48-token prompt; each finished request is replaced at once (the
+          H200 load: 256 concurrent completions), so steps mix decodes, prefills, finishes and admissions.
+
+Reported per step: `host` (all but the model call), `runner` (its host part: pack, sample, StepResult), `engine`
+(host minus runner: schedule, postprocess, take_outputs, encode), and host µs per generated token.
+
+    python bench/bench_engine_host.py [--streams 256 512] [--steps 400] [--profile]
+
+Results on the 2-core dev VM (median of 5 runs, µs; before = main at 3c7f60a):
+  (filled in below by the commit that changes the engine)
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.config import InfoMambaConfig  # noqa: E402
+from model.infomamba import InfoMamba, ModelOutput  # noqa: E402
+from server.config import ServerConfig  # noqa: E402
+from server.engine.core import EngineCore  # noqa: E402
+from server.engine.protocol import Add, Array, Sampling, output_encoder  # noqa: E402
+from server.engine.runner import ModelRunner  # noqa: E402
+
+VOCAB = 260
+PROMPT = 48
+NUM_CLIENTS = 2  # frontends
+
+
+class StubModel:
+    """Stands in for the model in ModelRunner.run: prebuilt logits, the time it took counted apart."""
+
+    def __init__(self, model: InfoMamba, max_rows: int):
+        self.config, self.device = model.config, model.device
+        rows = torch.arange(max_rows)
+        self.logits = torch.zeros(max_rows, VOCAB)
+        self.logits[rows, 1 + rows % (VOCAB - 1)] = 1.0  # never token 0; no eos (no tokenizer)
+        self.seconds = 0.0
+
+    def __call__(self, inputs, state, **_):
+        t0 = time.perf_counter()
+        out = ModelOutput(hidden=None, head=self.logits[:inputs.shape[0]])
+        self.seconds += time.perf_counter() - t0
+        return out, None
+
+
+class TimedRunner:
+    def __init__(self, runner: ModelRunner):
+        self.runner, self.seconds = runner, 0.0
+        self.graphs = None
+
+    def run(self, batch):
+        t0 = time.perf_counter()
+        try:
+            return self.runner.run(batch)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def make_core(num_streams: int, state_dir: str) -> tuple[EngineCore, StubModel, TimedRunner]:
+    torch.manual_seed(0)
+    model = InfoMamba(InfoMambaConfig(d_model=32, n_layers=2, vocab_size=VOCAB, n_concepts=4, d_state=8,
+                                      name="tiny-lm")).eval()
+    budget = max(2048, num_streams)
+    config = ServerConfig(max_num_streams=num_streams, max_num_batched_tokens=budget, max_num_prefill_tokens=budget,
+                          max_queue=10 * num_streams)
+    core = EngineCore(model, None, config, state_dir, runner=object())
+    core._fail = _no_failures
+    stub = StubModel(model, budget)
+    runner = ModelRunner(model, core.pool, cuda_graphs=False)
+    runner.model = stub
+    core.runner = timed = TimedRunner(runner)
+    return core, stub, timed
+
+
+def _no_failures(seq, error):
+    raise RuntimeError(f"a step failed: {error}")
+
+
+def add(core: EngineCore, i: int, max_tokens: int) -> None:
+    ids = np.arange(PROMPT, dtype=np.int64) % VOCAB
+    core.handle(Add(f"client{i % NUM_CLIENTS}", f"r{i}", Array.of(ids),
+                    sampling=Sampling(max_tokens=max_tokens, temperature=0)))
+
+
+def turn(core: EngineCore) -> tuple[int, int]:
+    """One engine turn as process.py runs it: run_once, then one encoded message per frontend. Returns the tokens
+    sent and the requests finished."""
+    num_tokens = num_finished = 0
+    for outputs in core.run_once(timeout=0).values():
+        output_encoder.encode(outputs)
+        num_tokens += _num_tokens(outputs)
+        num_finished += _num_finished(outputs)
+    return num_tokens, num_finished
+
+
+def _num_tokens(outputs) -> int:
+    return sum(len(o.token_ids) for o in outputs.outputs)
+
+
+def _num_finished(outputs) -> int:
+    return sum(o.finish_reason is not None for o in outputs.outputs)
+
+
+def run(num_streams: int, num_steps: int, churn: bool, profile: cProfile.Profile | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as state_dir:
+        core, stub, runner = make_core(num_streams, state_dir)
+        max_tokens = 32 if churn else 1_000_000
+        for i in range(num_streams):
+            add(core, i, max_tokens)
+        next_id = num_streams
+        warm = 2 * PROMPT if churn else 0
+        while (churn and warm) or (not churn and not all(s.is_decode for s in core.scheduler.running)) \
+                or core.scheduler.num_waiting:
+            _, done = turn(core)
+            for _ in range(done):
+                add(core, next_id, max_tokens)
+                next_id += 1
+            warm = max(0, warm - 1)
+        stub.seconds = runner.seconds = 0.0
+        num_tokens = 0
+        if profile is not None:
+            profile.enable()
+        t0 = time.perf_counter()
+        for _ in range(num_steps):
+            got, done = turn(core)
+            num_tokens += got
+            for _ in range(done):
+                add(core, next_id, max_tokens)
+                next_id += 1
+        total = time.perf_counter() - t0
+        if profile is not None:
+            profile.disable()
+        core.shutdown()
+    host = total - stub.seconds
+    return {"host_us": 1e6 * host / num_steps, "runner_us": 1e6 * (runner.seconds - stub.seconds) / num_steps,
+            "engine_us": 1e6 * (host - runner.seconds + stub.seconds) / num_steps,
+            "us_per_token": 1e6 * host / max(num_tokens, 1), "tokens_per_step": num_tokens / num_steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="cProfile one decode run per stream count")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"{'mode':>6} {'streams':>7} {'host µs/step':>13} {'runner':>8} {'engine':>8} {'µs/token':>9} "
+          f"{'tokens/step':>11}")
+    for churn in (False, True):
+        for n in args.streams:
+            runs = [run(n, args.steps, churn) for _ in range(args.repeats)]
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            print(f"{'churn' if churn else 'decode':>6} {n:>7} {med['host_us']:>13.0f} {med['runner_us']:>8.0f} "
+                  f"{med['engine_us']:>8.0f} {med['us_per_token']:>9.2f} {med['tokens_per_step']:>11.1f}",
+                  flush=True)
+    if args.profile:
+        for n in args.streams:
+            profile = cProfile.Profile()
+            run(n, args.steps, churn=True, profile=profile)
+            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
