@@ -376,13 +376,14 @@ class EngineCore:
         now = time.monotonic()
         self.scheduler.update_from_output(batch)
         # counters once per step, not once per token: they cost microseconds each, times hundreds of streams
-        self.metrics.prompt_steps.inc(sum(c.num_tokens for c in batch.chunks if not c.is_decode))
+        self.metrics.prompt_steps.inc(sum(c.num_tokens for c in batch.chunks[batch.num_decodes:]))
         self.metrics.generation_steps.inc(len(result.sampled))
         last_logits, outputs, sampled = result.last_logits, result.outputs, result.sampled
         prompt_logprobs, logprobs = result.prompt_logprobs, result.logprobs
+        finished, on_token = SeqStatus.FINISHED, self._on_token  # this loop runs once per stream per step
         for chunk in batch.chunks:
             seq = chunk.seq
-            if seq.status is SeqStatus.FINISHED:
+            if seq.status is finished:
                 continue
             if last_logits and seq.id in last_logits:
                 seq.initial_logits = last_logits[seq.id]
@@ -403,7 +404,7 @@ class EngineCore:
                     self._fork(seq)
             token = sampled.get(seq.id)
             if token is not None:
-                self._on_token(seq, token, now, logprobs.get(seq.id) if logprobs else None)
+                on_token(seq, token, now, logprobs.get(seq.id) if logprobs else None)
             elif seq.num_pending == 0:
                 self._finish(seq, seq.finish_reason or "done")
 

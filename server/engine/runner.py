@@ -73,7 +73,7 @@ class ModelRunner:
             rows = (out.head[:len(sample_rows)] if sample_rows[-1] == len(sample_rows) - 1
                     else out.head[torch.tensor(sample_rows, device=out.head.device)])
             tokens, logprobs = sample(rows, sample_seqs)
-            result.sampled = dict(zip((seq.id for seq in sample_seqs), tokens))
+            result.sampled = dict(zip([seq.id for seq in sample_seqs], tokens))
             if logprobs:
                 result.logprobs = {sample_seqs[row].id: found for row, found in logprobs.items()}
         return result

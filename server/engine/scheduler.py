@@ -33,11 +33,11 @@ class ScheduledChunk(msgspec.Struct, gc=False):
 @dataclass(slots=True)
 class ScheduledBatch:
     chunks: list[ScheduledChunk]
-    num_decodes: int = 0  # the first num_decodes chunks are decode steps, and no other is
+    num_decodes: int  # the first num_decodes chunks are decode steps, and no other is
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return self.num_decodes + sum(c.num_tokens for c in self.chunks[self.num_decodes:])
 
 
 class Scheduler:
@@ -112,15 +112,15 @@ class Scheduler:
 
     def update_from_output(self, batch: ScheduledBatch) -> None:
         """What a step did to each stream's position: its chunk's inputs are fed, its pending token consumed."""
-        for chunk in batch.chunks:
+        finished = SeqStatus.FINISHED
+        for chunk in batch.chunks[:batch.num_decodes]:
             seq = chunk.seq
-            if seq.status is SeqStatus.FINISHED:
-                continue
-            if chunk.is_decode:
+            if seq.status is not finished:
                 seq.pending_token = None
                 seq.num_decoded += 1
-            else:
-                seq.num_fed += chunk.num_tokens
+        for chunk in batch.chunks[batch.num_decodes:]:
+            if chunk.seq.status is not finished:
+                chunk.seq.num_fed += chunk.num_tokens
 
     def schedule(self) -> ScheduledBatch | None:
         self._admit()
