@@ -14,8 +14,18 @@ engine thread's CPU time (time.thread_time), so a busy neighbour on the machine 
 
     python bench/bench_engine_host.py [--streams 256 512] [--steps 400] [--profile]
 
-Results on the 2-core dev VM (the best of 5 runs, µs; before = main at 3c7f60a):
-  (filled in below by the commit that changes the engine)
+Results on the 2-core dev VM, shared with other work (the best of 5 runs, then the better of two sessions; runs vary
+by up to 1.5x, so read the engine column's 2-3x, not the digits). µs per step, and host µs per generated token:
+
+                    before (main at 3c7f60a)          after (wt-post)
+  mode    streams   host  runner  engine  µs/tok      host  runner  engine  µs/tok
+  decode      256   1153     396     758    4.51       668     369     299    2.61
+  decode      512   2719     780    1939    5.31      1200     639     561    2.34
+  churn       256   2026     611    1414    7.91      1426     764     662    5.57
+  churn       512   5051    1616    3436    9.87      2518    1268    1250    4.92
+
+The runner's host part after the model launch overlaps the GPU's work on a GPU; `engine` (and the runner's pack,
+before the launch) is what the GPU waits for.
 """
 from __future__ import annotations
 
