@@ -174,7 +174,7 @@ class EngineClient:
             if step.welcome is not None:
                 self.info = step.welcome
                 self.ready.set()
-            for out in step.outputs:
+            for out in step.request_outputs():
                 stream = self.streams.get(out.rid)
                 if stream is not None:
                     stream.put(out)
