@@ -200,7 +200,8 @@ def describe_arm(arm: dict) -> str:
 
 
 def md_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * left + ["---:"] * (len(header) - left)) + " |"]
+    align = ["---"] * left + ["---:"] * (len(header) - left)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
@@ -254,7 +255,8 @@ def model_card(release: dict) -> str:
         ["training", f"{train['steps']} steps of {s['batch_size']} x {s['seq_len']} bytes, stateful, "
                      f"{train['tokens_seen']:,} tokens, {train['train_seconds']:.0f} s on {train['device']}"],
         ["clean held-out, streamed", f"{f3(evals.get(CLEAN, {}).get('bpb'))} bits per byte"],
-        [f"clean held-out, in {s['seq_len']}-byte windows", f"{f3(evals.get(CLEAN + WINDOWS_SUFFIX, {}).get('bpb'))} bits per byte"],
+        [f"clean held-out, in {s['seq_len']}-byte windows",
+         f"{f3(evals.get(CLEAN + WINDOWS_SUFFIX, {}).get('bpb'))} bits per byte"],
         ["third-party code, streamed", f"{f3(evals.get(THIRD, {}).get('bpb'))} bits per byte"],
     ], left=2)
 
@@ -334,8 +336,8 @@ def model_card(release: dict) -> str:
     lines += ["", "## Corpus, held-out split and evaluation sets", "",
               f"Training corpus: every `*.py` file of the standard library at `{held['root']}` (Python "
               f"{release['python']}), `site-packages` skipped, sorted by relative path; "
-              f"{corpus['num_train_files']} training files, {corpus['num_train_tokens']:,} tokens (bytes plus one end-of-file token per "
-              "file). A file is held out when `int(sha256(relative_path)[:8], 16) % 1000 < 20` "
+              f"{corpus['num_train_files']} training files, {corpus['num_train_tokens']:,} tokens (bytes plus one "
+              "end-of-file token per file). A file is held out when `int(sha256(relative_path)[:8], 16) % 1000 < 20` "
               "(`model/training/corpus.py`).", "",
               f"Held-out files are split by `model/training/near_duplicates.py`: a file is a near-duplicate when "
               f"{held['near_duplicate_threshold']:.0%} or more of its lines (16+ characters) appear verbatim in "
@@ -353,10 +355,11 @@ def model_card(release: dict) -> str:
               "Whole files in consecutive windows with the state carried and detached between them (truncated "
               "backpropagation through time), reset where a file starts; each lane of the batch reads its own file. "
               f"AdamW, lr {train_args['lr']}, {train_args['warmup_steps']} warm-up steps then cosine to "
-              f"{train_args['min_lr_ratio']:.0%}; bf16 autocast with the scan and the concept filter in fp32; IMF redundancy weight "
-              f"{s['imf_weight']} (training only; k = 0 has no IMF branch). Seed {s['seed']}, the same for both "
-              "candidates, which therefore read the same files in the same order. Both trained at once as two "
-              f"processes sharing one {release['device']}; this model's training loop took {train['train_seconds']:.0f} s.",
+              f"{train_args['min_lr_ratio']:.0%}; on a GPU bf16 autocast, with the scan and the concept filter in "
+              f"fp32; IMF redundancy weight {s['imf_weight']} (training only; k = 0 has no IMF branch). Seed "
+              f"{s['seed']}, the same for both candidates, which therefore read the same files in the same order. "
+              f"Both trained at once as two processes sharing one {release['device']}; this model's training loop took "
+              f"{train['train_seconds']:.0f} s.",
               "",
               "```", release["command"], "```", "",
               "which ran, for this model:", "", "```", win["train_command"], "```"]
@@ -394,6 +397,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.work_dir is None:
         args.work_dir = tempfile.mkdtemp(prefix="train_release-")
     groups, held_info, third_info = compare_arms.eval_groups(args)
+    if not groups[THIRD]:
+        print("train_release: WARNING: no third-party code found (install --third-party-packages or pass "
+              "--third-party DIR): the unseen-code check cannot be made", flush=True)
     if args.budget_check:
         return compare_arms.budget_check(arms, args, EVAL_RESERVE_SECONDS)
     out, work = Path(args.out), Path(args.work_dir)
