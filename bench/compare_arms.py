@@ -67,7 +67,8 @@ from model.training.near_duplicates import NEAR_DUPLICATE_OVERLAP, line_overlap,
 
 THIRD_PARTY_PACKAGES = ("fastapi", "starlette", "httpx", "pydantic")
 CLEAN, NEAR, THIRD = "held_out_clean", "held_out_near_duplicates", "third_party"
-CLEAN_WINDOWS = "held_out_clean_windows"  # the clean files in --seq-len windows, each from an empty state
+WINDOWS_SUFFIX = "_windows"  # a group's files again in --seq-len windows, each from an empty state
+CLEAN_WINDOWS = CLEAN + WINDOWS_SUFFIX
 K0_ARM = "k0-matched"
 PARAM_TOLERANCE = 0.03
 # --budget-check's calibration (see the docstring): H100 effective bandwidth and per-op floor fitted to the bundled
@@ -216,8 +217,9 @@ def run_one(plan_path: str) -> None:
     model = load_model(plan["out"], device=plan["device"])
     evals, errors = {}, {}
     passes = [(label, paths, None) for label, paths in plan["groups"].items()]
-    if plan["windows"]:  # the clean files again, the state emptied every window: the streaming gap
-        passes.append((CLEAN_WINDOWS, plan["groups"][CLEAN], plan["windows"]))
+    if plan["windows"]:  # the same files again, the state emptied every window: the streaming gap
+        passes += [(group + WINDOWS_SUFFIX, plan["groups"][group], plan["windows"])
+                   for group in plan.get("window_groups", [CLEAN])]
     for label, paths, reset_every in passes:
         if not paths:
             continue
@@ -243,8 +245,9 @@ def run_one(plan_path: str) -> None:
 # -- the parent: launch, watch, summarize -----------------------------------------------------------------------------
 
 
-def train_argv(arm: Arm, seed: int, out: Path, args: argparse.Namespace) -> list[str]:
-    argv = ["--out", str(out), "--name", f"{arm.name}-s{seed}", "--d-model", str(arm.d_model),
+def train_argv(arm: Arm, seed: int, out: Path, args: argparse.Namespace, name: str | None = None) -> list[str]:
+    """train.py's arguments for one run; name: the model's name in its config (default: the run's name)."""
+    argv = ["--out", str(out), "--name", name or f"{arm.name}-s{seed}", "--d-model", str(arm.d_model),
             "--n-layers", str(arm.n_layers), "--n-concepts", str(arm.n_concepts), "--d-state", str(args.d_state),
             "--concept-decay", arm.concept_decay, "--imf-weight", str(arm.imf_weight), "--stateful",
             "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
@@ -458,7 +461,8 @@ def step_cost(arm: Arm, args: argparse.Namespace) -> tuple[float, int]:
     return count.bytes / args.seq_len, count.ops
 
 
-def budget_check(arms: list[Arm], args: argparse.Namespace) -> dict:
+def budget_check(arms: list[Arm], args: argparse.Namespace, eval_reserve_s: float = EVAL_RESERVE_SECONDS) -> dict:
+    """Print and return the wall-time estimate of args.seeds runs of each arm, all sharing one GPU."""
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     tokens = args.batch_size * args.seq_len
     rows, train_s = [], 0.0
@@ -469,9 +473,9 @@ def budget_check(arms: list[Arm], args: argparse.Namespace) -> dict:
         rows.append({"arm": arm.name, "bytes_per_token": per_token, "ops_per_step": ops, "step_s": step_s})
         print(f"{arm.name}: {per_token / 1e6:.1f} MB moved per token, {ops} ops per step -> {1e3 * step_s:.1f} ms "
               f"per step of {tokens} tokens (all processes' steps add up)", flush=True)
-    total = STARTUP_SECONDS + train_s + EVAL_RESERVE_SECONDS
+    total = STARTUP_SECONDS + train_s + eval_reserve_s
     print(f"estimate on an H200: {args.seeds * len(arms)} runs x {args.steps} steps: training {train_s:.0f}s + "
-          f"startup {STARTUP_SECONDS}s + evaluation reserve {EVAL_RESERVE_SECONDS}s = {total:.0f}s "
+          f"startup {STARTUP_SECONDS}s + evaluation reserve {eval_reserve_s:.0f}s = {total:.0f}s "
           f"({total / 60:.1f} min); deadline {args.deadline_s:.0f}s; per-process memory about "
           f"{1.3 * tokens / 1024:.1f} GB (fp32 scan tensors)", flush=True)
     return {"arms": rows, "train_s": train_s, "total_s": total}
@@ -484,12 +488,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "compare_arms"),
                    help="results: compare_arms.json, compare_arms.md (the tables) and logs.txt (three files)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arms", default=None, help="comma-separated subset of the arm names (default: all four)")
+    p.add_argument("--no-windows", action="store_true",
+                   help="skip scoring the clean held-out files in --seq-len windows from an empty state")
+    add_run_args(p, GPU, TINY)
+    p.add_argument("--run-one", nargs="+", default=None, help=argparse.SUPPRESS)
+    return finish_args(p.parse_args(argv), GPU, TINY)
+
+
+def add_run_args(p: argparse.ArgumentParser, gpu: dict, tiny: dict) -> None:
+    """The options of a plan of runs (sizes, training, evaluation sets, launch); `gpu` and `tiny` are the defaults
+    of a GPU run and of --tiny, keyed as GPU and TINY (finish_args fills them in)."""
     p.add_argument("--work-dir", default=None,
                    help="the runs' directories (models, metrics, logs); default: a new temporary directory")
     p.add_argument("--tiny", action="store_true", help="toy sizes, few steps, the CPU: a smoke run")
     p.add_argument("--budget-check", action="store_true", help="print a wall-time estimate, launch nothing")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--arms", default=None, help="comma-separated subset of the arm names (default: all four)")
     p.add_argument("--k0-match", choices=("width", "layers"), default="width")
     p.add_argument("--imf-weight", type=float, default=0.01, help="the IMF penalty's weight where it is on")
     p.add_argument("--warmup-steps", type=int, default=None)
@@ -502,18 +516,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--third-party-packages", default=",".join(THIRD_PARTY_PACKAGES))
     p.add_argument("--chunk-len", type=int, default=4096, help="streaming chunk of the evaluation")
     p.add_argument("--eval-batch-size", type=int, default=8, help="documents streamed side by side")
-    p.add_argument("--no-windows", action="store_true",
-                   help="skip scoring the clean held-out files in --seq-len windows from an empty state")
     p.add_argument("--progress-s", type=float, default=30.0)
     p.add_argument("--device", default=None)
-    for key, value in GPU.items():
+    for key, value in gpu.items():
         if key != "eval_max_tokens":
             p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
-                           help=f"default {value} (--tiny: {TINY[key]})")
+                           help=f"default {value} (--tiny: {tiny[key]})")
     p.add_argument("--eval-max-tokens", type=int, default=None, help="score only each document's first tokens")
-    p.add_argument("--run-one", nargs="+", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else GPU).items():
+
+
+def finish_args(args: argparse.Namespace, gpu: dict, tiny: dict) -> argparse.Namespace:
+    for key, value in (tiny if args.tiny else gpu).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.device is None:
@@ -542,22 +555,17 @@ SETTINGS = ("work_dir", "steps", "batch_size", "seq_len", "seeds", "d_state", "k
             "stop_after_minutes", "tiny")
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    args = parse_args(argv)
-    if args.run_one:
-        for plan in args.run_one:
-            run_one(plan)
-        return None
-    t0 = time.time()
-    arms = build_arms(args)
+def print_arms(arms: list[Arm]) -> None:
+    reference = next((a for a in arms if a.n_concepts), arms[0])  # the first arm with concepts
     for arm in arms:
         print(f"{arm.name}: d_model {arm.d_model}, {arm.n_layers} layers, k {arm.n_concepts}, decay "
               f"{arm.concept_decay}, imf {arm.imf_weight}: {arm.num_params:,} params "
-              f"({arm.num_params / arms[1].num_params - 1:+.1%} vs {arms[1].name})", flush=True)
-    if args.arms:
-        arms = [a for a in arms if a.name in args.arms.split(",")]
-    if args.work_dir is None:
-        args.work_dir = tempfile.mkdtemp(prefix="compare_arms-")
+              f"({arm.num_params / reference.num_params - 1:+.1%} vs {reference.name})", flush=True)
+
+
+def eval_groups(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict, list[dict]]:
+    """(groups: label -> file paths, the held-out split's description, the third-party sources' descriptions);
+    with --tiny and no --corpus-root, first a copy of a few stdlib files in the work directory."""
     if args.tiny and args.corpus_root is None:
         args.corpus_root, args.max_files = tiny_corpus(Path(args.work_dir) / "tiny_corpus", args.max_files)
     groups, held_info = held_out_groups(args.corpus_root, args.max_files)
@@ -568,35 +576,78 @@ def main(argv: list[str] | None = None) -> dict | None:
     held_bytes = {label: sum(Path(f).stat().st_size for f in files) for label, files in groups.items()}
     print(f"held out: {len(groups[CLEAN])} clean files ({held_bytes[CLEAN]:,} bytes), {len(groups[NEAR])} "
           f"near-duplicates ({held_bytes[NEAR]:,} bytes); third party: {sources}", flush=True)
-    if args.budget_check:
-        return budget_check(arms, args)
-    out, work = Path(args.out), Path(args.work_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    return groups, held_info, third_info
+
+
+def set_stop_after(args: argparse.Namespace, t0: float, eval_reserve_s: float = EVAL_RESERVE_SECONDS) -> None:
+    """train.py's --stop-after-minutes from --deadline-s: training stops in time for the evaluations."""
     if args.deadline_s:
         elapsed = time.time() - t0
-        args.stop_after_minutes = max(1.0, (args.deadline_s - elapsed - STARTUP_SECONDS - EVAL_RESERVE_SECONDS) / 60)
+        args.stop_after_minutes = max(1.0, (args.deadline_s - elapsed - STARTUP_SECONDS - eval_reserve_s) / 60)
     else:
         args.stop_after_minutes = None
+
+
+def write_plans(arms: list[Arm], seeds: list[int], groups: dict[str, list[str]], args: argparse.Namespace,
+                window_groups: tuple[str, ...] = (CLEAN,), name: str | None = None) -> list[dict]:
+    """One directory and plan.json per arm x seed under --work-dir (run_one reads it); window_groups: the groups
+    also scored in --seq-len windows (none with --no-windows); name: every model's config name."""
     runs = []
-    for seed in range(args.seeds):
+    for seed in seeds:
         for arm in arms:
-            name = f"{arm.name}-s{seed}"
-            run_dir = work / name
+            run = f"{arm.name}-s{seed}"
+            run_dir = Path(args.work_dir) / run
             run_dir.mkdir(parents=True, exist_ok=True)
-            plan = {"run": name, "arm": arm.name, "seed": seed, "out": str(run_dir), "device": args.device,
-                    "train_argv": train_argv(arm, seed, run_dir, args), "groups": groups,
+            plan = {"run": run, "arm": arm.name, "seed": seed, "out": str(run_dir), "device": args.device,
+                    "train_argv": train_argv(arm, seed, run_dir, args, name), "groups": groups,
                     "eval_max_tokens": args.eval_max_tokens, "chunk_len": args.chunk_len,
-                    "windows": None if args.no_windows else args.seq_len,
-                    "eval_batch_size": args.eval_batch_size}
+                    "windows": None if getattr(args, "no_windows", False) else args.seq_len,
+                    "window_groups": list(window_groups), "eval_batch_size": args.eval_batch_size}
             (run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
-            runs.append({"run": name, "plan": str(run_dir / "plan.json"), "log": str(run_dir / "log.txt")})
-    launch(runs, args, t0)
+            runs.append({"run": run, "plan": str(run_dir / "plan.json"), "log": str(run_dir / "log.txt")})
+    return runs
+
+
+def collect_records(runs: list[dict]) -> dict[str, list[dict]]:
+    """arm -> the eval.json records of its runs that finished."""
     records = {}
     for run in runs:
         path = Path(run["plan"]).parent / "eval.json"
         if path.exists():
             record = json.loads(path.read_text())
             records.setdefault(record["arm"], []).append(record)
+    return records
+
+
+def write_logs(path: Path, runs: list[dict], work: Path) -> None:
+    """Every run's log (and every shared process's) into one file."""
+    logs = sorted({run["log"] for run in runs} | {str(p) for p in work.glob("process-*.log")})
+    path.write_text("".join(f"== {log}\n{Path(log).read_text(errors='replace')}\n"
+                            for log in logs if Path(log).exists()))
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.run_one:
+        for plan in args.run_one:
+            run_one(plan)
+        return None
+    t0 = time.time()
+    arms = build_arms(args)
+    print_arms(arms)
+    if args.arms:
+        arms = [a for a in arms if a.name in args.arms.split(",")]
+    if args.work_dir is None:
+        args.work_dir = tempfile.mkdtemp(prefix="compare_arms-")
+    groups, held_info, third_info = eval_groups(args)
+    if args.budget_check:
+        return budget_check(arms, args)
+    out, work = Path(args.out), Path(args.work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_stop_after(args, t0)
+    runs = write_plans(arms, list(range(args.seeds)), groups, args)
+    launch(runs, args, t0)
+    records = collect_records(runs)
     summary = summarize(arms, records)
     lines = tables(arms, summary)
     result = {"arms": [asdict(a) for a in arms], "summary": summary, "runs": records,
@@ -607,9 +658,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "wall_seconds": round(time.time() - t0, 1),
               "command": "python bench/compare_arms.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     (out / "compare_arms.json").write_text(json.dumps(result, indent=2) + "\n")
-    logs = sorted({run["log"] for run in runs} | {str(p) for p in work.glob("process-*.log")})
-    (out / "logs.txt").write_text("".join(f"== {log}\n{Path(log).read_text(errors='replace')}\n"
-                                          for log in logs if Path(log).exists()))
+    write_logs(out / "logs.txt", runs, work)
     title = (f"# {args.seeds} seeds x {len(arms)} arms, {args.steps} steps of {args.batch_size} x {args.seq_len} "
              f"(stateful), on {result['device']}; wall {result['wall_seconds']:.0f}s")
     (out / "compare_arms.md").write_text(title + "\n\n" + "\n".join(lines) + "\n")
