@@ -3,23 +3,12 @@ as child processes on the CPU (train, then stream over the held-out split and th
 arm with three seeds and finite bits per byte. The GPU run is the lead's (bench/RESULTS.md)."""
 import json
 import math
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def load():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import compare_arms
-    finally:
-        sys.path.remove(str(BENCH))
-    return compare_arms
+from tests.bench.bench_module import load_bench
 
 
 def test_k0_arm_is_parameter_matched_at_the_default_sizes():
-    compare_arms = load()
+    compare_arms = load_bench("compare_arms")
     args = compare_arms.parse_args([])
     arms = compare_arms.build_arms(args)
     assert [a.name for a in arms] == ["k0-matched", "k16-none", "k16-learned", "k16-learned-imf0"]
@@ -30,7 +19,7 @@ def test_k0_arm_is_parameter_matched_at_the_default_sizes():
 
 
 def test_tiny_run_reports_every_arm_with_three_seeds(tmp_path, capsys):
-    compare_arms = load()
+    compare_arms = load_bench("compare_arms")
     out = tmp_path / "out"
     result = compare_arms.main(["--tiny", "--out", str(out), "--work-dir", str(tmp_path / "work")])
     # three files: what comes back from a device run is a few files, the models stay in the work directory

@@ -3,21 +3,9 @@ is the lower clean held-out bpb (a tie ships k = 0), and --out holds the winner'
 naming both candidates, and a release.json of finite numbers. The GPU run is the lead's."""
 import json
 import math
-import sys
-from pathlib import Path
 
 from model.weights import load_model
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def load():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import train_release
-    finally:
-        sys.path.remove(str(BENCH))
-    return train_release
+from tests.bench.bench_module import load_bench
 
 
 def finite(x) -> bool:
@@ -25,7 +13,7 @@ def finite(x) -> bool:
 
 
 def test_tiny_release_ships_the_winner_with_its_card(tmp_path):
-    train_release = load()
+    train_release = load_bench("train_release")
     out = tmp_path / "out"
     release = train_release.main(["--tiny", "--out", str(out), "--work-dir", str(tmp_path / "work")])
     assert sorted(p.name for p in out.iterdir()) == sorted(train_release.OUT_FILES)
@@ -67,7 +55,7 @@ def test_tiny_release_ships_the_winner_with_its_card(tmp_path):
 
 
 def test_a_tie_ships_k0_and_k_must_beat_it():
-    train_release = load()
+    train_release = load_bench("train_release")
 
     def records(k0, k4):
         return {"k0-matched": {"eval": {"held_out_clean": {"bpb": k0}}},
