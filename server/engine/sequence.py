@@ -134,6 +134,7 @@ class Sequence:
 
     @property
     def is_decode(self) -> bool:
+        # Scheduler.schedule inlines this test and num_pending's (it runs over every stream every step): keep them alike
         return self.num_fed >= self.num_prompt and self.pending_token is not None
 
     @property
