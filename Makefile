@@ -13,7 +13,7 @@ CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install lock clean
+.PHONY: serve test install lock clean image-check
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
+
+# Build the CPU image and smoke-test it (needs a Docker daemon; minutes cold). Not part of `test`: CI has no daemon.
+# Settings (base image, a local torch wheel, a proxy's CA) are env vars: see docker/image-check.sh.
+image-check:
+	docker/image-check.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

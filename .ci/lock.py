@@ -28,8 +28,10 @@ TOOLS = ("pip",)  # the image and the Makefile upgrade pip first: pin it too
 
 
 def roots(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:
-    project = tomllib.loads(pyproject.read_text())["project"]
-    names = list(project["dependencies"]) + list(TOOLS)
+    toml = tomllib.loads(pyproject.read_text())
+    project = toml["project"]
+    # the build backend too: the image's `pip install .` builds the project in an isolated env held to the lock
+    names = list(project["dependencies"]) + list(TOOLS) + list(toml["build-system"]["requires"])
     for extra in EXTRAS:
         names += project.get("optional-dependencies", {}).get(extra, [])
     return [Requirement(r) for r in names]

@@ -11,7 +11,11 @@ loopback; results in bench/RESULTS.md):
           and the append's latency, with a snapshot per answer (--snapshot-every 1, as before the log) and with
           the log; and a log record written through the store alone, beside a snapshot.
 
-    python bench/bench_scale.py [--quick] [--json OUT] [--only-log]
+  replicas: (--only-replicas) input steps/s of many sessions through nginx to one replica, then to two, each
+          replica pinned to its own --cpus-per-replica CPUs and the load generators (processes) to the rest, so a
+          second replica brings its own hardware, as it would on a second machine.
+
+    python bench/bench_scale.py [--quick] [--json OUT] [--only-log] [--only-replicas --cpus-per-replica 4]
 
 Needs redis-server and nginx (Debian packages) and the bundled model.
 """
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -222,6 +227,74 @@ def throughput(url: str, sessions: int, appends: int, chunk: int = 64) -> float:
     return sessions * appends * chunk / (time.perf_counter() - t0)
 
 
+def _client_process(url: str, sessions: int, appends: int, chunk: int, cpus: list[int]) -> None:
+    os.sched_setaffinity(0, (set(cpus) & os.sched_getaffinity(0)) or os.sched_getaffinity(0))
+    throughput(url, sessions, appends, chunk)
+
+
+def _pinned_replica(cpus: list[int], tmp: Path, label: str, args: list[str]) -> ServeProcess:
+    """A replica whose processes (frontends, engine) run on `cpus` only: they inherit this process's affinity."""
+    everything = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        return ServeProcess(MODEL_DIR, tmp / label, *args)
+    finally:
+        os.sched_setaffinity(0, everything)
+
+
+def replica_benchmarks(redis_url: str, tmp: Path, cpus_per_replica: int, sessions: int, appends: int,
+                       chunk: int = 64, device: str = "cpu") -> dict:
+    """One replica against two, both behind nginx, with the same clients; each replica on its own CPUs."""
+    import multiprocessing
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 * cpus_per_replica + 2:
+        raise SystemExit(f"--only-replicas needs at least {2 * cpus_per_replica + 2} CPUs, this machine has "
+                         f"{len(cpus)}: lower --cpus-per-replica")
+    client_cpus = cpus[2 * cpus_per_replica:]
+    common = ["--session-ttl", "3600", "--log-level", "error", "--state-store", redis_url, "--device", device,
+              "--max-num-streams", str(max(64, sessions)), "--max-num-batched-tokens", "2048"]
+    replicas = [_pinned_replica(cpus[i * cpus_per_replica:(i + 1) * cpus_per_replica], tmp, f"r{i}",
+                                [*common, "--replica-id", f"r{i}"]) for i in range(2)]
+    results = {"cpus_per_replica": cpus_per_replica, "client_cpus": len(client_cpus), "sessions": sessions,
+               "appends_per_session": appends, "chunk": chunk, "device": device}
+    try:
+        for r in replicas:
+            r.wait_ready(300)
+        workers = min(len(client_cpus), sessions)
+        per_worker = sessions // workers
+
+        def run(url: str) -> float:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(workers) as pool:
+                t0 = time.perf_counter()
+                pool.starmap(_client_process, [(url, per_worker, appends, chunk, client_cpus)] * workers)
+                return workers * per_worker * appends * chunk / (time.perf_counter() - t0)
+
+        def owners() -> dict[str, str | None]:
+            listing = httpx.get(replicas[0].url + "/v1/sessions", timeout=60).json()["data"]
+            return {entry["id"]: entry.get("owner") for entry in listing}
+
+        for label, upstreams in (("one", replicas[:1]), ("two", replicas)):
+            proxy = NginxProxy([f"127.0.0.1:{r.port}" for r in upstreams])
+            try:
+                run(proxy.url)  # warm: compiles, first sessions
+                before = owners()
+                results[f"{label}_replica_steps_per_s"] = round(run(proxy.url))
+                # how the proxy's hash spread this run's sessions (a lease names its replica while it lives)
+                split = Counter(o for sid, o in owners().items() if sid not in before)
+                results[f"{label}_replica_sessions_by_owner"] = dict(sorted(split.items(), key=str))
+            finally:
+                proxy.stop()
+            print(label, results[f"{label}_replica_steps_per_s"], results[f"{label}_replica_sessions_by_owner"],
+                  flush=True)
+        results["ratio"] = round(results["two_replica_steps_per_s"] / results["one_replica_steps_per_s"], 2)
+    finally:
+        for r in replicas:
+            r.kill_all()
+    return results
+
+
 def server_benchmarks(redis_url: str, n: int, tmp: Path) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per replica: two replicas, two cores
     common = ["--session-ttl", "3600", "--log-level", "error"]
@@ -274,12 +347,23 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--only-log", action="store_true", help="only the log's costs (bytes and latency per ack)")
+    parser.add_argument("--only-replicas", action="store_true", help="only one replica against two, CPUs pinned")
+    parser.add_argument("--cpus-per-replica", type=int, default=4)
+    parser.add_argument("--sessions", type=int, default=32, help="concurrent sessions for --only-replicas")
+    parser.add_argument("--device", default="cpu", help="the replicas' --device for --only-replicas")
     args = parser.parse_args()
     n = 50 if args.quick else 300
     redis = RedisServer()
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
         results = {"device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__}
+        if args.only_replicas:
+            results["replicas"] = replica_benchmarks(redis.url, tmp, args.cpus_per_replica, args.sessions,
+                                                     10 if args.quick else 40, device=args.device)
+            print(json.dumps(results, indent=2))
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return
         results["log"] = {"store": bench_log_store(redis.url, n), "server": log_server_benchmarks(redis, n, tmp)}
         print("log", results["log"], flush=True)
         if not args.only_log:

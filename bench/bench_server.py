@@ -51,11 +51,16 @@ class Run:
         self.steps, self.seconds, self.latencies, self.ttfts, self.procs = steps, seconds, latencies, list(ttfts), procs
         self.rate = steps / seconds
         self.engine: dict | None = None  # where_time_goes() of the engine during this run
+        self.client_busy: float | None = None  # the busiest load generator's CPU seconds per second
+        self.server_busy: dict[str, float] = {}  # per server process (engine, frontend-N): CPU seconds per second
 
     def line(self, name: str, base: "Run | None" = None, of: str = "engine") -> str:
         text = f"  {name:<26} {self.rate:12,.0f} steps/s   latency p50/p99 {pp(self.latencies)} ms"
         text += f"   ttft p50/p99 {pp(self.ttfts)} ms" if self.ttfts else ""
         text += f"   x{self.rate / base.rate:.2f} of {of}" if base else ""
+        if self.client_busy is not None:
+            text += f"\n    CPU busy: busiest client {self.client_busy:.2f}" + "".join(
+                f", {name} {busy:.2f}" for name, busy in sorted(self.server_busy.items()))
         return text + ("\n" + engine_line(self.engine) if self.engine else "")
 
 
@@ -164,7 +169,7 @@ async def run_job(conn, job: dict):
         async with httpx.AsyncClient(base_url=job["url"], timeout=600, limits=limits) as client:
             conn.send("ready")
             await loop.run_in_executor(None, conn.recv)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             await asyncio.gather(*(http_client(client, share, job["max_tokens"], job["stream"], lat, ttft)
                                    for share in job["shares"]))
     else:
@@ -176,10 +181,10 @@ async def run_job(conn, job: dict):
             waiting.result()  # a client failed before the go
         conn.send("ready")  # every session is open (not timed)
         await loop.run_in_executor(None, conn.recv)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         go.set_result(None)
         await waiting
-    return {"t0": t0, "t1": time.perf_counter(), "lat": lat, "ttft": ttft}
+    return {"t0": t0, "t1": time.perf_counter(), "lat": lat, "ttft": ttft, "cpu": time.process_time() - cpu0}
 
 
 def client_process(conn, cpus) -> None:
@@ -219,7 +224,10 @@ class Clients:
         if errors := [r["error"] for r in results if "error" in r]:
             raise RuntimeError(errors[0])
         seconds = max(r["t1"] for r in results) - min(r["t0"] for r in results)
-        return Run(steps, seconds, sum((r["lat"] for r in results), []), sum((r["ttft"] for r in results), []), n)
+        run = Run(steps, seconds, sum((r["lat"] for r in results), []), sum((r["ttft"] for r in results), []), n)
+        # near 1: the load generators, not the server, set the pace (each is one process, one thread busy)
+        run.client_busy = max(r["cpu"] for r in results) / seconds
+        return run
 
     def close(self) -> None:
         for conn, proc in zip(self.conns, self.procs):
@@ -409,6 +417,15 @@ class Server:
         os.unlink(self.log.name)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measured(server: Server, clients: Clients, job: dict, shares: list, steps: int, profile: str | None = None
              ) -> Run:
     """clients.run with the engine's counters read around it; with `profile`, py-spy samples the engine and
@@ -422,9 +439,11 @@ def measured(server: Server, clients: Clients, job: dict, shares: list, steps: i
                                            "--pid", str(pid), "--output", out], stdout=subprocess.DEVNULL,
                                           stderr=subprocess.STDOUT))
         time.sleep(1.0)  # py-spy attaches
-    before = server.counters()
+    before, pids = server.counters(), server.children()
+    cpu_before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
     run = clients.run(job, shares, steps)
     run.engine = where_time_goes(before, server.counters(), run.seconds)
+    run.server_busy = {name: (process_cpu_seconds(pid) - cpu_before[name]) / run.seconds for name, pid in pids.items()}
     for spy in spies:
         spy.send_signal(signal.SIGINT)
     for spy in spies:

@@ -94,6 +94,13 @@ class EdgeMetrics:
         self.http_requests = Counter("infomamba:" + "http_requests", "HTTP requests and websocket frames by route and "
                                      "status (of the frontend that answered the scrape)", ["route", "status"],
                                      registry=r)
+        self._counted: dict[tuple[str, int], object] = {}  # (route, status) -> its counter
+
+    def count_request(self, route: str, status: int) -> None:
+        counter = self._counted.get((route, status))
+        if counter is None:
+            counter = self._counted[route, status] = self.http_requests.labels(route, str(status))
+        counter.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stream whole documents in consecutive windows, state carried (truncated BPTT)")
     p.add_argument("--steps", type=int, default=100_000, help="step limit (the time budget usually ends first)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for the training loop")
+    p.add_argument("--stop-after-minutes", type=float, default=None,
+                   help="a safety net for fixed-step runs: stop the loop after this wall time without letting it "
+                        "shape the learning-rate schedule (--minutes does); metrics then say stopped_early")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     add_optimizer_args(p, lr=2e-3, imf_pool=64)
@@ -163,11 +166,16 @@ def train(args: argparse.Namespace) -> dict:
     print(f"[{args.name}] k={args.n_concepts} params={num_params:,} corpus={json.dumps(corpus.describe())} "
           f"device={device}", flush=True)
 
-    history, start, step, tokens_seen = [], time.time(), 0, 0
+    history, start, step, tokens_seen, stopped_early = [], time.time(), 0, 0, False
     budget_s = args.minutes * 60 if args.minutes else None
     while step < args.steps:
         elapsed = time.time() - start
         if budget_s is not None and elapsed >= budget_s:
+            break
+        if args.stop_after_minutes is not None and elapsed >= args.stop_after_minutes * 60:
+            stopped_early = True
+            print(f"[{args.name}] stopped early at step {step}: --stop-after-minutes {args.stop_after_minutes}",
+                  flush=True)
             break
         progress = max(step / args.steps, elapsed / budget_s if budget_s else 0.0)
         for group in optimizer.param_groups:
@@ -206,6 +214,7 @@ def train(args: argparse.Namespace) -> dict:
     metrics = {
         "name": args.name, "n_concepts": args.n_concepts, "concept_decay": args.concept_decay,
         "stateful": args.stateful, "num_params": num_params, "steps": step,
+        "stopped_early": stopped_early,
         "tokens_seen": tokens_seen, "train_seconds": round(train_seconds, 1), "held_out_bpb": final_bpb,
         "held_out_eval_tokens": int(final_windows[:, 1:].numel()), "history": history,
         "corpus": corpus.describe(), "python": platform.python_version(), "torch": torch.__version__,

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.api.edge import _UNSET, Edge, RedactSecrets
 from server.api.errors import APIError, error_body
 from server.api.docs import install as install_docs
+from server.api.hot import HotRoutes
 from server.api.middleware import EdgeMiddleware
 from server.api.openapi import install as install_openapi
 from server.api.requests import ClientGone
@@ -45,7 +46,8 @@ def create_app(config: ServerConfig, engine_address: str, ipc_dir: str, tokenize
     app = FastAPI(title="InfoMamba Serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     install_docs(app)
-    app.add_middleware(EdgeMiddleware, edge=_EdgeProxy(app))
+    app.add_middleware(HotRoutes, fastapi_app=app)  # added first: it runs inside EdgeMiddleware
+    app.add_middleware(EdgeMiddleware, get_edge=lambda: app.state.edge)
     for module in (health, openai, chat, forward, sessions):
         app.include_router(module.router)
     install_openapi(app)
@@ -79,12 +81,3 @@ def _internal_error(request, exc: Exception):
     log.error("unhandled error", exc_info=exc)
     return JSON(error_body(500, "internal_error", "internal error"), status_code=500)
 
-
-class _EdgeProxy:
-    """The middleware is built before the lifespan creates the Edge; it reads it through the app."""
-
-    def __init__(self, app: FastAPI):
-        self._app = app
-
-    def __getattr__(self, name):
-        return getattr(self._app.state.edge, name)

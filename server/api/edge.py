@@ -63,9 +63,10 @@ class RedactSecrets(logging.Filter):
     PATTERN = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
+        # every request logs a record: only text with an "=" can hold a key, and most has none
+        if record.args and any(isinstance(a, str) and "=" in a for a in record.args):
             record.args = tuple(self.PATTERN.sub(r"\1[redacted]", a) if isinstance(a, str) else a
                                 for a in record.args)
-        if isinstance(record.msg, str):
+        if isinstance(record.msg, str) and "=" in record.msg:
             record.msg = self.PATTERN.sub(r"\1[redacted]", record.msg)
         return True

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import secrets
+from typing import Callable
 
 from server.api.edge import Edge
 from server.api.errors import APIError
@@ -9,40 +10,49 @@ from server.api.responses import error_response
 
 
 class EdgeMiddleware:
-    def __init__(self, app, edge: Edge):
+    def __init__(self, app, get_edge: Callable[[], Edge]):
+        """get_edge: the Edge, which the lifespan creates after the middleware is built."""
         self.app = app
-        self.edge = edge
+        self.get_edge = get_edge
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        edge, path = self.edge, scope["path"]
-        status = {"code": 500}
+        edge = self.get_edge()
+        config = edge.config
+        status = 500
 
         async def send_wrapper(message):
+            nonlocal status
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status = message["status"]
             await send(message)
 
         error = None
-        if path.startswith("/v1"):
-            headers = dict(scope["headers"])
-            error = check_api_key(edge, headers.get(b"authorization", b"").decode("latin-1"))
+        if scope["path"].startswith("/v1"):
+            authorization = length = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value
+                elif name == b"content-length":
+                    length = value
+            if config.api_key is not None:
+                error = check_api_key(edge, (authorization or b"").decode("latin-1"))
             if error is None and not edge.is_ready:
                 error = edge.not_ready()
-            length = headers.get(b"content-length")
-            if error is None and length is not None and length.isdigit() and int(length) > edge.config.max_body_bytes:
+            if error is None and length is not None and length.isdigit() and int(length) > config.max_body_bytes:
                 error = body_too_large(edge)
         if error is not None:
             await error_response(error)(scope, receive, send_wrapper)
         else:
-            received = {"n": 0}
+            received = 0
 
             async def receive_limited():
+                nonlocal received
                 message = await receive()
                 if message["type"] == "http.request":
-                    received["n"] += len(message.get("body", b""))
-                    if received["n"] > edge.config.max_body_bytes:
+                    received += len(message.get("body", b""))
+                    if received > config.max_body_bytes:
                         raise BodyTooLarge()
                 return message
 
@@ -50,8 +60,7 @@ class EdgeMiddleware:
                 await self.app(scope, receive_limited, send_wrapper)
             except BodyTooLarge:
                 await error_response(body_too_large(edge))(scope, receive, send_wrapper)
-        route = scope.get("route")
-        edge.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
+        edge.metrics.count_request(getattr(scope.get("route"), "path", "unmatched"), status)
 
 
 class BodyTooLarge(Exception):

@@ -182,15 +182,15 @@ async def unless_disconnected(request, work):
     """Await `work`, cancelling it (and so its engine requests) if the HTTP client goes away first."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_disconnected(request))
+    watch.add_done_callback(lambda _: task.cancel())  # a no-op once the work is done
     try:
-        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        return await task
+    except asyncio.CancelledError:
+        if watch.done() and not watch.cancelled():
+            raise ClientGone() from None
+        raise
     finally:
         watch.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    raise ClientGone()
 
 
 async def _disconnected(request) -> None:

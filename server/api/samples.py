@@ -40,12 +40,16 @@ async def finish_all(edge, request, started_runs: list, per_token: bool) -> list
     """Every choice run to its end. per_token: follow each token (stop strings, logprobs); else collect ids and
     decode once."""
     if per_token:
-        work = asyncio.gather(*(_last(run) for _, run in started_runs))
+        works = [_last(run) for _, run in started_runs]
     else:
         for _, run in started_runs:
             await run.aclose()
-        work = asyncio.gather(*(finish_plain(edge, stream) for stream, _ in started_runs))
-    return await unless_disconnected(request, work)
+        works = [finish_plain(edge, stream) for stream, _ in started_runs]
+    return await unless_disconnected(request, asyncio.gather(*works) if len(works) > 1 else _listed(works[0]))
+
+
+async def _listed(work) -> list:
+    return [await work]
 
 
 async def _last(run) -> Finish:
@@ -57,6 +61,18 @@ async def _last(run) -> Finish:
 
 async def merged(started_runs: list):
     """(choice index, event) as each choice produces them; an error is an APIError event; None ends a choice."""
+    if len(started_runs) == 1:  # the common case: the one choice's events as they come, with no task or queue
+        run = started_runs[0][1]
+        try:
+            try:
+                async for event in run:
+                    yield 0, event
+            except APIError as exc:
+                yield 0, exc
+            yield 0, None
+        finally:
+            await run.aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, run):

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import struct
 
+import msgspec
 import numpy as np
 import orjson
 from fastapi import WebSocket
@@ -35,6 +36,7 @@ from server.api.responses import error_response
 from server.api.session_ops import create, generate_events, new_session_id, open_generate, start_append
 from server.api.validation import loads, parse
 
+_FAST_APPEND = schemas.FAST_DECODERS[schemas.WSAppend]
 MAX_IN_FLIGHT = 64  # frames submitted and not yet answered; beyond that the socket's own flow control holds
 
 
@@ -46,11 +48,11 @@ async def serve_websocket(edge: Edge, websocket: WebSocket) -> None:
     if error is None and not edge.is_ready:
         error = edge.not_ready()
     if error is not None:
-        edge.metrics.http_requests.labels("/v1/stream", str(error.status)).inc()
+        edge.metrics.count_request("/v1/stream", error.status)
         await websocket.send_denial_response(error_response(error))
         return
     await websocket.accept()
-    edge.metrics.http_requests.labels("/v1/stream", "101").inc()
+    edge.metrics.count_request("/v1/stream", 101)
     await Connection(edge, websocket).serve()
 
 
@@ -105,9 +107,9 @@ class Connection:
                 await self.answers.put(("closing", frame))
                 return False
             await self._submit(frame, array)
-            self.edge.metrics.http_requests.labels(f"/v1/stream:{kind}", "200").inc()
+            self.edge.metrics.count_request(f"/v1/stream:{kind}", 200)
         except APIError as exc:
-            self.edge.metrics.http_requests.labels(f"/v1/stream:{kind}", str(exc.status)).inc()
+            self.edge.metrics.count_request(f"/v1/stream:{kind}", exc.status)
             await self.answers.put(("frame", {"type": "error", **exc.body()}))
         return True
 
@@ -214,7 +216,12 @@ class Connection:
             text = message.get("text") or ""
             if len(text) > limit:
                 raise APIError(413, "frame_too_large", f"the frame exceeds max_ws_frame_bytes ({limit})")
-            obj = loads(text.encode("utf-8", "surrogatepass"), "the frame")
+            raw = text.encode("utf-8", "surrogatepass")
+            try:  # the common frame, an append, through its msgspec mirror (schemas.FAST_DECODERS)
+                return _FAST_APPEND.decode(raw), None
+            except msgspec.MsgspecError:
+                pass
+            obj = loads(raw, "the frame")
         if not isinstance(obj, dict):
             raise bad_request("a frame is a JSON object", "type")
         model_cls = schemas.WS_FRAMES.get(obj.get("type"))

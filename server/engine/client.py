@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import uuid
+from collections import deque
 from pathlib import Path
 
 import zmq
@@ -29,32 +30,50 @@ def new_id() -> str:
 
 
 class RequestStream:
-    """One request's outputs in order; the last one has finish_reason or error set. Closing early aborts it."""
+    """One request's outputs in order; the last one has finish_reason or error set. Closing early aborts it.
+    One task reads it. The outputs wait in a deque with one future to wake the reader: an asyncio.Queue's put and
+    get cost several times more, and a frontend makes one of each per generated token."""
 
     def __init__(self, client: "EngineClient", rid: str):
         self.client = client
         self.rid = rid
         self.finished = False
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._peeked: RequestOutput | None = None
+        self._outputs: deque[RequestOutput] = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, out: RequestOutput) -> None:
+        """An output for this request (the client's listener hands them in as they come)."""
+        self._outputs.append(out)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        while not self._outputs:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     def __aiter__(self):
         return self
 
     async def peek(self) -> RequestOutput:
         """The next output, left in place (a streamed answer waits for it, so early errors get a status)."""
-        if self._peeked is None:
-            self._peeked = await self.queue.get()
-        return self._peeked
+        if not self._outputs:
+            await self._wait()
+        return self._outputs[0]
 
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        try:
-            out, self._peeked = (self._peeked, None) if self._peeked is not None else (await self.queue.get(), None)
-        except BaseException:
-            self.cancel()
-            raise
+        if not self._outputs:
+            try:
+                await self._wait()
+            except BaseException:
+                self.cancel()
+                raise
+        out = self._outputs.popleft()
         if out.finish_reason is not None or out.error is not None:
             self.finished = True
             self.client.streams.pop(self.rid, None)
@@ -155,10 +174,10 @@ class EngineClient:
             if step.welcome is not None:
                 self.info = step.welcome
                 self.ready.set()
-            for out in step.outputs:
+            for out in step.request_outputs():
                 stream = self.streams.get(out.rid)
                 if stream is not None:
-                    stream.queue.put_nowait(out)
+                    stream.put(out)
             for reply in step.replies:
                 future = self.pending.get(reply.rid)
                 if future is not None and not future.done():
@@ -172,7 +191,7 @@ class EngineClient:
                 log.error("the engine process (pid %d) has stopped", self.info.pid)
                 self.dead = True
                 for stream in list(self.streams.values()):
-                    stream.queue.put_nowait(RequestOutput(stream.rid, error=ENGINE_DEAD))
+                    stream.put(RequestOutput(stream.rid, error=ENGINE_DEAD))
                 for future in self.pending.values():
                     if not future.done():
                         future.set_result(Reply("", ok=False, error=ENGINE_DEAD))

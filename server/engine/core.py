@@ -22,7 +22,7 @@ from server.config import ServerConfig
 from server.engine import errors
 from server.engine.errors import EngineError
 from server.engine.protocol import (Abort, Add, Array, EngineInfo, Error, Hello, Logprobs, Reply, RequestOutput,
-                                    Sampling, SessionOp, StepOutputs, Utility, child_rid)
+                                    Sampling, SessionOp, StepOutputs, TokenOutputs, Utility, child_rid)
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -78,6 +78,7 @@ class EngineCore:
         self.requests: dict[tuple[str, str], Sequence] = {}
         self.num_steps = 0
         self._outputs: dict[tuple[str, str], RequestOutput] = {}  # this step's, by (client, rid)
+        self._tokens: dict[str, TokenOutputs] = {}  # this step's plain tokens, by client (see _on_token)
         self._replies: dict[str, list[Reply]] = defaultdict(list)
         self._welcomes: set[str] = set()
         self._held: dict[int, list[_Waiter]] = {}  # store ticket -> the answers waiting for that write
@@ -202,7 +203,10 @@ class EngineCore:
             by_client.setdefault(client, StepOutputs()).replies.extend(replies)
         for client in self._welcomes:
             by_client.setdefault(client, StepOutputs()).welcome = self.info
-        self._outputs, self._replies, self._welcomes = {}, defaultdict(list), set()
+        for client, tokens in self._tokens.items():
+            if client != INTERNAL:
+                by_client.setdefault(client, StepOutputs()).tokens = tokens
+        self._outputs, self._replies, self._welcomes, self._tokens = {}, defaultdict(list), set(), {}
         return by_client
 
     # -- requests ----------------------------------------------------------------------------------------------
@@ -372,13 +376,14 @@ class EngineCore:
         now = time.monotonic()
         self.scheduler.update_from_output(batch)
         # counters once per step, not once per token: they cost microseconds each, times hundreds of streams
-        self.metrics.prompt_steps.inc(sum(c.num_tokens for c in batch.chunks if not c.is_decode))
+        self.metrics.prompt_steps.inc(sum(c.num_tokens for c in batch.chunks[batch.num_decodes:]))
         self.metrics.generation_steps.inc(len(result.sampled))
         last_logits, outputs, sampled = result.last_logits, result.outputs, result.sampled
         prompt_logprobs, logprobs = result.prompt_logprobs, result.logprobs
+        finished, on_token = SeqStatus.FINISHED, self._on_token  # this loop runs once per stream per step
         for chunk in batch.chunks:
             seq = chunk.seq
-            if seq.status is SeqStatus.FINISHED:
+            if seq.status is finished:
                 continue
             if last_logits and seq.id in last_logits:
                 seq.initial_logits = last_logits[seq.id]
@@ -399,25 +404,38 @@ class EngineCore:
                     self._fork(seq)
             token = sampled.get(seq.id)
             if token is not None:
-                self._on_token(seq, token, now, logprobs.get(seq.id) if logprobs else None)
+                on_token(seq, token, now, logprobs.get(seq.id) if logprobs else None)
             elif seq.num_pending == 0:
                 self._finish(seq, seq.finish_reason or "done")
 
     def _on_token(self, seq: Sequence, token: int, now: float, logprobs: Logprobs | None = None) -> None:
-        self._mark_output(seq, now, 1)
-        seq.output_ids.append(token)
-        out = self._output(seq.client, seq.rid)
-        out.token_ids.append(token)
-        if logprobs is not None:
-            _extend(out, "logprobs", logprobs)
+        # the hot path: once per stream per step
+        if seq.first_output_time is None:
+            self._mark_output(seq, now, 1)
+        else:
+            seq.num_outputs_after_first += 1
+            seq.last_output_time = now
+        output_ids = seq.output_ids
+        output_ids.append(token)
         params = seq.sampling
-        reason = None
-        if seq.detok is not None and seq.detok.add(token):
+        if (seq.detok is not None and seq.detok.add(token)) or token in params.stop_ids:
             reason = "stop"
-        elif token in params.stop_token_ids or (token == self.eos_id and not params.ignore_eos):
-            reason = "stop"
-        elif len(seq.output_ids) >= params.max_tokens:
+        elif len(output_ids) >= params.max_tokens:
             reason = "length"
+        else:
+            reason = None
+        if logprobs is None and (reason is None or seq.feed_last) and not (self._outputs and seq.key in self._outputs):
+            # a plain token, its request's first output this step: two list appends, not a RequestOutput
+            tokens = self._tokens.get(seq.client)
+            if tokens is None:
+                tokens = self._tokens[seq.client] = TokenOutputs([], [])
+            tokens.rids.append(seq.rid)
+            tokens.token_ids.append(token)
+        else:
+            out = self._output(seq.client, seq.rid)
+            out.token_ids.append(token)
+            if logprobs is not None:
+                _extend(out, "logprobs", logprobs)
         if reason is None:
             seq.pending_token = token
         elif seq.feed_last:  # a session's state covers every token it answered with

@@ -2,7 +2,9 @@
 
 Frontend -> engine: one message per request or operation, on one PUSH/PULL socket shared by every frontend.
 Engine -> frontend: one `StepOutputs` per engine step per frontend (never one per token), on the frontend's own
-socket. Arrays travel as raw little-endian bytes with their shape, never as nested lists.
+socket. Arrays travel as raw little-endian bytes with their shape, never as nested lists. A step's plain tokens (no
+logprobs, not a request's last) travel as two parallel lists (`TokenOutputs`), not a RequestOutput each: at hundreds
+of streams a step, building and encoding those was the largest share of the engine's host time.
 """
 from __future__ import annotations
 
@@ -168,10 +170,27 @@ class EngineInfo(msgspec.Struct):
     kernels: str
 
 
+class TokenOutputs(msgspec.Struct, array_like=True):
+    """One step's plain tokens for one frontend: request rids[i] sampled token_ids[i] (a request may appear twice).
+    A token that comes with anything else (logprobs, per-step outputs, the finish) is in its RequestOutput instead;
+    a request's RequestOutput of the same step holds what came after its tokens here."""
+
+    rids: list[str]
+    token_ids: list[int]
+
+
 class StepOutputs(msgspec.Struct, omit_defaults=True):
+    tokens: TokenOutputs | None = None  # before `outputs`, in order
     outputs: list[RequestOutput] = []
     replies: list[Reply] = []
     welcome: EngineInfo | None = None
+
+    def request_outputs(self) -> list[RequestOutput]:
+        """The step's outputs in order, each plain token as the RequestOutput it stands for."""
+        if self.tokens is None:
+            return self.outputs
+        return [RequestOutput(rid, token_ids=[token]) for rid, token in zip(self.tokens.rids, self.tokens.token_ids)] \
+            + self.outputs
 
 
 request_encoder = msgspec.msgpack.Encoder()

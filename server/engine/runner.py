@@ -2,7 +2,6 @@
 place, and samples the next token of every stream whose inputs are used up."""
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -74,7 +73,7 @@ class ModelRunner:
             rows = (out.head[:len(sample_rows)] if sample_rows[-1] == len(sample_rows) - 1
                     else out.head[torch.tensor(sample_rows, device=out.head.device)])
             tokens, logprobs = sample(rows, sample_seqs)
-            result.sampled = dict(zip((seq.id for seq in sample_seqs), tokens))
+            result.sampled = dict(zip([seq.id for seq in sample_seqs], tokens))
             if logprobs:
                 result.logprobs = {sample_seqs[row].id: found for row, found in logprobs.items()}
         return result
@@ -92,28 +91,22 @@ class ModelRunner:
                 and all(chunk.is_decode for chunk in batch.chunks))
 
     def _pack(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-        pieces, lengths, slots = [], [0], []
-        decode_tokens: list[int] = []  # a run of decode steps becomes one tensor, not one each
-
-        def flush_decode_tokens():
-            if decode_tokens:
-                pieces.append(torch.tensor(decode_tokens, dtype=torch.int64))
-                decode_tokens.clear()
-
-        for chunk in batch.chunks:
-            seq = chunk.seq
-            if chunk.is_decode:
-                if self.config.vocab_size is None:
-                    raise RuntimeError("decode step on a model without token inputs")
-                decode_tokens.append(seq.pending_token)
-            else:
-                flush_decode_tokens()
-                pieces.append(seq.inputs[chunk.start:chunk.start + chunk.num_tokens])
-            lengths.append(chunk.num_tokens)
-            slots.append(seq.slot)
-        flush_decode_tokens()
+        # before the model is launched, so on the step's critical path: list comprehensions over the decode steps
+        # (the scheduler puts them first), one tensor for all their tokens
+        chunks, num_decodes = batch.chunks, batch.num_decodes
+        pieces = []
+        if num_decodes:
+            if self.config.vocab_size is None:
+                raise RuntimeError("decode step on a model without token inputs")
+            pieces.append(torch.tensor([c.seq.pending_token for c in chunks[:num_decodes]], dtype=torch.int64))
+        starts = list(range(num_decodes + 1))  # host copy: row ranges without reading the device
+        end = num_decodes
+        for chunk in chunks[num_decodes:]:
+            pieces.append(chunk.seq.inputs[chunk.start:chunk.start + chunk.num_tokens])
+            end += chunk.num_tokens
+            starts.append(end)
+        slots = [c.seq.slot for c in chunks]
         inputs = torch.cat(pieces).to(self.device, non_blocking=True)
-        starts = list(itertools.accumulate(lengths))  # host copy: row ranges without reading the device
         cu_seqlens = torch.tensor(starts, dtype=torch.int32).to(self.device, non_blocking=True)  # no stream sync
         return inputs, cu_seqlens, starts, slots
 

@@ -33,6 +33,7 @@ class SamplingParams:
     eos_id: int | None = None  # the model's end of text (min_tokens masks it)
     is_processed: bool = field(init=False)  # any of the above: the sampler's slower path runs for this row
     is_plain_greedy: bool = field(init=False)  # an argmax and nothing else: what the sampler checks first
+    stop_ids: frozenset[int] = field(init=False)  # the sampled tokens that end generation: one look per token
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -54,6 +55,7 @@ class SamplingParams:
         self.is_processed = bool(self.logit_bias or self.repetition_penalty != 1 or self.presence_penalty
                                  or self.frequency_penalty or self.min_tokens or self.logprobs is not None)
         self.is_plain_greedy = self.is_greedy and not self.is_processed
+        self.stop_ids = frozenset(self.end_ids)
 
     @property
     def has_penalties(self) -> bool:
@@ -103,6 +105,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.owns_slot = self.slot is None and self.session is None
+        self.key = (self.client, self.rid)  # its outputs' key in the engine, built once
         self.status = SeqStatus.WAITING
         self.num_fed = 0
         self.num_prompt = int(self.inputs.shape[0])
@@ -131,6 +134,7 @@ class Sequence:
 
     @property
     def is_decode(self) -> bool:
+        # Scheduler.schedule inlines this test and num_pending's (it runs over every stream every step): keep them alike
         return self.num_fed >= self.num_prompt and self.pending_token is not None
 
     @property

@@ -133,7 +133,7 @@ def test_dockerfile_takes_a_package_index_and_a_ca_bundle():
     that runs pip, declared before its first pip command, and compose passes them through."""
     build = _stage(DOCKERFILE.read_text(), "build")
     first_pip = _first_pip(build)
-    for arg in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "CA_CERT"):
+    for arg in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "CA_CERT"):
         declared = re.search(rf"^ARG {arg}(=.*)?$", build, re.M)
         assert declared and declared.start() < first_pip, f"ARG {arg} must be declared before the first pip install"
     # the CA is added to the bundle pip verifies with, before pip runs
@@ -145,6 +145,7 @@ def test_dockerfile_takes_a_package_index_and_a_ca_bundle():
                                       CA_CERT="-----BEGIN CERTIFICATE-----").stdout)["services"]["server"]["build"]["args"]
     assert args["PIP_INDEX_URL"] == "https://mirror.example/simple"
     assert args["CA_CERT"] == "-----BEGIN CERTIFICATE-----" and args["PIP_EXTRA_INDEX_URL"] == ""
+    assert args["PIP_FIND_LINKS"] == ""
 
 
 def test_dockerfile_installs_the_locked_versions_with_the_lock_s_python():
@@ -161,7 +162,8 @@ def test_dockerfile_installs_the_locked_versions_with_the_lock_s_python():
     # the lock is resolved for one Python; the image runs that one
     python = _lock_python()
     assert re.search(rf"^ARG PYTHON=python{re.escape(python)}$", text, re.M)
-    cpu_base = re.search(r"BASE_IMAGE: (\S+)", COMPOSE_CPU.read_text()).group(1)
+    # the CPU override's default base (a local one, docker/build-base-image.sh, comes from the environment)
+    cpu_base = re.search(r"BASE_IMAGE: \$\{BASE_IMAGE:-(\S+)\}", COMPOSE_CPU.read_text()).group(1)
     assert cpu_base.startswith(f"python:{python}-"), f"the CPU base {cpu_base} is not Python {python}"
 
 

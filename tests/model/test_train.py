@@ -68,6 +68,16 @@ def test_tiny_training_run(tmp_path, extra):
     assert torch.isfinite(logits.head).all()
 
 
+def test_stop_after_minutes_ends_a_fixed_step_run_and_says_so(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    out = tmp_path / "model"
+    main(["--out", str(out), "--corpus-root", str(tmp_path / "corpus"), "--d-model", "16", "--n-layers", "1",
+          "--n-concepts", "2", "--d-state", "4", "--steps", "50", "--batch-size", "2", "--seq-len", "32",
+          "--final-eval-windows", "2", "--stop-after-minutes", "0", "--device", "cpu"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 0 and metrics["stopped_early"] is True
+
+
 def test_documents_stream_whole_in_consecutive_windows():
     eos = ByteTokenizer.eos_id
     docs = [torch.tensor([1, 2, 3, 4, 5, 6, 7, eos]), torch.tensor([8, 9, eos]), torch.tensor([10, 11, 12, 13, eos])]

@@ -63,7 +63,11 @@ def render_nginx(directory: Path, port: int, upstreams: list[str]) -> Path:
     shutil.copy(NGINX_DIR / "nginx.conf", directory / "nginx.conf")
     routes = (NGINX_DIR / "infomamba.conf").read_text()
     routes = routes.replace("listen 8080;", f"listen 127.0.0.1:{port};").replace("listen [::]:8080;\n", "")
-    (directory / "infomamba.conf").write_text(routes)
+    # temporary files inside the prefix: the compiled-in defaults (/var/lib/nginx/...) exist only where the
+    # Debian package is installed, not where its binary is carried to
+    temp = "".join(f"{kind}_temp_path {directory}/{kind}_temp;\n"
+                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (directory / "infomamba.conf").write_text(temp + routes)
     (directory / "upstream-servers.conf").write_text("".join(f"server {u};\n" for u in upstreams))
     return directory / "nginx.conf"
 
@@ -84,8 +88,9 @@ class NginxProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="infomamba-nginx-"))
         conf = render_nginx(self.dir, self.port, upstreams)
+        self.stderr = open(self.dir / "stderr.log", "w+")  # what nginx says before its error log opens
         self.proc = subprocess.Popen(nginx_command(conf, foreground=True), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=self.stderr)
         import httpx
 
         deadline = time.monotonic() + 10
@@ -94,11 +99,13 @@ class NginxProxy:
                 httpx.get(self.url + "/health", timeout=2)
                 break
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("nginx did not start: " + (self.dir / "error.log").read_text()[-2000:])
+                logs = [self.dir / "stderr.log", self.dir / "error.log"]
+                raise RuntimeError("nginx did not start: " + "".join(p.read_text()[-2000:] for p in logs if p.exists()))
             time.sleep(0.05)
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        self.stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

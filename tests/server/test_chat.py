@@ -9,6 +9,7 @@ import pytest
 from model.tokenizer import ByteTokenizer
 from server.api.chat_template import ChatTemplate
 from tests.server.conftest import running, tiny_lm
+from tests.server.test_engine_api import wait_all_slots_free
 
 TEMPLATE = ("{% for message in messages %}"
             "{% if message['role'] == 'system' and not loop.first %}"
@@ -71,6 +72,19 @@ def test_chat_streamed_equals_plain(chat_server):
         assert "".join(c["delta"].get("content", "") for c in mine) == plain["choices"][index]["message"]["content"]
         assert mine[-1]["finish_reason"] == plain["choices"][index]["finish_reason"]
     assert chunks[-1]["usage"] == plain["usage"]
+
+
+def test_one_choice_streamed_equals_plain_and_a_hang_up_frees_its_slot(chat_server):
+    plain = chat(chat_server, max_tokens=12).json()["choices"][0]
+    with httpx.stream("POST", chat_server.url + "/v1/chat/completions",
+                      json={"messages": MESSAGES, "max_tokens": 12, "temperature": 0, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == plain["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["finish_reason"]
+    with httpx.stream("POST", chat_server.url + "/v1/chat/completions",
+                      json={"messages": MESSAGES, "max_tokens": 2000, "stream": True, "ignore_eos": True}) as r:
+        next(r.iter_lines())
+    wait_all_slots_free(chat_server)
 
 
 def test_openai_client_chat_with_logprobs(chat_server):

@@ -74,7 +74,7 @@ def run_until_quiet(core, max_turns=200) -> dict:
     outputs, replies = {}, {}
     for _ in range(max_turns):
         for batch in core.run_once(timeout=0.01).values():
-            for out in batch.outputs:
+            for out in batch.request_outputs():
                 outputs.setdefault(out.rid, []).append(out)
             for reply in batch.replies:
                 replies[reply.rid] = reply

@@ -44,7 +44,9 @@ def logits_of(client: httpx.Client, sid: str, ids: list[int]) -> list:
 
 def test_a_hybrid_directory_serves_chunks_like_one_pass_and_its_snapshots_move_only_between_hybrids(tmp_path):
     model_dir = save_model(tiny_hybrid_lm(), tmp_path / "tiny-hybrid")
-    served = ServeProcess(model_dir, tmp_path / "sessions")  # boots while the rest is prepared
+    # fp32 on any device (a GPU's default is bf16), so chunks = one pass holds to fp32 rounding and the state's
+    # size below is the fp32 one; boots while the rest is prepared
+    served = ServeProcess(model_dir, tmp_path / "sessions", "--dtype", "float32")
     try:
         model = load_model(model_dir).eval()
         gen = torch.Generator().manual_seed(0)

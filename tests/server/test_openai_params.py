@@ -210,6 +210,15 @@ def test_n_samples_streamed_and_cancelled(lm_server):
                       json={"prompt": PROMPT, "max_tokens": 2000, "n": 3, "stream": True, "ignore_eos": True}) as r:
         next(r.iter_lines())
     wait_all_slots_free(lm_server)
+    with httpx.stream("POST", lm_server.url + "/v1/completions",  # one choice: streamed from the request's task
+                      json={"prompt": PROMPT, "max_tokens": 2000, "stream": True, "ignore_eos": True}) as r:
+        next(r.iter_lines())
+    wait_all_slots_free(lm_server)
+    for n in (1, 3):  # a plain answer's client hanging up stops its work too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(lm_server.url + "/v1/completions", timeout=0.3,
+                       json={"prompt": PROMPT, "max_tokens": 2000, "n": n, "ignore_eos": True})
+        wait_all_slots_free(lm_server)
 
 
 def test_openai_client_sampling_parameters(lm_server):

@@ -13,7 +13,7 @@ from server.api.errors import APIError, bad_request
 from server.api.logprobs import chat_logprobs
 from server.api.openapi import body, errors
 from server.api.requests import Finish, Token
-from server.api.responses import JSON, sse, sse_response
+from server.api.responses import JSON, Chunks, sse, sse_response
 from server.api.routes.openai import check_model, check_num_choices
 from server.api.validation import loads, parse
 
@@ -70,10 +70,11 @@ def prompt_ids(edge, req: schemas.ChatCompletionRequest) -> np.ndarray:
 
 async def chat_events(edge, runs, base: dict, num_prompt: int, include_usage: bool, wants_logprobs: bool):
     base = {**base, "object": "chat.completion.chunk"}
+    encode = Chunks(base)
     generated = 0
     for k in range(len(runs)):  # each choice opens with the assistant's role, as OpenAI's streams do
-        yield sse({**base, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                        "finish_reason": None}]})
+        yield encode({"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None})
     async for index, event in samples.merged(runs):
         if isinstance(event, Token):
             generated += event.id is not None
@@ -81,11 +82,10 @@ async def chat_events(edge, runs, base: dict, num_prompt: int, include_usage: bo
             if wants_logprobs:
                 found = [event.logprob] if event.id is not None else []
                 logprobs = chat_logprobs(edge.tokenizer, [event.id] if event.id is not None else [], found)
-            yield sse({**base, "choices": [{"index": index, "delta": {"content": event.text}, "logprobs": logprobs,
-                                            "finish_reason": None}]})
+            yield encode({"index": index, "delta": {"content": event.text}, "logprobs": logprobs,
+                          "finish_reason": None})
         elif isinstance(event, Finish):
-            yield sse({**base, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                            "finish_reason": event.reason}]})
+            yield encode({"index": index, "delta": {}, "logprobs": None, "finish_reason": event.reason})
         elif isinstance(event, APIError):
             yield sse(event.body())
     if include_usage:

@@ -13,8 +13,8 @@ from server.api.errors import APIError, bad_request
 from server.api.logprobs import completion_logprobs, prompt_entries, text_offsets
 from server.api.openapi import body, errors
 from server.api.requests import Finish, Token
-from server.api.responses import JSON, sse, sse_response
-from server.api.validation import loads, parse
+from server.api.responses import JSON, Chunks, sse, sse_response
+from server.api.validation import parse_body
 
 router = APIRouter()
 
@@ -41,7 +41,7 @@ async def model(model_id: str, request: Request):
 @router.post("/v1/completions", openapi_extra=body(schemas.CompletionRequest), responses=errors(404, 413, 422, 429))
 async def completions(request: Request):
     edge = request.app.state.edge
-    req = parse(schemas.CompletionRequest, loads(await request.body()))
+    req = parse_body(schemas.CompletionRequest, await request.body())
     check_model(edge, req.model)
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (only best_of equal to n, which returns every sample)",
@@ -156,6 +156,7 @@ async def completion_events(edge, runs, n: int, echoes: list[Echo], base: dict, 
     """SSE chunks of every choice as they come. A choice's first chunk carries its echo; with logprobs, a fork's
     events wait until its prompt's first sample has brought the prompt's logprobs."""
     generated = 0
+    encode = Chunks(base)
     prompt_logprobs: dict[int, object] = {}  # prompt -> its logprobs, once its first sample has said
     held: dict[int, list] = {}  # prompt -> its forks' events, while they wait for that
     is_opened: set[int] = set()  # choices whose echo went out
@@ -175,15 +176,13 @@ async def completion_events(edge, runs, n: int, echoes: list[Echo], base: dict, 
                 ids, found = ([event.id], [event.logprob]) if event.id is not None else ([], [])
                 more = completion_logprobs(edge.tokenizer, ids, found, [event.offset] * len(ids), echo.offset)
                 logprobs = more if logprobs is None else {k: v + more[k] for k, v in logprobs.items()}
-            yield sse({**base, "choices": [{"index": index, "text": text + event.text, "logprobs": logprobs,
-                                            "finish_reason": None,
-                                            "token_ids": [event.id] if event.id is not None else []}]})
+            yield encode({"index": index, "text": text + event.text, "logprobs": logprobs, "finish_reason": None,
+                          "token_ids": [event.id] if event.id is not None else []})
         elif isinstance(event, Finish):
             if text or logprobs:
-                yield sse({**base, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                                "finish_reason": None, "token_ids": []}]})
-            yield sse({**base, "choices": [{"index": index, "text": "", "logprobs": None,
-                                            "finish_reason": _reason(event)}]})
+                yield encode({"index": index, "text": text, "logprobs": logprobs, "finish_reason": None,
+                              "token_ids": []})
+            yield encode({"index": index, "text": "", "logprobs": None, "finish_reason": _reason(event)})
         elif isinstance(event, APIError):
             yield sse(event.body())
 
@@ -196,14 +195,14 @@ async def completion_events(edge, runs, n: int, echoes: list[Echo], base: dict, 
                 held.setdefault(prompt, []).append((index, event))
                 continue
             prompt_logprobs[prompt] = getattr(event, "prompt_logprobs", None)
-            for chunk in chunks(index, event):
-                yield chunk
+            for data in chunks(index, event):
+                yield data
             for waiting in held.pop(prompt, []):
-                for chunk in chunks(*waiting):
-                    yield chunk
+                for data in chunks(*waiting):
+                    yield data
             continue
-        for chunk in chunks(index, event):
-            yield chunk
+        for data in chunks(index, event):
+            yield data
     if include_usage:
         yield sse({**base, "choices": [], "usage": samples.usage(num_prompt, generated)})
     yield sse("[DONE]")

@@ -11,7 +11,7 @@ from server.api.requests import started, unless_disconnected
 from server.api.responses import JSON, json_response, sse, sse_response
 from server.api.session_ops import (append, create, generate_events, generate_result, new_session_id, open_generate,
                                     session_call)
-from server.api.validation import loads, parse
+from server.api.validation import loads, parse, parse_body
 
 router = APIRouter()
 
@@ -37,7 +37,7 @@ async def create_session(request: Request):
              responses=errors(404, 409, 413, 422, 507))
 async def append_route(sid: str, request: Request):
     edge = request.app.state.edge
-    req = parse(schemas.AppendRequest, loads(await request.body()))
+    req = parse_body(schemas.AppendRequest, await request.body())
     kinds = edge.validator.output_kinds(req.outputs)
     inputs = edge.validator.inputs(req.input_ids, req.inputs, req.text)
     result = await unless_disconnected(request, append(edge, sid, inputs, kinds, req.seq))
