@@ -1,6 +1,7 @@
 """The concept path's whole decode step in one or two launches (DESIGN.md §1): softmax routing, the concept mean and
-mass update (concept_decay none or learned), the read-back through M, RMSNorm + GELU, and the IMF gates. Small
-batches take two launches so that one row's gate product is spread over many programs (see below).
+mass update (concept_decay none or learned), the read-back through M, RMSNorm + GELU, and the IMF gates. Batches up
+to SPLIT_MAX_BATCH (256: all the server captures) take two launches so that one row's gate product is spread over
+many programs (see below).
 
 The layer's one projection of h supplies the routing logits (W_a h + b_a), the values (W_v h) and the h half of
 the gates (W_g[:, :D] h + b_g); this op does everything between that projection and the in_proj/out_proj
@@ -203,20 +204,22 @@ def _step_rows(batch: int) -> int:
 
 
 # Up to this batch the two-launch path (its gate product spread over column blocks); above it the one-launch path.
-# Picked without a GPU (issue 10: the one-launch step took ~17 µs a layer at batch 1 as one program); the
-# two-launch path is expected to win at every batch (bench/RESULTS.md), but until `bench_model.py --sweep` has timed
-# both at batch 64 and 256 the large batches keep the path that was measured.
-SPLIT_MAX_BATCH = 64
+# From issue 10's H200 sweep (bench/RESULTS.md, "run 4": branch wt-fused at 4b1cb83, bench_model.py --sweep, k = 16,
+# 130M config, bf16, CUDA graphs): the two-launch path was the faster at every batch timed, 1, 64 and 256 (ms a step
+# at batch 256: 2.094 at (16, 32) against 2.215-2.248 for the one-launch path at one row a program). 256 is the
+# largest batch timed and the largest the server captures; above it nothing was timed.
+SPLIT_MAX_BATCH = 256
 
 
 def _step_path(batch: int, d_c: int):
-    """None: the one-launch path; else (rows per program, output columns per program) of the gates launch. Small
-    batches take one row a program as a broadcast product (no tensor-core padding to 16 rows) and 16 columns (12
-    programs a row at d_c 192); larger ones 16 rows a program on the tensor cores."""
+    """None: the one-launch path; else (rows per program, output columns per program) of the gates launch. The
+    same sweep (run 4) timed (1, 16), (1, 32), (2, 16), (4, 16), (16, 16) and (16, 32), and (16, 32) was the fastest
+    at batch 1 (1.095 ms), 64 (1.547) and 256 (2.094): 16 rows a program on the tensor cores even at batch 1 (15 of
+    them padding). At batch 1 the margin is inside the noise (one configuration timed twice there read 1.108 and
+    1.120 ms); at 64 and 256 it is 0.09 and 0.03 ms over (16, 16)."""
     if batch > SPLIT_MAX_BATCH:
         return None
-    block_o = min(readout_block_c(d_c), 16)
-    return (1, block_o) if batch <= 16 else (16, block_o)
+    return 16, min(readout_block_c(d_c), 32)
 
 
 def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean, concept_mass, state_indices, eps,

@@ -6,7 +6,8 @@ dt_proj, state update):
 
 x_proj reduces over every channel and the state update needs its result for every channel, so the step cannot
 be one launch without a grid-wide barrier; the partial sums (a few KB per row) are what crosses between the two.
-From THREE_LAUNCH_MIN_BATCH rows launch 2 is split in two, so that the state update runs in many small programs:
+From THREE_LAUNCH_MIN_BATCH rows (1: every batch, from the H200 sweep) launch 2 is split in two, so that the state
+update runs in many small programs:
     launch 2: the partial sums added up, dt_proj + softplus, z + injection, written in fp32;
     launch 3: kernels/selective_state_update.py's kernel on them (state update, D skip, SiLU(z) gate).
 
@@ -289,21 +290,30 @@ def _step_config(batch: int, d_inner: int):
     return block_e, num_sub, block_d
 
 
-# Above this batch the three-launch path. Why (issue 10's H200 profile at batch 256: launch 1 ~31 µs and launch 2
-# ~45 µs a layer, against ~12 µs for the 50 MB of state launch 2 moves): both launches run 8 warps a program at
-# 155-255 registers a thread (ptxas -v), so one program fits an SM, and each program is one long dependent chain
+# From this batch the three-launch path. Why it was built (issue 10's H200 profile at batch 256: launch 1 ~31 µs and
+# launch 2 ~45 µs a layer, against ~12 µs for the 50 MB of state launch 2 moves): both launches run 8 warps a program
+# at 155-255 registers a thread (ptxas -v), so one program fits an SM, and each program is one long dependent chain
 # (the x_proj partial sums, dt_proj and the injection's products, and only then the state load), so nothing hides
 # the memory latency; launch 1 had 96 programs (16 row blocks x 6) for 132 SMs. The three-launch path keeps
 # launch 1 (with more programs), moves everything but the state into a launch of its own, and updates the state
 # with kernels/selective_state_update.py's kernel (one row and 64 channels a program, 1-2 warps, the state load
-# issued first: many programs an SM), which main ran at batch 256 in 1.11 ms a step for k = 0.
-THREE_LAUNCH_MIN_BATCH = 128
+# issued first: many programs an SM).
+# Why from batch 1: issue 10's H200 sweep (bench/RESULTS.md, "run 4": branch wt-fused at 4b1cb83, bench_model.py
+# --sweep, k = 16, 130M config, bf16, CUDA graphs) timed the three-launch path the fastest at every batch timed: ms a
+# step, best three-launch against best two-launch, 1.065 / 1.104 at batch 1, 1.284 / 1.571 at 64, 2.215 / 2.842 at
+# 256. The two-launch path stays (the sweep times it, `three=False` forces it).
+THREE_LAUNCH_MIN_BATCH = 1
 DT_PART_UNROLL, DT_WARPS = 8, 8  # the dt launch: no spills at the 130M config (bench/compile_kernels.py)
 
 
 def _three_launch_config(batch: int, d_inner: int):
-    """(channels per block of launch 1, blocks per program there, channels per program of the dt launch)."""
-    return min(triton.next_power_of_2(d_inner), 64), 1 if batch <= 256 else 2, 64
+    """(channels per block of launch 1, blocks per program there, channels per program of the dt launch). From the
+    same sweep (run 4), the fastest of (64, 1 or 2, 64 or 128) at each batch timed: (64, 1, 128) at batch 1 (1.065
+    ms; (64, 1, 64) 1.133), (64, 1, 64) at 64 (1.284; 128: 1.293) and at 256 (2.215; 128: 2.271). Batches 2-63 were
+    not timed: up to 16 take batch 1's choice (the two-launch configuration's own boundary). Above 256, not timed
+    either, two blocks a program as before."""
+    block_e = min(triton.next_power_of_2(d_inner), 64)
+    return block_e, 1 if batch <= 256 else 2, 128 if batch <= 16 else 64
 
 
 def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, conv_state, ssm_state,
