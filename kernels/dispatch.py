@@ -2,6 +2,12 @@
 
 INFOMAMBA_KERNELS=auto (default) uses Triton for CUDA tensors and PyTorch elsewhere; `triton` forces the
 kernels (on the CPU only under TRITON_INTERPRET=1, for tests); `torch` forces the references.
+
+INFOMAMBA_FUSED_STEP picks the decode step's path: `1` (default) the fused step kernels (issue 10); `concept` the
+fused layer and concept step with the Mamba step through main's one-op-a-kernel path; `0` main's decode path
+throughout (the layer's separate projections, the concept filter's update, norm, GELU and gates as separate ops,
+conv update, x_proj, dt_proj, state update). The unfused paths stay selectable so that one GPU run can time them
+beside the fused one (bench/bench_model.py).
 """
 from __future__ import annotations
 
@@ -11,12 +17,20 @@ import os
 import torch
 
 CHOICES = ("auto", "triton", "torch")
+FUSED_STEP_CHOICES = ("1", "concept", "0")
 
 
 def kernel_choice() -> str:
     choice = os.environ.get("INFOMAMBA_KERNELS", "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"INFOMAMBA_KERNELS: expected one of {CHOICES}, got {choice!r}")
+    return choice
+
+
+def fused_step() -> str:
+    choice = os.environ.get("INFOMAMBA_FUSED_STEP", "1").strip().lower() or "1"
+    if choice not in FUSED_STEP_CHOICES:
+        raise ValueError(f"INFOMAMBA_FUSED_STEP: expected one of {FUSED_STEP_CHOICES}, got {choice!r}")
     return choice
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import ops
+from kernels.dispatch import fused_step
 from kernels.packing import PackedLayout
 from model.config import InfoMambaConfig
 from model.state import LayerState
@@ -95,18 +96,33 @@ class MambaMixer(nn.Module):
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         conv_w = self.conv1d.weight.squeeze(1)  # (E, K)
         A = self.neg_A()  # (E, N)
-        if batch.is_decode:  # two launches for the whole step, three at large batches (kernels/mamba_step.py)
+        fused = batch.is_decode and fused_step() == "1"
+        if fused:  # three launches for the whole step (kernels/mamba_step.py)
             return ops.mamba_step(xz, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                                   self.dt_proj.bias, A, self.D, state.conv, state.ssm, batch.state_indices, inject,
                                   inject_weight, out=out)
         if inject is not None:
             xz = torch.addmm(xz, inject, inject_weight.t())
+        if batch.is_decode:
+            return self._unfused_step(xz, conv_w, A, state, batch, out)
         xc = ops.causal_conv1d(xz[:, :E], conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens,
                                batch.state_indices, layout=batch.layout)
         dbc = self.x_proj(xc)  # (T, R + 2N)
         dt = F.linear(dbc[:, :R], self.dt_proj.weight)  # (T, E); bias and softplus fused in the scan
         return ops.selective_scan(xc, dt, A, dbc[:, R:R + N], dbc[:, R + N:], self.D, xz[:, E:], self.dt_proj.bias,
                                   state.ssm, batch.cu_seqlens, batch.state_indices, layout=batch.layout, out=out)
+
+    def _unfused_step(self, xz, conv_w, A, state: LayerState, batch: Batch, out: torch.Tensor | None):
+        """main's decode step, one op a kernel (conv update, x_proj, dt_proj, state update; INFOMAMBA_FUSED_STEP
+        `0` or `concept`): kept so that a GPU run times it beside the fused step. Its intermediates are stored in
+        the model dtype, the fused step's in fp32."""
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        xc = ops.causal_conv1d_update(xz[:, :E], conv_w, self.conv1d.bias, state.conv, batch.state_indices)
+        dbc = self.x_proj(xc)  # (T, R + 2N)
+        dt = F.linear(dbc[:, :R], self.dt_proj.weight)  # (T, E); bias and softplus fused in the update
+        y = ops.selective_state_update(xc, dt, A, dbc[:, R:R + N], dbc[:, R + N:], self.D, xz[:, E:],
+                                       self.dt_proj.bias, state.ssm, batch.state_indices)  # (T, E)
+        return y if out is None else out.copy_(y)
 
 
 # Initial concept horizons 1 / (1 - γ), spread log-uniformly: short enough to track a function, long enough to
@@ -157,7 +173,7 @@ class ConceptBottleneck(nn.Module):
         W_a h + b_a, v (T, C) W_v h, gate_h (T, 2C) W_g[:, :D] h + b_g; gate_weight (2C, C) is W_g[:, D:].
         Writes g_o ⊙ r into out_output (T, C); returns g_s ⊙ r (T, C)."""
         log_decay = self.log_decay()  # (k,) or None
-        if batch.is_decode:  # one launch for the whole step, two at small batches (kernels/concept_step.py)
+        if batch.is_decode:  # two launches for the whole step, one over 256 rows (kernels/concept_step.py)
             to_input, _ = ops.concept_step(logits, v, gate_h, self.mix, self.norm.weight, gate_weight,
                                            state.concept_mean, state.concept_mass, batch.state_indices, self.eps,
                                            self.norm_eps, log_decay, out_output=out_output)
@@ -226,6 +242,8 @@ class InfoMambaLayer(nn.Module):
         """h: the normed hidden (T, D). Returns the residual branch y (T, D)."""
         if not self.has_concepts:
             return self.mixer(h, state, batch)
+        if batch.is_decode and fused_step() == "0":
+            return self._unfused_step(h, state, batch)
         k, C, E = self.concept.mix.shape[0], self.fusion.d_concept, self.mixer.d_inner
         fused = self.fused_weights()
         pre = F.linear(h, fused.pre_weight, fused.pre_bias)  # (T, k + 3C + 2E)
@@ -235,6 +253,20 @@ class InfoMambaLayer(nn.Module):
         to_input = self.concept(logits, v, gate_h, gate_weight, state, batch, out_output=mixed[:, E:])
         self.mixer.mix(xz, state, batch, inject=to_input, inject_weight=fused.inject_weight, out=mixed[:, :E])
         return F.linear(mixed, fused.out_weight, self.mixer.out_proj.bias)
+
+    def _unfused_step(self, h: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
+        """main's decode step for a concept layer (INFOMAMBA_FUSED_STEP=0), one op a kernel: each projection of h
+        on its own, the concept filter's update, RMSNorm, GELU, the gates on [h; r], u = h + W_s (g_s ⊙ r) through
+        the whole Mamba block, plus W_o (g_o ⊙ r). Kept so that a GPU run times it beside the fused step."""
+        c, f = self.concept, self.fusion
+        a = torch.softmax(c.route(h).float(), dim=-1)  # (T, k)
+        read = ops.concept_filter_update(a, c.value(h), c.mix, state.concept_mean, state.concept_mass,
+                                         batch.state_indices, c.eps, c.log_decay())  # (T, C) fp32
+        normed, _ = ops.add_rms_norm(read, None, c.norm.weight, c.norm_eps)
+        r = F.gelu(normed).to(h.dtype)  # (T, C)
+        gates = torch.sigmoid(f.gate(torch.cat([h, r], dim=-1)))  # (T, 2C)
+        g_s, g_o = gates[:, :f.d_concept], gates[:, f.d_concept:]
+        return self.mixer(h + f.to_input(g_s * r), state, batch) + f.to_output(g_o * r)
 
     def fused_weights(self) -> FusedWeights:
         """The FusedWeights of the current parameters: cached between weight updates like MambaMixer.neg_A, and

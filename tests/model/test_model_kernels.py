@@ -94,3 +94,37 @@ def test_cuda_graph_decode_matches_eager_decode(dtype, fields, monkeypatch):
     for name, ring in eager.rings.items():  # the hybrid's key/value rings live in the graphed pool too
         torch.testing.assert_close(graphed.rings[name], ring, **TOL[dtype])
     assert torch.equal(graphed.steps, eager.steps)
+
+
+@pytest.mark.parametrize("path", ["0", "concept"])
+@pytest.mark.parametrize("fields", SIZES, ids=size_id)
+def test_unfused_decode_step_matches_the_fused_one(fields, path, monkeypatch):
+    # INFOMAMBA_FUSED_STEP keeps main's one-op-a-kernel decode step selectable so that a GPU run can time both; it
+    # must compute the same step (the fused one keeps its intermediates in fp32, hence a tolerance), state included.
+    monkeypatch.setenv("INFOMAMBA_KERNELS", "triton")
+    model = make_model(2, **fields)
+    model = (set_decays(model) if model.config.has_concept_decay else model).to(DEVICE)
+    inputs = make_inputs(model, 4, 3).to(DEVICE)
+    slots = torch.tensor([5, 1, -1, 3], dtype=torch.int32, device=DEVICE)
+    runs = {}
+    for choice in ("1", path):
+        monkeypatch.setenv("INFOMAMBA_FUSED_STEP", choice)
+        state = model.empty_state(6)
+        with torch.inference_mode():
+            heads = [model.decode_step(inputs[:, t], state, slots).head.float() for t in range(inputs.shape[1])]
+        runs[choice] = torch.stack(heads), state
+    (want, want_state), (got, state) = runs["1"], runs[path]
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    assert (got[:, 2] == want[:, 2]).all()
+    for name in ("conv", "ssm", "concept_mean", "concept_mass"):
+        torch.testing.assert_close(getattr(state, name), getattr(want_state, name), **TOL[torch.float32])
+    for name, ring in want_state.rings.items():
+        torch.testing.assert_close(state.rings[name], ring, **TOL[torch.float32])
+
+
+def test_fused_step_choice_is_checked(monkeypatch):
+    from kernels.dispatch import fused_step
+
+    monkeypatch.setenv("INFOMAMBA_FUSED_STEP", "no")
+    with pytest.raises(ValueError, match="INFOMAMBA_FUSED_STEP"):
+        fused_step()
