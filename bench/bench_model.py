@@ -6,13 +6,17 @@
 Reports, for k = 0 and k = 16 and their ratio: decode ms per step at batch 1/64/256 (CUDA graphs, as the server
 runs it; eager beside it), prefill tokens/s of one sequence of 2K/8K/32K/131K tokens, kernel launches per decode
 step (counted from Python, and the profiler's GPU activities), and the per-token cost of one stream fed in chunks,
-at 8K steps and at 1M steps (prefill of an 8K chunk there, and decode steps there). --sweep times the fused
-decode kernels' launch configurations (they write state in place, so they are picked by hand from this table, not
-autotuned). --torch adds the PyTorch reference path (slow) at batch 1 and 2K tokens.
+at 8K steps and at 1M steps (prefill of an 8K chunk there, and decode steps there). Every run also times main's
+unfused decode step beside the fused one at each batch (INFOMAMBA_FUSED_STEP, kernels/dispatch.py: `0` main's
+path throughout, and for k > 0 `concept`, the fused concept step with main's Mamba step), so one run says which is
+faster at each batch size. --sweep times the fused decode kernels' launch configurations (they write state in
+place, so they are picked by hand from this table, not autotuned), with the unfused steps as rows of the same
+table. --torch adds the PyTorch reference path (slow) at batch 1 and 2K tokens.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -99,6 +103,29 @@ def build(fields, k, device, dtype):
     return model.to(dtype).eval()
 
 
+# INFOMAMBA_FUSED_STEP values timed side by side: the fused step; for k > 0 the fused concept step with main's Mamba
+# step; main's decode path throughout.
+STEP_LABELS = {"1": "fused", "concept": "Mamba step unfused", "0": "unfused (main's path)"}
+
+
+def step_paths(k: int) -> tuple[str, ...]:
+    return ("1", "concept", "0") if k else ("1", "0")
+
+
+@contextlib.contextmanager
+def fused_step(choice: str):
+    """INFOMAMBA_FUSED_STEP=choice inside (a graph captures the path chosen while it is captured)."""
+    before = os.environ.get("INFOMAMBA_FUSED_STEP")
+    os.environ["INFOMAMBA_FUSED_STEP"] = choice
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["INFOMAMBA_FUSED_STEP"]
+        else:
+            os.environ["INFOMAMBA_FUSED_STEP"] = before
+
+
 def decode_step_fn(model, pool, tokens, slots, graphs: bool):
     if graphs:
         from server.engine.cuda_graphs import CudaGraphDecoder
@@ -108,22 +135,36 @@ def decode_step_fn(model, pool, tokens, slots, graphs: bool):
     return lambda: model.decode_step(tokens, pool, slots)
 
 
-def bench_decode(model, batches, clock, cuda, rows, graphs=True):
+def bench_decode(model, batches, clock, cuda, rows, graphs=True, rounds=2):
+    """Per batch: the fused step eager and under CUDA graphs, and each of step_paths under graphs (eager on the CPU).
+    The paths are captured once and timed in `rounds` interleaved rounds (fused, unfused, fused, unfused, ...), each
+    figure the least of its rounds' medians, so that a drift of the card over the run does not favour one path."""
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = state_nbytes_per_stream(cfg, model.dtype)
     peak = bandwidth(rows["card"])
     pool = model.empty_state(max(batches))
+    graphs = cuda and graphs
     out = {}
     with torch.inference_mode():
         for bs in batches:
             tokens = torch.randint(0, cfg.vocab_size, (bs,), device=model.device)
             slots = torch.arange(bs, dtype=torch.int32, device=model.device)
             eager = clock(decode_step_fn(model, pool, tokens, slots, False), iters=10 if cuda else 3, warmup=2)
-            graphed = (clock(decode_step_fn(model, pool, tokens, slots, True), iters=100) if cuda and graphs
-                       else float("nan"))
+            fns = {}
+            for path in step_paths(cfg.n_concepts):
+                with fused_step(path):
+                    fns[path] = decode_step_fn(model, pool, tokens, slots, graphs)
+            times = {path: [] for path in fns}
+            for _ in range(rounds if graphs else 1):
+                for path, fn in fns.items():
+                    with fused_step(path):  # eager (the CPU) reads the choice at each call
+                        times[path].append(clock(fn, iters=100 if graphs else 3, warmup=3 if graphs else 1))
+            paths_ms = {path: min(t) * 1e3 for path, t in times.items()}
+            del fns
             floor = (weight_bytes + 2 * bs * state_bytes) / peak
-            out[bs] = dict(graphs_ms=graphed * 1e3, eager_ms=eager * 1e3, floor_ms=floor * 1e3)
+            out[bs] = dict(graphs_ms=paths_ms["1"] if graphs else float("nan"), eager_ms=eager * 1e3,
+                           floor_ms=floor * 1e3, paths_ms=paths_ms, paths_timed="graphs" if graphs else "eager")
     return out
 
 
@@ -162,6 +203,8 @@ def busy_breakdown(model, prefill_len: int) -> dict:
             tokens = torch.randint(0, cfg.vocab_size, (bs,), device=model.device)
             slots = torch.arange(bs, dtype=torch.int32, device=model.device)
             out[f"decode_b{bs}"] = gpu_busy(decode_step_fn(model, pool, tokens, slots, False))
+            with fused_step("0"):  # main's path: which of its kernels cost what, beside the fused ones
+                out[f"decode_b{bs}_unfused"] = gpu_busy(decode_step_fn(model, pool, tokens, slots, False))
         ids = torch.randint(0, cfg.vocab_size, (1, prefill_len), device=model.device)
         out[f"prefill_{prefill_len}"] = gpu_busy(lambda: model(ids))
     return out
@@ -235,7 +278,8 @@ def sweep_decode(model, batches, clock):
     two-launch path (channels per block, blocks per program of launch 1, channels per program of launch 2) and the
     three-launch path (the same for launch 1, then channels per program of the dt launch). The defaults:
     concept_step.SPLIT_MAX_BATCH and _step_path, mamba_step.THREE_LAUNCH_MIN_BATCH, _step_config and
-    _three_launch_config; set them from this table."""
+    _three_launch_config; set them from this table. Last at each batch, the unfused steps (INFOMAMBA_FUSED_STEP
+    `concept`, then `0`) under the same clock."""
     concept_choices = [("rows", rows) for rows in (1, 2, 4, 8)] + [
         ("split", config) for config in ((1, 16), (1, 32), (2, 16), (4, 16), (16, 16), (16, 32))]
     # wider blocks spill at this config (bench/compile_kernels.py)
@@ -285,6 +329,12 @@ def sweep_decode(model, batches, clock):
                     ms = clock(decode_step_fn(model, pool, tokens, slots, True), iters=50) * 1e3
                     results.append(dict(batch=bs, concept=concept_default, mamba=f"{path} {config}", ms=ms))
                     restore()
+                for path in step_paths(model.config.n_concepts)[1:]:  # main's unfused steps, in the same table
+                    with fused_step(path):
+                        ms = clock(decode_step_fn(model, pool, tokens, slots, True), iters=50) * 1e3
+                    unfused = "unfused (main's kernels)"
+                    results.append(dict(batch=bs, concept=concept_default if path == "concept" else unfused,
+                                        mamba=unfused, ms=ms))
     finally:
         restore()
     return results
@@ -346,6 +396,27 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
 
+def paths_table(results, plan) -> str:
+    """Fused against main's unfused decode step at each batch, for both models (ms a step and unfused / fused)."""
+    head, rule, body = ["decode, batch"], ["---:"], {bs: [str(bs)] for bs in plan["batches"]}
+    for k in plan["concepts"]:
+        got = results["k"][k]["decode"]
+        timed = got[plan["batches"][0]]["paths_timed"]
+        for path in step_paths(k):
+            head.append(f"k={k} {STEP_LABELS[path]} ms ({timed})")
+            rule.append("---:")
+            for bs in plan["batches"]:
+                body[bs].append(f"{got[bs]['paths_ms'][path]:.3f}")
+        for path in step_paths(k)[1:]:
+            head.append(f"k={k} {STEP_LABELS[path]} / fused")
+            rule.append("---:")
+            for bs in plan["batches"]:
+                ms = got[bs]["paths_ms"]
+                body[bs].append(f"{ms[path] / ms['1']:.2f}")
+    rows = ["| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"]
+    return "\n".join(rows + ["| " + " | ".join(cells) + " |" for cells in body.values()])
+
+
 def report(results, plan) -> str:
     k0, k1 = plan["concepts"]
     a, b = results["k"][k0], results["k"][k1]
@@ -357,6 +428,7 @@ def report(results, plan) -> str:
         x, y = a["decode"][bs], b["decode"][bs]
         lines.append(f"| {bs} | {x['graphs_ms']:.3f} | {y['graphs_ms']:.3f} | {y['graphs_ms'] / x['graphs_ms']:.2f} | "
                      f"{x['eager_ms']:.3f} | {y['eager_ms']:.3f} | {y['floor_ms']:.3f} |")
+    lines += ["", paths_table(results, plan)]
     lines += ["", f"| prefill, tokens | k={k0} tokens/s | k={k1} tokens/s | k{k1}/k{k0} time |",
               "| ---: | ---: | ---: | ---: |"]
     for n in plan["lengths"]:
