@@ -301,7 +301,8 @@ def _step_config(batch: int, d_inner: int):
 # Why from batch 1: issue 10's H200 sweep (bench/RESULTS.md, "run 4": branch wt-fused at 4b1cb83, bench_model.py
 # --sweep, k = 16, 130M config, bf16, CUDA graphs) timed the three-launch path the fastest at every batch timed: ms a
 # step, best three-launch against best two-launch, 1.065 / 1.104 at batch 1, 1.284 / 1.571 at 64, 2.215 / 2.842 at
-# 256. The two-launch path stays (the sweep times it, `three=False` forces it).
+# 256 (at batch 1 the margin is about the run's noise, 0.01-0.05 ms). The two-launch path stays (the sweep times
+# it, `three=False` forces it).
 THREE_LAUNCH_MIN_BATCH = 1
 DT_PART_UNROLL, DT_WARPS = 8, 8  # the dt launch: no spills at the 130M config (bench/compile_kernels.py)
 
