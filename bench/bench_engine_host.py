@@ -32,6 +32,19 @@ by up to 1.5x, so read the engine column's 2-3x, not the digits). µs per step, 
   churn       256   2026     611    1414    7.91      1426     764     662    5.57
   churn       512   5051    1616    3436    9.87      2518    1268    1250    4.92
 
+Long append (`--long --repeats 3`, same VM, best run; ms per 65,536-id frame; wall includes the VM disk's fsyncs,
+2-4 ms each; writer is the store thread's CPU):
+
+                                  wall  engine  receive  step  post  flush  writer
+  before (main at 6c7cc62)        2.14    1.01     0.29  0.27  0.30   0.01    0.68
+  after (wt-longappend)           4.61    1.09     0.32  0.20  0.26   0.16    0.67
+
+The engine thread's CPU per frame stays about 1 ms; what changed is that on a GPU it no longer waits for the device
+(a snapshot per frame copied the state off the GPU; the last logits' .cpu() and the step count read waited for
+every step). Wall time rose here because every frame's answer now waits for its own log record's fsync and the
+background snapshots share the writer, where before the writer dropped all but the newest of the queued
+snapshots; 4.6 ms a frame is still 14M ids/s, nearly 3x what the model alone runs on an H200 (5.0M ids/s).
+
 The runner's host part after the model launch overlaps the GPU's work on a GPU; `engine` (and the runner's pack,
 before the launch) is what the GPU waits for.
 """
