@@ -90,12 +90,12 @@ class StreamState:
 
     def select(self, indices) -> "StreamState":
         """A copy of the streams at `indices` (a list or 1-D tensor of slots)."""
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.steps.device)
+        idx = _indices(indices, self.steps.device)
         return self._map(lambda name, t, axis: t.index_select(axis, idx))
 
     def assign(self, indices, other: "StreamState") -> None:
         """Write `other`'s streams into slots `indices`, in place."""
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.steps.device)
+        idx = _indices(indices, self.steps.device)
         theirs = other.tensors()
         for name, dst in self.tensors().items():
             src = theirs[name].to(device=dst.device, dtype=dst.dtype)
@@ -103,7 +103,7 @@ class StreamState:
 
     def reset(self, indices) -> None:
         """Zero the streams at `indices` (a fresh stream; a ring never shows another stream's keys)."""
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.steps.device)
+        idx = _indices(indices, self.steps.device)
         for name, tensor in self.tensors().items():
             tensor.index_fill_(_batch_axis(name), idx, 0)
 
@@ -145,6 +145,17 @@ def ring_names(i: int) -> tuple[str, str]:
 
 
 _RING_NAME = re.compile(r"attention\.(\d+)\.(key|value)")
+
+
+def _indices(indices, device: torch.device) -> torch.Tensor:
+    """Slot indices as a long tensor on `device`. A list goes to a GPU through pinned memory, without waiting for
+    the stream (torch.as_tensor(list, device="cuda") copies from pageable memory and waits for it)."""
+    if isinstance(indices, torch.Tensor):
+        return indices.to(device=device, dtype=torch.long)
+    idx = torch.tensor(indices, dtype=torch.long)
+    if device.type == "cuda":
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx
 
 
 def _batch_axis(name: str) -> int:
