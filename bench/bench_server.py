@@ -133,7 +133,7 @@ async def ws_client(url, frames, window, lat, opened, go):
     """Open a session, wait for the go, send the frames with up to `window` unanswered, close it."""
     from websockets.asyncio.client import connect
 
-    async with connect(url, max_size=None, ping_interval=None) as ws:
+    async with connect(url, max_size=None, ping_interval=None, compression=None) as ws:
         await ws.send(json.dumps({"type": "open"}))
         answer = json.loads(await ws.recv())
         if answer.get("type") != "opened":
