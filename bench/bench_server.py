@@ -71,7 +71,7 @@ def pp(values) -> str:
 
 ENGINE_SERIES = {"infomamba:engine_steps_total": "steps", "infomamba:batch_size_sum": "streams",
                  "infomamba:batch_tokens_sum": "tokens", "infomamba:model_forward_time_seconds_sum": "forward",
-                 "infomamba:graph_steps_total": "graph"}
+                 "infomamba:graph_steps_total": "graph", "infomamba:graph_forward_time_seconds_total": "graph_forward"}
 
 
 def engine_counters(text: str) -> dict:
@@ -92,14 +92,21 @@ def where_time_goes(before: dict, after: dict, seconds: float) -> dict:
     starved one."""
     d = {k: after[k] - before[k] for k in after}
     steps = max(d["steps"], 1)
+    eager = d["steps"] - d["graph"]
     return {"steps_per_s": d["steps"] / seconds, "streams": d["streams"] / steps, "tokens": d["tokens"] / steps,
             "step_ms": 1e3 * d["forward"] / steps, "graph": d["graph"] / steps,
-            "outside_ms": 1e3 * (seconds - d["forward"]) / steps}
+            "outside_ms": 1e3 * (seconds - d["forward"]) / steps,
+            # a graph step's and an eager (mixed) step's own time: a few eager steps can set the mean
+            "graph_step_ms": 1e3 * d["graph_forward"] / d["graph"] if d["graph"] else None,
+            "eager_step_ms": 1e3 * (d["forward"] - d["graph_forward"]) / eager if eager else None}
 
 
 def engine_line(e: dict) -> str:
+    split = ", ".join(f"{kind} {e[kind + '_step_ms']:.3f}" for kind in ("graph", "eager")
+                      if e.get(kind + "_step_ms") is not None)
     return (f"    engine: {e['steps_per_s']:,.0f} steps/s, {e['streams']:.1f} streams and {e['tokens']:.1f} tokens "
-            f"a step ({100 * e['graph']:.0f}% graph replays), {e['step_ms']:.3f} ms in the step + {e['outside_ms']:.3f} ms outside it")
+            f"a step ({100 * e['graph']:.0f}% graph replays), {e['step_ms']:.3f} ms in the step ({split} ms a step) "
+            f"+ {e['outside_ms']:.3f} ms outside it")
 
 
 # -- load-generating client processes (import no torch: they only speak HTTP and websockets) -------------------

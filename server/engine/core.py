@@ -185,9 +185,11 @@ class EngineCore:
             for chunk in batch.chunks:
                 self._fail(chunk.seq, EngineError("internal_error", "the engine step failed"))
             return batch
-        self.metrics.observe_step(batch, time.monotonic() - t0)
+        seconds = time.monotonic() - t0
+        self.metrics.observe_step(batch, seconds)
         if result.replayed:
             self.metrics.graph_steps.inc()
+            self.metrics.graph_forward_time.inc(seconds)
         self.postprocess(batch, result)
         self.num_steps += 1
         return batch
