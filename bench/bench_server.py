@@ -71,7 +71,8 @@ def pp(values) -> str:
 
 ENGINE_SERIES = {"infomamba:engine_steps_total": "steps", "infomamba:batch_size_sum": "streams",
                  "infomamba:batch_tokens_sum": "tokens", "infomamba:model_forward_time_seconds_sum": "forward",
-                 "infomamba:graph_steps_total": "graph", "infomamba:graph_forward_time_seconds_total": "graph_forward"}
+                 "infomamba:graph_steps_total": "graph", "infomamba:graph_forward_time_seconds_total": "graph_forward",
+                 "infomamba:triton_kernels_compiled": "compiled"}
 
 
 def engine_counters(text: str) -> dict:
@@ -98,7 +99,8 @@ def where_time_goes(before: dict, after: dict, seconds: float) -> dict:
             "outside_ms": 1e3 * (seconds - d["forward"]) / steps,
             # a graph step's and an eager (mixed) step's own time: a few eager steps can set the mean
             "graph_step_ms": 1e3 * d["graph_forward"] / d["graph"] if d["graph"] else None,
-            "eager_step_ms": 1e3 * (d["forward"] - d["graph_forward"]) / eager if eager else None}
+            "eager_step_ms": 1e3 * (d["forward"] - d["graph_forward"]) / eager if eager else None,
+            "compiled": d["compiled"]}
 
 
 def engine_line(e: dict) -> str:
@@ -106,7 +108,8 @@ def engine_line(e: dict) -> str:
                       if e.get(kind + "_step_ms") is not None)
     return (f"    engine: {e['steps_per_s']:,.0f} steps/s, {e['streams']:.1f} streams and {e['tokens']:.1f} tokens "
             f"a step ({100 * e['graph']:.0f}% graph replays), {e['step_ms']:.3f} ms in the step ({split} ms a step) "
-            f"+ {e['outside_ms']:.3f} ms outside it")
+            f"+ {e['outside_ms']:.3f} ms outside it"
+            + (f"; {e['compiled']:.0f} Triton kernels compiled during the run" if e.get("compiled") else ""))
 
 
 # -- load-generating client processes (import no torch: they only speak HTTP and websockets) -------------------
@@ -259,6 +262,7 @@ def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
         owner[msg.rid], sent_at[msg.rid] = i, time.perf_counter()
         core.handle(msg)
 
+    core.refresh_metrics()
     before, t0 = engine_counters(core.metrics.render().decode()), time.perf_counter()
     for i, script in enumerate(scripts):
         while nxt[i] < len(script) and inflight[i] < window:
@@ -278,6 +282,7 @@ def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
                     if nxt[i] < len(scripts[i]):
                         submit(i)
     run = Run(steps, time.perf_counter() - t0, lat, ttft)
+    core.refresh_metrics()
     run.engine = where_time_goes(before, engine_counters(core.metrics.render().decode()), run.seconds)
     return run
 

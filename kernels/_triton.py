@@ -6,6 +6,7 @@ functions, so `kernels.ops` falls back to the references.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -37,6 +38,30 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (the CPU interpreter ignores strides and autotune)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def compiled_kernels() -> int:
+    """Compiled variants held by the project's Triton kernels (kernels.*). A kernel compiles once per
+    specialization (constexprs, and Triton's own: ints equal to 1 or divisible by 16, pointer alignment), at its
+    first launch with it: a count that grows while serving means steps that waited for the compiler. 0 under the
+    interpreter, without Triton, or where Triton keeps its cache differently."""
+    if not HAS_TRITON or interpreting():
+        return 0
+    from triton.runtime.jit import JITFunction
+
+    total = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("kernels.") or module is None:
+            continue
+        for obj in list(vars(module).values()):
+            while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):  # autotuner / heuristics wrappers
+                obj = obj.fn
+            if isinstance(obj, JITFunction):
+                try:
+                    total += sum(len(entry[0]) for entry in obj.device_caches.values())
+                except (AttributeError, TypeError, IndexError):
+                    return 0
+    return total
 
 
 def rows(t):

@@ -34,6 +34,9 @@ class Metrics:
         self.engine_steps = Counter(p + "engine_steps", "Engine steps run", registry=r)
         self.graph_steps = Counter(p + "graph_steps", "Engine steps that replayed a CUDA graph (decode-only)",
                                    registry=r)
+        self.kernels_compiled = Gauge(p + "triton_kernels_compiled", "Compiled variants of the Triton kernels (one "
+                                      "per specialization, compiled at its first launch; growth while serving is "
+                                      "steps that waited for the compiler)", registry=r)
         # beside model_forward_time: splits the model's time between graph replays and eager (mixed) steps
         self.graph_forward_time = Counter(p + "graph_forward_time_seconds", "Model time of the engine steps that "
                                           "replayed a CUDA graph", registry=r)

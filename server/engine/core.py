@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels._triton import compiled_kernels
 from model.state import save_snapshot, state_nbytes_per_stream
 from server.config import ServerConfig
 from server.engine import errors
@@ -701,6 +702,7 @@ class EngineCore:
         reserved = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
         m.gpu_memory.labels("allocated").set(allocated)
         m.gpu_memory.labels("reserved").set(reserved)
+        m.kernels_compiled.set(compiled_kernels())
 
     def shutdown(self) -> None:
         """Finish what is queued for the disk; every resident session's last state is already there."""

@@ -20,3 +20,13 @@ def test_the_engine_line_splits_graph_and_eager_steps():
     assert abs(e["step_ms"] - 2.0) < 1e-9 and abs(e["graph"] - 0.9) < 1e-9
     assert abs(e["graph_step_ms"] - 1.0) < 1e-9 and abs(e["eager_step_ms"] - 11.0) < 1e-9
     assert "graph 1.000, eager 11.000 ms a step" in bench.engine_line(e)
+
+
+def test_compiled_kernels_counts_without_raising(monkeypatch):
+    """Off the interpreter, the count walks every kernels.* module's Triton functions (none compiled on a CPU)."""
+    import kernels._triton as kt
+    import kernels.ops  # noqa: F401  (imports every kernel module)
+
+    assert kt.compiled_kernels() == 0  # under the interpreter: nothing is compiled
+    monkeypatch.setattr(kt, "interpreting", lambda: False)
+    assert kt.compiled_kernels() == 0
