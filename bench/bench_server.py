@@ -370,7 +370,8 @@ class Server:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "clients.cli", "serve", "--port", str(self.port), "--device", config.device,
                "--max-num-streams", str(config.max_num_streams), "--max-num-batched-tokens",
-               str(config.max_num_batched_tokens), "--api-server-count", str(api_servers), "--log-level", "warning"]
+               str(config.max_num_batched_tokens), "--max-prefill-wait-steps", str(config.max_prefill_wait_steps),
+               "--api-server-count", str(api_servers), "--log-level", "warning"]
         cmd += ["--model", args.model] if args.model else []
         progress(f"starting infomamba {shlex.join(cmd[3:])}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -497,6 +498,8 @@ def parse_args():
                    help="CPUs for the server (and the engine-direct runs); the load-generating clients get the rest, "
                    "as if they ran on other machines (default: half; 0: no split)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="as in infomamba serve")
+    p.add_argument("--max-prefill-wait-steps", type=int, default=None,
+                   help="as in infomamba serve, for the server and engine direct alike (default: serve's)")
     p.add_argument("--profile", default=None, help="directory: py-spy samples the engine and frontends during the "
                    "highest-concurrency completions and the long append (py-spy must be on PATH)")
     return p.parse_args()
@@ -576,7 +579,8 @@ def bench_server(args, server: Server, clients: Clients, count: int, w: Workload
 def summary(args, r: dict, config, title: str) -> str:
     n, x = "{:,.0f}".format, lambda run, base: f"{run.rate / base.rate:.2f}"
     out = [f"\n### {title}\n", f"`python bench/bench_server.py {shlex.join(sys.argv[1:])}`: "
-           f"{config.max_num_streams} slots, {config.max_num_batched_tokens} steps per engine step; "
+           f"{config.max_num_streams} slots, {config.max_num_batched_tokens} steps per engine step, new prompts "
+           f"wait up to {config.max_prefill_wait_steps} graph steps; "
            f"{args.cpu_note}. Completions: "
            f"greedy, prompts of {args.prompt_len - 8}-{args.prompt_len + 8} ids, {args.max_tokens} tokens; steps/s "
            "counts prompt + generated steps; latency and time to first token (TTFT): p50 / p99 ms.\n",
@@ -629,6 +633,8 @@ def main() -> int:
     top = max(args.concurrency + [args.ws_sessions])
     config = ServerConfig(device=args.device, max_num_streams=max(64, 2 * top),
                           max_num_batched_tokens=max(args.max_num_batched_tokens, 2 * top))
+    if args.max_prefill_wait_steps is not None:
+        config.max_prefill_wait_steps = args.max_prefill_wait_steps
     config.device = resolve_device_dtype(config)[0]
     model, tokenizer = make_loader(config, args.model)()
     card = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"
