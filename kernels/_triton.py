@@ -40,6 +40,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# `triton.jit` picks the interpreter when it decorates a kernel, at import: the kernels run the way they were
+# decorated, whatever the variable says later, and `rows` (called per tensor per launch) reads this, not os.environ.
+INTERPRETED = interpreting()
+
+
 def compiled_kernels() -> int:
     """Compiled variants held by the project's Triton kernels (kernels.*). A kernel compiles once per
     specialization (constexprs, and Triton's own: ints equal to 1 or divisible by 16, pointer alignment), at its
@@ -69,7 +74,7 @@ def rows(t):
     projection) go through as they are on a GPU, saving a copy; the interpreter gets a contiguous copy."""
     if t is None:
         return None
-    return t if t.stride(-1) == 1 and not interpreting() else t.contiguous()
+    return t if t.stride(-1) == 1 and not INTERPRETED else t.contiguous()
 
 
 def check_pool(name: str, pool, ndim: int):
@@ -89,4 +94,4 @@ def check_indices(name: str, t, batch: int, device):
         raise ValueError(f"{name}: on {t.device}, expected {device}")
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "interpreting", "rows", "check_pool", "check_indices"]
+__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "interpreting", "rows", "check_pool", "check_indices"]

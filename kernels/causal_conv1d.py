@@ -232,12 +232,13 @@ def causal_conv1d(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=T
     bias = bias.contiguous() if bias is not None else None
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
     out = torch.empty_like(x)  # (total, d_inner); the kernel writes zeros on rows of -1 sequences
-    bounds = layout_of(cu_seqlens, layout).bounds
+    layout = layout_of(cu_seqlens, layout)
+    bounds = layout.bounds
     if bounds[-1] < x.shape[0]:
         out[bounds[-1]:].zero_()
     if batch == 0:
         return out
-    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    max_len = layout.max_len
     block_d = min(triton.next_power_of_2(d_inner), 64)
     block_w = triton.next_power_of_2(d_conv)
     if max_len > 0:

@@ -364,7 +364,9 @@ def _decay_args(log_decay, placeholder):
     """(pointer, HAS_DECAY): fp32 λ, or any tensor as a placeholder the kernels never read."""
     if log_decay is None:
         return placeholder, False
-    return log_decay.to(torch.float32).contiguous(), True
+    if log_decay.dtype != torch.float32:  # the model's cached λ is fp32 already: no conversion op per layer
+        log_decay = log_decay.float()
+    return log_decay.contiguous(), True
 
 
 def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None,
@@ -387,7 +389,7 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
         out[bounds[-1]:].zero_()
     if batch == 0:
         return out
-    max_len = max(b - a_ for a_, b in zip(bounds[:-1], bounds[1:]))
+    max_len = layout.max_len
     chunk = chunk_size or (64 if max_len > 32 else max(triton.next_power_of_2(max_len), 16))
     block_k = max(triton.next_power_of_2(k), 16)  # tl.dot needs 16
     block_dc = max(min(triton.next_power_of_2(d_c), 64), 16)

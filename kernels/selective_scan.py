@@ -60,7 +60,7 @@ def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, sta
 #   pass 3 (_scan_chunk_output_kernel):  each chunk again, started from its initial state: y, D skip, gate.
 # When every sequence fits in one chunk, pass 3 alone reads and writes the pool (one launch).
 
-from kernels._triton import HAS_TRITON, rows, check_indices, check_pool, interpreting, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, INTERPRETED, rows, check_indices, check_pool, tl, triton  # noqa: E402
 
 TOKEN_LOOP_DEFAULT = True  # bench/RESULTS.md: the token loop beat tl.associative_scan on H200 (issue 3)
 
@@ -359,9 +359,9 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
         out[bounds[-1]:].zero_()
     if batch == 0:
         return out
-    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    max_len = layout.max_len
     if token_loop is None:
-        token_loop = TOKEN_LOOP_DEFAULT or interpreting()
+        token_loop = TOKEN_LOOP_DEFAULT or INTERPRETED
     chunk, bd, out_warps = _scan_config(max_len, d_inner, token_loop)
     chunk = chunk_size or chunk
     bd = block_d or bd

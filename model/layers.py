@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import ops
+from kernels.ops import OpSet
 from kernels.packing import PackedLayout
 from model.config import InfoMambaConfig
 from model.state import LayerState
@@ -28,6 +29,7 @@ class Batch:
     state_indices: torch.Tensor  # (batch,) int32, -1 = padding
     is_decode: bool
     layout: PackedLayout | None = None  # cu_seqlens's host values and chunk tables, built once per pass
+    ops: OpSet = ops.ROUTED  # the kernels or the references, chosen once per pass (else per call)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,19 +91,19 @@ class MambaMixer(nn.Module):
         x_in, z = xz[:, :E], xz[:, E:]
         conv_w = self.conv1d.weight.squeeze(1)  # (E, K)
         if batch.is_decode:
-            xc = ops.causal_conv1d_update(x_in, conv_w, self.conv1d.bias, state.conv, batch.state_indices)
+            xc = batch.ops.causal_conv1d_update(x_in, conv_w, self.conv1d.bias, state.conv, batch.state_indices)
         else:
-            xc = ops.causal_conv1d(x_in, conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens, batch.state_indices,
+            xc = batch.ops.causal_conv1d(x_in, conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens, batch.state_indices,
                                    layout=batch.layout)
         dbc = self.x_proj(xc)  # (T, R + 2N)
         dt = F.linear(dbc[:, :R], self.dt_proj.weight)  # (T, E); bias and softplus fused in the scan
         B, C = dbc[:, R:R + N], dbc[:, R + N:]
         A = self.neg_A()  # (E, N)
         if batch.is_decode:
-            y = ops.selective_state_update(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
+            y = batch.ops.selective_state_update(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
                                            batch.state_indices)
         else:
-            y = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
+            y = batch.ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
                                    batch.cu_seqlens, batch.state_indices, layout=batch.layout)
         return self.out_proj(y)
 
@@ -154,13 +156,13 @@ class ConceptBottleneck(nn.Module):
         v = self.value(h)  # (T, C)
         log_decay = self.log_decay()  # (k,) or None
         if batch.is_decode:
-            read = ops.concept_filter_update(a, v, self.mix, state.concept_mean, state.concept_mass,
+            read = batch.ops.concept_filter_update(a, v, self.mix, state.concept_mean, state.concept_mass,
                                              batch.state_indices, self.eps, log_decay)
         else:
-            read = ops.concept_filter(a, v, self.mix, state.concept_mean, state.concept_mass,
+            read = batch.ops.concept_filter(a, v, self.mix, state.concept_mean, state.concept_mass,
                                       batch.cu_seqlens, batch.state_indices, self.eps, log_decay,
                                       layout=batch.layout)
-        normed, _ = ops.add_rms_norm(read, None, self.norm.weight, self.norm_eps)  # one kernel on a GPU
+        normed, _ = batch.ops.add_rms_norm(read, None, self.norm.weight, self.norm_eps)  # one kernel on a GPU
         return F.gelu(normed)
 
 
