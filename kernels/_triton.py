@@ -69,6 +69,17 @@ def compiled_kernels() -> int:
     return total
 
 
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 on the host (0 for n <= 0, as Triton's). Triton's own is a constexpr_function: a call
+    from Python unwraps its arguments through lists and dicts, some µs each, and a layer's launchers make ~15."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv on the host, for the same reason."""
+    return (a + b - 1) // b
+
+
 def rows(t):
     """A tensor the kernels can address by row stride alone: views with unit inner stride (slices of a fused
     projection) go through as they are on a GPU, saving a copy; the interpreter gets a contiguous copy."""

@@ -46,7 +46,7 @@ def window_attention_update_ref(q, k, v, key_ring, value_ring, steps, state_indi
 # the program writes the output; with more, each writes its (max, sum, weighted values) and a second kernel merges
 # them. Memory-bound: every ring entry in the window is read once.
 
-from kernels._triton import HAS_TRITON, INTERPRETED, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, INTERPRETED, next_power_of_2, tl, triton  # noqa: E402
 from kernels.window_attention import LOG2E  # noqa: E402
 
 
@@ -182,8 +182,8 @@ def _window_attention_update(q, k, v, key_ring, value_ring, steps, state_indices
         return out
     num_splits = num_splits or _num_splits(batch, n_kv_heads, window)
     ages_per_split = max(-(-(window - 1) // num_splits), 1)
-    block_d = max(triton.next_power_of_2(d_head), 16)
-    block_g = max(triton.next_power_of_2(group), 16)  # tl.dot needs 16 rows
+    block_d = max(next_power_of_2(d_head), 16)
+    block_g = max(next_power_of_2(group), 16)  # tl.dot needs 16 rows
     block_n = 16 if INTERPRETED else 64
     if num_splits > 1:
         part_max = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)

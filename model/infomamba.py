@@ -96,7 +96,7 @@ class InfoMamba(nn.Module):
                                  "pass state_indices to use it as a pool")
             state_indices = torch.arange(num_seqs, dtype=torch.int32, device=device)
         state_indices = _on(state_indices, device, torch.int32)
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        lengths = torch.diff(cu_seqlens)  # (batch,)
         # the layout is built once here; every layer's chunk kernels take it as an argument
         layout = PackedLayout(cu_seqlens, bounds)
         is_decode = tokens.shape[0] == num_seqs and layout.max_len == 1
@@ -206,5 +206,5 @@ def _on(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None 
 
 def _advance_steps(state: StreamState, state_indices: torch.Tensor, lengths: torch.Tensor) -> None:
     """steps[slot] += length for every live slot, without reading the device (padding adds 0 to slot 0)."""
-    live = (state_indices >= 0).to(torch.int64)
-    state.steps.index_add_(0, state_indices.clamp(min=0).long(), lengths.to(torch.int64) * live)
+    added = torch.where(state_indices >= 0, lengths, 0).long()
+    state.steps.index_add_(0, state_indices.clamp(min=0).long(), added)
