@@ -105,4 +105,5 @@ def check_indices(name: str, t, batch: int, device):
         raise ValueError(f"{name}: on {t.device}, expected {device}")
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "interpreting", "rows", "check_pool", "check_indices"]
+__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "interpreting", "next_power_of_2", "cdiv", "rows",
+           "check_pool", "check_indices"]

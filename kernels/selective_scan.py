@@ -338,7 +338,7 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
     d_state = A.shape[1]
     for name, t, shape in (("dt", dt, (total, d_inner)), ("B", B, (total, d_state)), ("C", C, (total, d_state)),
                            ("z", z, (total, d_inner)), ("D", D, (d_inner,)), ("dt_bias", dt_bias, (d_inner,))):
-        if t is not None and tuple(t.shape) != shape:
+        if t is not None and t.shape != shape:
             raise ValueError(f"selective_scan: {name} must be {shape}, got {tuple(t.shape)}")
     check_pool("ssm_state", ssm_state, 3)
     if ssm_state.shape[1:] != (d_inner, d_state) or ssm_state.dtype != torch.float32:
@@ -346,9 +346,10 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
                          f"got {ssm_state.dtype} {tuple(ssm_state.shape)}")
     batch = cu_seqlens.shape[0] - 1
     check_indices("state_indices", state_indices, batch, x.device)
-    x, dt, B, C, z = (rows(t) for t in (x, dt, B, C, z))
+    x, dt, B, C, z = rows(x), rows(dt), rows(B), rows(C), rows(z)
     A = A.contiguous()
-    D, dt_bias = (t.contiguous() if t is not None else None for t in (D, dt_bias))
+    D = D.contiguous() if D is not None else None
+    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
 
     out = torch.empty_like(x)  # (total, d_inner); rows of -1 sequences are written as zeros

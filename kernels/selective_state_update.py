@@ -123,7 +123,7 @@ def _selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indi
     d_state = A.shape[1]
     for name, t, shape in (("dt", dt, (batch, d_inner)), ("B", B, (batch, d_state)), ("C", C, (batch, d_state)),
                            ("z", z, (batch, d_inner)), ("D", D, (d_inner,)), ("dt_bias", dt_bias, (d_inner,))):
-        if t is not None and tuple(t.shape) != shape:
+        if t is not None and t.shape != shape:
             raise ValueError(f"selective_state_update: {name} must be {shape}, got {tuple(t.shape)}")
     check_pool("ssm_state", ssm_state, 3)
     if ssm_state.shape[1:] != (d_inner, d_state) or ssm_state.dtype != torch.float32:

@@ -100,7 +100,7 @@ class MambaMixer(nn.Module):
     def forward(self, u: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
         # u: (T, D) -> (T, D); the split pieces are views the kernels address by row stride
         # one split rather than a slice per piece: each is a trip through the dispatcher on the step's host time
-        x_in, z = self.in_proj(u).split(self._split_xz, dim=1)  # (T, E) each
+        x_in, z = self.in_proj(u).split_with_sizes(self._split_xz, dim=1)  # (T, E) each
         conv = self.conv1d
         conv_w = self.conv_weight()  # (E, K)
         if batch.is_decode:
@@ -108,7 +108,7 @@ class MambaMixer(nn.Module):
         else:
             xc = batch.ops.causal_conv1d(x_in, conv_w, conv.bias, state.conv, batch.cu_seqlens, batch.state_indices,
                                          layout=batch.layout)
-        dt_in, B, C = self.x_proj(xc).split(self._split_dbc, dim=1)  # (T, R), (T, N), (T, N)
+        dt_in, B, C = self.x_proj(xc).split_with_sizes(self._split_dbc, dim=1)  # (T, R), (T, N), (T, N)
         dt_proj = self.dt_proj
         dt = F.linear(dt_in, dt_proj.weight)  # (T, E); bias and softplus fused in the scan
         A = self.neg_A()  # (E, N)
