@@ -4,7 +4,8 @@ What it measures: `model(inputs, state, cu_seqlens=..., state_indices=..., bound
 ModelRunner calls it for a step that is not a pure decode step, with kernels.dispatch on the Triton path
 (INFOMAMBA_KERNELS=triton, TRITON_INTERPRET unset) and every Triton launch stubbed: `JITFunction.run` runs Triton's
 own argument binder and cache-key computation for an H100-class CUDA target (the specialization of every argument,
-which grows with the argument count) and returns without launching. Tensors are tiny (d_model 16) so the CPU's
+which grows with the argument count) and returns without launching (not counted: the device and stream look-up, the
+compiled-kernel cache look-up, launch_metadata and the C launcher). Tensors are tiny (d_model 16) so the CPU's
 GEMMs and elementwise ops cost about what a CUDA launch of them costs the host; the structure is the bundled
 model's: 6 recurrent layers, d_state 16, d_conv 4, expand 2, vocab 260, k = 0 (plain Mamba layers), and the same
 with k = 16 concepts and concept_decay "learned" (the InfoMamba filter).
@@ -79,12 +80,15 @@ class LaunchStub:
         self._backend = None
 
     def install(self) -> None:
+        from triton import knobs
         from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
         stub = self
 
-        def run(fn, *args, grid, warmup, **kwargs):
+        def run(fn, *args, grid, warmup, **kwargs):  # JITFunction.run up to its device-specific parts
             stub.launches += 1
             if stub.bind:
+                kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+                kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
                 cached = fn.__dict__.get("_bench_binder")
                 if cached is None:  # as Triton's per-device cache: a binder and a key cache per kernel
                     cached = fn._bench_binder = (
