@@ -31,11 +31,24 @@ compare code versions, not a prediction of device-machine milliseconds.
 With --against, rounds alternate between subprocesses that import `kernels`/`model` from this tree and from the
 other one (the bench file is this one in both), so a noisy neighbour hits both sides alike.
 
-Results on the 2-core dev VM, shared with other work (`python bench/bench_host_overhead.py --against
-/work/wt-host-base --rounds 7`, main at a97652d as the base; µs per forward, best round; launches and aten ops
-per forward):
+Results on the 2-core dev VM, shared with other work: before = main at a97652d (a worktree of it at
+/work/wt-host-base), after = branch wt-host. µs per forward, the best of 9 alternating rounds of 20 forwards; runs
+vary by up to 1.5x on this VM, so read the ratios, not the digits. Launches and aten ops are per forward.
 
-  RESULTS_TABLE
+  python bench/bench_host_overhead.py --against /work/wt-host-base --rounds 9 --iters 20 [--no-bind]
+
+                  with Triton's binding (default)        without it (--no-bind)
+  case            before   after  ratio                  before   after  ratio    launches   aten ops
+  mixed k=0         2809    2249   1.25                    2076    1349   1.54     25 -> 25   131 -> 76
+  mixed k=16        5715    4510   1.27                    4176    3482   1.20     49 -> 49   281 -> 202
+  mixed256 k=0      3558    2359   1.51                    2872    1742   1.65     25 -> 25   131 -> 76
+  prefill k=0       5835    4577   1.27                    5076    3056   1.66     37 -> 37   149 -> 94
+  prefill k=16     10139    9020   1.12                   10747    7725   1.39     61 -> 61   304 -> 225
+
+The gap between the two halves is Triton's own argument binding, ~30-40 µs a launch on this VM (more for kernels
+with many arguments: the scan's output kernel takes 24): the largest single cost left, and one the launch count
+and argument count set, not the wrappers. The prefill rows also carry the CPU's real arithmetic on 2,048 rows
+(the head's (2048, 260) GEMM above all), which no host-side change touches.
 """
 from __future__ import annotations
 
@@ -177,20 +190,21 @@ def profile(name: str, iters: int, top: int) -> str:
     return out.getvalue()
 
 
-def run_side(root: str, cases: list[str], rounds: int, iters: int) -> dict:
+def run_side(root: str, cases: list[str], rounds: int, iters: int, extra: list[str]) -> dict:
     """One side's results from a subprocess that imports the model and kernels from `root`."""
     env = dict(os.environ, BENCH_HOST_ROOT=root)
-    cmd = [sys.executable, __file__, "--json", "--rounds", str(rounds), "--iters", str(iters), "--cases", *cases]
+    cmd = [sys.executable, __file__, "--json", "--rounds", str(rounds), "--iters", str(iters), *extra,
+           "--cases", *cases]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def compare(other: str, cases: list[str], rounds: int, iters: int) -> None:
+def compare(other: str, cases: list[str], rounds: int, iters: int, extra: list[str]) -> None:
     sides = {"before": str(Path(other).resolve()), "after": str(ROOT)}
     best: dict[str, dict] = {side: {} for side in sides}
     for _ in range(rounds):  # alternate: one round of each side at a time
         for side, root in sides.items():
-            for case, got in run_side(root, cases, 1, iters).items():
+            for case, got in run_side(root, cases, 1, iters, extra).items():
                 kept = best[side].get(case)
                 if kept is None or got["us"] < kept["us"]:
                     best[side][case] = got
@@ -215,7 +229,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.against:
-        compare(args.against, args.cases, args.rounds, args.iters)
+        extra = ["--threads", str(args.threads)] + (["--no-bind"] if args.no_bind else [])
+        compare(args.against, args.cases, args.rounds, args.iters, extra)
         return
     stub = LaunchStub()
     stub.bind = not args.no_bind
