@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import ops
+from kernels.ops import OpSet
 from kernels.packing import PackedLayout
 from model.config import InfoMambaConfig
 from model.state import LayerState
@@ -28,6 +29,7 @@ class Batch:
     state_indices: torch.Tensor  # (batch,) int32, -1 = padding
     is_decode: bool
     layout: PackedLayout | None = None  # cu_seqlens's host values and chunk tables, built once per pass
+    ops: OpSet = ops.ROUTED  # the kernels or the references, chosen once per pass (else per call)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,7 +63,9 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, D, bias=config.proj_bias)
         self._init_dt()
+        self._split_xz, self._split_dbc = (E, E), (R, N, N)
         self._A: tuple[tuple, torch.Tensor] | None = None
+        self._conv_w: tuple[tuple, torch.Tensor] | None = None
 
     def _init_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         # Mamba's init: dt log-uniform in [dt_min, dt_max], stored as softplus^-1 in the bias.
@@ -74,35 +78,46 @@ class MambaMixer(nn.Module):
     def neg_A(self) -> torch.Tensor:
         """A = -exp(A_log) in fp32 (E, N), computed once per weight update rather than at every step (the
         decode step is a few microseconds of work per layer; three extra kernels would be a third of it)."""
-        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.dtype, self.A_log.device)
-        if self._A is None or self._A[0] != key or torch.is_grad_enabled():
-            A = -torch.exp(self.A_log.float())
-            if torch.is_grad_enabled():
-                return A
-            self._A = (key, A)
+        A_log = self.A_log
+        if torch.is_grad_enabled():
+            return -torch.exp(A_log.float())
+        key = (A_log.data_ptr(), A_log._version, A_log.dtype, A_log.device)
+        if self._A is None or self._A[0] != key:
+            self._A = (key, -torch.exp(A_log.float()))
         return self._A[1]
 
+    def conv_weight(self) -> torch.Tensor:
+        """The depthwise conv's (E, K) view of its (E, 1, K) weight, made once while the weight stays (a view
+        follows in-place updates; a new tensor, another dtype or device, makes a new one)."""
+        w = self.conv1d.weight
+        if torch.is_grad_enabled():
+            return w.squeeze(1)
+        key = (w.data_ptr(), w.dtype, w.device, w.shape)
+        if self._conv_w is None or self._conv_w[0] != key:
+            self._conv_w = (key, w.squeeze(1))
+        return self._conv_w[1]
+
     def forward(self, u: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
-        # u: (T, D) -> (T, D); the slices below are views the kernels address by row stride
-        E, N, R = self.d_inner, self.d_state, self.dt_rank
-        xz = self.in_proj(u)  # (T, 2E)
-        x_in, z = xz[:, :E], xz[:, E:]
-        conv_w = self.conv1d.weight.squeeze(1)  # (E, K)
+        # u: (T, D) -> (T, D); the split pieces are views the kernels address by row stride
+        # one split rather than a slice per piece: each is a trip through the dispatcher on the step's host time
+        x_in, z = self.in_proj(u).split_with_sizes(self._split_xz, dim=1)  # (T, E) each
+        conv = self.conv1d
+        conv_w = self.conv_weight()  # (E, K)
         if batch.is_decode:
-            xc = ops.causal_conv1d_update(x_in, conv_w, self.conv1d.bias, state.conv, batch.state_indices)
+            xc = batch.ops.causal_conv1d_update(x_in, conv_w, conv.bias, state.conv, batch.state_indices)
         else:
-            xc = ops.causal_conv1d(x_in, conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens, batch.state_indices,
-                                   layout=batch.layout)
-        dbc = self.x_proj(xc)  # (T, R + 2N)
-        dt = F.linear(dbc[:, :R], self.dt_proj.weight)  # (T, E); bias and softplus fused in the scan
-        B, C = dbc[:, R:R + N], dbc[:, R + N:]
+            xc = batch.ops.causal_conv1d(x_in, conv_w, conv.bias, state.conv, batch.cu_seqlens, batch.state_indices,
+                                         layout=batch.layout)
+        dt_in, B, C = self.x_proj(xc).split_with_sizes(self._split_dbc, dim=1)  # (T, R), (T, N), (T, N)
+        dt_proj = self.dt_proj
+        dt = F.linear(dt_in, dt_proj.weight)  # (T, E); bias and softplus fused in the scan
         A = self.neg_A()  # (E, N)
         if batch.is_decode:
-            y = ops.selective_state_update(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
-                                           batch.state_indices)
+            y = batch.ops.selective_state_update(xc, dt, A, B, C, self.D, z, dt_proj.bias, state.ssm,
+                                                 batch.state_indices)
         else:
-            y = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, state.ssm,
-                                   batch.cu_seqlens, batch.state_indices, layout=batch.layout)
+            y = batch.ops.selective_scan(xc, dt, A, B, C, self.D, z, dt_proj.bias, state.ssm,
+                                         batch.cu_seqlens, batch.state_indices, layout=batch.layout)
         return self.out_proj(y)
 
 
@@ -150,17 +165,18 @@ class ConceptBottleneck(nn.Module):
 
     def forward(self, h: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
         # h: (T, D) -> r: (T, C) global context for each token
-        a = torch.softmax(self.route(h).float(), dim=-1)  # (T, k)
+        logits = self.route(h)
+        a = torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)  # (T, k)
         v = self.value(h)  # (T, C)
         log_decay = self.log_decay()  # (k,) or None
         if batch.is_decode:
-            read = ops.concept_filter_update(a, v, self.mix, state.concept_mean, state.concept_mass,
+            read = batch.ops.concept_filter_update(a, v, self.mix, state.concept_mean, state.concept_mass,
                                              batch.state_indices, self.eps, log_decay)
         else:
-            read = ops.concept_filter(a, v, self.mix, state.concept_mean, state.concept_mass,
+            read = batch.ops.concept_filter(a, v, self.mix, state.concept_mean, state.concept_mass,
                                       batch.cu_seqlens, batch.state_indices, self.eps, log_decay,
                                       layout=batch.layout)
-        normed, _ = ops.add_rms_norm(read, None, self.norm.weight, self.norm_eps)  # one kernel on a GPU
+        normed, _ = batch.ops.add_rms_norm(read, None, self.norm.weight, self.norm_eps)  # one kernel on a GPU
         return F.gelu(normed)
 
 
@@ -178,9 +194,9 @@ class InformationFusion(nn.Module):
 
     def forward(self, h: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # h: (T, D), r: (T, C) -> (u: SSM input, extra: added to the SSM output), both (T, D)
-        r = r.to(h.dtype)
-        gates = torch.sigmoid(self.gate(torch.cat([h, r], dim=-1)))
-        g_s, g_o = gates[:, :self.d_concept], gates[:, self.d_concept:]
+        if r.dtype != h.dtype:
+            r = r.to(h.dtype)
+        g_s, g_o = torch.sigmoid(self.gate(torch.cat([h, r], dim=-1))).chunk(2, dim=-1)  # (T, C) each
         return h + self.to_input(g_s * r), self.to_output(g_o * r)
 
 

@@ -47,6 +47,8 @@ class StreamState:
     concept_mass: torch.Tensor
     steps: torch.Tensor
     rings: dict[str, torch.Tensor] = field(default_factory=dict)
+    # layer j -> its LayerState views, kept while the tensors above stay the same objects (inference only)
+    _layer_views: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def empty(cls, config: InfoMambaConfig, batch: int, device="cpu", dtype=torch.float32) -> "StreamState":
@@ -111,8 +113,20 @@ class StreamState:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def layer(self, j: int) -> "LayerState":
-        """The views of recurrent layer j (the j-th "infomamba" layer of the model)."""
-        return LayerState(self.conv[j], self.ssm[j], self.concept_mean[j], self.concept_mass[j])
+        """The views of recurrent layer j (the j-th "infomamba" layer of the model).
+
+        Under inference mode (the server's every step) the views are made once per pool and layer: four index ops a
+        layer are host time on every eager step. With autograd on they are made afresh (a view remembers the graph
+        it was made in)."""
+        if not torch.is_inference_mode_enabled():
+            return LayerState(self.conv[j], self.ssm[j], self.concept_mean[j], self.concept_mass[j])
+        view = self._layer_views.get(j)
+        if (view is None or view.base[0] is not self.conv or view.base[1] is not self.ssm
+                or view.base[2] is not self.concept_mean or view.base[3] is not self.concept_mass):
+            view = self._layer_views[j] = LayerState(
+                self.conv[j], self.ssm[j], self.concept_mean[j], self.concept_mass[j],
+                base=(self.conv, self.ssm, self.concept_mean, self.concept_mass))
+        return view
 
     def attention(self, i: int) -> "AttentionState":
         """The rings of model layer i, an attention layer."""
@@ -128,6 +142,7 @@ class LayerState:
     ssm: torch.Tensor
     concept_mean: torch.Tensor
     concept_mass: torch.Tensor
+    base: tuple = field(default=(), repr=False, compare=False)  # the pool tensors these views are of, when cached
 
 
 @dataclass
