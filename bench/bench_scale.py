@@ -16,6 +16,7 @@ loopback; results in bench/RESULTS.md):
           second replica brings its own hardware, as it would on a second machine.
 
     python bench/bench_scale.py [--quick] [--json OUT] [--only-log] [--only-replicas --cpus-per-replica 4]
+                                [--sessions 128] [--sustained-seconds 20]
 
 Needs redis-server and nginx (Debian packages) and the bundled model.
 """
@@ -227,9 +228,33 @@ def throughput(url: str, sessions: int, appends: int, chunk: int = 64) -> float:
     return sessions * appends * chunk / (time.perf_counter() - t0)
 
 
-def _client_process(url: str, sessions: int, appends: int, chunk: int, cpus: list[int]) -> None:
+def sustained_appends(url: str, sessions: int, chunk: int, start_at: float, end_at: float) -> int:
+    """Appends of `chunk` steps that `sessions` clients (each with its own session, all created before start_at)
+    completed between the wall-clock times start_at and end_at, every client appending back to back throughout."""
+    ids = list(range(1, chunk + 1))
+
+    def client(_) -> int:
+        done = 0
+        with httpx.Client(base_url=url, timeout=120) as http:
+            sid = http.post("/v1/sessions", json={}).json()["id"]
+            time.sleep(max(0.0, start_at - time.time()))
+            while time.time() < end_at:
+                r = http.post(f"/v1/sessions/{sid}/append", json={"input_ids": ids, "outputs": []})
+                assert r.status_code == 200, r.text
+                done += start_at <= time.time() <= end_at
+        return done
+
+    with ThreadPoolExecutor(sessions) as pool:
+        return sum(pool.map(client, range(sessions)))
+
+
+def _client_process(url: str, sessions: int, appends: int, chunk: int, cpus: list[int],
+                    window: tuple[float, float] | None = None) -> int:
     os.sched_setaffinity(0, (set(cpus) & os.sched_getaffinity(0)) or os.sched_getaffinity(0))
+    if window is not None:
+        return sustained_appends(url, sessions, chunk, *window)
     throughput(url, sessions, appends, chunk)
+    return sessions * appends
 
 
 def _pinned_replica(cpus: list[int], tmp: Path, label: str, args: list[str]) -> ServeProcess:
@@ -243,8 +268,12 @@ def _pinned_replica(cpus: list[int], tmp: Path, label: str, args: list[str]) -> 
 
 
 def replica_benchmarks(redis_url: str, tmp: Path, cpus_per_replica: int, sessions: int, appends: int,
-                       chunk: int = 64, device: str = "cpu") -> dict:
-    """One replica against two, both behind nginx, with the same clients; each replica on its own CPUs."""
+                       chunk: int = 64, device: str = "cpu", sustained_s: float = 0.0) -> dict:
+    """One replica against two, both behind nginx, with the same clients; each replica on its own CPUs.
+
+    Two measures: every session makes `appends` appends and the run ends with the last (steps/s over that time:
+    the busier replica sets it), and, with sustained_s, every session appends back to back for sustained_s seconds
+    (steps/s completed in that window: both replicas busy throughout)."""
     import multiprocessing
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -271,6 +300,16 @@ def replica_benchmarks(redis_url: str, tmp: Path, cpus_per_replica: int, session
                 pool.starmap(_client_process, [(url, per_worker, appends, chunk, client_cpus)] * workers)
                 return workers * per_worker * appends * chunk / (time.perf_counter() - t0)
 
+        def run_for(url: str, seconds: float) -> float:
+            # every session appends back to back for the same wall-clock window: the replicas' capacity, where
+            # run() ends with the busier replica (and so counts the hash's imbalance against two)
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(workers) as pool:
+                start_at = time.time() + 5 + sessions / 100  # every client's session created by then
+                window = (start_at, start_at + seconds)
+                counts = pool.starmap(_client_process, [(url, per_worker, 0, chunk, client_cpus, window)] * workers)
+            return sum(counts) * chunk / seconds
+
         def owners() -> dict[str, str | None]:
             listing = httpx.get(replicas[0].url + "/v1/sessions", timeout=60).json()["data"]
             return {entry["id"]: entry.get("owner") for entry in listing}
@@ -284,11 +323,17 @@ def replica_benchmarks(redis_url: str, tmp: Path, cpus_per_replica: int, session
                 # how the proxy's hash spread this run's sessions (a lease names its replica while it lives)
                 split = Counter(o for sid, o in owners().items() if sid not in before)
                 results[f"{label}_replica_sessions_by_owner"] = dict(sorted(split.items(), key=str))
+                if sustained_s:
+                    results[f"{label}_replica_sustained_steps_per_s"] = round(run_for(proxy.url, sustained_s))
             finally:
                 proxy.stop()
             print(label, results[f"{label}_replica_steps_per_s"], results[f"{label}_replica_sessions_by_owner"],
-                  flush=True)
+                  results.get(f"{label}_replica_sustained_steps_per_s"), flush=True)
         results["ratio"] = round(results["two_replica_steps_per_s"] / results["one_replica_steps_per_s"], 2)
+        if sustained_s:
+            results["sustained_seconds"] = sustained_s
+            results["sustained_ratio"] = round(results["two_replica_sustained_steps_per_s"]
+                                               / results["one_replica_sustained_steps_per_s"], 2)
     finally:
         for r in replicas:
             r.kill_all()
@@ -351,6 +396,8 @@ def main() -> None:
     parser.add_argument("--cpus-per-replica", type=int, default=4)
     parser.add_argument("--sessions", type=int, default=32, help="concurrent sessions for --only-replicas")
     parser.add_argument("--device", default="cpu", help="the replicas' --device for --only-replicas")
+    parser.add_argument("--sustained-seconds", type=float, default=20.0,
+                        help="--only-replicas: also every session appending back to back for this long (0: skip)")
     args = parser.parse_args()
     n = 50 if args.quick else 300
     redis = RedisServer()
@@ -359,7 +406,8 @@ def main() -> None:
         results = {"device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__}
         if args.only_replicas:
             results["replicas"] = replica_benchmarks(redis.url, tmp, args.cpus_per_replica, args.sessions,
-                                                     10 if args.quick else 40, device=args.device)
+                                                     10 if args.quick else 40, device=args.device,
+                                                     sustained_s=args.sustained_seconds)
             print(json.dumps(results, indent=2))
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2))

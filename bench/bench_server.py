@@ -71,7 +71,8 @@ def pp(values) -> str:
 
 ENGINE_SERIES = {"infomamba:engine_steps_total": "steps", "infomamba:batch_size_sum": "streams",
                  "infomamba:batch_tokens_sum": "tokens", "infomamba:model_forward_time_seconds_sum": "forward",
-                 "infomamba:graph_steps_total": "graph"}
+                 "infomamba:graph_steps_total": "graph", "infomamba:graph_forward_time_seconds_total": "graph_forward",
+                 "infomamba:triton_kernels_compiled": "compiled"}
 
 
 def engine_counters(text: str) -> dict:
@@ -92,14 +93,23 @@ def where_time_goes(before: dict, after: dict, seconds: float) -> dict:
     starved one."""
     d = {k: after[k] - before[k] for k in after}
     steps = max(d["steps"], 1)
+    eager = d["steps"] - d["graph"]
     return {"steps_per_s": d["steps"] / seconds, "streams": d["streams"] / steps, "tokens": d["tokens"] / steps,
             "step_ms": 1e3 * d["forward"] / steps, "graph": d["graph"] / steps,
-            "outside_ms": 1e3 * (seconds - d["forward"]) / steps}
+            "outside_ms": 1e3 * (seconds - d["forward"]) / steps,
+            # a graph step's and an eager (mixed) step's own time: a few eager steps can set the mean
+            "graph_step_ms": 1e3 * d["graph_forward"] / d["graph"] if d["graph"] else None,
+            "eager_step_ms": 1e3 * (d["forward"] - d["graph_forward"]) / eager if eager else None,
+            "compiled": d["compiled"]}
 
 
 def engine_line(e: dict) -> str:
+    split = ", ".join(f"{kind} {e[kind + '_step_ms']:.3f}" for kind in ("graph", "eager")
+                      if e.get(kind + "_step_ms") is not None)
     return (f"    engine: {e['steps_per_s']:,.0f} steps/s, {e['streams']:.1f} streams and {e['tokens']:.1f} tokens "
-            f"a step ({100 * e['graph']:.0f}% graph replays), {e['step_ms']:.3f} ms in the step + {e['outside_ms']:.3f} ms outside it")
+            f"a step ({100 * e['graph']:.0f}% graph replays), {e['step_ms']:.3f} ms in the step ({split} ms a step) "
+            f"+ {e['outside_ms']:.3f} ms outside it"
+            + (f"; {e['compiled']:.0f} Triton kernels compiled during the run" if e.get("compiled") else ""))
 
 
 # -- load-generating client processes (import no torch: they only speak HTTP and websockets) -------------------
@@ -133,7 +143,7 @@ async def ws_client(url, frames, window, lat, opened, go):
     """Open a session, wait for the go, send the frames with up to `window` unanswered, close it."""
     from websockets.asyncio.client import connect
 
-    async with connect(url, max_size=None, ping_interval=None) as ws:
+    async with connect(url, max_size=None, ping_interval=None, compression=None) as ws:
         await ws.send(json.dumps({"type": "open"}))
         answer = json.loads(await ws.recv())
         if answer.get("type") != "opened":
@@ -252,6 +262,7 @@ def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
         owner[msg.rid], sent_at[msg.rid] = i, time.perf_counter()
         core.handle(msg)
 
+    core.refresh_metrics()
     before, t0 = engine_counters(core.metrics.render().decode()), time.perf_counter()
     for i, script in enumerate(scripts):
         while nxt[i] < len(script) and inflight[i] < window:
@@ -271,6 +282,7 @@ def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
                     if nxt[i] < len(scripts[i]):
                         submit(i)
     run = Run(steps, time.perf_counter() - t0, lat, ttft)
+    core.refresh_metrics()
     run.engine = where_time_goes(before, engine_counters(core.metrics.render().decode()), run.seconds)
     return run
 
@@ -358,7 +370,8 @@ class Server:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "clients.cli", "serve", "--port", str(self.port), "--device", config.device,
                "--max-num-streams", str(config.max_num_streams), "--max-num-batched-tokens",
-               str(config.max_num_batched_tokens), "--api-server-count", str(api_servers), "--log-level", "warning"]
+               str(config.max_num_batched_tokens), "--max-prefill-wait-steps", str(config.max_prefill_wait_steps),
+               "--api-server-count", str(api_servers), "--log-level", "warning"]
         cmd += ["--model", args.model] if args.model else []
         progress(f"starting infomamba {shlex.join(cmd[3:])}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -485,6 +498,8 @@ def parse_args():
                    help="CPUs for the server (and the engine-direct runs); the load-generating clients get the rest, "
                    "as if they ran on other machines (default: half; 0: no split)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="as in infomamba serve")
+    p.add_argument("--max-prefill-wait-steps", type=int, default=None,
+                   help="as in infomamba serve, for the server and engine direct alike (default: serve's)")
     p.add_argument("--profile", default=None, help="directory: py-spy samples the engine and frontends during the "
                    "highest-concurrency completions and the long append (py-spy must be on PATH)")
     return p.parse_args()
@@ -564,7 +579,8 @@ def bench_server(args, server: Server, clients: Clients, count: int, w: Workload
 def summary(args, r: dict, config, title: str) -> str:
     n, x = "{:,.0f}".format, lambda run, base: f"{run.rate / base.rate:.2f}"
     out = [f"\n### {title}\n", f"`python bench/bench_server.py {shlex.join(sys.argv[1:])}`: "
-           f"{config.max_num_streams} slots, {config.max_num_batched_tokens} steps per engine step; "
+           f"{config.max_num_streams} slots, {config.max_num_batched_tokens} steps per engine step, new prompts "
+           f"wait up to {config.max_prefill_wait_steps} graph steps; "
            f"{args.cpu_note}. Completions: "
            f"greedy, prompts of {args.prompt_len - 8}-{args.prompt_len + 8} ids, {args.max_tokens} tokens; steps/s "
            "counts prompt + generated steps; latency and time to first token (TTFT): p50 / p99 ms.\n",
@@ -617,6 +633,8 @@ def main() -> int:
     top = max(args.concurrency + [args.ws_sessions])
     config = ServerConfig(device=args.device, max_num_streams=max(64, 2 * top),
                           max_num_batched_tokens=max(args.max_num_batched_tokens, 2 * top))
+    if args.max_prefill_wait_steps is not None:
+        config.max_prefill_wait_steps = args.max_prefill_wait_steps
     config.device = resolve_device_dtype(config)[0]
     model, tokenizer = make_loader(config, args.model)()
     card = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import interpreting, tl, triton
+from kernels._triton import INTERPRETED, tl, triton
 
 @triton.jit
 def softplus(x):
@@ -64,5 +64,6 @@ def dot_split(a, b, like_ptr, LOWP: tl.constexpr):
 
 
 def lowp_dot(dtype: torch.dtype) -> bool:
-    """Whether dot_rows may multiply in `dtype`: 16-bit, and on a GPU (the interpreter gets bf16 arithmetic wrong)."""
-    return dtype in (torch.float16, torch.bfloat16) and not interpreting()
+    """Whether dot_rows may multiply in `dtype`: 16-bit, and on a GPU (the interpreter gets bf16 arithmetic wrong).
+    INTERPRETED, read once at import as the kernels were decorated: this runs in every step's launchers."""
+    return dtype in (torch.float16, torch.bfloat16) and not INTERPRETED

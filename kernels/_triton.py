@@ -6,6 +6,7 @@ functions, so `kernels.ops` falls back to the references.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -39,12 +40,52 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# `triton.jit` picks the interpreter when it decorates a kernel, at import: the kernels run the way they were
+# decorated, whatever the variable says later, and `rows` (called per tensor per launch) reads this, not os.environ.
+INTERPRETED = interpreting()
+
+
+def compiled_kernels() -> int:
+    """Compiled variants held by the project's Triton kernels (kernels.*). A kernel compiles once per
+    specialization (constexprs, and Triton's own: ints equal to 1 or divisible by 16, pointer alignment), at its
+    first launch with it: a count that grows while serving means steps that waited for the compiler. 0 under the
+    interpreter, without Triton, or where Triton keeps its cache differently."""
+    if not HAS_TRITON or interpreting():
+        return 0
+    from triton.runtime.jit import JITFunction
+
+    total = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("kernels.") or module is None:
+            continue
+        for obj in list(vars(module).values()):
+            while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):  # autotuner / heuristics wrappers
+                obj = obj.fn
+            if isinstance(obj, JITFunction):
+                try:
+                    total += sum(len(entry[0]) for entry in obj.device_caches.values())
+                except (AttributeError, TypeError, IndexError):
+                    return 0
+    return total
+
+
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 on the host (0 for n <= 0, as Triton's). Triton's own is a constexpr_function: a call
+    from Python unwraps its arguments through lists and dicts, some µs each, and a layer's launchers make ~15."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv on the host, for the same reason."""
+    return (a + b - 1) // b
+
+
 def rows(t):
     """A tensor the kernels can address by row stride alone: views with unit inner stride (slices of a fused
     projection) go through as they are on a GPU, saving a copy; the interpreter gets a contiguous copy."""
     if t is None:
         return None
-    return t if t.stride(-1) == 1 and not interpreting() else t.contiguous()
+    return t if t.stride(-1) == 1 and not INTERPRETED else t.contiguous()
 
 
 def check_pool(name: str, pool, ndim: int):
@@ -64,4 +105,5 @@ def check_indices(name: str, t, batch: int, device):
         raise ValueError(f"{name}: on {t.device}, expected {device}")
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "interpreting", "rows", "check_pool", "check_indices"]
+__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "interpreting", "next_power_of_2", "cdiv", "rows",
+           "check_pool", "check_indices"]

@@ -15,7 +15,7 @@ def add_rms_norm_ref(x, residual, weight, eps):
 # ---------------------------------------------------------------------------------------------------------
 # Triton kernel: one program per token row (rows are short: d = d_model).
 
-from kernels._triton import HAS_TRITON, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, next_power_of_2, tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def add_rms_norm(x, residual, weight, eps):
     res_out = torch.empty((tokens, d), device=x.device, dtype=torch.float32)  # (tokens, d)
     if tokens == 0:
         return out, res_out
-    block_d = triton.next_power_of_2(d)
+    block_d = next_power_of_2(d)
     _add_rms_norm_kernel[(tokens,)](
         x, residual if residual is not None else x, weight, out, res_out,
         d, float(eps),

@@ -59,7 +59,8 @@ def causal_conv1d_update_ref(x, weight, bias, conv_state, state_indices, silu=Tr
 # program of a sequence's first token block, the only one that reads the carried window, then rewrites it (after
 # a barrier: all of its threads have read the old window first).
 
-from kernels._triton import HAS_TRITON, rows, check_indices, check_pool, tl, triton  # noqa: E402
+from kernels._triton import (HAS_TRITON, cdiv, check_indices, check_pool, next_power_of_2, rows, tl,  # noqa: E402
+                             triton)
 
 
 @triton.jit
@@ -223,22 +224,23 @@ def causal_conv1d(x, weight, bias, conv_state, cu_seqlens, state_indices, silu=T
     bias = bias.contiguous() if bias is not None else None
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
     out = torch.empty_like(x)  # (total, d_inner); the kernel writes zeros on rows of -1 sequences
-    bounds = layout_of(cu_seqlens, layout).bounds
+    layout = layout_of(cu_seqlens, layout)
+    bounds = layout.bounds
     if bounds[-1] < x.shape[0]:
         out[bounds[-1]:].zero_()
     if batch == 0:
         return out
-    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    block_d = min(triton.next_power_of_2(d_inner), 64)
+    max_len = layout.max_len
+    block_d = min(next_power_of_2(d_inner), 64)
     if max_len > 0:  # else every sequence is empty and every window stays as it is
-        block_l = min(triton.next_power_of_2(max_len), 64)
-        grid = (triton.cdiv(max_len, block_l), batch, triton.cdiv(d_inner, block_d))
+        block_l = min(next_power_of_2(max_len), 64)
+        grid = (cdiv(max_len, block_l), batch, cdiv(d_inner, block_d))
         _causal_conv1d_fwd_kernel[grid](
             x, weight, bias if bias is not None else weight, conv_state, cu_seqlens, state_indices, out,
             d_inner,
             x.stride(0), weight.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
             D_CONV=d_conv, HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=block_l, BLOCK_D=block_d,
-            BLOCK_W=triton.next_power_of_2(d_conv), num_warps=4,
+            BLOCK_W=next_power_of_2(d_conv), num_warps=4,
         )
     return out
 
@@ -259,13 +261,13 @@ def causal_conv1d_update(x, weight, bias, conv_state, state_indices, silu=True):
     out = torch.empty_like(x)  # (batch, d_inner); every row is written (zeros for -1 slots)
     if batch == 0:
         return out
-    block_d = min(triton.next_power_of_2(d_inner), 128 if batch <= 8 else 256)
-    _causal_conv1d_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
+    block_d = min(next_power_of_2(d_inner), 128 if batch <= 8 else 256)
+    _causal_conv1d_update_kernel[(batch, cdiv(d_inner, block_d))](
         x, weight, bias if bias is not None else weight, conv_state, state_indices, out,
         d_inner,
         x.stride(0), weight.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
         D_CONV=d_conv, HAS_BIAS=bias is not None, SILU=silu,
-        BLOCK_W=triton.next_power_of_2(d_conv), BLOCK_D=block_d,
+        BLOCK_W=next_power_of_2(d_conv), BLOCK_D=block_d,
         num_warps=4,
     )
     return out

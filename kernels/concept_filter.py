@@ -117,7 +117,8 @@ def concept_filter_update_ref(a, v, mix, concept_mean, concept_mass, state_indic
 # by γ^(last-s), pass 2 decays the carried state by γ^(chunk length), and pass 3 runs the mass as a decayed scan and
 # the local scores as one decayed outer product per concept (Mamba-2's per-head decay matrix, with k heads).
 
-from kernels._triton import HAS_TRITON, check_indices, check_pool, rows, tl, triton  # noqa: E402
+from kernels._triton import (HAS_TRITON, cdiv, check_indices, check_pool, next_power_of_2, rows, tl,  # noqa: E402
+                             triton)
 
 
 @triton.jit
@@ -446,7 +447,9 @@ def _decay_args(log_decay, placeholder):
     """(pointer, HAS_DECAY): fp32 λ, or any tensor as a placeholder the kernels never read."""
     if log_decay is None:
         return placeholder, False
-    return log_decay.to(torch.float32).contiguous(), True
+    if log_decay.dtype != torch.float32:  # the model's cached λ is fp32 already: no conversion op per layer
+        log_decay = log_decay.float()
+    return log_decay.contiguous(), True
 
 
 def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_indices, eps, log_decay=None,
@@ -469,17 +472,17 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
         out[bounds[-1]:].zero_()
     if batch == 0:
         return out
-    max_len = max(b - a_ for a_, b in zip(bounds[:-1], bounds[1:]))
-    chunk = chunk_size or (64 if max_len > 32 else max(triton.next_power_of_2(max_len), 16))
-    block_k = max(triton.next_power_of_2(k), 16)  # tl.dot needs 16
-    block_dc = max(min(triton.next_power_of_2(d_c), 64), 16)
+    max_len = layout.max_len
+    chunk = chunk_size or (64 if max_len > 32 else max(next_power_of_2(max_len), 16))
+    block_k = max(next_power_of_2(k), 16)  # tl.dot needs 16
+    block_dc = max(min(next_power_of_2(d_c), 64), 16)
     chunk_seq, chunk_pos, chunk_cu = layout.chunk_tables(chunk)
     num_chunks = chunk_seq.shape[0]
     chunk_sum = torch.empty(num_chunks, k, d_c, device=a.device, dtype=torch.float32)  # raw sums a^T v
     chunk_mass = torch.empty(num_chunks, k, device=a.device, dtype=torch.float64)
     entry_mean = torch.empty_like(chunk_sum)
     entry_mass = torch.empty_like(chunk_mass)
-    grid = (num_chunks, triton.cdiv(d_c, block_dc))
+    grid = (num_chunks, cdiv(d_c, block_dc))
     single = max_len <= chunk  # pass 2 has nothing to carry between chunks: passes 1 and 3 take its two jobs
     _concept_chunk_sums_kernel[grid](
         a, v, log_decay, cu_seqlens, state_indices, chunk_seq, chunk_pos, chunk_sum, chunk_mass, concept_mean,
@@ -491,11 +494,11 @@ def _concept_filter(a, v, mix, concept_mean, concept_mass, cu_seqlens, state_ind
         IS_LOGITS=is_logits, num_warps=4,
     )
     if not single:
-        max_chunks = triton.cdiv(max_len, chunk)
-        block_nc = block_chunks or min(max(triton.next_power_of_2(max_chunks), 16), 64)  # tl.dot needs 16
+        max_chunks = cdiv(max_len, chunk)
+        block_nc = block_chunks or min(max(next_power_of_2(max_chunks), 16), 64)  # tl.dot needs 16
         block_dc_prefix = min(block_dc, 32)
         # sm_90 compile (ptxas -v): 64 chunks a block spill on 4 warps, not on 8; 32 fit on 4
-        _concept_chunk_prefix_kernel[(batch, k, triton.cdiv(d_c, block_dc_prefix))](
+        _concept_chunk_prefix_kernel[(batch, k, cdiv(d_c, block_dc_prefix))](
             concept_mean, concept_mass, log_decay, cu_seqlens, state_indices, chunk_cu, chunk_sum, chunk_mass,
             entry_mean, entry_mass,
             d_c, float(eps),
@@ -543,7 +546,7 @@ def concept_filter_update(a, v, mix, concept_mean, concept_mass, state_indices, 
     out = torch.empty((batch, d_c), device=a.device, dtype=torch.float32)  # (batch, d_c), -1 rows zero
     if batch == 0:
         return out
-    block_k, block_dc = triton.next_power_of_2(k), triton.next_power_of_2(d_c)
+    block_k, block_dc = next_power_of_2(k), next_power_of_2(d_c)
     _concept_filter_update_kernel[(batch,)](
         a, v, mix, log_decay, concept_mean, concept_mass, state_indices, out,
         k, d_c, float(eps),

@@ -37,7 +37,7 @@ def concept_readout_ref(read, gate_h, norm_weight, gate_weight, norm_eps, out_ou
 # can read its own r back (a register tile cannot be sliced by columns).
 
 from kernels._jit import dot_rows, gelu, lowp_dot, sigmoid, stored  # noqa: E402
-from kernels._triton import HAS_TRITON, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, cdiv, next_power_of_2, tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -124,7 +124,7 @@ def check_readout_args(name, tokens, d_c, gate_h, norm_weight, gate_weight, out_
 
 def readout_block_c(d_c: int) -> int:
     """Every column of r in one tile (the norm needs the whole row); tl.dot needs 16 in every dimension."""
-    return max(triton.next_power_of_2(d_c), 16)
+    return max(next_power_of_2(d_c), 16)
 
 
 def concept_readout(read, gate_h, norm_weight, gate_weight, norm_eps, out_output=None):
@@ -145,7 +145,7 @@ def concept_readout(read, gate_h, norm_weight, gate_weight, norm_eps, out_output
     # sm_90 compile (ptxas -v) at d_c 192 in bf16: 64 rows with 16-column gate blocks on 8 warps fit the registers
     # (32 columns spill); 64 rows read the gate weights half as often as 32
     block_m = 64
-    _concept_readout_kernel[(triton.cdiv(tokens, block_m),)](
+    _concept_readout_kernel[(cdiv(tokens, block_m),)](
         read, gate_h, norm_weight, gate_weight, to_input, to_output,
         tokens, d_c, float(norm_eps),
         read.stride(0), gate_h.stride(0), gate_weight.stride(0), to_input.stride(0), to_output.stride(0),

@@ -50,7 +50,7 @@ def concept_step_ref(logits, v, gate_h, mix, norm_weight, gate_weight, concept_m
 # cores with its weights read once per program (kernels/concept_readout.py).
 
 from kernels._jit import dot_rows, gelu, lowp_dot, sigmoid, stored  # noqa: E402
-from kernels._triton import HAS_TRITON, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, cdiv, next_power_of_2, tl, triton  # noqa: E402
 from kernels.concept_filter import _check_concept_args, _decay_args, update_slot  # noqa: E402
 from kernels.concept_readout import check_readout_args, readout_block_c, readout_gates  # noqa: E402
 
@@ -252,9 +252,9 @@ def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean
             k, d_c, float(eps),
             logits.stride(0), v.stride(0), mix.stride(0), concept_mean.stride(0), concept_mean.stride(1),
             concept_mass.stride(0), read.stride(0),
-            HAS_DECAY=has_decay, BLOCK_K=triton.next_power_of_2(k), BLOCK_C=block_c, num_warps=8,
+            HAS_DECAY=has_decay, BLOCK_K=next_power_of_2(k), BLOCK_C=block_c, num_warps=8,
         )
-        _concept_step_gates_kernel[(triton.cdiv(batch, block_m), triton.cdiv(d_c, block_o))](
+        _concept_step_gates_kernel[(cdiv(batch, block_m), cdiv(d_c, block_o))](
             read, gate_h, norm_weight, gate_weight, to_input, to_output,
             batch, d_c, float(norm_eps),
             read.stride(0), gate_h.stride(0), gate_weight.stride(0), to_input.stride(0), to_output.stride(0),
@@ -263,15 +263,15 @@ def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean
         )
         return to_input, to_output
     rows = rows or _step_rows(batch)
-    _concept_step_kernel[(triton.cdiv(batch, rows),)](
+    _concept_step_kernel[(cdiv(batch, rows),)](
         logits, v, gate_h, mix, log_decay, concept_mean, concept_mass, state_indices, norm_weight, gate_weight,
         to_input, to_output,
         batch, k, d_c, float(eps), float(norm_eps),
         logits.stride(0), v.stride(0), gate_h.stride(0), mix.stride(0), concept_mean.stride(0),
         concept_mean.stride(1), concept_mass.stride(0), gate_weight.stride(0), to_input.stride(0),
         to_output.stride(0),
-        HAS_DECAY=has_decay, ROWS=rows, BLOCK_M=max(16, triton.next_power_of_2(rows)),
-        BLOCK_K=triton.next_power_of_2(k), BLOCK_C=block_c, BLOCK_O=min(block_c, 32), LOWP=lowp_dot(dtype),
+        HAS_DECAY=has_decay, ROWS=rows, BLOCK_M=max(16, next_power_of_2(rows)),
+        BLOCK_K=next_power_of_2(k), BLOCK_C=block_c, BLOCK_O=min(block_c, 32), LOWP=lowp_dot(dtype),
         # sm_90 compile (ptxas -v) at k 16, d_c 192, bf16: no spills on 4 warps for one row, on 8 for four
         num_warps=num_warps or (4 if rows == 1 or block_c <= 64 else 8),
     )

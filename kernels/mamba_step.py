@@ -61,7 +61,8 @@ def mamba_step_ref(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt
 # run on the tensor cores with their weights read once per row block, not once per row; padding rows are masked.
 
 from kernels._jit import dot_rows, dot_split, lowp_dot, silu, softplus, stored  # noqa: E402
-from kernels._triton import HAS_TRITON, check_indices, check_pool, rows, tl, triton  # noqa: E402
+from kernels._triton import (HAS_TRITON, cdiv, check_indices, check_pool, next_power_of_2, rows, tl,  # noqa: E402
+                             triton)
 from kernels.selective_state_update import _selective_state_update_kernel, _update_config  # noqa: E402
 
 
@@ -284,7 +285,7 @@ def _step_config(batch: int, d_inner: int):
     """(channels per block of launch 1, blocks per program there, channels per program of launch 2). Hand-picked,
     no autotune (both launches write state in place): small batches spread over more, narrower programs; launch 2
     adds up one partial sum of x_proj per program of launch 1 (24 at d_inner 1536 for batch <= 16)."""
-    block_e = min(triton.next_power_of_2(d_inner), 64)
+    block_e = min(next_power_of_2(d_inner), 64)
     num_sub = 1 if batch <= 16 else (2 if batch <= 64 else 4)
     block_d = 16 if batch <= 16 else 32
     return block_e, num_sub, block_d
@@ -313,7 +314,7 @@ def _three_launch_config(batch: int, d_inner: int):
     ms; (64, 1, 64) 1.133), (64, 1, 64) at 64 (1.284; 128: 1.293) and at 256 (2.215; 128: 2.271). Batches 2-63 were
     not timed: up to 16 take batch 1's choice (the two-launch configuration's own boundary). Above 256, not timed
     either, two blocks a program as before."""
-    block_e = min(triton.next_power_of_2(d_inner), 64)
+    block_e = min(next_power_of_2(d_inner), 64)
     return block_e, 1 if batch <= 256 else 2, 128 if batch <= 16 else 64
 
 
@@ -335,7 +336,7 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
     for name, t, shape in (("conv_bias", conv_bias, (d_inner,)), ("x_proj_weight", x_proj_weight, (d_proj, d_inner)),
                            ("dt_proj_weight", dt_proj_weight, (d_inner, dt_rank)), ("dt_bias", dt_bias, (d_inner,)),
                            ("A", A, (d_inner, d_state)), ("D", D, (d_inner,)), ("out", out, (batch, d_inner))):
-        if t is not None and tuple(t.shape) != shape:
+        if t is not None and t.shape != shape:  # torch.Size compares to a tuple: no tuple built per tensor
             raise ValueError(f"mamba_step: {name} must be {shape}, got {tuple(t.shape)}")
     if (inject is None) != (inject_weight is None):
         raise ValueError("mamba_step: inject and inject_weight go together")
@@ -353,9 +354,11 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
     check_indices("state_indices", state_indices, batch, xz.device)
     if out is not None and (out.stride(-1) != 1 or out.dtype != xz.dtype):
         raise ValueError("mamba_step: out must have xz's dtype and unit column stride")
-    conv_weight, x_proj_weight, dt_proj_weight, A = (t.contiguous() for t in (conv_weight, x_proj_weight,
-                                                                               dt_proj_weight, A))
-    conv_bias, dt_bias, D = (t.contiguous() if t is not None else None for t in (conv_bias, dt_bias, D))
+    conv_weight, x_proj_weight = conv_weight.contiguous(), x_proj_weight.contiguous()
+    dt_proj_weight, A = dt_proj_weight.contiguous(), A.contiguous()
+    conv_bias = conv_bias.contiguous() if conv_bias is not None else None
+    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
+    D = D.contiguous() if D is not None else None
     if inject is not None:
         inject, inject_weight = inject.contiguous(), inject_weight.contiguous()
     state_indices = state_indices.contiguous()
@@ -367,13 +370,13 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
     block_e, num_sub, block_d = block_e or config[0], num_sub or config[1], block_d or config[2]
     block_b = 16  # tl.dot's least
     # 8 warps: the sm_90 compile (ptxas -v) of both kernels spills on 4 at the 130M config in bf16
-    num_parts = triton.cdiv(d_inner, block_e * num_sub)
+    num_parts = cdiv(d_inner, block_e * num_sub)
     xc = torch.empty((batch, d_inner), device=xz.device, dtype=torch.float32)  # (batch, E) the conv's output
     dbc_part = torch.empty((num_parts, batch, d_proj), device=xz.device, dtype=torch.float32)
-    block_c = min(max(triton.next_power_of_2(d_inject), 16), 64)  # the injection's inner dimension, per block
+    block_c = min(max(next_power_of_2(d_inject), 16), 64)  # the injection's inner dimension, per block
     lowp = lowp_dot(xz.dtype)
     placeholder = xz  # pointer arguments the kernels never read (no injection)
-    grid_b = triton.cdiv(batch, block_b)
+    grid_b = cdiv(batch, block_b)
     _mamba_step_conv_kernel[(grid_b, num_parts)](
         xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder,
         conv_weight, conv_bias if conv_bias is not None else conv_weight, conv_state, x_proj_weight, state_indices,
@@ -383,15 +386,15 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
         inject_weight.stride(0) if inject is not None else 0, conv_weight.stride(0), conv_state.stride(0),
         conv_state.stride(1), x_proj_weight.stride(0), xc.stride(0), dbc_part.stride(0), dbc_part.stride(1),
         HAS_INJECT=inject is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv, LOWP=lowp,
-        NUM_SUB=num_sub, BLOCK_B=block_b, BLOCK_E=block_e, BLOCK_W=triton.next_power_of_2(d_conv),
-        BLOCK_P=max(triton.next_power_of_2(d_proj), 16), BLOCK_C=block_c, num_warps=8,
+        NUM_SUB=num_sub, BLOCK_B=block_b, BLOCK_E=block_e, BLOCK_W=next_power_of_2(d_conv),
+        BLOCK_P=max(next_power_of_2(d_proj), 16), BLOCK_C=block_c, num_warps=8,
     )
     if three:
         _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_bias, A, D, xc, ssm_state,
                            state_indices, out, batch, d_inner, d_state, dt_rank, d_inject, num_parts, block_b,
                            block_d, block_c, lowp)
         return out
-    _mamba_step_ssm_kernel[(grid_b, triton.cdiv(d_inner, block_d))](
+    _mamba_step_ssm_kernel[(grid_b, cdiv(d_inner, block_d))](
         xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder, xc,
         dbc_part, dt_proj_weight, dt_bias, A, D, ssm_state, state_indices, out,
         batch, d_inner, d_state, dt_rank, d_inject,
@@ -399,7 +402,7 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
         inject_weight.stride(0) if inject is not None else 0, xc.stride(0), dbc_part.stride(0), dbc_part.stride(1),
         dt_proj_weight.stride(0), A.stride(0), ssm_state.stride(0), ssm_state.stride(1), out.stride(0),
         HAS_INJECT=inject is not None, LOWP=lowp, NUM_PARTS=num_parts, BLOCK_B=block_b, BLOCK_D=block_d,
-        BLOCK_N=triton.next_power_of_2(d_state), BLOCK_R=max(triton.next_power_of_2(dt_rank), 16),
+        BLOCK_N=next_power_of_2(d_state), BLOCK_R=max(next_power_of_2(dt_rank), 16),
         BLOCK_C=block_c, num_warps=8,
     )
     return out
@@ -420,7 +423,7 @@ def _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_b
     else:  # z read straight from xz's second half by the state update
         z, z_in = dt, xz[:, d_inner:]
     placeholder = xz
-    _mamba_step_dt_kernel[(triton.cdiv(batch, block_b), triton.cdiv(d_inner, block_d))](
+    _mamba_step_dt_kernel[(cdiv(batch, block_b), cdiv(d_inner, block_d))](
         xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder,
         dbc_part, dt_proj_weight, dt_bias, dt, z, B, C,
         batch, d_inner, d_state, dt_rank, d_inject,
@@ -428,12 +431,12 @@ def _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_b
         inject_weight.stride(0) if inject is not None else 0, dbc_part.stride(0), dbc_part.stride(1),
         dt_proj_weight.stride(0), dt.stride(0), z.stride(0), B.stride(0), C.stride(0),
         HAS_INJECT=inject is not None, LOWP=lowp, NUM_PARTS=num_parts, PART_UNROLL=DT_PART_UNROLL, BLOCK_B=block_b,
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), BLOCK_R=max(triton.next_power_of_2(dt_rank), 16),
+        BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state), BLOCK_R=max(next_power_of_2(dt_rank), 16),
         BLOCK_C=block_c, num_warps=DT_WARPS,
     )
     z_in = rows(z_in)
     ssu_block_d, block_n, ssu_warps = _update_config(batch, d_inner, d_state)
-    _selective_state_update_kernel[(batch, triton.cdiv(d_inner, ssu_block_d))](
+    _selective_state_update_kernel[(batch, cdiv(d_inner, ssu_block_d))](
         xc, dt, A, B, C, D, z_in, dt, ssm_state, state_indices, out,
         d_inner, d_state,
         xc.stride(0), dt.stride(0), A.stride(0), B.stride(0), C.stride(0), z_in.stride(0),

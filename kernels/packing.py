@@ -5,9 +5,11 @@ belongs to sequence i, whose carried state lives in slot `state_indices[i]` of t
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
+
 
 @dataclass(eq=False)
 class PackedLayout:
@@ -18,6 +20,13 @@ class PackedLayout:
     cu_seqlens: torch.Tensor  # (batch + 1,) int32 on the device
     bounds: list[int]  # the same values on the host
     _tables: dict = field(default_factory=dict)
+    # from the bounds, once per pass rather than in every kernel of every layer (a loop over the sequences)
+    num_seqs: int = field(init=False)
+    max_len: int = field(init=False)  # the longest sequence, 0 with none
+
+    def __post_init__(self):
+        self.num_seqs = len(self.bounds) - 1
+        self.max_len = max(map(operator.sub, self.bounds[1:], self.bounds[:-1]), default=0)
 
     @classmethod
     def of(cls, cu_seqlens: torch.Tensor, bounds: list[int] | None = None) -> "PackedLayout":
@@ -26,9 +35,11 @@ class PackedLayout:
     def chunk_tables(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per chunk: its sequence and its index within it; per sequence: its first chunk (a prefix sum). Built on
         the host and sent in one copy; the kernels only read them, so every layer of the pass reuses them."""
-        if chunk not in self._tables:
-            self._tables[chunk] = _build_chunk_tables(self.bounds, chunk, self.cu_seqlens.device)
-        return self._tables[chunk]
+        tables = self._tables.get(chunk)
+        if tables is None:
+            tables = self._tables[chunk] = _build_chunk_tables(self.bounds, chunk, self.cu_seqlens.device,
+                                                               self.max_len)
+        return tables
 
 
 def layout_of(cu_seqlens: torch.Tensor, layout: PackedLayout | None) -> PackedLayout:
@@ -38,15 +49,20 @@ def layout_of(cu_seqlens: torch.Tensor, layout: PackedLayout | None) -> PackedLa
     return PackedLayout.of(cu_seqlens)
 
 
-def _build_chunk_tables(bounds, chunk, device):
-    chunk_seq, chunk_pos, chunk_cu = [], [], [0]
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        count = max(-(-(b - a) // chunk), 1)  # an empty sequence still gets a chunk: it carries the state
-        chunk_seq += [i] * count
-        chunk_pos += range(count)
-        chunk_cu.append(chunk_cu[-1] + count)
-    n = len(chunk_seq)
-    packed = torch.tensor(chunk_seq + chunk_pos + chunk_cu, dtype=torch.int32)
+def _build_chunk_tables(bounds, chunk, device, max_len):
+    num_seqs = len(bounds) - 1
+    if max_len <= chunk:  # one chunk a sequence (a mixed step's decodes and short prompts): no loop over them
+        n = num_seqs
+        packed = torch.tensor([*range(n), *(0,) * n, *range(n + 1)], dtype=torch.int32)
+    else:
+        chunk_seq, chunk_pos, chunk_cu = [], [], [0]
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            count = max(-(-(b - a) // chunk), 1)  # an empty sequence still gets a chunk: it carries the state
+            chunk_seq += [i] * count
+            chunk_pos += range(count)
+            chunk_cu.append(chunk_cu[-1] + count)
+        n = len(chunk_seq)
+        packed = torch.tensor(chunk_seq + chunk_pos + chunk_cu, dtype=torch.int32)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     return packed[:n], packed[n:2 * n], packed[2 * n:]

@@ -64,7 +64,8 @@ def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, sta
 #   pass 3 (_scan_chunk_output_kernel):  each chunk again, started from its initial state: y, D skip, gate.
 # When every sequence fits in one chunk, pass 3 alone reads and writes the pool (one launch).
 
-from kernels._triton import HAS_TRITON, rows, check_indices, check_pool, interpreting, tl, triton  # noqa: E402
+from kernels._triton import (HAS_TRITON, INTERPRETED, cdiv, check_indices, check_pool, next_power_of_2,  # noqa: E402
+                             rows, tl, triton)
 
 TOKEN_LOOP_DEFAULT = True  # bench/RESULTS.md: the token loop beat tl.associative_scan on H200 (issue 3)
 
@@ -321,10 +322,10 @@ def _scan_chunk_output_kernel(
 def _scan_config(max_len: int, d_inner: int, token_loop: bool):
     """Hand-tuned (bench/RESULTS.md): (chunk, block_d, num_warps of the output pass)."""
     if token_loop:  # H200 sweep at 32K: chunk 128, 32 channels, 1 warp (1.02 ms; 64: 1.10, 256: 1.09 ms)
-        chunk = min(128, max(triton.next_power_of_2(max_len), 16))
-        return chunk, min(triton.next_power_of_2(d_inner), 32), 1
-    chunk = 64 if max_len > 32 else max(triton.next_power_of_2(max_len), 16)
-    bd = min(triton.next_power_of_2(d_inner), 64 if max_len <= 2048 else 32)
+        chunk = min(128, max(next_power_of_2(max_len), 16))
+        return chunk, min(next_power_of_2(d_inner), 32), 1
+    chunk = 64 if max_len > 32 else max(next_power_of_2(max_len), 16)
+    bd = min(next_power_of_2(d_inner), 64 if max_len <= 2048 else 32)
     return chunk, bd, 4 if chunk * bd <= 4096 else 8
 
 
@@ -341,7 +342,7 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
     d_state = A.shape[1]
     for name, t, shape in (("dt", dt, (total, d_inner)), ("B", B, (total, d_state)), ("C", C, (total, d_state)),
                            ("z", z, (total, d_inner)), ("D", D, (d_inner,)), ("dt_bias", dt_bias, (d_inner,))):
-        if t is not None and tuple(t.shape) != shape:
+        if t is not None and t.shape != shape:
             raise ValueError(f"selective_scan: {name} must be {shape}, got {tuple(t.shape)}")
     check_pool("ssm_state", ssm_state, 3)
     if ssm_state.shape[1:] != (d_inner, d_state) or ssm_state.dtype != torch.float32:
@@ -349,9 +350,10 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
                          f"got {ssm_state.dtype} {tuple(ssm_state.shape)}")
     batch = cu_seqlens.shape[0] - 1
     check_indices("state_indices", state_indices, batch, x.device)
-    x, dt, B, C, z = (rows(t) for t in (x, dt, B, C, z))
+    x, dt, B, C, z = rows(x), rows(dt), rows(B), rows(C), rows(z)
     A = A.contiguous()
-    D, dt_bias = (t.contiguous() if t is not None else None for t in (D, dt_bias))
+    D = D.contiguous() if D is not None else None
+    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     cu_seqlens, state_indices = cu_seqlens.contiguous(), state_indices.contiguous()
 
     if out is None:
@@ -366,9 +368,9 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
         out[bounds[-1]:].zero_()
     if batch == 0:
         return out
-    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    max_len = layout.max_len
     if token_loop is None:
-        token_loop = TOKEN_LOOP_DEFAULT or interpreting()
+        token_loop = TOKEN_LOOP_DEFAULT or INTERPRETED
     chunk, bd, out_warps = _scan_config(max_len, d_inner, token_loop)
     chunk = chunk_size or chunk
     bd = block_d or bd
@@ -376,7 +378,7 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
     single = max_len <= chunk
     chunk_seq, chunk_pos, chunk_cu = layout.chunk_tables(chunk)
     num_chunks = chunk_seq.shape[0]
-    grid = (num_chunks, triton.cdiv(d_inner, bd))
+    grid = (num_chunks, cdiv(d_inner, bd))
     flags = dict(HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus)
     dt_bias_arg = dt_bias if dt_bias is not None else dt
     state_warps = 4 if chunk * bd <= 4096 else 8
@@ -391,12 +393,12 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
             d_inner, d_state,
             x.stride(0), dt.stride(0), A.stride(0), B.stride(0),
             chunk_state.stride(0), chunk_state.stride(1), chunk_dt.stride(0),
-            TOKEN_LOOP=token_loop, CHUNK=chunk, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(d_state),
+            TOKEN_LOOP=token_loop, CHUNK=chunk, BLOCK_D=bd, BLOCK_N=next_power_of_2(d_state),
             num_warps=out_warps if token_loop else state_warps, **flags,
         )
-        block_n = triton.next_power_of_2(d_state)
-        bd_combine = max(min(triton.next_power_of_2(d_inner), 1024 // block_n, 64), 1)
-        _scan_chunk_combine_kernel[(batch, triton.cdiv(d_inner, bd_combine))](
+        block_n = next_power_of_2(d_state)
+        bd_combine = max(min(next_power_of_2(d_inner), 1024 // block_n, 64), 1)
+        _scan_chunk_combine_kernel[(batch, cdiv(d_inner, bd_combine))](
             A, ssm_state, state_indices, chunk_cu, chunk_state, chunk_dt, chunk_init,
             d_inner, d_state,
             A.stride(0), ssm_state.stride(0), ssm_state.stride(1),
@@ -410,7 +412,7 @@ def _selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, state_
         x.stride(0), dt.stride(0), A.stride(0), B.stride(0), C.stride(0), z.stride(0) if z is not None else 0,
         ssm_state.stride(0), ssm_state.stride(1), chunk_init.stride(0), chunk_init.stride(1), out.stride(0),
         HAS_D=D is not None, HAS_Z=z is not None, SINGLE_CHUNK=single, TOKEN_LOOP=token_loop,
-        CHUNK=chunk, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(d_state), num_warps=out_warps, **flags,
+        CHUNK=chunk, BLOCK_D=bd, BLOCK_N=next_power_of_2(d_state), num_warps=out_warps, **flags,
     )
     return out
 

@@ -36,7 +36,8 @@ def selective_state_update_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_i
 # Triton kernel: one program per (row, channel block) holding a (BLOCK_D, d_state) tile of the state.
 # Memory-bound: the state is read and written once (8 bytes per element); everything else is O(d_inner).
 
-from kernels._triton import HAS_TRITON, rows, check_indices, check_pool, tl, triton  # noqa: E402
+from kernels._triton import (HAS_TRITON, cdiv, check_indices, check_pool, next_power_of_2, rows, tl,  # noqa: E402
+                             triton)
 
 
 @triton.jit
@@ -90,14 +91,14 @@ def _selective_state_update_kernel(
 def _update_config(batch: int, d_inner: int, d_state: int):
     """Hand-tuned (no autotune: the kernel writes state in place): small batches get narrow channel
     blocks so that enough programs are in flight to cover the chip."""
-    block_n = triton.next_power_of_2(d_state)
+    block_n = next_power_of_2(d_state)
     if batch <= 8:
         block_d = 16
     elif batch <= 64:
         block_d = 32
     else:
         block_d = 64
-    block_d = max(min(block_d, triton.next_power_of_2(d_inner), max(4096 // block_n, 1)), 1)
+    block_d = max(min(block_d, next_power_of_2(d_inner), max(4096 // block_n, 1)), 1)
     # H200 sweep (bench/RESULTS.md): 512-element tiles on 1 warp, 1024 on 2
     num_warps = 4 if block_d * block_n > 1024 else (2 if block_d * block_n > 512 else 1)
     return block_d, block_n, num_warps
@@ -122,7 +123,7 @@ def _selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indi
     d_state = A.shape[1]
     for name, t, shape in (("dt", dt, (batch, d_inner)), ("B", B, (batch, d_state)), ("C", C, (batch, d_state)),
                            ("z", z, (batch, d_inner)), ("D", D, (d_inner,)), ("dt_bias", dt_bias, (d_inner,))):
-        if t is not None and tuple(t.shape) != shape:
+        if t is not None and t.shape != shape:
             raise ValueError(f"selective_state_update: {name} must be {shape}, got {tuple(t.shape)}")
     check_pool("ssm_state", ssm_state, 3)
     if ssm_state.shape[1:] != (d_inner, d_state) or ssm_state.dtype != torch.float32:
@@ -138,7 +139,7 @@ def _selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indi
         return out
     config = _update_config(batch, d_inner, d_state)
     block_d, block_n, num_warps = block_d or config[0], config[1], num_warps or config[2]
-    _selective_state_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
+    _selective_state_update_kernel[(batch, cdiv(d_inner, block_d))](
         x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
         dt_bias if dt_bias is not None else x, ssm_state, state_indices, out,
         d_inner, d_state,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import check_indices, check_pool
+from kernels._triton import cdiv, check_indices, check_pool, next_power_of_2
 from kernels.packing import PackedLayout, layout_of
 
 REF_BLOCK = 64  # the reference takes queries in blocks, so a long chunk costs no (L, L) matrix
@@ -96,7 +96,7 @@ def check_window_attention_args(q, k, v, key_ring, value_ring, steps, state_indi
 # into the ring; it runs after the first on the same stream, so no program reads a ring entry already overwritten.
 # Positions are kept relative to the chunk's start (rel = position - P), so the masks never see P itself.
 
-from kernels._triton import HAS_TRITON, interpreting, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, INTERPRETED, tl, triton  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -221,7 +221,7 @@ def _ring_write_kernel(
 def is_low_precision(dtype) -> bool:
     """Tensor-core dots in the inputs' own dtype (fp32 accumulation) for bf16/fp16 on a GPU; the interpreter
     computes bf16 wrongly, so there everything is fp32."""
-    return dtype in (torch.bfloat16, torch.float16) and not interpreting()
+    return dtype in (torch.bfloat16, torch.float16) and not INTERPRETED
 
 
 def _window_attention(q, k, v, key_ring, value_ring, steps, cu_seqlens, state_indices, scale, layout=None,
@@ -240,12 +240,12 @@ def _window_attention(q, k, v, key_ring, value_ring, steps, cu_seqlens, state_in
         raise ValueError(f"window_attention: cu_seqlens ends at {bounds[-1]}, but there are {total} tokens")
     if batch == 0 or total == 0:
         return out
-    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    on_cpu, low_precision = interpreting(), is_low_precision(q.dtype)
+    max_len = layout.max_len
+    on_cpu, low_precision = INTERPRETED, is_low_precision(q.dtype)
     # fp32 tiles take twice the registers of bf16 ones: half the query rows
     block_m = block_m or (16 if on_cpu or max_len <= 16 else 64 if low_precision else 32)
     block_n = block_n or (16 if on_cpu else 64)
-    block_d = max(triton.next_power_of_2(d_head), 16)  # tl.dot needs 16
+    block_d = max(next_power_of_2(d_head), 16)  # tl.dot needs 16
     block_seq, block_pos, _ = layout.chunk_tables(block_m)
     _window_attention_kernel[(block_seq.shape[0], n_heads)](
         q, k, v, key_ring, value_ring, steps, cu_seqlens, state_indices, block_seq, block_pos, out,
@@ -256,7 +256,7 @@ def _window_attention(q, k, v, key_ring, value_ring, steps, cu_seqlens, state_in
         num_warps=4 if block_d <= 64 else 8,
     )
     block_t = 16 if on_cpu else 64
-    _ring_write_kernel[(batch, triton.cdiv(min(max_len, window), block_t), n_kv_heads)](
+    _ring_write_kernel[(batch, cdiv(min(max_len, window), block_t), n_kv_heads)](
         k, v, key_ring, value_ring, steps, cu_seqlens, state_indices,
         window, d_head,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), key_ring.stride(0), key_ring.stride(1),

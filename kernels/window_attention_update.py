@@ -46,7 +46,7 @@ def window_attention_update_ref(q, k, v, key_ring, value_ring, steps, state_indi
 # the program writes the output; with more, each writes its (max, sum, weighted values) and a second kernel merges
 # them. Memory-bound: every ring entry in the window is read once.
 
-from kernels._triton import HAS_TRITON, interpreting, tl, triton  # noqa: E402
+from kernels._triton import HAS_TRITON, INTERPRETED, next_power_of_2, tl, triton  # noqa: E402
 from kernels.window_attention import LOG2E  # noqa: E402
 
 
@@ -163,7 +163,7 @@ def _window_attention_combine_kernel(
 def _num_splits(batch: int, n_kv_heads: int, window: int) -> int:
     """Enough programs to cover the chip at small batches (about 256 in flight), but at least 512 keys a split;
     a power of two (the combine kernel's arange). A function of shapes alone, so CUDA graphs capture it."""
-    if interpreting():
+    if INTERPRETED:
         return 1
     splits = min(max(256 // max(batch * n_kv_heads, 1), 1), max(-(-(window - 1) // 512), 1))
     return 1 << (splits.bit_length() - 1)
@@ -182,9 +182,9 @@ def _window_attention_update(q, k, v, key_ring, value_ring, steps, state_indices
         return out
     num_splits = num_splits or _num_splits(batch, n_kv_heads, window)
     ages_per_split = max(-(-(window - 1) // num_splits), 1)
-    block_d = max(triton.next_power_of_2(d_head), 16)
-    block_g = max(triton.next_power_of_2(group), 16)  # tl.dot needs 16 rows
-    block_n = 16 if interpreting() else 64
+    block_d = max(next_power_of_2(d_head), 16)
+    block_g = max(next_power_of_2(group), 16)  # tl.dot needs 16 rows
+    block_n = 16 if INTERPRETED else 64
     if num_splits > 1:
         part_max = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
         part_sum = torch.empty_like(part_max)

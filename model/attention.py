@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import ops
 from model.config import AttentionLayerConfig, InfoMambaConfig
 from model.layers import Batch, RMSNorm
 from model.state import AttentionState
@@ -50,10 +49,10 @@ class AttentionLayer(nn.Module):
             positions = token_positions(state.steps, batch, T)  # (T,)
             q, k = rotate(q, positions, self.rope_theta), rotate(k, positions, self.rope_theta)
         if batch.is_decode:
-            o = ops.window_attention_update(q, k, v, state.key, state.value, state.steps, batch.state_indices,
+            o = batch.ops.window_attention_update(q, k, v, state.key, state.value, state.steps, batch.state_indices,
                                             self.scale)
         else:
-            o = ops.window_attention(q, k, v, state.key, state.value, state.steps, batch.cu_seqlens,
+            o = batch.ops.window_attention(q, k, v, state.key, state.value, state.steps, batch.cu_seqlens,
                                      batch.state_indices, self.scale, layout=batch.layout)
         return self.attention.o_proj(o.reshape(T, self.n_heads * self.d_head))
 

@@ -32,9 +32,10 @@ class InfoMamba(nn.Module):
         else:
             self.input_proj = nn.Linear(config.d_input, config.d_model)
         self.layers = nn.ModuleList(make_layer(config, layer) for layer in config.layer_configs)
+        self._layer_types = config.layer_types  # a property that builds the tuple: read once, not per layer
         # where each layer's stream state lives: the recurrent tensors are stacked over the "infomamba" layers only
         self._recurrent_index = {i: j for j, i in enumerate(
-            i for i, kind in enumerate(config.layer_types) if kind == "infomamba")}
+            i for i, kind in enumerate(self._layer_types) if kind == "infomamba")}
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         if not config.is_tied:
             self.head = nn.Linear(config.d_model, config.d_head_output, bias=config.head != "lm")
@@ -84,22 +85,25 @@ class InfoMamba(nn.Module):
         A whole sequence, a chunk of one, or a single step (T == 1, run by the decode kernels) all go here.
         bounds: cu_seqlens's values, when the caller has them on the host (then nothing reads the device for them).
         """
-        tokens, cu_seqlens, bounds = self._pack(inputs, cu_seqlens, bounds)
-        num_seqs = cu_seqlens.numel() - 1
+        device = self.device
+        tokens, cu_seqlens, bounds = self._pack(inputs, cu_seqlens, bounds, device)
+        num_seqs = len(bounds) - 1
         if state is None:
             state = self.empty_state(num_seqs)
         if state_indices is None:
             if state.batch_size != num_seqs:
                 raise ValueError(f"state: holds {state.batch_size} streams for {num_seqs} sequences; "
                                  "pass state_indices to use it as a pool")
-            state_indices = torch.arange(num_seqs, dtype=torch.int32, device=self.device)
-        state_indices = state_indices.to(device=self.device, dtype=torch.int32)
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        is_decode = tokens.shape[0] == num_seqs and all(b - a == 1 for a, b in zip(bounds[:-1], bounds[1:]))
+            state_indices = torch.arange(num_seqs, dtype=torch.int32, device=device)
+        state_indices = _on(state_indices, device, torch.int32)
+        lengths = torch.diff(cu_seqlens)  # (batch,)
         # the layout is built once here; every layer's chunk kernels take it as an argument
-        batch = Batch(cu_seqlens=cu_seqlens, state_indices=state_indices, is_decode=is_decode,
-                      layout=PackedLayout(cu_seqlens, bounds))
-        hidden = self._run_layers(self._embed(tokens), state, batch)
+        layout = PackedLayout(cu_seqlens, bounds)
+        is_decode = tokens.shape[0] == num_seqs and layout.max_len == 1
+        x = self._embed(tokens)
+        batch = Batch(cu_seqlens=cu_seqlens, state_indices=state_indices, is_decode=is_decode, layout=layout,
+                      ops=ops.resolve(x))
+        hidden = self._run_layers(x, state, batch)
         _advance_steps(state, state_indices, lengths)
         return ModelOutput(hidden=hidden, head=self._head(hidden, cu_seqlens)), state
 
@@ -108,9 +112,10 @@ class InfoMamba(nn.Module):
 
         tokens: (batch,) ids or (batch, d_input); state_indices: (batch,) int32 on the model's device, -1 = padding.
         """
+        x = self._embed(tokens)
         batch = Batch(cu_seqlens=self._decode_cu_seqlens(tokens.shape[0]), state_indices=state_indices,
-                      is_decode=True)
-        hidden = self._run_layers(self._embed(tokens), state, batch)
+                      is_decode=True, ops=ops.resolve(x))
+        hidden = self._run_layers(x, state, batch)
         _advance_steps(state, state_indices, torch.ones_like(state_indices))
         return ModelOutput(hidden=hidden, head=self._head(hidden, batch.cu_seqlens))
 
@@ -119,22 +124,24 @@ class InfoMamba(nn.Module):
 
     def _run_layers(self, x: torch.Tensor, state: StreamState, batch: Batch) -> torch.Tensor:
         y, residual = x, None
+        add_rms_norm = batch.ops.add_rms_norm
         for i, layer in enumerate(self.layers):
-            h, residual = ops.add_rms_norm(y, residual, layer.norm.weight, layer.norm.eps)
+            norm = layer.norm
+            h, residual = add_rms_norm(y, residual, norm.weight, norm.eps)
             y = layer(h, self.layer_state(state, i), batch)
-        hidden, _ = ops.add_rms_norm(y, residual, self.norm_f.weight, self.norm_f.eps)
+        hidden, _ = add_rms_norm(y, residual, self.norm_f.weight, self.norm_f.eps)
         return hidden
 
     def layer_state(self, state: StreamState, i: int) -> LayerState | AttentionState | None:
         """Layer i's views into `state`: a recurrent layer's conv/SSM/concept state, an attention layer's rings,
         or None (an MLP keeps nothing)."""
-        kind = self.config.layer_types[i]
+        kind = self._layer_types[i]
         if kind == "infomamba":
             return state.layer(self._recurrent_index[i])
         return state.attention(i) if kind == "attention" else None
 
     def _pack(self, inputs: torch.Tensor, cu_seqlens: torch.Tensor | None, bounds: list[int] | None,
-              ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         token_ndim = 1 if self.config.vocab_size is not None else 2
         if cu_seqlens is None:
             if inputs.ndim != token_ndim + 1:
@@ -142,22 +149,22 @@ class InfoMamba(nn.Module):
                                  f" got shape {tuple(inputs.shape)}")
             batch, length = inputs.shape[:2]
             bounds = [i * length for i in range(batch + 1)]
-            cu_seqlens = torch.tensor(bounds, dtype=torch.int32).to(self.device, non_blocking=True)
+            cu_seqlens = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
             inputs = inputs.reshape(batch * length, *inputs.shape[2:])
         elif inputs.ndim != token_ndim:
             raise ValueError(f"inputs: packed inputs need {token_ndim} dims, got shape {tuple(inputs.shape)}")
         else:
-            cu_seqlens = cu_seqlens.to(device=self.device, dtype=torch.int32).contiguous()
+            cu_seqlens = _on(cu_seqlens, device, torch.int32).contiguous()
             if bounds is None:
                 bounds = cu_seqlens.tolist()  # at most one host read of the batch layout per forward pass
         if bounds[-1] != inputs.shape[0]:
             raise ValueError(f"cu_seqlens: ends at {bounds[-1]} but there are {inputs.shape[0]} tokens")
-        return inputs.to(self.device), cu_seqlens, bounds
+        return _on(inputs, device), cu_seqlens, bounds
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.config.vocab_size is not None:
-            return self.embedding(tokens.long())
-        return self.input_proj(tokens.to(self.dtype))
+            return self.embedding(_on(tokens, None, torch.int64))
+        return self.input_proj(_on(tokens, None, self.dtype))
 
     def _head(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         if self.config.head == "classify":
@@ -189,7 +196,15 @@ def _fingerprint_fields(config: InfoMambaConfig) -> dict:
     return fields
 
 
+def _on(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t on `device` (None: where it is) as `dtype` (None: as it is). Tensor.to dispatches an op even when it has
+    nothing to do (some µs of host time each); the runner's tensors are already where the model wants them."""
+    if (device is None or t.device == device) and (dtype is None or t.dtype == dtype):
+        return t
+    return t.to(device=device, dtype=dtype)
+
+
 def _advance_steps(state: StreamState, state_indices: torch.Tensor, lengths: torch.Tensor) -> None:
     """steps[slot] += length for every live slot, without reading the device (padding adds 0 to slot 0)."""
-    live = (state_indices >= 0).to(torch.int64)
-    state.steps.index_add_(0, state_indices.clamp(min=0).long(), lengths.to(torch.int64) * live)
+    added = torch.where(state_indices >= 0, lengths, 0).long()
+    state.steps.index_add_(0, state_indices.clamp(min=0).long(), added)

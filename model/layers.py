@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import ops
-from kernels.dispatch import fused_step
+from kernels.ops import OpSet
 from kernels.packing import PackedLayout
 from model.config import InfoMambaConfig
 from model.state import LayerState
@@ -29,6 +29,7 @@ class Batch:
     state_indices: torch.Tensor  # (batch,) int32, -1 = padding
     is_decode: bool
     layout: PackedLayout | None = None  # cu_seqlens's host values and chunk tables, built once per pass
+    ops: OpSet = ops.ROUTED  # the kernels or the references, chosen once per pass (else per call)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -62,7 +63,9 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, D, bias=config.proj_bias)
         self._init_dt()
+        self._split_xz, self._split_dbc = (E, E), (R, N, N)
         self._A: tuple[tuple, torch.Tensor] | None = None
+        self._conv_w: tuple[tuple, torch.Tensor] | None = None
 
     def _init_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         # Mamba's init: dt log-uniform in [dt_min, dt_max], stored as softplus^-1 in the bias.
@@ -75,13 +78,24 @@ class MambaMixer(nn.Module):
     def neg_A(self) -> torch.Tensor:
         """A = -exp(A_log) in fp32 (E, N), computed once per weight update rather than at every step (the
         decode step is a few microseconds of work per layer; three extra kernels would be a third of it)."""
-        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.dtype, self.A_log.device)
-        if self._A is None or self._A[0] != key or torch.is_grad_enabled():
-            A = -torch.exp(self.A_log.float())
-            if torch.is_grad_enabled():
-                return A
-            self._A = (key, A)
+        A_log = self.A_log
+        if torch.is_grad_enabled():
+            return -torch.exp(A_log.float())
+        key = (A_log.data_ptr(), A_log._version, A_log.dtype, A_log.device)
+        if self._A is None or self._A[0] != key:
+            self._A = (key, -torch.exp(A_log.float()))
         return self._A[1]
+
+    def conv_weight(self) -> torch.Tensor:
+        """The depthwise conv's (E, K) view of its (E, 1, K) weight, made once while the weight stays (a view
+        follows in-place updates; a new tensor, another dtype or device, makes a new one)."""
+        w = self.conv1d.weight
+        if torch.is_grad_enabled():
+            return w.squeeze(1)
+        key = (w.data_ptr(), w.dtype, w.device, w.shape)
+        if self._conv_w is None or self._conv_w[0] != key:
+            self._conv_w = (key, w.squeeze(1))
+        return self._conv_w[1]
 
     def forward(self, u: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
         # u: (T, D) -> (T, D): a plain Mamba block (k = 0)
@@ -92,36 +106,42 @@ class MambaMixer(nn.Module):
         """Everything between in_proj and out_proj: xz (T, 2E) -> the gated SSM output y (T, E), written into `out`
         (a (T, E) view, e.g. columns of a wider buffer) when given. With `inject` (T, C) and `inject_weight`
         (2E, C), xz + inject @ inject_weight^T stands for xz (the concepts' input injection, see InfoMambaLayer).
-        Slices of xz are views the kernels address by row stride."""
-        E, N, R = self.d_inner, self.d_state, self.dt_rank
-        conv_w = self.conv1d.weight.squeeze(1)  # (E, K)
+        The split pieces of xz are views the kernels address by row stride."""
+        conv = self.conv1d
+        conv_w = self.conv_weight()  # (E, K)
         A = self.neg_A()  # (E, N)
-        fused = batch.is_decode and fused_step() == "1"
-        if fused:  # three launches for the whole step (kernels/mamba_step.py)
-            return ops.mamba_step(xz, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                                  self.dt_proj.bias, A, self.D, state.conv, state.ssm, batch.state_indices, inject,
-                                  inject_weight, out=out)
+        ops_ = batch.ops
+        if batch.is_decode and ops_.step_path() == "1":  # three launches for the whole step (kernels/mamba_step.py)
+            dt_proj = self.dt_proj
+            return ops_.mamba_step(xz, conv_w, conv.bias, self.x_proj.weight, dt_proj.weight, dt_proj.bias, A,
+                                   self.D, state.conv, state.ssm, batch.state_indices, inject, inject_weight,
+                                   out=out)
         if inject is not None:
             xz = torch.addmm(xz, inject, inject_weight.t())
         if batch.is_decode:
             return self._unfused_step(xz, conv_w, A, state, batch, out)
-        xc = ops.causal_conv1d(xz[:, :E], conv_w, self.conv1d.bias, state.conv, batch.cu_seqlens,
-                               batch.state_indices, layout=batch.layout)
-        dbc = self.x_proj(xc)  # (T, R + 2N)
-        dt = F.linear(dbc[:, :R], self.dt_proj.weight)  # (T, E); bias and softplus fused in the scan
-        return ops.selective_scan(xc, dt, A, dbc[:, R:R + N], dbc[:, R + N:], self.D, xz[:, E:], self.dt_proj.bias,
-                                  state.ssm, batch.cu_seqlens, batch.state_indices, layout=batch.layout, out=out)
+        # one split rather than a slice per piece: each is a trip through the dispatcher on the step's host time
+        x_in, z = xz.split_with_sizes(self._split_xz, dim=1)  # (T, E) each
+        xc = ops_.causal_conv1d(x_in, conv_w, conv.bias, state.conv, batch.cu_seqlens, batch.state_indices,
+                                layout=batch.layout)
+        dt_in, B, C = self.x_proj(xc).split_with_sizes(self._split_dbc, dim=1)  # (T, R), (T, N), (T, N)
+        dt_proj = self.dt_proj
+        dt = F.linear(dt_in, dt_proj.weight)  # (T, E); bias and softplus fused in the scan
+        return ops_.selective_scan(xc, dt, A, B, C, self.D, z, dt_proj.bias, state.ssm, batch.cu_seqlens,
+                                   batch.state_indices, layout=batch.layout, out=out)
 
     def _unfused_step(self, xz, conv_w, A, state: LayerState, batch: Batch, out: torch.Tensor | None):
         """main's decode step, one op a kernel (conv update, x_proj, dt_proj, state update; INFOMAMBA_FUSED_STEP
         `0` or `concept`): kept so that a GPU run times it beside the fused step. Its intermediates are stored in
         the model dtype, the fused step's in fp32."""
-        E, N, R = self.d_inner, self.d_state, self.dt_rank
-        xc = ops.causal_conv1d_update(xz[:, :E], conv_w, self.conv1d.bias, state.conv, batch.state_indices)
-        dbc = self.x_proj(xc)  # (T, R + 2N)
-        dt = F.linear(dbc[:, :R], self.dt_proj.weight)  # (T, E); bias and softplus fused in the update
-        y = ops.selective_state_update(xc, dt, A, dbc[:, R:R + N], dbc[:, R + N:], self.D, xz[:, E:],
-                                       self.dt_proj.bias, state.ssm, batch.state_indices)  # (T, E)
+        ops_ = batch.ops
+        x_in, z = xz.split_with_sizes(self._split_xz, dim=1)  # (T, E) each
+        xc = ops_.causal_conv1d_update(x_in, conv_w, self.conv1d.bias, state.conv, batch.state_indices)
+        dt_in, B, C = self.x_proj(xc).split_with_sizes(self._split_dbc, dim=1)  # (T, R), (T, N), (T, N)
+        dt_proj = self.dt_proj
+        dt = F.linear(dt_in, dt_proj.weight)  # (T, E); bias and softplus fused in the update
+        y = ops_.selective_state_update(xc, dt, A, B, C, self.D, z, dt_proj.bias, state.ssm,
+                                        batch.state_indices)  # (T, E)
         return y if out is None else out.copy_(y)
 
 
@@ -173,15 +193,16 @@ class ConceptBottleneck(nn.Module):
         W_a h + b_a, v (T, C) W_v h, gate_h (T, 2C) W_g[:, :D] h + b_g; gate_weight (2C, C) is W_g[:, D:].
         Writes g_o ⊙ r into out_output (T, C); returns g_s ⊙ r (T, C)."""
         log_decay = self.log_decay()  # (k,) or None
+        ops_ = batch.ops
         if batch.is_decode:  # two launches for the whole step, one over 256 rows (kernels/concept_step.py)
-            to_input, _ = ops.concept_step(logits, v, gate_h, self.mix, self.norm.weight, gate_weight,
-                                           state.concept_mean, state.concept_mass, batch.state_indices, self.eps,
-                                           self.norm_eps, log_decay, out_output=out_output)
+            to_input, _ = ops_.concept_step(logits, v, gate_h, self.mix, self.norm.weight, gate_weight,
+                                            state.concept_mean, state.concept_mass, batch.state_indices, self.eps,
+                                            self.norm_eps, log_decay, out_output=out_output)
             return to_input
-        read = ops.concept_filter(logits, v, self.mix, state.concept_mean, state.concept_mass, batch.cu_seqlens,
-                                  batch.state_indices, self.eps, log_decay, layout=batch.layout, is_logits=True)
-        to_input, _ = ops.concept_readout(read, gate_h, self.norm.weight, gate_weight, self.norm_eps,
-                                          out_output=out_output)
+        read = ops_.concept_filter(logits, v, self.mix, state.concept_mean, state.concept_mass, batch.cu_seqlens,
+                                   batch.state_indices, self.eps, log_decay, layout=batch.layout, is_logits=True)
+        to_input, _ = ops_.concept_readout(read, gate_h, self.norm.weight, gate_weight, self.norm_eps,
+                                           out_output=out_output)
         return to_input
 
 
@@ -237,17 +258,21 @@ class InfoMambaLayer(nn.Module):
             self.fusion = InformationFusion(config)
         self.mixer = MambaMixer(config)
         self._fused: tuple[tuple, FusedWeights] | None = None
+        if self.has_concepts:  # the pieces of the one product of h (FusedWeights.pre_weight), split once per pass
+            k, C, E = config.n_concepts, config.d_concept, config.d_inner
+            self._split_pre = (k, C, 2 * C, 2 * E)
 
     def forward(self, h: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
         """h: the normed hidden (T, D). Returns the residual branch y (T, D)."""
         if not self.has_concepts:
             return self.mixer(h, state, batch)
-        if batch.is_decode and fused_step() == "0":
+        if batch.is_decode and batch.ops.step_path() == "0":
             return self._unfused_step(h, state, batch)
-        k, C, E = self.concept.mix.shape[0], self.fusion.d_concept, self.mixer.d_inner
+        E = self.mixer.d_inner
         fused = self.fused_weights()
         pre = F.linear(h, fused.pre_weight, fused.pre_bias)  # (T, k + 3C + 2E)
-        logits, v, gate_h, xz = pre.split([k, C, 2 * C, 2 * E], dim=1)
+        logits, v, gate_h, xz = pre.split_with_sizes(self._split_pre, dim=1)
+        C = self._split_pre[1]
         mixed = h.new_empty(h.shape[0], E + C)  # [SSM output, g_o ⊙ r]: the two halves of one last product
         gate_weight = self.fusion.gate.weight[:, h.shape[1]:]  # (2C, C) the gates' weights on r
         to_input = self.concept(logits, v, gate_h, gate_weight, state, batch, out_output=mixed[:, E:])
@@ -258,14 +283,16 @@ class InfoMambaLayer(nn.Module):
         """main's decode step for a concept layer (INFOMAMBA_FUSED_STEP=0), one op a kernel: each projection of h
         on its own, the concept filter's update, RMSNorm, GELU, the gates on [h; r], u = h + W_s (g_s ⊙ r) through
         the whole Mamba block, plus W_o (g_o ⊙ r). Kept so that a GPU run times it beside the fused step."""
-        c, f = self.concept, self.fusion
-        a = torch.softmax(c.route(h).float(), dim=-1)  # (T, k)
-        read = ops.concept_filter_update(a, c.value(h), c.mix, state.concept_mean, state.concept_mass,
-                                         batch.state_indices, c.eps, c.log_decay())  # (T, C) fp32
-        normed, _ = ops.add_rms_norm(read, None, c.norm.weight, c.norm_eps)
-        r = F.gelu(normed).to(h.dtype)  # (T, C)
-        gates = torch.sigmoid(f.gate(torch.cat([h, r], dim=-1)))  # (T, 2C)
-        g_s, g_o = gates[:, :f.d_concept], gates[:, f.d_concept:]
+        c, f, ops_ = self.concept, self.fusion, batch.ops
+        logits = c.route(h)
+        a = torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)  # (T, k)
+        read = ops_.concept_filter_update(a, c.value(h), c.mix, state.concept_mean, state.concept_mass,
+                                          batch.state_indices, c.eps, c.log_decay())  # (T, C) fp32
+        normed, _ = ops_.add_rms_norm(read, None, c.norm.weight, c.norm_eps)
+        r = F.gelu(normed)  # (T, C)
+        if r.dtype != h.dtype:
+            r = r.to(h.dtype)
+        g_s, g_o = torch.sigmoid(f.gate(torch.cat([h, r], dim=-1))).chunk(2, dim=-1)  # (T, C) each
         return self.mixer(h + f.to_input(g_s * r), state, batch) + f.to_output(g_o * r)
 
     def fused_weights(self) -> FusedWeights:

@@ -47,6 +47,8 @@ class StreamState:
     concept_mass: torch.Tensor
     steps: torch.Tensor
     rings: dict[str, torch.Tensor] = field(default_factory=dict)
+    # layer j -> its LayerState views, kept while the tensors above stay the same objects (inference only)
+    _layer_views: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def empty(cls, config: InfoMambaConfig, batch: int, device="cpu", dtype=torch.float32) -> "StreamState":
@@ -90,12 +92,12 @@ class StreamState:
 
     def select(self, indices) -> "StreamState":
         """A copy of the streams at `indices` (a list or 1-D tensor of slots)."""
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.steps.device)
+        idx = _indices(indices, self.steps.device)
         return self._map(lambda name, t, axis: t.index_select(axis, idx))
 
     def assign(self, indices, other: "StreamState") -> None:
         """Write `other`'s streams into slots `indices`, in place."""
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.steps.device)
+        idx = _indices(indices, self.steps.device)
         theirs = other.tensors()
         for name, dst in self.tensors().items():
             src = theirs[name].to(device=dst.device, dtype=dst.dtype)
@@ -103,7 +105,7 @@ class StreamState:
 
     def reset(self, indices) -> None:
         """Zero the streams at `indices` (a fresh stream; a ring never shows another stream's keys)."""
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.steps.device)
+        idx = _indices(indices, self.steps.device)
         for name, tensor in self.tensors().items():
             tensor.index_fill_(_batch_axis(name), idx, 0)
 
@@ -111,8 +113,20 @@ class StreamState:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def layer(self, j: int) -> "LayerState":
-        """The views of recurrent layer j (the j-th "infomamba" layer of the model)."""
-        return LayerState(self.conv[j], self.ssm[j], self.concept_mean[j], self.concept_mass[j])
+        """The views of recurrent layer j (the j-th "infomamba" layer of the model).
+
+        Under inference mode (the server's every step) the views are made once per pool and layer: four index ops a
+        layer are host time on every eager step. With autograd on they are made afresh (a view remembers the graph
+        it was made in)."""
+        if not torch.is_inference_mode_enabled():
+            return LayerState(self.conv[j], self.ssm[j], self.concept_mean[j], self.concept_mass[j])
+        view = self._layer_views.get(j)
+        if (view is None or view.base[0] is not self.conv or view.base[1] is not self.ssm
+                or view.base[2] is not self.concept_mean or view.base[3] is not self.concept_mass):
+            view = self._layer_views[j] = LayerState(
+                self.conv[j], self.ssm[j], self.concept_mean[j], self.concept_mass[j],
+                base=(self.conv, self.ssm, self.concept_mean, self.concept_mass))
+        return view
 
     def attention(self, i: int) -> "AttentionState":
         """The rings of model layer i, an attention layer."""
@@ -128,6 +142,7 @@ class LayerState:
     ssm: torch.Tensor
     concept_mean: torch.Tensor
     concept_mass: torch.Tensor
+    base: tuple = field(default=(), repr=False, compare=False)  # the pool tensors these views are of, when cached
 
 
 @dataclass
@@ -145,6 +160,17 @@ def ring_names(i: int) -> tuple[str, str]:
 
 
 _RING_NAME = re.compile(r"attention\.(\d+)\.(key|value)")
+
+
+def _indices(indices, device: torch.device) -> torch.Tensor:
+    """Slot indices as a long tensor on `device`. A list goes to a GPU through pinned memory, without waiting for
+    the stream (torch.as_tensor(list, device="cuda") copies from pageable memory and waits for it)."""
+    if isinstance(indices, torch.Tensor):
+        return indices.to(device=device, dtype=torch.long)
+    idx = torch.tensor(indices, dtype=torch.long)
+    if device.type == "cuda":
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx
 
 
 def _batch_axis(name: str) -> int:

@@ -34,6 +34,12 @@ class Metrics:
         self.engine_steps = Counter(p + "engine_steps", "Engine steps run", registry=r)
         self.graph_steps = Counter(p + "graph_steps", "Engine steps that replayed a CUDA graph (decode-only)",
                                    registry=r)
+        self.kernels_compiled = Gauge(p + "triton_kernels_compiled", "Compiled variants of the Triton kernels (one "
+                                      "per specialization, compiled at its first launch; growth while serving is "
+                                      "steps that waited for the compiler)", registry=r)
+        # beside model_forward_time: splits the model's time between graph replays and eager (mixed) steps
+        self.graph_forward_time = Counter(p + "graph_forward_time_seconds", "Model time of the engine steps that "
+                                          "replayed a CUDA graph", registry=r)
         self.requests_running = Gauge(p + "num_requests_running", "Requests in the running queue", registry=r)
         self.requests_waiting = Gauge(p + "num_requests_waiting", "Requests in the waiting queue", registry=r)
         self.slots_used = Gauge(p + "state_slots_used", "State pool slots in use", registry=r)

@@ -96,6 +96,7 @@ def frontend_main(config: ServerConfig, engine_address: str, run_dir: str, log_l
     app = create_app(config, engine_address, run_dir)
     sock = listen_socket(config)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, ws="websockets-sansio",
+                                           ws_per_message_deflate=config.ws_compression,
                                            timeout_graceful_shutdown=int(config.shutdown_timeout)))
     server.run(sockets=[sock])
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels._triton import compiled_kernels
 from model.state import save_snapshot, state_nbytes_per_stream
 from server.config import ServerConfig
 from server.engine import errors
@@ -27,7 +28,7 @@ from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import SamplingParams, Sequence, SeqStatus
-from server.engine.sessions import Session, SessionTable
+from server.engine.sessions import Captured, Session, SessionTable
 from server.engine.state_pool import StatePool, auto_num_streams
 from server.engine.redis_store import Relinquish, open_store
 from server.engine.store import Persisted
@@ -44,7 +45,7 @@ class _Waiter:
     """An answer held until a store write lands."""
 
     client: str
-    answer: object  # RequestOutput or Reply
+    answer: object  # RequestOutput or Reply; None: a background snapshot, which nobody waits for
     session: object = None
     snapshot_steps: int | None = None  # set when the write is a snapshot of the session at that step
 
@@ -84,8 +85,8 @@ class EngineCore:
         self._held: dict[int, list[_Waiter]] = {}  # store ticket -> the answers waiting for that write
         self._log_batch: list[LogRecord] = []  # this turn's log records, written together
         self._log_waiters: list[_Waiter] = []
+        self._snapshots: list[tuple[Session, Captured]] = []  # background snapshots, written after this turn's log
         self._rotation: int | None = None  # the ticket of a log rotation under way
-        self._snapshot_nbytes = state_nbytes_per_stream(model.config, model.dtype)
         self._next_reap = 0.0
         # session requests and operations whose session needs a slot while every slot runs something
         self._awaiting_slot: deque[Sequence | SessionOp] = deque()
@@ -185,9 +186,11 @@ class EngineCore:
             for chunk in batch.chunks:
                 self._fail(chunk.seq, EngineError("internal_error", "the engine step failed"))
             return batch
-        self.metrics.observe_step(batch, time.monotonic() - t0)
+        seconds = time.monotonic() - t0
+        self.metrics.observe_step(batch, seconds)
         if result.replayed:
             self.metrics.graph_steps.inc()
+            self.metrics.graph_forward_time.inc(seconds)
         self.postprocess(batch, result)
         self.num_steps += 1
         return batch
@@ -296,6 +299,7 @@ class EngineCore:
             self._answer_from_record(seq, recorded)
             return
         seq.slot = session.slot
+        seq.steps_before = session.steps
         seq.initial_logits = session.last_logits if seq.num_prompt == 0 else None
         self.scheduler.add(seq)
 
@@ -330,6 +334,7 @@ class EngineCore:
         seq = Sequence(torch.from_numpy(replay.astype(np.int64) if replay.dtype.kind in "iu" else replay.copy()),
                        slot=session.slot, keep_last_logits=self.model.config.head == "lm", session=session,
                        rid=f"replay-{session.id}", client=INTERNAL)
+        seq.steps_before = session.steps - len(replay)  # make_resident counted the replayed steps in
         session.running = seq
         session.queue.appendleft(then)
         self.scheduler.add(seq)
@@ -469,10 +474,15 @@ class EngineCore:
         out = self._output(seq.client, seq.rid)
         out.finish_reason, out.num_prompt = reason, seq.num_fed
         if seq.slot is not None and seq.status is SeqStatus.RUNNING:
-            # a request's own slot started at zero (a fork's at its parent's prompt): its steps are known without
-            # reading the device
-            out.steps = (seq.num_fed + seq.num_decoded + (seq.fork_of.num_prompt if seq.fork_of is not None else 0)
-                         if seq.owns_slot else self.pool.steps(seq.slot))
+            # known without reading the device (a read would wait for the step, and the engine would no longer run
+            # ahead of the GPU): a request's own slot started at zero (a fork's at its parent's prompt), a
+            # session's at the steps it had when the request started
+            if seq.owns_slot:
+                out.steps = seq.num_fed + seq.num_decoded + (seq.fork_of.num_prompt if seq.fork_of is not None else 0)
+            elif seq.steps_before is not None:
+                out.steps = seq.steps_before + seq.num_fed + seq.num_decoded
+            else:
+                out.steps = self.pool.steps(seq.slot)
             if seq.want_state and reason != "cancelled":
                 out.state = save_snapshot(self.pool.read(seq.slot), self.model.config.name,
                                           self.sessions.fingerprint, seq.initial_logits)
@@ -540,11 +550,13 @@ class EngineCore:
 
     def _make_durable(self, session: Session, steps_before: int, fed: np.ndarray, client: str, answer,
                       seq: int | None = None) -> None:
-        """A log record of the inputs (group-committed with the step's others), or a snapshot when that is
-        smaller or the session's log has grown long."""
-        if (not self.store.supports_log or session.needs_snapshot
-                or session.logged_steps + len(fed) >= self.config.snapshot_every
-                or fed.nbytes >= self._snapshot_nbytes):
+        """A log record of the inputs, group-committed with the turn's others: the answer waits for it alone, and a
+        record needs nothing from the device, so the engine keeps launching steps while the GPU catches up. Once
+        the session's log holds `snapshot_every` steps, a snapshot follows in the background (one at a time per
+        session; the store's writer waits for its copy off the device); its landing drops the records it covers.
+        The answer waits for a snapshot only where a record would not do: a store without a log, or after a
+        failed write (records after a gap would not chain)."""
+        if not self.store.supports_log or session.needs_snapshot:
             self._hold(self.sessions.persist(session), client, answer, session, snapshot_steps=session.steps)
             return
         record = LogRecord.of(session.id, steps_before, fed, seq)
@@ -553,6 +565,10 @@ class EngineCore:
         self._log_waiters.append(_Waiter(client, answer, session))
         if isinstance(answer, RequestOutput):
             self._outputs.pop((client, answer.rid), None)
+        if session.is_clean and session.logged_steps >= self.config.snapshot_every:
+            # captured now, while the slot holds exactly session.steps; written after the log record (a shared
+            # store's snapshot commit empties the session's log, which must by then hold only what it covers)
+            self._snapshots.append((session, self.sessions.capture(session)))
 
     def _flush_log(self) -> None:
         """One log write (one fsync) for every session answer of this turn (with no records: a barrier that answers
@@ -561,6 +577,11 @@ class EngineCore:
             ticket = self.store.append_log(self._log_batch)
             self._held.setdefault(ticket, []).extend(self._log_waiters)
             self._log_batch, self._log_waiters = [], []
+        for session, captured in self._snapshots:
+            if self.sessions.sessions.get(session.id) is session:  # else deleted this turn: nothing to write
+                self._hold(self.sessions.submit(session, captured), INTERNAL, None, session,
+                           snapshot_steps=captured.steps)
+        self._snapshots = []
         if self.store.supports_log and self.store.log_bytes > self.config.max_log_bytes and self._rotation is None:
             self._rotation = self.store.rotate_log([r for s in self.sessions.sessions.values() for r in s.log])
 
@@ -629,9 +650,13 @@ class EngineCore:
             session.writes_in_flight -= 1
             if failure is None:
                 self.sessions.snapshot_landed(session, waiter.snapshot_steps)
+        if failure is not None and session is not None:
+            # records after a gap would not chain: the session's next write is a snapshot, and only one taken from
+            # now on covers the gap (a background one captured before the failure does not)
+            session.needs_snapshot, session.needs_snapshot_steps = True, session.steps
+        if answer is None:  # a background snapshot: the bookkeeping above was all
+            return
         if failure is not None:
-            if session is not None:  # records after a gap would not chain: the session's next write is a snapshot
-                session.needs_snapshot = True
             error = Error("state_not_persisted", f"{failure}; the session's state in memory includes this "
                           "request, but it would not survive a restart", "session")
             if isinstance(answer, Reply):
@@ -677,6 +702,7 @@ class EngineCore:
         reserved = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
         m.gpu_memory.labels("allocated").set(allocated)
         m.gpu_memory.labels("reserved").set(reserved)
+        m.kernels_compiled.set(compiled_kernels())
 
     def shutdown(self) -> None:
         """Finish what is queued for the disk; every resident session's last state is already there."""

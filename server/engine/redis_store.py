@@ -149,6 +149,7 @@ class _Job:
     last_logits: torch.Tensor | None = None
     metadata: dict[str, str] | None = None
     records: list[LogRecord] | None = None
+    ready: torch.cuda.Event | None = None  # `state` is a copy from the device, valid once this event has happened
 
     @property
     def sessions(self) -> list[str]:
@@ -234,9 +235,10 @@ class RedisSessionStore(WriterThread):
     # -- engine thread -----------------------------------------------------------------------------------------
 
     def write(self, sid: str, state: StreamState, last_logits: torch.Tensor | None,
-              metadata: dict[str, str] | None = None) -> int:
-        """Queue a snapshot of one stream (a CPU copy the caller will not touch again); returns its ticket."""
-        return self._submit(_Job("write", 0, sid, state, last_logits, metadata))
+              metadata: dict[str, str] | None = None, ready: torch.cuda.Event | None = None) -> int:
+        """Queue a snapshot of one stream (a CPU copy the caller will not touch again; with `ready`, one still
+        being copied from the device, which the writer waits for); returns its ticket."""
+        return self._submit(_Job("write", 0, sid, state, last_logits, metadata, ready=ready))
 
     def append_log(self, records: list[LogRecord]) -> int:
         """Queue this engine step's log records (one round trip for all); returns the ticket. No records: a
@@ -401,6 +403,8 @@ class RedisSessionStore(WriterThread):
 
     def _apply_write(self, job: _Job) -> str | None:
         t0 = time.monotonic()
+        if job.ready is not None:
+            job.ready.synchronize()  # this thread waits for the device's copy, never the engine's
         data = save_snapshot(job.state, self.model_name, self.fingerprint, job.last_logits, job.metadata)
         sid = job.session
         self._blobs += 1

@@ -2,6 +2,7 @@
 place, and samples the next token of every stream whose inputs are used up."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ from server.engine.state_pool import StatePool
 @dataclass
 class StepResult:
     outputs: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # seq id -> kind -> (n, width) CPU
-    last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq id -> (vocab,) CPU
+    last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq id -> (vocab,) fp32, on the device
     sampled: dict[int, int] = field(default_factory=dict)  # seq id -> token id
     logprobs: dict[int, Logprobs] = field(default_factory=dict)  # seq id -> its sampled token's, when asked
     prompt_logprobs: dict[int, Logprobs] = field(default_factory=dict)  # seq id -> its fed inputs', when asked
@@ -42,8 +43,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         self.pool.zero_allocated()
-        inputs, cu_seqlens, starts, slots = self._pack(batch)
-        state_indices = self.pool.slot_indices(slots)
+        inputs, cu_seqlens, starts, state_indices = self._pack(batch)
         replayed = self._can_replay(batch)
         if replayed:
             out = ModelOutput(hidden=None, head=self.graphs(inputs, state_indices))
@@ -67,7 +67,9 @@ class ModelRunner:
                 sample_rows.append(hi - 1)
                 sample_seqs.append(seq)
             if seq.keep_last_logits and hi > starts[i]:
-                result.last_logits[seq.id] = out.head[hi - 1].float().cpu()
+                # kept on the device: a copy to the host would wait for the step (a session's every append asks
+                # for it); whoever reads it there later (a snapshot's writer, the sampler) waits then, if at all
+                result.last_logits[seq.id] = out.head[hi - 1].to(torch.float32, copy=True)
         if sample_seqs:
             # one gather, not a view per stream; an all-decode step samples from every row as it is
             rows = (out.head[:len(sample_rows)] if sample_rows[-1] == len(sample_rows) - 1
@@ -90,7 +92,8 @@ class ModelRunner:
         return (self.graphs is not None and len(batch.chunks) <= self.graphs.batch_sizes[-1]
                 and all(chunk.is_decode for chunk in batch.chunks))
 
-    def _pack(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    def _pack(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+        """(inputs, cu_seqlens, its values on the host, state_indices), the tensors on the model's device."""
         # before the model is launched, so on the step's critical path: list comprehensions over the decode steps
         # (the scheduler puts them first), one tensor for all their tokens
         chunks, num_decodes = batch.chunks, batch.num_decodes
@@ -106,9 +109,20 @@ class ModelRunner:
             end += chunk.num_tokens
             starts.append(end)
         slots = [c.seq.slot for c in chunks]
-        inputs = torch.cat(pieces).to(self.device, non_blocking=True)
-        cu_seqlens = torch.tensor(starts, dtype=torch.int32).to(self.device, non_blocking=True)  # no stream sync
-        return inputs, cu_seqlens, starts, slots
+        layout = torch.tensor(starts + slots, dtype=torch.int32)  # cu_seqlens, then state_indices
+        if self.device.type != "cuda":
+            inputs = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(self.device)
+            layout = layout.to(self.device)
+            return inputs, layout[:len(starts)], starts, layout[len(starts):]
+        # to the device from pinned memory, without waiting for it: a copy from pageable memory may be staged in
+        # step with the stream (the driver then waits for the steps queued before it). Pinned blocks come from
+        # torch's caching host allocator, which hands a block out again only once the copies queued on it are done.
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in pieces))  # as torch.cat's own result
+        staging = torch.empty((end, *pieces[0].shape[1:]), dtype=dtype, pin_memory=True)
+        torch.cat(pieces, out=staging)
+        inputs = staging.to(self.device, non_blocking=True)
+        layout = layout.pin_memory().to(self.device, non_blocking=True)
+        return inputs, layout[:len(starts)], starts, layout[len(starts):]
 
     def _per_step(self, kinds, out, lo: int, hi: int, i: int) -> dict[str, torch.Tensor]:
         got = {}

@@ -111,6 +111,7 @@ class Sequence:
         self.num_prompt = int(self.inputs.shape[0])
         self.pending_token: int | None = None  # sampled, not yet fed
         self.num_decoded = 0  # sampled tokens fed back into the stream
+        self.steps_before: int | None = None  # a session request's: its slot's steps when it started (host count)
         self.output_ids: list[int] = []
         self.is_draining = False  # generation is over; only the final token is still to be fed
         self.is_cancelled = False

@@ -3,8 +3,11 @@ spill, restore, append, generate, fork, snapshot and delete of one session can n
 finds its session busy waits in the session's own queue (websocket pipelining) or is refused.
 
 Durability: every change of a session's state is on disk before the request that made it is answered, as a
-snapshot (create, fork, and every `snapshot_every` steps) or as a write-ahead log record of the inputs fed since
-(server/engine/wal.py). The engine keeps each session's unsnapshotted records in memory too, so a session can give
+snapshot (create, fork) or as a write-ahead log record of the inputs fed since (server/engine/wal.py). A record
+needs nothing from the device, so answering an append never waits for the GPU. Once a session has logged
+`snapshot_every` steps, a snapshot follows in the background (one at a time per session, nobody waiting for it):
+its copy is queued on the device behind the steps that wrote the state, and the store's writer waits for that
+copy, not the engine thread. The engine keeps each session's unsnapshotted records in memory too, so a session can give
 its slot back at any time without a write (spilling is freeing the slot); coming back, it loads its snapshot and
 replays the records after it. A shared store (server/engine/redis_store.py) keeps each session's records itself
 and hands them over with the snapshot, so another replica can take the session over.
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.state import SnapshotError, read_snapshot, save_snapshot, snapshot_metadata
+from model.state import SnapshotError, StreamState, read_snapshot, save_snapshot, snapshot_metadata
 from server.engine import errors
 from server.engine.errors import EngineError
 from server.engine.state_pool import StatePool
@@ -50,6 +53,7 @@ class Session:
     log: list[LogRecord] = field(default_factory=list)  # inputs fed since the snapshot on disk, in order
     applied: list[tuple[int, int]] = field(default_factory=list)  # (seq, steps after it) of the last appends
     needs_snapshot: bool = False  # a write of its failed: the stored copy may miss steps that no record will bring
+    needs_snapshot_steps: int = 0  # ... and a snapshot of fewer steps than this (captured before) does not bring them
 
     @property
     def logged_steps(self) -> int:
@@ -79,6 +83,17 @@ class Session:
     def is_clean(self) -> bool:
         """No snapshot write in flight: the file on disk plus `log` is the session (its slot may go)."""
         return self.writes_in_flight == 0
+
+
+@dataclass(slots=True)
+class Captured:
+    """A session's state copied for a snapshot: host tensors, to be read once `ready` has happened (None: now)."""
+
+    steps: int
+    state: StreamState
+    last_logits: torch.Tensor | None
+    metadata: dict[str, str] | None
+    ready: torch.cuda.Event | None = None
 
 
 class SessionTable:
@@ -208,15 +223,25 @@ class SessionTable:
     def persist(self, session: Session) -> int:
         """Queue a snapshot of the session's current state; returns the store ticket. Once it lands
         (snapshot_landed), the log records it covers are dropped."""
+        return self.submit(session, self.capture(session))
+
+    def capture(self, session: Session) -> "Captured":
+        """The session's state (it must be resident) copied for a snapshot, without waiting for the device (the
+        store's writer waits for the copy); a write in flight from now on, so the slot stays until it lands."""
         session.writes_in_flight += 1
-        state = self.pool.read(session.slot, device="cpu")  # the copy the writer serializes; the slot moves on
-        last = None if session.last_logits is None else session.last_logits.clone()
+        state, (last,), ready = self.pool.read_to_host(session.slot, session.last_logits)
         metadata = {APPLIED_META: json.dumps(session.applied)} if session.applied else None
-        return self.store.write(session.id, state, last, metadata)
+        return Captured(session.steps, state, last, metadata, ready)
+
+    def submit(self, session: Session, captured: "Captured") -> int:
+        """Queue the snapshot write of a capture; returns the store ticket."""
+        return self.store.write(session.id, captured.state, captured.last_logits, captured.metadata,
+                                ready=captured.ready)
 
     def snapshot_landed(self, session: Session, steps: int) -> None:
         session.log = [r for r in session.log if r.steps_before >= steps]
-        session.needs_snapshot = False
+        if steps >= session.needs_snapshot_steps:
+            session.needs_snapshot = False
 
     def make_resident(self, session: Session) -> np.ndarray | None:
         """Bring a spilled session back into a slot (reading the store, which keeps its copy). Returns the logged
@@ -260,6 +285,8 @@ class SessionTable:
     def spill(self, session: Session) -> None:
         self.pool.free(session.slot)
         session.slot = None
+        # loading it back reads them from the snapshot (and its replay); held here they may hold device memory
+        session.last_logits = None
         self.store.release(session.id)
 
     def spillable(self, keep: Session | None = None) -> list[Session]:

@@ -78,6 +78,22 @@ class StatePool:
         state = self.state.select([slot])
         return state if device is None else state.to(device)
 
+    def read_to_host(self, slot: int, *extra: torch.Tensor | None
+                     ) -> tuple[StreamState, list[torch.Tensor | None], torch.cuda.Event | None]:
+        """A host copy of one slot, and of each `extra` tensor (a session's last logits), for a snapshot, taken
+        without waiting for the device: on a GPU the copies are queued behind the steps that wrote the slot and
+        land in pinned memory; read them only once the returned event has happened (None: ready now). The
+        engine thread never waits on it; the store's writer thread does, before it serializes."""
+        self.zero_allocated()
+        state = self.state.select([slot])  # a copy on the device: later steps may move the slot on
+        if state.steps.device.type != "cuda":
+            return state, [None if t is None else t.detach().to("cpu", copy=True) for t in extra], None
+        host = state._map(lambda name, t, axis: _to_pinned(t))
+        extra_host = [None if t is None else _to_pinned(t) for t in extra]
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, extra_host, ready
+
     def write(self, slot: int, state: StreamState) -> None:
         self._unzeroed.discard(slot)  # overwritten whole
         self.state.assign([slot], state)
@@ -90,6 +106,13 @@ class StatePool:
         self.zero_allocated()
         return int(self.state.steps[slot])
 
-    def slot_indices(self, slots: list[int]) -> torch.Tensor:
-        # built on the host and copied without a stream sync (a list straight to the device waits for the stream)
-        return torch.tensor(slots, dtype=torch.int32).to(self.state.steps.device, non_blocking=True)
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a device tensor in pinned host memory, queued on the current stream (valid once it has run); a
+    host tensor is copied at once. Pinned blocks come from torch's caching host allocator, which does not hand a
+    block out again before the copies queued on it are done."""
+    if t.device.type != "cuda":
+        return t.detach().clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out

@@ -43,6 +43,11 @@ class _Job:
     metadata: dict[str, str] | None = None  # the session's own bookkeeping, kept in the snapshot (sessions.APPLIED_META)
     log: bytes | None = None  # encoded log records to append
     rotate: bool = False  # start a new log segment with `log` in it, drop the old segments
+    ready: torch.cuda.Event | None = None  # `state` is a copy from the device, valid once this event has happened
+
+    @property
+    def is_append(self) -> bool:
+        return bool(self.log) and not self.rotate
 
 
 class WriterThread:
@@ -100,9 +105,10 @@ class SessionStore(WriterThread):
     # -- engine thread -----------------------------------------------------------------------------------------
 
     def write(self, sid: str, state: StreamState, last_logits: torch.Tensor | None,
-              metadata: dict[str, str] | None = None) -> int:
-        """Queue a snapshot of one stream (a CPU copy the caller will not touch again); returns its ticket."""
-        return self._submit(_Job(0, sid, state, last_logits, metadata))
+              metadata: dict[str, str] | None = None, ready: torch.cuda.Event | None = None) -> int:
+        """Queue a snapshot of one stream (a CPU copy the caller will not touch again; with `ready`, one still
+        being copied from the device, which the writer waits for); returns its ticket."""
+        return self._submit(_Job(0, sid, state, last_logits, metadata, ready=ready))
 
     def delete(self, sid: str) -> int:
         return self._submit(_Job(0, sid, None))
@@ -185,8 +191,9 @@ class SessionStore(WriterThread):
     def _apply_batch(self, jobs: list[_Job]) -> list[Persisted]:
         """Apply jobs in order, except that a session's snapshot followed in the batch by a newer one of the same
         session (no delete of it between) is not written: the newer one covers it, and both are reported once it
-        lands. When the disk is slower than the engine (a long stream appending 64K-id frames: two fsyncs a
-        frame), the writer then keeps up by writing the latest state instead of every intermediate one."""
+        lands. When the disk is slower than the engine (a long stream appending 64K-id frames), the writer then keeps
+        up by writing the latest state instead of every intermediate one, and log appends queued one after another
+        go to the disk in one write with one fsync."""
         superseded: dict[int, int] = {}  # index of a skipped snapshot -> index of the one that covers it
         latest: dict[str, int] = {}
         for i, job in enumerate(jobs):
@@ -199,10 +206,22 @@ class SessionStore(WriterThread):
                 latest.pop(job.session)
         waiting: dict[int, list[int]] = {}  # index of a written job -> the skipped ones it covers directly
         results = []
-        for i, job in enumerate(jobs):
+        i = 0
+        while i < len(jobs):
+            job = jobs[i]
             if i in superseded:
                 waiting.setdefault(superseded[i], []).append(i)
+                i += 1
                 continue
+            if job.is_append:  # log appends queued one after another: one write, one fsync for all
+                end = i + 1
+                while end < len(jobs) and jobs[end].is_append:
+                    end += 1
+                if end - i > 1:
+                    done = self._apply(_Job(job.ticket, "", None, log=b"".join(j.log for j in jobs[i:end])))
+                    results += [Persisted(j.ticket, j.session, done.error) for j in jobs[i:end]]
+                    i = end
+                    continue
             done = self._apply(job)
             stack, covered = [i], []
             while stack:
@@ -212,6 +231,7 @@ class SessionStore(WriterThread):
             # the jobs this one covers are reported first, in the order they were submitted
             results += [Persisted(jobs[j].ticket, jobs[j].session, done.error) for j in sorted(covered)]
             results.append(done)
+            i += 1
         return results
 
     def _apply(self, job: _Job) -> Persisted:
@@ -226,6 +246,8 @@ class SessionStore(WriterThread):
             elif job.state is None:
                 path.unlink(missing_ok=True)
             else:
+                if job.ready is not None:
+                    job.ready.synchronize()  # this thread waits for the device's copy, never the engine's
                 data = save_snapshot(job.state, self.model_name, self.fingerprint, job.last_logits, job.metadata)
                 atomic_write(path, data)
         except OSError as exc:

@@ -100,3 +100,14 @@ def test_the_runner_hands_the_layout_down_so_no_kernel_reads_cu_seqlens(monkeypa
     reads.clear()
     model(torch.arange(7, device=device), model.empty_state(2), cu_seqlens=cu)
     assert sum(reads) == 1  # without the bounds: exactly one read, by the model, shared by every layer
+
+
+@pytest.mark.parametrize("choice", ["triton", "torch"])
+def test_resolve_picks_what_each_op_routes_to(monkeypatch, choice):
+    """The model resolves the ops once per pass (ops.resolve): the same functions the per-call routing picks."""
+    monkeypatch.setenv("INFOMAMBA_KERNELS", choice)
+    resolved = ops.resolve(torch.zeros(1))
+    for name, module in OPS.items():
+        mod = importlib.import_module(f"kernels.{module}")
+        expected = getattr(mod, name) if choice == "triton" else getattr(mod, name + "_ref")
+        assert getattr(resolved, name) is expected, name

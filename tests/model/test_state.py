@@ -544,3 +544,17 @@ def test_pool_reset_and_copy_carry_the_rings():
     fresh = pool.read(slot)  # the reused slot shows no keys of the stream that had it
     assert all(ring.abs().sum() == 0 for ring in fresh.rings.values())
     assert torch.equal(pool.read(other).rings["attention.3.value"][0], written["attention.3.value"])
+
+
+def test_layer_views_are_kept_under_inference_and_follow_replaced_tensors():
+    """The pool's per-layer views are made once under inference mode (the server's steps), made again when a pool
+    tensor is replaced, and made afresh with autograd on."""
+    state = make_model(n_layers=2).empty_state(3)
+    with torch.inference_mode():
+        first = state.layer(1)
+        assert state.layer(1) is first
+        assert first.ssm.data_ptr() == state.ssm[1].data_ptr()
+        state.ssm = torch.ones_like(state.ssm)
+        again = state.layer(1)
+        assert again is not first and torch.equal(again.ssm, state.ssm[1])
+    assert state.layer(1) is not state.layer(1)

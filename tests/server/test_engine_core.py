@@ -325,3 +325,125 @@ def test_n_samples_fork_the_state_after_the_prompt_and_cancel_with_it(tmp_path):
     outs = run_until_quiet(core)["outputs"]
     assert finish_of(outs["d.1"]).finish_reason == "cancelled" and finish_of(outs["d"]).finish_reason == "cancelled"
     assert core.pool.num_used == 0 and not core.requests
+
+
+def make_real_core(tmp_path, **config) -> EngineCore:
+    """The engine with the real runner and model (tiny, on the CPU), for tests of what the state holds."""
+    config = ServerConfig(**{"max_num_streams": 4, "max_num_batched_tokens": 64, **config})
+    return EngineCore(tiny_lm(), None, config, str(tmp_path / "sessions"))
+
+
+def test_a_long_append_is_logged_frame_by_frame_and_a_restart_replays_it_exactly(tmp_path):
+    """Issue 14: frames larger than the state were each snapshotted (a copy off the GPU, a sync, per frame). Now
+    every frame is answered on its log record, snapshots follow every snapshot_every logged steps, and an engine
+    started on the same directory replays the log to the same state."""
+    from model.state import state_nbytes_per_stream
+
+    config = dict(max_num_prefill_tokens=4096, snapshot_every=2048)
+    core = make_real_core(tmp_path, **config)
+    frame, num_frames = 1024, 5
+    # the old rule's case: the frame's ids (int64 in the engine) outweigh the state
+    assert frame * 8 >= state_nbytes_per_stream(core.model.config, core.model.dtype)
+    writes, records = [], []
+    real_write, real_append = core.store.write, core.store.append_log
+    core.store.write = lambda sid, *args, **kw: (writes.append(sid), real_write(sid, *args, **kw))[1]
+    core.store.append_log = lambda batch: (records.extend(batch), real_append(batch))[1]
+    op(core, "create", "create")
+    sid = run_until_quiet(core)["replies"]["create"].session
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, VOCAB, frame) for _ in range(num_frames)]
+    for i, ids in enumerate(frames):
+        add(core, f"f{i}", ids, session=sid, wait_if_busy=True)
+    outs = run_until_quiet(core)["outputs"]
+    assert [finish_of(outs[f"f{i}"]).steps for i in range(num_frames)] == [frame * (i + 1) for i in range(5)]
+    assert [r.steps_before for r in records] == [frame * i for i in range(num_frames)]  # each frame, logged
+    # the create's snapshot, then one each time the log reached 2048 steps (after frames 2 and 4), not one a frame
+    assert writes == [sid] * 3
+    assert core.sessions.get(sid).logged_steps == frame and core.store.persisted_sessions()[sid] == 4 * frame
+
+    again = make_real_core(tmp_path, **config)  # a crash: nothing more written; a new engine, same directory
+    again.sessions.pick_up_persisted()
+    assert again.sessions.get(sid).steps == num_frames * frame
+    for engine in (core, again):
+        add(engine, "more", [7, 8, 9], session=sid, outputs=["logits"])
+    got = [run_until_quiet(engine)["outputs"]["more"] for engine in (core, again)]
+    assert finish_of(got[0]).steps == finish_of(got[1]).steps == num_frames * frame + 3
+    logits = [np.concatenate([o.outputs["logits"].numpy() for o in outs if o.outputs]) for outs in got]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-5)
+    states = [engine.pool.read(engine.sessions.get(sid).slot).tensors() for engine in (core, again)]
+    for name, tensor in states[0].items():
+        torch.testing.assert_close(states[1][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_background_snapshot_holds_no_answer_and_runs_one_at_a_time(tmp_path):
+    from server.engine.store import Persisted
+
+    core = make_core(tmp_path, snapshot_every=4)
+    op(core, "create", "create")
+    sid = run_until_quiet(core)["replies"]["create"].session
+    deferred = []  # snapshot writes that never land until the test says so
+
+    def write(sid, state, last_logits, metadata=None, ready=None):
+        core.store._tickets += 1
+        deferred.append((core.store._tickets, int(state.steps[0])))
+        return core.store._tickets
+
+    core.store.write = write
+
+    def no_device_reads(slot):
+        raise AssertionError("a session request's steps are counted on the host, not read from the device")
+
+    core.pool.steps = no_device_reads
+    for i in range(4):
+        add(core, f"a{i}", [1, 2, 3], session=sid, wait_if_busy=True)
+    finished = {}
+    for _ in range(50):
+        for batch in core.run_once(timeout=0.01).values():
+            finished.update({o.rid: o for o in batch.request_outputs() if o.finish_reason or o.error})
+        if len(finished) == 4:
+            break
+    assert [finished[f"a{i}"].steps for i in range(4)] == [3, 6, 9, 12]  # answered on their log records alone
+    assert all(finished[f"a{i}"].error is None for i in range(4))
+    session = core.sessions.get(sid)
+    assert deferred == [(deferred[0][0], 6)] and session.writes_in_flight == 1  # one at a time, taken at step 6
+    assert session.logged_steps == 12
+    assert session not in core.sessions.spillable()  # its slot stays until the snapshot lands
+    core.handle(Persisted(deferred[0][0], sid))
+    assert session.writes_in_flight == 0 and [r.steps_before for r in session.log] == [6, 9]
+
+
+def test_only_a_snapshot_captured_after_a_failed_write_clears_the_need_for_one():
+    from server.engine.sessions import Session, SessionTable
+
+    session = Session("s", needs_snapshot=True, needs_snapshot_steps=10)
+    SessionTable.snapshot_landed(None, session, 6)  # a background snapshot taken before the failure
+    assert session.needs_snapshot
+    SessionTable.snapshot_landed(None, session, 10)
+    assert not session.needs_snapshot
+
+
+def test_queued_log_appends_share_one_fsync_and_a_snapshot_waits_for_its_device_copy(tmp_path, monkeypatch):
+    from server.engine import wal
+    from server.engine.store import SessionStore, _Job
+    from server.engine.wal import LogRecord
+
+    model = tiny_lm()
+    order = []
+    real_append = LogWriter.append
+    monkeypatch.setattr(LogWriter, "append", lambda self, data: (order.append("fsync"), real_append(self, data)))
+    real_write = store_module.atomic_write
+    monkeypatch.setattr(store_module, "atomic_write", lambda path, data: (order.append("snapshot"),
+                                                                          real_write(path, data)))
+
+    class Event:  # stands in for the CUDA event after the copy off the device
+        def synchronize(self):
+            order.append("waited")
+
+    store = SessionStore(tmp_path, "tiny-lm", model.fingerprint(), lambda done: None)
+    records = [LogRecord.of("a", 3 * i, np.arange(3)) for i in range(4)]
+    jobs = [_Job(i + 1, "", None, log=wal.encode([r])) for i, r in enumerate(records[:3])]
+    jobs += [_Job(4, "a", model.empty_state(1), ready=Event()), _Job(5, "", None, log=wal.encode(records[3:]))]
+    done = store._apply_batch(jobs)
+    assert [d.ticket for d in done] == [1, 2, 3, 4, 5] and all(d.error is None for d in done)
+    assert order == ["fsync", "waited", "snapshot", "fsync"]  # three appends in one write
+    assert [r.steps_before for r in store.read_log()] == [0, 3, 6, 9]

@@ -177,3 +177,21 @@ def test_sigkill_of_everything_loses_no_acknowledged_step(model_dir, tmp_path):
             assert torch.allclose(torch.tensor(r.json()["results"]["logits"]), want, atol=1e-4)
     finally:
         srv.kill_all()
+
+
+def test_websocket_compression_is_declined_unless_asked_for(model_dir, tmp_path):
+    """A client that offers permessage-deflate (the websockets library and browsers do) gets plain frames from a
+    default server, and deflate from one started with --ws-compression true."""
+    from websockets.sync.client import connect
+
+    for args, expected in (((), []), (("--ws-compression", "true"), ["permessage-deflate"])):
+        srv = ServeProcess(model_dir, tmp_path / f"sessions{len(args)}", *args).wait_ready()
+        try:
+            with connect(f"ws://127.0.0.1:{srv.port}/v1/stream") as ws:  # offers deflate by default
+                assert [ext.name for ext in ws.protocol.extensions] == expected
+                ws.send('{"type": "open"}')
+                assert '"opened"' in ws.recv(timeout=30)
+                ws.send('{"type": "append", "input_ids": [1, 2, 3]}')
+                assert '"outputs"' in ws.recv(timeout=30)
+        finally:
+            srv.kill_all()
