@@ -6,12 +6,14 @@
 Reports, for k = 0 and k = 16 and their ratio: decode ms per step at batch 1/64/256 (CUDA graphs, as the server
 runs it; eager beside it), prefill tokens/s of one sequence of 2K/8K/32K/131K tokens, kernel launches per decode
 step (counted from Python, and the profiler's GPU activities), and the per-token cost of one stream fed in chunks,
-at 8K steps and at 1M steps (prefill of an 8K chunk there, and decode steps there). Every run also times main's
-unfused decode step beside the fused one at each batch (INFOMAMBA_FUSED_STEP, kernels/dispatch.py: `0` main's
-path throughout, and for k > 0 `concept`, the fused concept step with main's Mamba step), so one run says which is
-faster at each batch size. --sweep times the fused decode kernels' launch configurations (they write state in
-place, so they are picked by hand from this table, not autotuned), with the unfused steps as rows of the same
-table. --torch adds the PyTorch reference path (slow) at batch 1 and 2K tokens.
+at 8K steps and at 1M steps (prefill of an 8K chunk there, and decode steps there). Every run also times, beside
+the default decode step (INFOMAMBA_FUSED_STEP=1, kernels/dispatch.py: the fused Mamba step up to
+mamba_step.FUSED_MAMBA_MAX_BATCH rows, main's above), the fused Mamba step at every batch, main's path throughout
+(`0`) and for k > 0 `concept` (the fused concept step with main's Mamba step), so one run says which is faster at
+each batch size. --sweep times the fused decode kernels' launch configurations (they write state in place, so they
+are picked by hand from this table, not autotuned), with the unfused steps as rows of the same table. --torch adds
+the PyTorch reference path (slow) at batch 1 and 2K tokens. --tiny lowers FUSED_MAMBA_MAX_BATCH to 2, so that its
+batch 4 takes the unfused Mamba step as batches above 32 do at full size.
 """
 from __future__ import annotations
 
@@ -103,23 +105,30 @@ def build(fields, k, device, dtype):
     return model.to(dtype).eval()
 
 
-# INFOMAMBA_FUSED_STEP values timed side by side: the fused step; for k > 0 the fused concept step with main's Mamba
-# step; main's decode path throughout.
-STEP_LABELS = {"1": "fused", "concept": "Mamba step unfused", "0": "unfused (main's path)"}
+# Decode paths timed side by side: INFOMAMBA_FUSED_STEP's values (the default; for k > 0 the fused concept step with
+# main's Mamba step; main's decode path throughout) and "fused", the default with the fused Mamba step at every
+# batch (FUSED_MAMBA_MAX_BATCH lifted: the dispatch before run 5 set the limit).
+STEP_LABELS = {"1": "default", "fused": "fused Mamba step at every batch", "concept": "Mamba step unfused",
+               "0": "unfused (main's path)"}
 
 
 def step_paths(k: int) -> tuple[str, ...]:
-    return ("1", "concept", "0") if k else ("1", "0")
+    return ("1", "fused", "concept", "0") if k else ("1", "fused", "0")
 
 
 @contextlib.contextmanager
 def fused_step(choice: str):
-    """INFOMAMBA_FUSED_STEP=choice inside (a graph captures the path chosen while it is captured)."""
+    """INFOMAMBA_FUSED_STEP=choice inside ("fused": `1` with mamba_step.FUSED_MAMBA_MAX_BATCH lifted); a graph
+    captures the path chosen while it is captured."""
     before = os.environ.get("INFOMAMBA_FUSED_STEP")
-    os.environ["INFOMAMBA_FUSED_STEP"] = choice
+    limit = mamba_step_mod.FUSED_MAMBA_MAX_BATCH
+    os.environ["INFOMAMBA_FUSED_STEP"] = "1" if choice == "fused" else choice
+    if choice == "fused":
+        mamba_step_mod.FUSED_MAMBA_MAX_BATCH = 1 << 30
     try:
         yield
     finally:
+        mamba_step_mod.FUSED_MAMBA_MAX_BATCH = limit
         if before is None:
             del os.environ["INFOMAMBA_FUSED_STEP"]
         else:
@@ -136,9 +145,10 @@ def decode_step_fn(model, pool, tokens, slots, graphs: bool):
 
 
 def bench_decode(model, batches, clock, cuda, rows, graphs=True, rounds=2):
-    """Per batch: the fused step eager and under CUDA graphs, and each of step_paths under graphs (eager on the CPU).
-    The paths are captured once and timed in `rounds` interleaved rounds (fused, unfused, fused, unfused, ...), each
-    figure the least of its rounds' medians, so that a drift of the card over the run does not favour one path."""
+    """Per batch: the default step eager and under CUDA graphs, and each of step_paths under graphs (eager on the
+    CPU). The paths are captured once and timed in `rounds` interleaved rounds (default, fused, unfused, default,
+    ...), each figure the least of its rounds' medians, so that a drift of the card over the run does not favour one
+    path."""
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = state_nbytes_per_stream(cfg, model.dtype)
@@ -195,7 +205,8 @@ def gpu_busy(fn, top: int = 6) -> dict:
 
 
 def busy_breakdown(model, prefill_len: int) -> dict:
-    """GPU busy time of an eager decode step (batch 1 and 256) and of a prefill, beside their wall time elsewhere."""
+    """GPU busy time of an eager decode step (batch 1 and 256; main's path beside it, and the fused Mamba step where
+    the default does not take it) and of a prefill, beside their wall time elsewhere."""
     cfg, out = model.config, {}
     with torch.inference_mode():
         for bs in (1, 256):
@@ -205,6 +216,9 @@ def busy_breakdown(model, prefill_len: int) -> dict:
             out[f"decode_b{bs}"] = gpu_busy(decode_step_fn(model, pool, tokens, slots, False))
             with fused_step("0"):  # main's path: which of its kernels cost what, beside the fused ones
                 out[f"decode_b{bs}_unfused"] = gpu_busy(decode_step_fn(model, pool, tokens, slots, False))
+            if bs > mamba_step_mod.FUSED_MAMBA_MAX_BATCH:
+                with fused_step("fused"):
+                    out[f"decode_b{bs}_fused"] = gpu_busy(decode_step_fn(model, pool, tokens, slots, False))
         ids = torch.randint(0, cfg.vocab_size, (1, prefill_len), device=model.device)
         out[f"prefill_{prefill_len}"] = gpu_busy(lambda: model(ids))
     return out
@@ -276,10 +290,11 @@ def sweep_decode(model, batches, clock):
     configuration at a time (the other at its default). Concept step: the one-launch path at 1, 2, 4, 8 rows a
     program, and the two-launch path (update, then the gates over (rows, columns) a program). Mamba step: the
     two-launch path (channels per block, blocks per program of launch 1, channels per program of launch 2) and the
-    three-launch path (the same for launch 1, then channels per program of the dt launch). The defaults:
-    concept_step.SPLIT_MAX_BATCH and _step_path, mamba_step.THREE_LAUNCH_MIN_BATCH, _step_config and
-    _three_launch_config; set them from this table. Last at each batch, the unfused steps (INFOMAMBA_FUSED_STEP
-    `concept`, then `0`) under the same clock."""
+    three-launch path (the same for launch 1, then channels per program of the dt launch), at every batch
+    (FUSED_MAMBA_MAX_BATCH lifted). The defaults: concept_step.SPLIT_MAX_BATCH and _step_path,
+    mamba_step.THREE_LAUNCH_MIN_BATCH, _step_config and _three_launch_config, and above
+    mamba_step.FUSED_MAMBA_MAX_BATCH main's Mamba step; set them from this table. Last at each batch, the unfused
+    steps (INFOMAMBA_FUSED_STEP `concept`, then `0`) under the same clock."""
     concept_choices = [("rows", rows) for rows in (1, 2, 4, 8)] + [
         ("split", config) for config in ((1, 16), (1, 32), (2, 16), (4, 16), (16, 16), (16, 32))]
     # wider blocks spill at this config (bench/compile_kernels.py)
@@ -288,7 +303,7 @@ def sweep_decode(model, batches, clock):
     mamba_choices += [("three", config) for config in ((64, 1, 64), (64, 1, 128), (64, 2, 64), (64, 2, 128))]
     names = ("_step_rows", "_step_path")
     original_concept = {name: getattr(concept_step_mod, name) for name in names}
-    names = ("_step_config", "_three_launch_config", "THREE_LAUNCH_MIN_BATCH")
+    names = ("_step_config", "_three_launch_config", "THREE_LAUNCH_MIN_BATCH", "FUSED_MAMBA_MAX_BATCH")
     original_mamba = {name: getattr(mamba_step_mod, name) for name in names}
 
     def restore():
@@ -300,6 +315,8 @@ def sweep_decode(model, batches, clock):
     def default_labels(bs):
         path = original_concept["_step_path"](bs, model.config.d_concept)
         concept = ("rows", original_concept["_step_rows"](bs)) if path is None else ("split", path)
+        if bs > original_mamba["FUSED_MAMBA_MAX_BATCH"]:
+            return f"{concept[0]} {concept[1]}", "unfused (main's kernels)"
         three = bs >= original_mamba["THREE_LAUNCH_MIN_BATCH"]
         config = (original_mamba["_three_launch_config"] if three else original_mamba["_step_config"])(
             bs, model.config.d_inner)
@@ -323,6 +340,7 @@ def sweep_decode(model, batches, clock):
                     results.append(dict(batch=bs, concept=f"{path} {config}", mamba=mamba_default, ms=ms))
                     restore()
                 for path, config in mamba_choices:
+                    mamba_step_mod.FUSED_MAMBA_MAX_BATCH = 1 << 30
                     mamba_step_mod.THREE_LAUNCH_MIN_BATCH = 0 if path == "three" else 1 << 30
                     name = "_three_launch_config" if path == "three" else "_step_config"
                     setattr(mamba_step_mod, name, lambda batch, d_inner, config=config: config)
@@ -354,6 +372,8 @@ def main() -> None:
         sys.exit("bench_model.py needs a CUDA GPU (or --tiny for a CPU smoke run)")
     if cuda:
         os.environ.setdefault("INFOMAMBA_KERNELS", "triton")
+    else:  # --tiny: its batch 4 crosses the limit, so that the smoke run takes both Mamba steps
+        mamba_step_mod.FUSED_MAMBA_MAX_BATCH = 2
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     plan = sizes(args)
     card = torch.cuda.get_device_name() if cuda else "cpu (tiny, interpreter)"
@@ -397,7 +417,7 @@ def main() -> None:
 
 
 def paths_table(results, plan) -> str:
-    """Fused against main's unfused decode step at each batch, for both models (ms a step and unfused / fused)."""
+    """The default decode step against the others at each batch, for both models (ms a step and other / default)."""
     head, rule, body = ["decode, batch"], ["---:"], {bs: [str(bs)] for bs in plan["batches"]}
     for k in plan["concepts"]:
         got = results["k"][k]["decode"]
@@ -408,7 +428,7 @@ def paths_table(results, plan) -> str:
             for bs in plan["batches"]:
                 body[bs].append(f"{got[bs]['paths_ms'][path]:.3f}")
         for path in step_paths(k)[1:]:
-            head.append(f"k={k} {STEP_LABELS[path]} / fused")
+            head.append(f"k={k} {STEP_LABELS[path]} / default")
             rule.append("---:")
             for bs in plan["batches"]:
                 ms = got[bs]["paths_ms"]

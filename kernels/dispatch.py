@@ -3,11 +3,12 @@
 INFOMAMBA_KERNELS=auto (default) uses Triton for CUDA tensors and PyTorch elsewhere; `triton` forces the
 kernels (on the CPU only under TRITON_INTERPRET=1, for tests); `torch` forces the references.
 
-INFOMAMBA_FUSED_STEP picks the decode step's path: `1` (default) the fused step kernels (issue 10); `concept` the
-fused layer and concept step with the Mamba step through main's one-op-a-kernel path; `0` main's decode path
-throughout (the layer's separate projections, the concept filter's update, norm, GELU and gates as separate ops,
-conv update, x_proj, dt_proj, state update). The unfused paths stay selectable so that one GPU run can time them
-beside the fused one (bench/bench_model.py).
+INFOMAMBA_FUSED_STEP picks the decode step's path: `1` (default) the fused layer and concept step at every batch
+(issue 10), with the fused Mamba step (kernels/mamba_step.py) up to mamba_step.FUSED_MAMBA_MAX_BATCH rows (32) and
+main's one-op-a-kernel Mamba step above it, where the H200 timed it faster; `concept` the fused layer and concept
+step with main's Mamba step at every batch; `0` main's decode path throughout (the layer's separate projections,
+the concept filter's update, norm, GELU and gates as separate ops, conv update, x_proj, dt_proj, state update). The
+other paths stay selectable so that one GPU run can time them beside the default (bench/bench_model.py).
 """
 from __future__ import annotations
 

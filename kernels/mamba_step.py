@@ -11,6 +11,11 @@ update runs in many small programs:
     launch 2: the partial sums added up, dt_proj + softplus, z + injection, written in fp32;
     launch 3: kernels/selective_state_update.py's kernel on them (state update, D skip, SiLU(z) gate).
 
+The model decodes through this step up to FUSED_MAMBA_MAX_BATCH rows (32) only: above it main's unfused Mamba step
+(conv update, x_proj, dt_proj, state update: two Triton kernels and two cuBLAS products) was the faster on the
+H200 (run 5, see the constant). The op itself takes any batch; its tests and the benchmark's sweep run it at 64 and
+256 too.
+
 With concepts (DESIGN.md §1) the SSM input u = h + W_s (g_s ⊙ r) only feeds in_proj, so in_proj(u) =
 in_proj(h) + (W_in W_s)(g_s ⊙ r): the layer hands in in_proj(h) as `xz` and g_s ⊙ r as `inject` with
 `inject_weight` = W_in W_s, and each launch adds its own channels' share.
@@ -305,6 +310,16 @@ def _step_config(batch: int, d_inner: int):
 # 256 (at batch 1 the margin is about the run's noise, 0.01-0.05 ms). The two-launch path stays (the sweep times
 # it, `three=False` forces it).
 THREE_LAUNCH_MIN_BATCH = 1
+
+# The model's decode step (MambaMixer.mix, INFOMAMBA_FUSED_STEP `1`) runs this fused step up to this many rows (the
+# padded batch under CUDA graphs, fixed at capture), and main's unfused Mamba step above it (conv update, x_proj,
+# dt_proj, selective_state_update; the concept step stays fused at every batch). From issue 10's H200 run 5
+# (bench/RESULTS.md: branch wt-fused at 766188d, bench_model.py --sweep --skip-long, 130M config, bf16, CUDA
+# graphs), ms a step, fused / unfused Mamba step: k = 0 0.690 / 0.722 at batch 1, 0.894 / 0.830 at 64, 1.418 /
+# 1.102 at 256; k = 16 (concept step fused in both) 1.027 / 1.107, 1.242 / 1.326, 2.089 / 1.910. The fused step
+# wins at batch 1 and loses at 256 for both; at 64 it loses for k = 0 (the default model) and wins by 0.08 ms for
+# k = 16. Batches 2-63 were not timed: 32, the largest captured graph under 64, is a guess between the two.
+FUSED_MAMBA_MAX_BATCH = 32
 DT_PART_UNROLL, DT_WARPS = 8, 8  # the dt launch: no spills at the 130M config (bench/compile_kernels.py)
 
 

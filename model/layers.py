@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import mamba_step as mamba_step_kernels
 from kernels import ops
 from kernels.ops import OpSet
 from kernels.packing import PackedLayout
@@ -106,12 +107,18 @@ class MambaMixer(nn.Module):
         """Everything between in_proj and out_proj: xz (T, 2E) -> the gated SSM output y (T, E), written into `out`
         (a (T, E) view, e.g. columns of a wider buffer) when given. With `inject` (T, C) and `inject_weight`
         (2E, C), xz + inject @ inject_weight^T stands for xz (the concepts' input injection, see InfoMambaLayer).
-        The split pieces of xz are views the kernels address by row stride."""
+        The split pieces of xz are views the kernels address by row stride.
+
+        A decode step (INFOMAMBA_FUSED_STEP `1`, the default) takes the fused step, three launches for the whole of
+        it (kernels/mamba_step.py), up to mamba_step.FUSED_MAMBA_MAX_BATCH rows, and main's unfused step above
+        (`_unfused_step`, the faster there on the H200); `concept` and `0` take main's step at every batch. Under
+        CUDA graphs the rows are the captured padded batch, so the choice is made once, at capture."""
         conv = self.conv1d
         conv_w = self.conv_weight()  # (E, K)
         A = self.neg_A()  # (E, N)
         ops_ = batch.ops
-        if batch.is_decode and ops_.step_path() == "1":  # three launches for the whole step (kernels/mamba_step.py)
+        if (batch.is_decode and ops_.step_path() == "1"
+                and xz.shape[0] <= mamba_step_kernels.FUSED_MAMBA_MAX_BATCH):  # read per call: tests and bench set it
             dt_proj = self.dt_proj
             return ops_.mamba_step(xz, conv_w, conv.bias, self.x_proj.weight, dt_proj.weight, dt_proj.bias, A,
                                    self.D, state.conv, state.ssm, batch.state_indices, inject, inject_weight,
@@ -131,9 +138,10 @@ class MambaMixer(nn.Module):
                                    batch.state_indices, layout=batch.layout, out=out)
 
     def _unfused_step(self, xz, conv_w, A, state: LayerState, batch: Batch, out: torch.Tensor | None):
-        """main's decode step, one op a kernel (conv update, x_proj, dt_proj, state update; INFOMAMBA_FUSED_STEP
-        `0` or `concept`): kept so that a GPU run times it beside the fused step. Its intermediates are stored in
-        the model dtype, the fused step's in fp32."""
+        """main's decode step, one op a kernel (conv update, x_proj, dt_proj, state update): the decode step above
+        mamba_step.FUSED_MAMBA_MAX_BATCH rows, and at every batch under INFOMAMBA_FUSED_STEP `0` or `concept`. Its
+        intermediates are stored in the model dtype, the fused step's in fp32. A concept layer's injection comes
+        in already added to xz (one addmm, in `mix`)."""
         ops_ = batch.ops
         x_in, z = xz.split_with_sizes(self._split_xz, dim=1)  # (T, E) each
         xc = ops_.causal_conv1d_update(x_in, conv_w, self.conv1d.bias, state.conv, batch.state_indices)

@@ -122,6 +122,35 @@ def test_unfused_decode_step_matches_the_fused_one(fields, path, monkeypatch):
         torch.testing.assert_close(state.rings[name], ring, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("above", [False, True], ids=["fused-mamba", "unfused-mamba"])
+@pytest.mark.parametrize("fields", [dict(SIZES[0], n_concepts=0), SIZES[1]], ids=["k0", "k3-learned"])
+def test_default_decode_step_matches_torch_path_on_both_sides_of_the_fused_batch(fields, above, monkeypatch):
+    # INFOMAMBA_FUSED_STEP's default takes the fused Mamba step up to mamba_step.FUSED_MAMBA_MAX_BATCH rows and
+    # main's unfused one above (tests/model/test_launches.py checks which runs): both must compute the reference's
+    # step, state included, with the fused concept step beside either.
+    from kernels.mamba_step import FUSED_MAMBA_MAX_BATCH
+
+    monkeypatch.delenv("INFOMAMBA_FUSED_STEP", raising=False)
+    model = make_model(3, **fields)
+    model = (set_decays(model) if model.config.has_concept_decay else model).to(DEVICE)
+    rows = FUSED_MAMBA_MAX_BATCH + 1 if above else FUSED_MAMBA_MAX_BATCH
+    inputs = make_inputs(model, rows, 2).to(DEVICE)
+    slots = torch.randperm(rows + 2, generator=torch.Generator().manual_seed(rows))[:rows].to(torch.int32)
+    slots[rows // 3] = -1
+    slots = slots.to(DEVICE)
+    runs = {}
+    for kernels in ("torch", "triton"):
+        monkeypatch.setenv("INFOMAMBA_KERNELS", kernels)
+        state = model.empty_state(rows + 2)
+        with torch.inference_mode():
+            heads = [model.decode_step(inputs[:, t], state, slots).head.float() for t in range(inputs.shape[1])]
+        runs[kernels] = torch.stack(heads), state
+    (want, want_state), (got, state) = runs["torch"], runs["triton"]
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    for name in ("conv", "ssm", "concept_mean", "concept_mass"):
+        torch.testing.assert_close(getattr(state, name), getattr(want_state, name), **TOL[torch.float32])
+
+
 def test_fused_step_choice_is_checked(monkeypatch):
     from kernels.dispatch import fused_step
 
