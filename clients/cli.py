@@ -70,6 +70,8 @@ SERVE_FLAGS = (
     ("--served-model-name", "served_model_name", str, "model id in /v1/models and completions"),
     ("--shutdown-timeout", "shutdown_timeout", float, "seconds to drain requests on shutdown"),
     ("--cuda-graphs", "cuda_graphs", _flag, "replay CUDA graphs for decode-only steps on a GPU (true/false)"),
+    ("--prefill-graphs", "prefill_graphs", _flag,
+     "replay CUDA graphs for steps whose chunks are all 64 steps or shorter too (true/false; with --cuda-graphs)"),
     ("--ws-compression", "ws_compression", _flag,
      "accept permessage-deflate on the websocket when a client offers it (true/false)"),
 )

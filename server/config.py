@@ -42,6 +42,9 @@ class ServerConfig:
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0
     cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA + Triton kernels only)
+    # with cuda_graphs, steps whose chunks are all <= 64 steps (decodes beside short prompts or appends) replay graphs
+    # of padded layouts too (server/engine/prefill_graphs.py), on models of recurrent layers only
+    prefill_graphs: bool = True
     # permessage-deflate on the websocket when a client offers it (browsers and the websockets library do): off, since
     # zlib over an answer's float32 outputs or a frame of ids costs the frontend far more CPU than it saves on a LAN
     ws_compression: bool = False

@@ -24,6 +24,7 @@ from server.engine import errors
 from server.engine.errors import EngineError
 from server.engine.protocol import (Abort, Add, Array, EngineInfo, Error, Hello, Logprobs, Reply, RequestOutput,
                                     Sampling, SessionOp, StepOutputs, TokenOutputs, Utility, child_rid)
+from server.engine.prefill_graphs import MAX_CHUNK
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -64,9 +65,13 @@ class EngineCore:
         self.pool = StatePool(model, num_streams)
         self.scheduler = Scheduler(self.pool, max(config.max_num_batched_tokens, num_streams),
                                    config.max_num_prefill_tokens)
-        self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs)
+        self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs,
+                                            prefill_graphs=config.prefill_graphs,
+                                            max_num_batched_tokens=config.max_num_batched_tokens)
         if getattr(self.runner, "graphs", None) is not None:  # eager decode steps cost what mixed ones do
             self.scheduler.max_prefill_wait_steps = config.max_prefill_wait_steps
+        if getattr(self.runner, "prefill_graphs", None) is not None:
+            self.scheduler.graph_chunk = MAX_CHUNK
         # events from other threads (frontend requests, finished writes), handled by the engine thread in order
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.on_post = None  # called after each post(), to wake a loop that sleeps elsewhere (EngineLoop)
