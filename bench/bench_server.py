@@ -318,6 +318,11 @@ def drive(core, scripts: list[list], make, window: int = 1, seconds: float | Non
             pass
     while owner:
         for batch in core.run_once(timeout=0.05).values():
+            # a step's plain tokens come in batch.tokens (before batch.outputs), not as RequestOutputs
+            for rid in batch.tokens.rids if batch.tokens is not None else ():
+                if rid not in first:
+                    first.add(rid)
+                    ttft.append(time.perf_counter() - sent_at[rid])
             for out in batch.outputs:
                 if out.error is not None:
                     raise RuntimeError(f"engine error on {out.rid}: {out.error}")
