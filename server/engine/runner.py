@@ -105,7 +105,7 @@ class ModelRunner:
         if self.device.type != "cuda" or not use_triton(probe) or self.config.vocab_size is None:
             return 0
         lengths = [n for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 48, 64, 65, 100, 128, 129, 256, 257, 2048,
-                               2049, 4096, 4097) if n <= max_tokens]
+                               2049, 4096, 4097, max_tokens - 1, max_tokens) if 0 < n <= max_tokens]
         layouts = {(length,) + (other,) * (num_seqs - 1) for length in lengths for num_seqs in (1, 2, 16, 17)
                    for other in (1, length)}  # one long sequence beside decodes, or all alike
         for seq_lengths in sorted(layouts):
