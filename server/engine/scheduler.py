@@ -8,7 +8,8 @@ max_num_batched_tokens >= max_num_streams each running prefill gets at least one
 With `max_prefill_wait_steps` > 0 (CUDA graphs on), a step in which streams decode leaves small prefill work
 waiting for up to that many steps: decode-only steps replay a graph, and a step that mixes in a single prompt
 runs eager, at the cost of a graph step several times over. New prompts then enter together, once per few steps.
-Prefill work of at least half a step's budget goes in at once.
+Prefill work of at least half a step's budget goes in at once, and so does work that goes in graph chunks (below):
+its step replays a graph too.
 
 With `graph_chunk` > 0 (the runner replays graphs of mixed steps whose chunks are all that short), a step in which
 streams decode feeds a prompt of up to GRAPH_CHUNK_SPLIT chunks in chunks of graph_chunk: a few replayed steps cost
@@ -171,5 +172,8 @@ class Scheduler:
     def _prefill_can_wait(self, prefilling: list[Sequence], budget: int) -> bool:
         if self.num_prefill_waits >= self.max_prefill_wait_steps:
             return False
+        limit = self.graph_chunk * GRAPH_CHUNK_SPLIT
+        if limit and all(seq.num_prompt - seq.num_fed <= limit for seq in prefilling):
+            return False  # it goes in graph chunks: the step replays a graph anyway, and waiting costs its TTFT
         pending = sum(seq.num_prompt - seq.num_fed for seq in prefilling)
         return 0 < pending < budget // 2

@@ -173,3 +173,19 @@ def test_beside_decodes_short_prompts_go_in_graph_chunks_and_long_ones_whole():
     alone.graph_chunk = 64
     alone.add(Sequence(torch.arange(150)))
     assert [c.num_tokens for c in alone.schedule().chunks] == [150]  # nothing decodes: no reason to split
+
+
+def test_prompts_that_go_in_graph_chunks_do_not_wait():
+    def step_with_one_prompt(graph_chunk: int) -> int:
+        sched = Scheduler(FakePool(4), max_num_batched_tokens=64, max_prefill_wait_steps=4)
+        sched.graph_chunk = graph_chunk
+        decoder = Sequence(torch.zeros(0, dtype=torch.long), sampling=SamplingParams(max_tokens=100))
+        decoder.pending_token = 1
+        sched.add(decoder)
+        feed(sched.schedule())
+        sched.add(Sequence(torch.arange(10)))
+        decoder.pending_token = 1
+        return len(sched.schedule().chunks)
+
+    assert step_with_one_prompt(0) == 1  # mixed steps run eager: the prompt waits for company
+    assert step_with_one_prompt(16) == 2  # its step replays a graph: it goes in at once
