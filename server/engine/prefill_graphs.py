@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packing import PackedLayout
+from kernels.packing import PackedLayout, aligned
 from model.infomamba import InfoMamba, ModelOutput
 from model.state import StreamState
 
@@ -78,8 +78,9 @@ class CudaGraphPrefill:
             self.by_seqs.setdefault(n, []).append(t)
         device = model.device
         self.tokens = torch.zeros(max(t for _, t in self.buckets), dtype=torch.long, device=device)
-        # per sequence count: [cu_seqlens (n + 1), slots (n)] in one buffer, filled by one copy a step
-        self.layout_buffers = {n: torch.zeros(2 * n + 1, dtype=torch.int32, device=device) for n in self.by_seqs}
+        # per sequence count: [cu_seqlens (n + 1), pad, slots (n)] in one buffer, filled by one copy a step
+        self.layout_buffers = {n: torch.zeros(aligned(n + 1) + n, dtype=torch.int32, device=device)
+                               for n in self.by_seqs}
         self.layouts: dict[tuple[int, int], PackedLayout] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], ModelOutput] = {}
@@ -90,7 +91,7 @@ class CudaGraphPrefill:
         buf = self.layout_buffers[n]
         bounds = pad_layout([0], n, t)  # all pad: the first sequences MAX_CHUNK long, as the kernels must expect
         buf[:n + 1].copy_(torch.tensor(bounds, dtype=torch.int32))
-        buf[n + 1:].fill_(-1)
+        buf[aligned(n + 1):].fill_(-1)
         layout = PackedLayout(buf[:n + 1], bounds)
         for chunk in CHUNK_SIZES:  # on the device before the capture: it must copy nothing from the host
             layout.chunk_tables(chunk)
@@ -103,7 +104,7 @@ class CudaGraphPrefill:
         stream.wait_stream(torch.cuda.current_stream())
         for n, t in sorted(self.buckets, key=lambda b: (-b[1], -b[0])):  # largest first: the rest reuse its memory
             layout = self.layouts[n, t] = self._capture_layout(n, t)
-            slots = self.layout_buffers[n][n + 1:]
+            slots = self.layout_buffers[n][aligned(n + 1):]
             with torch.cuda.stream(stream):  # compiles the kernels; slots are all -1, so the pool is untouched
                 self.model(self.tokens[:t], self.pool, state_indices=slots, layout=layout)
             stream.synchronize()
@@ -124,7 +125,8 @@ class CudaGraphPrefill:
         the host. Returns the real rows of the outputs: views valid until this bucket's next replay."""
         n, t = bucket
         num_tokens, num_pad = starts[-1], n - len(slots)
-        layout = torch.tensor(pad_layout(starts, n, t) + slots + [-1] * num_pad, dtype=torch.int32)
+        bounds = pad_layout(starts, n, t)
+        layout = torch.tensor(bounds + [0] * (aligned(n + 1) - n - 1) + slots + [-1] * num_pad, dtype=torch.int32)
         self.layout_buffers[n].copy_(layout.pin_memory(), non_blocking=True)
         self.tokens[:num_tokens].copy_(inputs, non_blocking=True)
         self.tokens[num_tokens:t].zero_()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels.dispatch import use_triton
+from kernels.packing import aligned
 from server.engine.cuda_graphs import DEFAULT_BATCH_SIZES, CudaGraphDecoder
 from server.engine.prefill_graphs import CudaGraphPrefill
 from model.infomamba import InfoMamba, ModelOutput
@@ -111,9 +112,9 @@ class ModelRunner:
             starts = list(itertools.accumulate(seq_lengths, initial=0))
             if starts[-1] > max_tokens:
                 continue
-            inputs = torch.zeros(starts[-1], dtype=torch.long, device=self.device)
-            cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=self.device)
-            slots = torch.full((len(seq_lengths),), -1, dtype=torch.int32, device=self.device)
+            # packed as a step's are: what Triton specializes on includes the tensors' alignment
+            inputs, cu_seqlens, slots = self._to_device([torch.zeros(starts[-1], dtype=torch.long)], starts,
+                                                        [-1] * len(seq_lengths))
             self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=slots, bounds=starts)
         torch.cuda.synchronize(self.device)
         return len(layouts)
@@ -182,14 +183,15 @@ class ModelRunner:
     def _to_device(self, pieces: list[torch.Tensor], starts: list[int],
                    slots: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs, cu_seqlens, state_indices) on the model's device, without waiting for it."""
-        layout = torch.tensor(starts + slots, dtype=torch.int32)  # cu_seqlens, then state_indices
+        at = aligned(len(starts))  # state_indices at the same alignment whatever the batch (kernels.packing)
+        layout = torch.tensor(starts + [0] * (at - len(starts)) + slots, dtype=torch.int32)
         if self.device.type != "cuda":
             inputs = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(self.device)
             layout = layout.to(self.device)
         else:
             inputs = self._stage(pieces, starts[-1]).to(self.device, non_blocking=True)
             layout = layout.pin_memory().to(self.device, non_blocking=True)
-        return inputs, layout[:len(starts)], layout[len(starts):]
+        return inputs, layout[:len(starts)], layout[at:]
 
     def _per_step(self, kinds, out, lo: int, hi: int, i: int) -> dict[str, torch.Tensor]:
         got = {}
