@@ -10,8 +10,8 @@ GEMMs and elementwise ops cost about what a CUDA launch of them costs the host; 
 model's: 6 recurrent layers, d_state 16, d_conv 4, expand 2, vocab 260, k = 0 (plain Mamba layers), and the same
 with k = 16 concepts and concept_decay "learned" (the InfoMamba filter).
 
-  mixed:   16 one-token decode rows + 2 prompts of 48 tokens, packed as ModelRunner._pack packs them (the
-           decodes first; cu_seqlens and state_indices slices of one int32 tensor; `bounds` on the host);
+  mixed:   16 one-token decode rows + 2 prompts of 48 tokens, packed as ModelRunner._host_layout and _to_device
+           pack them (the decodes first; cu_seqlens and state_indices slices of one int32 tensor; `bounds` on the host);
            mixed256 the same with 256 decode rows (what scales with the batch: loops over sequences).
   prefill: one sequence of 2,048 tokens.
 
@@ -141,7 +141,7 @@ def make_case(name: str):
     model = InfoMamba(config).eval()
     num_seqs = num_decodes + len(prompts)
     pool = model.empty_state(num_seqs + 8)
-    # as ModelRunner._pack: the decode tokens first, then each prompt; cu_seqlens and state_indices from one tensor
+    # as ModelRunner._host_layout: the decode tokens first, then each prompt; cu_seqlens and state_indices from one tensor
     starts = list(range(num_decodes + 1))
     for length in prompts:
         starts.append(starts[-1] + length)

@@ -2,17 +2,28 @@
 HTTP and websockets beside the same work driven through an EngineCore in this process (same config, no HTTP),
 and a long append beside the model alone. Prints progress, one line per measurement, and a markdown summary.
 
-    python bench/bench_server.py                                # bundled model, full sizes (GPU, ~5 min)
-    OMP_NUM_THREADS=1 python bench/bench_server.py --concurrency 1 4 --requests 8 --ws-sessions 8 --chunks 4 \
-        --long-ids 4096 --frame 1024 --api-server-counts 1 2    # a quick CPU run (~3 min)
+    python bench/bench_server.py                                # bundled model, full sizes (GPU)
+    OMP_NUM_THREADS=1 python bench/bench_server.py --concurrency 1 4 --seconds 1 --ws-sessions 8 --chunks 4 \
+        --long-ids 4096 --frame 1024 --api-server-counts 1 2    # a quick CPU run
 
 Phases: (1) completions, greedy, ignore_eos, at each concurrency: engine direct, HTTP and HTTP streaming (SSE)
 through the server; steps/s counts prompt + generated steps; (2) websocket appends of --chunk-steps chunks on
---ws-sessions sessions: engine direct (one outstanding per session), websocket one at a time, websocket with
---window frames in flight; (3) one session fed --long-ids ids in binary int32 frames of --frame ids, no outputs:
-websocket, engine direct and the model alone (model(chunk, state) with the state carried). (1) and (2) run
-against a server per --api-server-counts value, (3) against the first. Clients are closed loops spread over
-min(--client-procs, c) processes, each running asyncio; they start together after their setup.
+--ws-sessions sessions, each cycling through its --chunks prepared chunks: engine direct (one outstanding per
+session), websocket one at a time, websocket with --window frames in flight; (3) one session fed --long-ids ids
+in binary int32 frames of --frame ids, no outputs: websocket, engine direct and the model alone (model(chunk,
+state) with the state carried). (1) and (2) run against a server per --api-server-counts value, (3) against the
+first. Clients are closed loops spread over min(--client-procs, c) processes, each running asyncio; they start
+together after their setup.
+
+How long a run lasts: every measured run of (1) and (2) lasts --seconds of wall time (a run of a fixed count of
+requests lasts 0.2-0.8 s on an H200, where one stall or GC pause decides the figure): from the common start, each
+closed-loop client keeps submitting (completions: its share of the prompts, over and over; sessions: their chunks,
+over and over) until --seconds have passed, then submits nothing more and its in-flight requests finish.
+Throughput = the steps of every completed request or append / the time from the common start to the last finish
+(the drain included: the engine's counters and the CPU-busy shares cover that same window), for engine direct
+and the server alike; latency and TTFT percentiles are over every completed request. With --requests, each level
+runs a fixed count of completions instead (and each session its --chunks appends once), as before. The untimed
+warm-up runs and the long append (3) are a fixed amount of work either way.
 """
 from __future__ import annotations
 
@@ -31,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from itertools import cycle
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +67,9 @@ class Run:
         self.server_busy: dict[str, float] = {}  # per server process (engine, frontend-N): CPU seconds per second
 
     def line(self, name: str, base: "Run | None" = None, of: str = "engine") -> str:
-        text = f"  {name:<26} {self.rate:12,.0f} steps/s   latency p50/p99 {pp(self.latencies)} ms"
+        text = f"  {name:<26} {self.rate:12,.0f} steps/s   {self.seconds:6.2f} s"
+        text += f", {len(self.latencies):,} done" if self.latencies else ""
+        text += f"   latency p50/p99 {pp(self.latencies)} ms"
         text += f"   ttft p50/p99 {pp(self.ttfts)} ms" if self.ttfts else ""
         text += f"   x{self.rate / base.rate:.2f} of {of}" if base else ""
         if self.client_busy is not None:
@@ -112,10 +126,23 @@ def engine_line(e: dict) -> str:
             + (f"; {e['compiled']:.0f} Triton kernels compiled during the run" if e.get("compiled") else ""))
 
 
+def schedule(items: list, deadline: float | None):
+    """What a closed-loop client submits: the items once; with a deadline (time.time()), over and over until it
+    passes. Checked as each item is taken, i.e. when the client has room to submit it: after the deadline no new
+    request starts and the ones in flight finish. The engine-direct runs and the client processes share it."""
+    if deadline is None:
+        yield from items
+        return
+    for item in cycle(items):
+        if time.time() >= deadline:
+            return
+        yield item
+
+
 # -- load-generating client processes (import no torch: they only speak HTTP and websockets) -------------------
 
-async def http_client(client, prompts, max_tokens, stream, lat, ttft):
-    for ids in prompts:
+async def http_client(client, prompts, max_tokens, stream, deadline, tally):
+    for ids in schedule(prompts, deadline):
         body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
         t0 = time.perf_counter()
         if not stream:
@@ -135,12 +162,14 @@ async def http_client(client, prompts, max_tokens, stream, lat, ttft):
                         raise RuntimeError(line)
             if tokens != max_tokens:
                 raise RuntimeError(f"streamed {tokens} tokens, expected {max_tokens}")
-            ttft.append(first - t0)
-        lat.append(time.perf_counter() - t0)
+            tally["ttft"].append(first - t0)
+        tally["lat"].append(time.perf_counter() - t0)
+        tally["steps"] += len(ids) + max_tokens
 
 
-async def ws_client(url, frames, window, lat, opened, go):
-    """Open a session, wait for the go, send the frames with up to `window` unanswered, close it."""
+async def ws_client(url, frames, window, tally, opened, go):
+    """Open a session, wait for the go (it brings the deadline), send the (frame, steps) pairs with up to `window`
+    unanswered (schedule), close it."""
     from websockets.asyncio.client import connect
 
     async with connect(url, max_size=None, ping_interval=None, compression=None) as ws:
@@ -149,52 +178,57 @@ async def ws_client(url, frames, window, lat, opened, go):
         if answer.get("type") != "opened":
             raise RuntimeError(f"open failed: {answer}")
         opened.set_result(None)
-        await go
-        sent_at: deque = deque()
-        for frame in frames:
-            if len(sent_at) >= window:
-                await ws_answer(ws, sent_at, lat)
-            await ws.send(frame)
-            sent_at.append(time.perf_counter())
-        while sent_at:
-            await ws_answer(ws, sent_at, lat)
+        frames = schedule(frames, await go)
+        sent: deque = deque()  # (time sent, steps) of each unanswered frame
+        while True:
+            if len(sent) >= window:  # room first: the deadline is checked when the next frame can go
+                await ws_answer(ws, sent, tally)
+            if (item := next(frames, None)) is None:
+                break
+            await ws.send(item[0])
+            sent.append((time.perf_counter(), item[1]))
+        while sent:
+            await ws_answer(ws, sent, tally)
         await ws.send(json.dumps({"type": "close", "delete": True}))
 
 
-async def ws_answer(ws, sent_at, lat):
+async def ws_answer(ws, sent, tally):
     answer = await ws.recv()
     if not (isinstance(answer, str) and answer.startswith('{"type":"outputs"')):
         raise RuntimeError(f"append failed: {answer[:300]!r}")
-    lat.append(time.perf_counter() - sent_at.popleft())
+    t, steps = sent.popleft()
+    tally["lat"].append(time.perf_counter() - t)
+    tally["steps"] += steps
 
 
 async def run_job(conn, job: dict):
-    """Set up (connections, sessions), say ready, wait for the go, run every client of this process."""
+    """Set up (connections, sessions), say ready, wait for the go (it brings the common deadline, or None for a
+    fixed count), run every client of this process."""
     import httpx
 
-    lat, ttft, loop = [], [], asyncio.get_running_loop()
+    tally, loop = {"lat": [], "ttft": [], "steps": 0}, asyncio.get_running_loop()
     go = loop.create_future()
     if job["kind"] == "http":
         limits = httpx.Limits(max_connections=len(job["shares"]) + 4)
         async with httpx.AsyncClient(base_url=job["url"], timeout=600, limits=limits) as client:
             conn.send("ready")
-            await loop.run_in_executor(None, conn.recv)
+            deadline = (await loop.run_in_executor(None, conn.recv))["go"]
             t0, cpu0 = time.perf_counter(), time.process_time()
-            await asyncio.gather(*(http_client(client, share, job["max_tokens"], job["stream"], lat, ttft)
+            await asyncio.gather(*(http_client(client, share, job["max_tokens"], job["stream"], deadline, tally)
                                    for share in job["shares"]))
     else:
         opened = [loop.create_future() for _ in job["shares"]]
-        waiting = asyncio.gather(*(ws_client(job["url"], share, job["window"], lat, o, go)
+        waiting = asyncio.gather(*(ws_client(job["url"], share, job["window"], tally, o, go)
                                    for share, o in zip(job["shares"], opened)))
         await asyncio.wait([asyncio.gather(*opened), waiting], return_when=asyncio.FIRST_COMPLETED)
         if waiting.done():
             waiting.result()  # a client failed before the go
         conn.send("ready")  # every session is open (not timed)
-        await loop.run_in_executor(None, conn.recv)
+        deadline = (await loop.run_in_executor(None, conn.recv))["go"]
         t0, cpu0 = time.perf_counter(), time.process_time()
-        go.set_result(None)
+        go.set_result(deadline)
         await waiting
-    return {"t0": t0, "t1": time.perf_counter(), "lat": lat, "ttft": ttft, "cpu": time.process_time() - cpu0}
+    return {**tally, "t0": t0, "t1": time.perf_counter(), "cpu": time.process_time() - cpu0}
 
 
 def client_process(conn, cpus) -> None:
@@ -220,7 +254,10 @@ class Clients:
             self.conns.append(parent)
             self.procs.append(proc)
 
-    def run(self, job: dict, shares: list, steps: int) -> Run:
+    def run(self, job: dict, shares: list, seconds: float | None = None, at_go=None) -> Run:
+        """Client i submits shares[i] (prompts, or a session's (frame, steps) pairs): once, or with `seconds`
+        over and over until that long after the go (schedule). at_go() runs once every process is set up, just
+        before the go: a measurement's starting point."""
         n = min(len(self.conns), len(shares))
         conns = self.conns[:n]
         for i, conn in enumerate(conns):
@@ -228,13 +265,17 @@ class Clients:
         for conn in conns:
             if (msg := conn.recv()) != "ready":
                 raise RuntimeError(msg)
+        if at_go:
+            at_go()
+        deadline = time.time() + seconds if seconds else None  # one absolute deadline for every process
         for conn in conns:
-            conn.send("go")
+            conn.send({"go": deadline})
         results = [conn.recv() for conn in conns]
         if errors := [r["error"] for r in results if "error" in r]:
             raise RuntimeError(errors[0])
         seconds = max(r["t1"] for r in results) - min(r["t0"] for r in results)
-        run = Run(steps, seconds, sum((r["lat"] for r in results), []), sum((r["ttft"] for r in results), []), n)
+        run = Run(sum(r["steps"] for r in results), seconds, sum((r["lat"] for r in results), []),
+                  sum((r["ttft"] for r in results), []), n)
         # near 1: the load generators, not the server, set the pace (each is one process, one thread busy)
         run.client_busy = max(r["cpu"] for r in results) / seconds
         return run
@@ -252,23 +293,36 @@ class Clients:
 
 # -- the engine core in this process ---------------------------------------------------------------------------
 
-def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
-    """Closed loop over the core: client i sends the messages scripts[i] in order, up to `window` unanswered."""
-    nxt, inflight, owner, sent_at, first, lat, ttft = [0] * len(scripts), [0] * len(scripts), {}, {}, set(), [], []
+def drive(core, scripts: list[list], make, window: int = 1, seconds: float | None = None) -> Run:
+    """Closed loop over the core: client i sends make(i, item) -> (message, steps) for the items of scripts[i],
+    up to `window` unanswered: once, or with `seconds` over and over until that long after the start (schedule,
+    as the client processes do)."""
+    inflight, owner, sent_at, first, lat, ttft = [0] * len(scripts), {}, {}, set(), [], []
+    done = 0  # steps of the finished requests
 
-    def submit(i):
-        msg = scripts[i][nxt[i]]
-        nxt[i], inflight[i] = nxt[i] + 1, inflight[i] + 1
-        owner[msg.rid], sent_at[msg.rid] = i, time.perf_counter()
+    def submit(i) -> bool:
+        if (item := next(items[i], None)) is None:
+            return False
+        msg, steps = make(i, item)
+        inflight[i] += 1
+        owner[msg.rid], sent_at[msg.rid] = (i, steps), time.perf_counter()
         core.handle(msg)
+        return True
 
     core.refresh_metrics()
     before, t0 = engine_counters(core.metrics.render().decode()), time.perf_counter()
-    for i, script in enumerate(scripts):
-        while nxt[i] < len(script) and inflight[i] < window:
-            submit(i)
+    deadline = time.time() + seconds if seconds else None
+    items = [schedule(script, deadline) for script in scripts]
+    for i in range(len(scripts)):
+        while inflight[i] < window and submit(i):
+            pass
     while owner:
         for batch in core.run_once(timeout=0.05).values():
+            # a step's plain tokens come in batch.tokens (before batch.outputs), not as RequestOutputs
+            for rid in batch.tokens.rids if batch.tokens is not None else ():
+                if rid not in first:
+                    first.add(rid)
+                    ttft.append(time.perf_counter() - sent_at[rid])
             for out in batch.outputs:
                 if out.error is not None:
                     raise RuntimeError(f"engine error on {out.rid}: {out.error}")
@@ -277,11 +331,10 @@ def drive(core, scripts: list[list], steps: int, window: int = 1) -> Run:
                     ttft.append(time.perf_counter() - sent_at[out.rid])
                 if out.finish_reason is not None:
                     lat.append(time.perf_counter() - sent_at.pop(out.rid))
-                    i = owner.pop(out.rid)
-                    inflight[i] -= 1
-                    if nxt[i] < len(scripts[i]):
-                        submit(i)
-    run = Run(steps, time.perf_counter() - t0, lat, ttft)
+                    i, steps = owner.pop(out.rid)
+                    inflight[i], done = inflight[i] - 1, done + steps
+                    submit(i)
+    run = Run(done, time.perf_counter() - t0, lat, ttft)
     core.refresh_metrics()
     run.engine = where_time_goes(before, engine_counters(core.metrics.render().decode()), run.seconds)
     return run
@@ -318,21 +371,25 @@ class EngineSide:
                             raise RuntimeError(f"session {op}: {reply.error}")
                         return reply
 
-    def completions(self, prompts: list[list[int]], conc: int, max_tokens: int) -> Run:
+    # the inputs are encoded before the run; in it, a message is only a new rid around them (drive)
+
+    def completions(self, prompts: list[list[int]], conc: int, max_tokens: int, seconds: float | None = None
+                    ) -> Run:
         from server.engine.protocol import Add, Array, Sampling
 
         sampling = Sampling(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-        scripts = [[Add("bench", self.rid(), Array.of(np.asarray(p, np.int64)), sampling=sampling)
-                    for p in prompts[i::conc]] for i in range(conc)]
-        return drive(self.core, scripts, sum(len(p) for p in prompts) + len(prompts) * max_tokens)
+        scripts = [[Array.of(np.asarray(p, np.int64)) for p in prompts[i::conc]] for i in range(conc)]
+        return drive(self.core, scripts, lambda i, ids: (Add("bench", self.rid(), ids, sampling=sampling),
+                                                          ids.shape[0] + max_tokens), seconds=seconds)
 
-    def appends(self, chunks_per_session: list[list[np.ndarray]], window: int = 1) -> Run:
+    def appends(self, chunks_per_session: list[list[np.ndarray]], window: int = 1, seconds: float | None = None
+                ) -> Run:
         from server.engine.protocol import Add, Array
 
         sids = [self.call("create").session for _ in chunks_per_session]
-        scripts = [[Add("bench", self.rid(), Array.of(c.astype(np.int64)), session=sid, wait_if_busy=True)
-                    for c in chunks] for sid, chunks in zip(sids, chunks_per_session)]
-        run = drive(self.core, scripts, sum(len(c) for chunks in chunks_per_session for c in chunks), window)
+        scripts = [[Array.of(c.astype(np.int64)) for c in chunks] for chunks in chunks_per_session]
+        run = drive(self.core, scripts, lambda i, ids: (Add("bench", self.rid(), ids, session=sids[i],
+                                                            wait_if_busy=True), ids.shape[0]), window, seconds)
         for sid in sids:
             self.call("delete", sid)
         return run
@@ -439,10 +496,11 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(server: Server, clients: Clients, job: dict, shares: list, steps: int, profile: str | None = None
-             ) -> Run:
-    """clients.run with the engine's counters read around it; with `profile`, py-spy samples the engine and
-    every frontend during the run (raw collapsed stacks, one file per process, in that directory)."""
+def measured(server: Server, clients: Clients, job: dict, shares: list, seconds: float | None,
+             profile: str | None = None) -> Run:
+    """clients.run with the engine's counters and the server's CPU time read around it (from just before the go
+    to after the last finish); with `profile`, py-spy samples the engine and every frontend during the run (raw
+    collapsed stacks, one file per process, in that directory)."""
     spies = []
     if profile:
         os.makedirs(profile, exist_ok=True)
@@ -452,11 +510,15 @@ def measured(server: Server, clients: Clients, job: dict, shares: list, steps: i
                                            "--pid", str(pid), "--output", out], stdout=subprocess.DEVNULL,
                                           stderr=subprocess.STDOUT))
         time.sleep(1.0)  # py-spy attaches
-    before, pids = server.counters(), server.children()
-    cpu_before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
-    run = clients.run(job, shares, steps)
-    run.engine = where_time_goes(before, server.counters(), run.seconds)
-    run.server_busy = {name: (process_cpu_seconds(pid) - cpu_before[name]) / run.seconds for name, pid in pids.items()}
+    pids, before = server.children(), {}
+
+    def at_go():  # after the clients' setup (connections, sessions), which is not timed
+        before.update(counters=server.counters(), cpu={name: process_cpu_seconds(pid) for name, pid in pids.items()})
+
+    run = clients.run(job, shares, seconds, at_go)
+    run.engine = where_time_goes(before["counters"], server.counters(), run.seconds)
+    run.server_busy = {name: (process_cpu_seconds(pid) - before["cpu"][name]) / run.seconds
+                       for name, pid in pids.items()}
     for spy in spies:
         spy.send_signal(signal.SIGINT)
     for spy in spies:
@@ -483,12 +545,19 @@ def parse_args():
     p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
-    p.add_argument("--requests", type=int, default=0, help="completions per level (default: max(64, 8c))")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=float, default=3.0,
+                        help="wall time of each measured run of completions and websocket appends: clients submit "
+                        "until then, then their in-flight requests finish (default: 3)")
+    length.add_argument("--requests", type=int, default=0,
+                        help="instead of --seconds: a fixed count of completions per level, max(REQUESTS, c), and "
+                        "each websocket session sends its --chunks appends once")
     p.add_argument("--prompt-len", type=int, default=48, help="prompt length, +-8")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--ws-sessions", type=int, default=64)
     p.add_argument("--chunk-steps", type=int, default=16, help="steps per websocket append")
-    p.add_argument("--chunks", type=int, default=16, help="appends per websocket session")
+    p.add_argument("--chunks", type=int, default=16,
+                   help="chunks prepared per websocket session (it cycles through them for --seconds)")
     p.add_argument("--window", type=int, default=8, help="frames in flight per connection when pipelined")
     p.add_argument("--long-ids", type=int, default=2_000_000)
     p.add_argument("--frame", type=int, default=65536, help="ids per binary frame in the long append")
@@ -502,12 +571,29 @@ def parse_args():
                    help="as in infomamba serve, for the server and engine direct alike (default: serve's)")
     p.add_argument("--profile", default=None, help="directory: py-spy samples the engine and frontends during the "
                    "highest-concurrency completions and the long append (py-spy must be on PATH)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.requests:
+        args.seconds = None  # fixed-count mode: every run is the same amount of work, as the warm-ups are
+    elif args.seconds <= 0:
+        p.error("--seconds must be positive")
+    return args
+
+
+def how_long(args) -> str:
+    """Each measured run's length, for the summary."""
+    if args.seconds is None:
+        return (f"Each measured run: a fixed count of completions, max({args.requests}, c) a level, and every "
+                f"session's {args.chunks} appends once; steps/s = steps / time from the common start to the last "
+                "finish.")
+    return (f"Each measured run lasts {args.seconds:g} s: closed-loop clients submit until then, then their "
+            "in-flight requests finish; steps/s = steps of every completed request / time from the common start "
+            "to the last finish (engine direct and server alike).")
 
 
 class Workload:
     def __init__(self, args, vocab: int):
         rng = np.random.default_rng(0)
+        # completions a level: the fixed count, or (duration mode) the warm-up's count and the measured run's pool
         self.levels = {c: max(args.requests, c) if args.requests else max(64, 8 * c) for c in args.concurrency}
         self.prompts = [rng.integers(0, vocab, rng.integers(args.prompt_len - 8, args.prompt_len + 9)).tolist()
                         for _ in range(max(self.levels.values()))]
@@ -524,13 +610,15 @@ def bench_engine(args, model, tokenizer, config, w: Workload, r: dict) -> None:
     engine.completions(w.prompts[:top], top, args.max_tokens)
     engine.appends([c[:1] for c in w.chunks] + [w.long_chunks[:2]])
     for c, n in w.levels.items():
-        progress(f"engine direct: completions c={c}, {n} requests (a first untimed run compiles its shapes)")
+        progress(f"engine direct: completions c={c}, {for_how_long(args, n)} (a first untimed run of {n} requests "
+                 "compiles its shapes)")
         engine.completions(w.prompts[:n], c, args.max_tokens)
-        r["engine", c] = engine.completions(w.prompts[:n], c, args.max_tokens)
+        r["engine", c] = engine.completions(w.prompts[:n], c, args.max_tokens, args.seconds)
         print(r["engine", c].line("engine"), flush=True)
-    progress(f"engine direct: {args.ws_sessions} sessions appending {args.chunk_steps}-step chunks, one at a time")
+    progress(f"engine direct: {args.ws_sessions} sessions appending {args.chunk_steps}-step chunks, one at a time, "
+             f"{for_how_long(args, args.chunks, 'appends a session')}")
     engine.appends(w.chunks)
-    r["ws_engine"] = engine.appends(w.chunks)
+    r["ws_engine"] = engine.appends(w.chunks, seconds=args.seconds)
     print(r["ws_engine"].line("engine appends"), flush=True)
     progress(f"engine direct: long append, {args.long_ids:,} ids in chunks of {args.frame}, window {args.window}")
     engine.appends([w.long_chunks[:8]], args.window)
@@ -542,37 +630,42 @@ def bench_engine(args, model, tokenizer, config, w: Workload, r: dict) -> None:
     print(r["long_model"].line("model alone long append"), flush=True)
 
 
+def for_how_long(args, n: int, what: str = "requests") -> str:
+    return f"{n} {what}" if args.seconds is None else f"for {args.seconds:g} s"
+
+
 def bench_server(args, server: Server, clients: Clients, count: int, w: Workload, r: dict) -> None:
     ws = {"kind": "ws", "url": server.url.replace("http", "ws", 1) + "/v1/stream", "window": args.window}
     http = {"kind": "http", "url": server.url, "max_tokens": args.max_tokens}
     top = max(args.concurrency)
     for c, n in w.levels.items():
         shares = [w.prompts[:n][i::c] for i in range(c)]
-        steps = sum(len(p) for p in w.prompts[:n]) + n * args.max_tokens
-        progress(f"{count} API server(s): warming up at c={c} (untimed, as for the engine)")
-        clients.run({**http, "stream": False}, shares, steps)
+        progress(f"{count} API server(s): warming up at c={c}, {n} requests (untimed, as for the engine)")
+        clients.run({**http, "stream": False}, shares)
         for stream in (False, True):
-            progress(f"{count} API server(s): HTTP completions c={c}, {'streaming' if stream else 'not streaming'}")
+            progress(f"{count} API server(s): HTTP completions c={c}, {'streaming' if stream else 'not streaming'}, "
+                     f"{for_how_long(args, n)}")
             profile = (os.path.join(args.profile, f"{count}-servers-c{c}-{'sse' if stream else 'plain'}")
                        if args.profile and c == top else None)
-            r["http", count, c, stream] = run = measured(server, clients, {**http, "stream": stream}, shares, steps,
-                                                         profile)
+            r["http", count, c, stream] = run = measured(server, clients, {**http, "stream": stream}, shares,
+                                                         args.seconds, profile)
             print(run.line(f"HTTP {'SSE' if stream else 'plain'}, {run.procs} client procs", r["engine", c]),
                   flush=True)
-    frames = [[append_frame(c) for c in s] for s in w.chunks]
-    clients.run(ws, frames, 1)  # warm-up
+    frames = [[(append_frame(c), len(c)) for c in s] for s in w.chunks]
+    clients.run(ws, frames)  # warm-up
     for window in (1, args.window):
-        progress(f"{count} API server(s): websocket appends, {len(frames)} sessions, window {window}")
+        progress(f"{count} API server(s): websocket appends, {len(frames)} sessions, window {window}, "
+                 f"{for_how_long(args, args.chunks, 'appends a session')}")
         profile = os.path.join(args.profile, f"{count}-servers-ws-window{window}") if args.profile else None
-        r["ws", count, window] = run = measured(server, clients, {**ws, "window": window}, frames,
-                                                r["ws_engine"].steps, profile)
+        r["ws", count, window] = run = measured(server, clients, {**ws, "window": window}, frames, args.seconds,
+                                                profile)
         print(run.line(f"websocket, window {window}", r["ws_engine"]), flush=True)
     if "long_ws" not in r:
         progress(f"{count} API server(s): long append over one websocket, binary frames, window {args.window}")
-        binary = [binary_frame(c) for c in w.long_chunks]
-        clients.run(ws, [binary[:8]], 1)
+        binary = [(binary_frame(c), len(c)) for c in w.long_chunks]
+        clients.run(ws, [binary[:8]])
         profile = os.path.join(args.profile, "long-append") if args.profile else None
-        r["long_ws"] = run = measured(server, clients, ws, [binary], args.long_ids, profile)
+        r["long_ws"] = run = measured(server, clients, ws, [binary], None, profile)  # a fixed amount, always
         print(run.line("websocket long append", r["long_model"], "the model"), flush=True)
 
 
@@ -581,7 +674,7 @@ def summary(args, r: dict, config, title: str) -> str:
     out = [f"\n### {title}\n", f"`python bench/bench_server.py {shlex.join(sys.argv[1:])}`: "
            f"{config.max_num_streams} slots, {config.max_num_batched_tokens} steps per engine step, new prompts "
            f"wait up to {config.max_prefill_wait_steps} graph steps; "
-           f"{args.cpu_note}. Completions: "
+           f"{args.cpu_note}. {how_long(args)} Completions: "
            f"greedy, prompts of {args.prompt_len - 8}-{args.prompt_len + 8} ids, {args.max_tokens} tokens; steps/s "
            "counts prompt + generated steps; latency and time to first token (TTFT): p50 / p99 ms.\n",
            "| API servers | c | client procs | engine steps/s | HTTP steps/s | HTTP/engine | SSE steps/s | SSE/engine "
@@ -594,7 +687,9 @@ def summary(args, r: dict, config, title: str) -> str:
     e, win = r.get("ws_engine"), args.window
     if e is None:
         return "\n".join(out)
-    out += [f"\nWebsocket appends: {args.ws_sessions} sessions x {args.chunks} JSON appends of {args.chunk_steps} "
+    appends = (f"{args.chunks} JSON appends" if args.seconds is None else
+               f"JSON appends (cycling through {args.chunks} chunks for {args.seconds:g} s)")
+    out += [f"\nWebsocket appends: {args.ws_sessions} sessions x {appends} of {args.chunk_steps} "
             f"steps, no outputs. Engine direct (one outstanding per session): {n(e.rate)} steps/s, p50 / p99 "
             f"{pp(e.latencies)} ms per append.\n",
             f"| API servers | one at a time steps/s | /engine | window {win} steps/s | /engine | latency (one at a time) "

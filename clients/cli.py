@@ -42,8 +42,8 @@ SERVE_FLAGS = (
     ("--max-num-prefill-tokens", "max_num_prefill_tokens", int,
      "input steps per engine step while no stream decodes (long appends go through in few steps)"),
     ("--max-prefill-wait-steps", "max_prefill_wait_steps", int,
-     "CUDA-graph decode steps a batch runs while new inputs wait, before one eager step takes them in together "
-     "(0: take them in every step)"),
+     "CUDA-graph decode steps a batch runs while new inputs too long for the prefill graphs wait, before one "
+     "eager step takes them in together (0: take them in every step)"),
     ("--max-queue", "max_queue", int, "requests waiting for a slot before 429"),
     ("--max-num-sessions", "max_num_sessions", int, "sessions (in memory and on disk) before 429"),
     ("--max-body-bytes", "max_body_bytes", int, "request body limit (413 above)"),
@@ -70,6 +70,8 @@ SERVE_FLAGS = (
     ("--served-model-name", "served_model_name", str, "model id in /v1/models and completions"),
     ("--shutdown-timeout", "shutdown_timeout", float, "seconds to drain requests on shutdown"),
     ("--cuda-graphs", "cuda_graphs", _flag, "replay CUDA graphs for decode-only steps on a GPU (true/false)"),
+    ("--prefill-graphs", "prefill_graphs", _flag,
+     "replay CUDA graphs for steps whose chunks are all 64 steps or shorter too (true/false; with --cuda-graphs)"),
     ("--ws-compression", "ws_compression", _flag,
      "accept permessage-deflate on the websocket when a client offers it (true/false)"),
 )

@@ -50,23 +50,29 @@ def compiled_kernels() -> int:
     specialization (constexprs, and Triton's own: ints equal to 1 or divisible by 16, pointer alignment), at its
     first launch with it: a count that grows while serving means steps that waited for the compiler. 0 under the
     interpreter, without Triton, or where Triton keeps its cache differently."""
+    return sum(compiled_variants().values())
+
+
+def compiled_variants() -> dict[str, int]:
+    """compiled_kernels by kernel: {module.kernel: variants}."""
     if not HAS_TRITON or interpreting():
-        return 0
+        return {}
     from triton.runtime.jit import JITFunction
 
-    total = 0
+    found, seen = {}, set()
     for name, module in list(sys.modules.items()):
         if not name.startswith("kernels.") or module is None:
             continue
-        for obj in list(vars(module).values()):
+        for attr, obj in list(vars(module).items()):
             while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):  # autotuner / heuristics wrappers
                 obj = obj.fn
-            if isinstance(obj, JITFunction):
+            if isinstance(obj, JITFunction) and id(obj) not in seen:  # once, where another module imports it too
+                seen.add(id(obj))
                 try:
-                    total += sum(len(entry[0]) for entry in obj.device_caches.values())
+                    found[f"{name}.{attr}"] = sum(len(entry[0]) for entry in obj.device_caches.values())
                 except (AttributeError, TypeError, IndexError):
-                    return 0
-    return total
+                    return {}
+    return found
 
 
 def next_power_of_2(n: int) -> int:

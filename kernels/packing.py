@@ -49,11 +49,18 @@ def layout_of(cu_seqlens: torch.Tensor, layout: PackedLayout | None) -> PackedLa
     return PackedLayout.of(cu_seqlens)
 
 
+def aligned(n: int) -> int:
+    """n int32 entries rounded up to 16 bytes: where a second table starts in a shared buffer. Triton specializes
+    a kernel on each pointer's 16-byte alignment, so a table at an offset that moved with the batch would compile a
+    variant per alignment, mid-serving (the H200's long append compiled three)."""
+    return -(-n // 4) * 4
+
+
 def _build_chunk_tables(bounds, chunk, device, max_len):
     num_seqs = len(bounds) - 1
     if max_len <= chunk:  # one chunk a sequence (a mixed step's decodes and short prompts): no loop over them
         n = num_seqs
-        packed = torch.tensor([*range(n), *(0,) * n, *range(n + 1)], dtype=torch.int32)
+        chunk_seq, chunk_pos, chunk_cu = list(range(n)), [0] * n, list(range(n + 1))
     else:
         chunk_seq, chunk_pos, chunk_cu = [], [], [0]
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -62,10 +69,12 @@ def _build_chunk_tables(bounds, chunk, device, max_len):
             chunk_pos += range(count)
             chunk_cu.append(chunk_cu[-1] + count)
         n = len(chunk_seq)
-        packed = torch.tensor(chunk_seq + chunk_pos + chunk_cu, dtype=torch.int32)
+    pad = [0] * (aligned(n) - n)
+    packed = torch.tensor(chunk_seq + pad + chunk_pos + pad + chunk_cu, dtype=torch.int32)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
-    return packed[:n], packed[n:2 * n], packed[2 * n:]
+    at = aligned(n)
+    return packed[:n], packed[at:at + n], packed[2 * at:]
 
 
 def seq_lengths(cu_seqlens: torch.Tensor) -> list[int]:

@@ -75,7 +75,8 @@ class InfoMamba(nn.Module):
 
     def forward(self, inputs: torch.Tensor, state: StreamState | None = None, *,
                 cu_seqlens: torch.Tensor | None = None, state_indices: torch.Tensor | None = None,
-                bounds: list[int] | None = None) -> tuple[ModelOutput, StreamState]:
+                bounds: list[int] | None = None,
+                layout: PackedLayout | None = None) -> tuple[ModelOutput, StreamState]:
         """Run sequences forward from `state`, which is updated in place and returned.
 
         inputs: token ids (batch, T) / float vectors (batch, T, d_input) of equal-length sequences, or packed
@@ -84,8 +85,12 @@ class InfoMamba(nn.Module):
             pool and sequence i continues slot state_indices[i] (-1: padding, left untouched).
         A whole sequence, a chunk of one, or a single step (T == 1, run by the decode kernels) all go here.
         bounds: cu_seqlens's values, when the caller has them on the host (then nothing reads the device for them).
+        layout: the batch layout built by the caller (it stands for cu_seqlens and bounds): a CUDA graph's capture
+            passes one whose chunk tables are already on the device, so the capture copies nothing from the host.
         """
         device = self.device
+        if layout is not None:
+            cu_seqlens, bounds = layout.cu_seqlens, layout.bounds
         tokens, cu_seqlens, bounds = self._pack(inputs, cu_seqlens, bounds, device)
         num_seqs = len(bounds) - 1
         if state is None:
@@ -98,7 +103,8 @@ class InfoMamba(nn.Module):
         state_indices = _on(state_indices, device, torch.int32)
         lengths = torch.diff(cu_seqlens)  # (batch,)
         # the layout is built once here; every layer's chunk kernels take it as an argument
-        layout = PackedLayout(cu_seqlens, bounds)
+        if layout is None or layout.cu_seqlens is not cu_seqlens:
+            layout = PackedLayout(cu_seqlens, bounds)
         is_decode = tokens.shape[0] == num_seqs and layout.max_len == 1
         x = self._embed(tokens)
         batch = Batch(cu_seqlens=cu_seqlens, state_indices=state_indices, is_decode=is_decode, layout=layout,

@@ -17,7 +17,8 @@ class ServerConfig:
     max_num_prefill_tokens: int = 65_536  # input steps per engine step while no stream decodes (long appends)
     # decode-only steps (CUDA graphs) a decoding batch may run while new inputs wait, before a mixed (eager) step
     # takes them in together: a step that mixes even one prompt in runs eager (H200: 3.3 ms where a graph step takes
-    # 1.4 at 256 streams); 0: every step takes in what waits. Only with CUDA graphs.
+    # 1.4 at 256 streams); 0: every step takes in what waits. Only with CUDA graphs, and only for inputs too long
+    # for the prefill graphs (those go in at once: their step replays a graph as well)
     max_prefill_wait_steps: int = 4
     max_queue: int = 256  # requests waiting for a slot before 429
     max_num_sessions: int = 10_000  # sessions in memory and on disk before 429
@@ -42,6 +43,9 @@ class ServerConfig:
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0
     cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA + Triton kernels only)
+    # with cuda_graphs, steps whose chunks are all <= 64 steps (decodes beside short prompts or appends) replay graphs
+    # of padded layouts too (server/engine/prefill_graphs.py), on models of recurrent layers only
+    prefill_graphs: bool = True
     # permessage-deflate on the websocket when a client offers it (browsers and the websockets library do): off, since
     # zlib over an answer's float32 outputs or a frame of ids costs the frontend far more CPU than it saves on a LAN
     ws_compression: bool = False

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels._triton import compiled_kernels
+from kernels._triton import compiled_variants
 from model.state import save_snapshot, state_nbytes_per_stream
 from server.config import ServerConfig
 from server.engine import errors
 from server.engine.errors import EngineError
 from server.engine.protocol import (Abort, Add, Array, EngineInfo, Error, Hello, Logprobs, Reply, RequestOutput,
                                     Sampling, SessionOp, StepOutputs, TokenOutputs, Utility, child_rid)
+from server.engine.prefill_graphs import MAX_CHUNK
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -60,13 +61,18 @@ class EngineCore:
         self.model_dir = model_dir
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self.metrics = Metrics()
+        self._compiled: dict[str, int] = {}  # Triton variants by kernel at the last metrics refresh
         num_streams = config.max_num_streams or auto_num_streams(model, config.gpu_memory_fraction)
         self.pool = StatePool(model, num_streams)
         self.scheduler = Scheduler(self.pool, max(config.max_num_batched_tokens, num_streams),
                                    config.max_num_prefill_tokens)
-        self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs)
+        self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs,
+                                            prefill_graphs=config.prefill_graphs,
+                                            max_num_batched_tokens=config.max_num_batched_tokens)
         if getattr(self.runner, "graphs", None) is not None:  # eager decode steps cost what mixed ones do
             self.scheduler.max_prefill_wait_steps = config.max_prefill_wait_steps
+        if getattr(self.runner, "prefill_graphs", None) is not None:
+            self.scheduler.graph_chunk = MAX_CHUNK
         # events from other threads (frontend requests, finished writes), handled by the engine thread in order
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.on_post = None  # called after each post(), to wake a loop that sleeps elsewhere (EngineLoop)
@@ -702,7 +708,12 @@ class EngineCore:
         reserved = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
         m.gpu_memory.labels("allocated").set(allocated)
         m.gpu_memory.labels("reserved").set(reserved)
-        m.kernels_compiled.set(compiled_kernels())
+        variants = compiled_variants()
+        grew = sorted(name for name, n in variants.items() if n > self._compiled.get(name, n))
+        if grew:  # a step waited for the compiler: a layout class the warm-up missed (runner.warm_up_kernels)
+            log.warning("Triton compiled new variants of %s while serving", ", ".join(grew))
+        self._compiled = variants
+        m.kernels_compiled.set(sum(variants.values()))
 
     def shutdown(self) -> None:
         """Finish what is queued for the disk; every resident session's last state is already there."""

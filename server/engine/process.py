@@ -115,9 +115,15 @@ class EngineLoop:
 
 
 def warm_up(core: EngineCore) -> None:
-    """One prefill and one decode step, so the first request doesn't pay for lazy init (kernels, graphs)."""
+    """One prefill and one decode step, so the first request doesn't pay for lazy init (kernels, graphs), and on a
+    GPU an eager pass of every layout class the kernels compile a variant for."""
     import numpy as np
 
+    t0 = time.monotonic()
+    warm_kernels = getattr(core.runner, "warm_up_kernels", None)  # a test's fake runner has none
+    passes = warm_kernels(core.scheduler.max_num_prefill_tokens) if warm_kernels else 0
+    if passes:
+        log.info("kernels warmed up on %d layouts in %.1f s", passes, time.monotonic() - t0)
     cfg = core.model.config
     inputs = np.zeros(4, np.int64) if cfg.vocab_size is not None else np.zeros((4, cfg.d_input), np.float32)
     sampling = Sampling(max_tokens=2, temperature=0) if cfg.head == "lm" else None
@@ -126,6 +132,7 @@ def warm_up(core: EngineCore) -> None:
     while core.has_work() and time.monotonic() < deadline:
         core.step()
     core.take_outputs()
+    core.refresh_metrics()  # the compiled kernels' baseline: a variant compiled from here on is logged
 
 
 def engine_main(config, model_dir: str | None, input_address: str, state_dir: str, log_level: str = "info") -> None:

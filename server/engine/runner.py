@@ -3,12 +3,15 @@ place, and samples the next token of every stream whose inputs are used up."""
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from kernels.dispatch import use_triton
+from kernels.packing import aligned
 from server.engine.cuda_graphs import DEFAULT_BATCH_SIZES, CudaGraphDecoder
+from server.engine.prefill_graphs import CudaGraphPrefill
 from model.infomamba import InfoMamba, ModelOutput
 from server.engine.protocol import Logprobs
 from server.engine.sampler import input_logprobs, sample
@@ -27,30 +30,41 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: InfoMamba, pool: StatePool, cuda_graphs: bool = True):
+    def __init__(self, model: InfoMamba, pool: StatePool, cuda_graphs: bool = True, prefill_graphs: bool = True,
+                 max_num_batched_tokens: int = 2048):
         self.model = model
         self.pool = pool
         self.config = model.config
         self.device = model.device
         self.is_lm = model.config.head == "lm"
         self.graphs: CudaGraphDecoder | None = None
+        self.prefill_graphs: CudaGraphPrefill | None = None
         probe = torch.empty(0, device=self.device)
         if cuda_graphs and self.device.type == "cuda" and use_triton(probe) and self.config.vocab_size is not None:
             # Graphs for padded batch sizes up to the pool size; decode-only steps replay them.
             sizes = [bs for bs in DEFAULT_BATCH_SIZES if bs < pool.num_total] + [min(pool.num_total, 256)]
             self.graphs = CudaGraphDecoder(model, pool.state, batch_sizes=sizes)
+            if prefill_graphs and not self.config.is_hybrid:
+                # mixed steps of short chunks replay these; longer ones run eagerly
+                self.prefill_graphs = CudaGraphPrefill(model, pool.state, max_seqs=sizes[-1],
+                                                       max_tokens=max_num_batched_tokens)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         self.pool.zero_allocated()
-        inputs, cu_seqlens, starts, state_indices = self._pack(batch)
+        pieces, starts, slots = self._host_layout(batch)
         replayed = self._can_replay(batch)
-        if replayed:
-            out = ModelOutput(hidden=None, head=self.graphs(inputs, state_indices))
+        out = None if replayed or self.prefill_graphs is None else self._replay_mixed(batch, pieces, starts, slots)
+        if out is not None:
+            replayed = True
         else:
-            # the layout is known here (starts): the model and its kernels never read it back from the device
-            out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=state_indices,
-                                bounds=starts)
+            inputs, cu_seqlens, state_indices = self._to_device(pieces, starts, slots)
+            if replayed:
+                out = ModelOutput(hidden=None, head=self.graphs(inputs, state_indices))
+            else:
+                # the layout is known here (starts): the model and its kernels never read it back from the device
+                out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=state_indices,
+                                    bounds=starts)
         result = StepResult(replayed=replayed)
         sample_rows: list[int] = []  # the row of out.head each sampled stream draws from: its chunk's last step
         sample_seqs = []
@@ -80,6 +94,54 @@ class ModelRunner:
                 result.logprobs = {sample_seqs[row].id: found for row, found in logprobs.items()}
         return result
 
+    @torch.inference_mode()
+    def warm_up_kernels(self, max_tokens: int) -> int:
+        """Eager passes over one layout of every class the kernels compile a variant for (the longest sequence's
+        power of two, which picks block and chunk sizes; the sequence and token counts' Triton specialization: 1,
+        a multiple of 16, or neither), on pad slots (-1: no state touched). Without it a step of a new class waits
+        for the compiler mid-serving (H200: three compiles inside a measured second, p99 387 ms). Returns the
+        passes run; a no-op off the GPU (the PyTorch path compiles nothing)."""
+        probe = torch.empty(0, device=self.device)
+        if self.device.type != "cuda" or not use_triton(probe) or self.config.vocab_size is None:
+            return 0
+        lengths = [n for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 48, 64, 65, 100, 128, 129, 256, 257, 2048,
+                               2049, 4096, 4097, max_tokens - 1, max_tokens) if 0 < n <= max_tokens]
+        layouts = {(length,) + (other,) * (num_seqs - 1) for length in lengths for num_seqs in (1, 2, 16, 17)
+                   for other in (1, length)}  # one long sequence beside decodes, or all alike
+        for seq_lengths in sorted(layouts):
+            starts = list(itertools.accumulate(seq_lengths, initial=0))
+            if starts[-1] > max_tokens:
+                continue
+            # packed as a step's are: what Triton specializes on includes the tensors' alignment
+            inputs, cu_seqlens, slots = self._to_device([torch.zeros(starts[-1], dtype=torch.long)], starts,
+                                                        [-1] * len(seq_lengths))
+            self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=slots, bounds=starts)
+        torch.cuda.synchronize(self.device)
+        return len(layouts)
+
+    def _replay_mixed(self, batch: ScheduledBatch, pieces, starts: list[int], slots: list[int]) -> ModelOutput | None:
+        """A mixed step from graphs, or None (it runs eager). The decodes replay their own graph and the prompt
+        chunks a prefill graph: in one prefill bucket each decode would cost a whole chunk's scan (H200, 64 clients:
+        0.69 ms a step against 0.36 for a decode graph). With per-step hidden outputs asked for, one bucket for all."""
+        chunks, nd = batch.chunks, batch.num_decodes
+        if nd == len(chunks):  # decodes alone, more than the largest decode graph
+            return None
+        max_len = max(c.num_tokens for c in chunks[nd:])
+        split = 0 < nd <= self.graphs.batch_sizes[-1] and not any("hidden" in c.seq.outputs for c in chunks[nd:])
+        if not split:
+            bucket = self.prefill_graphs.bucket_for(starts, max_len)
+            return None if bucket is None else self.prefill_graphs(bucket, self._stage(pieces, starts[-1]), starts,
+                                                                   slots)
+        prompt_starts = [s - nd for s in starts[nd:]]
+        bucket = self.prefill_graphs.bucket_for(prompt_starts, max_len)
+        if bucket is None:
+            return None
+        staged = self._stage(pieces, starts[-1])
+        decode_slots = torch.tensor(slots[:nd], dtype=torch.int32).pin_memory()
+        decoded = self.graphs(staged[:nd], decode_slots)  # (nd, vocab): a view of the graph's own output
+        prompts = self.prefill_graphs(bucket, staged[nd:], prompt_starts, slots[nd:])
+        return ModelOutput(hidden=None, head=torch.cat([decoded, prompts.head]))
+
     def _input_logprobs(self, result: StepResult, chunk, logits: torch.Tensor) -> None:
         # row j predicts input j + 1; the prompt's last row predicts the first sampled token instead
         seq = chunk.seq
@@ -92,8 +154,8 @@ class ModelRunner:
         return (self.graphs is not None and len(batch.chunks) <= self.graphs.batch_sizes[-1]
                 and all(chunk.is_decode for chunk in batch.chunks))
 
-    def _pack(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
-        """(inputs, cu_seqlens, its values on the host, state_indices), the tensors on the model's device."""
+    def _host_layout(self, batch: ScheduledBatch) -> tuple[list[torch.Tensor], list[int], list[int]]:
+        """The step's inputs in pieces, its row bounds and its slots, on the host."""
         # before the model is launched, so on the step's critical path: list comprehensions over the decode steps
         # (the scheduler puts them first), one tensor for all their tokens
         chunks, num_decodes = batch.chunks, batch.num_decodes
@@ -108,21 +170,28 @@ class ModelRunner:
             pieces.append(chunk.seq.inputs[chunk.start:chunk.start + chunk.num_tokens])
             end += chunk.num_tokens
             starts.append(end)
-        slots = [c.seq.slot for c in chunks]
-        layout = torch.tensor(starts + slots, dtype=torch.int32)  # cu_seqlens, then state_indices
+        return pieces, starts, [c.seq.slot for c in chunks]
+
+    def _stage(self, pieces: list[torch.Tensor], total: int) -> torch.Tensor:
+        """The pieces in one pinned tensor: a copy from pageable memory may be staged in step with the stream (the
+        driver then waits for the steps queued before it). Pinned blocks come from torch's caching host allocator,
+        which hands a block out again only once the copies queued on it are done."""
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in pieces))  # as torch.cat's own result
+        staging = torch.empty((total, *pieces[0].shape[1:]), dtype=dtype, pin_memory=True)
+        return torch.cat(pieces, out=staging)
+
+    def _to_device(self, pieces: list[torch.Tensor], starts: list[int],
+                   slots: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, cu_seqlens, state_indices) on the model's device, without waiting for it."""
+        at = aligned(len(starts))  # state_indices at the same alignment whatever the batch (kernels.packing)
+        layout = torch.tensor(starts + [0] * (at - len(starts)) + slots, dtype=torch.int32)
         if self.device.type != "cuda":
             inputs = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(self.device)
             layout = layout.to(self.device)
-            return inputs, layout[:len(starts)], starts, layout[len(starts):]
-        # to the device from pinned memory, without waiting for it: a copy from pageable memory may be staged in
-        # step with the stream (the driver then waits for the steps queued before it). Pinned blocks come from
-        # torch's caching host allocator, which hands a block out again only once the copies queued on it are done.
-        dtype = functools.reduce(torch.promote_types, (p.dtype for p in pieces))  # as torch.cat's own result
-        staging = torch.empty((end, *pieces[0].shape[1:]), dtype=dtype, pin_memory=True)
-        torch.cat(pieces, out=staging)
-        inputs = staging.to(self.device, non_blocking=True)
-        layout = layout.pin_memory().to(self.device, non_blocking=True)
-        return inputs, layout[:len(starts)], starts, layout[len(starts):]
+        else:
+            inputs = self._stage(pieces, starts[-1]).to(self.device, non_blocking=True)
+            layout = layout.pin_memory().to(self.device, non_blocking=True)
+        return inputs, layout[:len(starts)], layout[at:]
 
     def _per_step(self, kinds, out, lo: int, hi: int, i: int) -> dict[str, torch.Tensor]:
         got = {}

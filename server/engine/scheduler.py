@@ -8,7 +8,13 @@ max_num_batched_tokens >= max_num_streams each running prefill gets at least one
 With `max_prefill_wait_steps` > 0 (CUDA graphs on), a step in which streams decode leaves small prefill work
 waiting for up to that many steps: decode-only steps replay a graph, and a step that mixes in a single prompt
 runs eager, at the cost of a graph step several times over. New prompts then enter together, once per few steps.
-Prefill work of at least half a step's budget goes in at once.
+Prefill work of at least half a step's budget goes in at once, and so does work that goes in graph chunks (below):
+its step replays a graph too.
+
+With `graph_chunk` > 0 (the runner replays graphs of mixed steps whose chunks are all that short), a step in which
+streams decode feeds a prompt of up to GRAPH_CHUNK_SPLIT chunks in chunks of graph_chunk: a few replayed steps cost
+less than one eager step, and the decodes beside them go on. Longer prompts go in whole (an eager step's launches
+are then a small part of its work).
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from dataclasses import dataclass
 import msgspec
 
 from server.engine.sequence import Sequence, SeqStatus
+
+GRAPH_CHUNK_SPLIT = 8  # prompts of up to this many graph chunks are split into them beside decodes
 
 
 class ScheduledChunk(msgspec.Struct, gc=False):
@@ -53,6 +61,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_prefill_tokens = max(max_num_prefill_tokens or 0, max_num_batched_tokens)
         self.max_prefill_wait_steps = max_prefill_wait_steps
+        self.graph_chunk = 0  # set by the engine when its runner replays mixed steps of chunks this short
         self.num_prefill_waits = 0  # decode-only steps run in a row while prefill work waited
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -141,10 +150,13 @@ class Scheduler:
             self.num_prefill_waits += 1
         else:
             self.num_prefill_waits = 0
+            split = self.graph_chunk if chunks else 0
             for seq in prefilling:
                 if not budget:
                     break
                 n = min(seq.num_prompt - seq.num_fed, budget)
+                if split and n <= split * GRAPH_CHUNK_SPLIT:
+                    n = min(n, split)
                 chunks.append(ScheduledChunk(seq, seq.num_fed, n, False))
                 budget -= n
         if not chunks:
@@ -160,5 +172,8 @@ class Scheduler:
     def _prefill_can_wait(self, prefilling: list[Sequence], budget: int) -> bool:
         if self.num_prefill_waits >= self.max_prefill_wait_steps:
             return False
+        limit = self.graph_chunk * GRAPH_CHUNK_SPLIT
+        if limit and all(seq.num_prompt - seq.num_fed <= limit for seq in prefilling):
+            return False  # it goes in graph chunks: the step replays a graph anyway, and waiting costs its TTFT
         pending = sum(seq.num_prompt - seq.num_fed for seq in prefilling)
         return 0 < pending < budget // 2

@@ -1,4 +1,6 @@
-"""bench_server's split of the engine's time, from the counters a server exports."""
+"""bench_server: the split of the engine's time from a server's counters; what a closed-loop client submits."""
+import itertools
+
 from prometheus_client import generate_latest
 
 from server.metrics import Metrics
@@ -30,3 +32,14 @@ def test_compiled_kernels_counts_without_raising(monkeypatch):
     assert kt.compiled_kernels() == 0  # under the interpreter: nothing is compiled
     monkeypatch.setattr(kt, "interpreting", lambda: False)
     assert kt.compiled_kernels() == 0
+
+
+def test_schedule_runs_once_or_cycles_until_the_deadline(monkeypatch):
+    """A fixed count submits each item once; a duration run cycles through them and stops taking new ones once
+    the deadline has passed (checked as each is taken)."""
+    bench = load_bench("bench_server")
+    assert list(bench.schedule([1, 2, 3], None)) == [1, 2, 3]
+    clock = itertools.count()  # each look at the clock is a second later
+    monkeypatch.setattr(bench.time, "time", lambda: next(clock))
+    assert list(bench.schedule([1, 2, 3], 7)) == [1, 2, 3, 1, 2, 3, 1]
+    assert list(bench.schedule([], 1e9)) == []

@@ -26,3 +26,15 @@ def test_chunk_tables(bounds, chunk):
     assert layout.chunk_tables(chunk)[0] is layout.chunk_tables(chunk)[0]  # built once per pass
     assert layout.num_seqs == len(bounds) - 1
     assert layout.max_len == max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+
+
+@pytest.mark.parametrize("num_seqs", [1, 2, 3, 4, 5])
+def test_chunk_tables_and_a_steps_slots_start_on_16_bytes_whatever_the_batch(num_seqs):
+    # Triton compiles a kernel variant per pointer alignment: tables at offsets that moved with the batch compiled
+    # new variants mid-serving on the H200
+    from kernels.packing import aligned
+
+    bounds = list(range(0, 3 * num_seqs + 1, 3))
+    for table in PackedLayout.of(torch.tensor(bounds, dtype=torch.int32), bounds).chunk_tables(2):
+        assert table.storage_offset() % 4 == 0
+    assert [aligned(n) for n in (0, 1, 4, 5, 8)] == [0, 4, 4, 8, 8]

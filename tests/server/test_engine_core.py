@@ -447,3 +447,17 @@ def test_queued_log_appends_share_one_fsync_and_a_snapshot_waits_for_its_device_
     assert [d.ticket for d in done] == [1, 2, 3, 4, 5] and all(d.error is None for d in done)
     assert order == ["fsync", "waited", "snapshot", "fsync"]  # three appends in one write
     assert [r.steps_before for r in store.read_log()] == [0, 3, 6, 9]
+
+
+def test_a_steps_slots_start_on_16_bytes_whatever_the_batch():
+    # Triton compiles a kernel variant per pointer alignment (kernels.packing.aligned)
+    from server.engine.runner import ModelRunner
+    from server.engine.state_pool import StatePool
+
+    model = tiny_lm()
+    runner = ModelRunner(model, StatePool(model, 8), cuda_graphs=False)
+    for n in range(1, 7):
+        starts = list(range(n + 1))
+        _, cu_seqlens, slots = runner._to_device([torch.zeros(n, dtype=torch.long)], starts, list(range(n)))
+        assert slots.storage_offset() % 4 == 0
+        assert cu_seqlens.tolist() == starts and slots.tolist() == list(range(n))

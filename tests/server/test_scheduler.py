@@ -149,3 +149,43 @@ def test_large_prefill_work_and_idle_batches_do_not_wait():
     batch = sched2.schedule()
     assert [c.num_tokens for c in batch.chunks if c.seq is big] == [40]
 
+
+
+def test_beside_decodes_short_prompts_go_in_graph_chunks_and_long_ones_whole():
+    sched = Scheduler(FakePool(4), max_num_batched_tokens=2048)
+    sched.graph_chunk = 64  # the runner replays mixed steps of chunks this short (server/engine/prefill_graphs.py)
+    decoder = Sequence(torch.zeros(0, dtype=torch.long), sampling=SamplingParams(max_tokens=100))
+    decoder.pending_token = 1
+    short, long = Sequence(torch.arange(150)), Sequence(torch.arange(1000))
+    for s in (decoder, short, long):
+        sched.add(s)
+    sizes = {id(short): [], id(long): []}
+    while short.num_fed < 150 or long.num_fed < 1000:
+        decoder.pending_token = 1  # as the sampler leaves it after every step
+        batch = sched.schedule()
+        assert batch.num_decodes == 1
+        for c in batch.chunks[batch.num_decodes:]:
+            sizes[id(c.seq)].append(c.num_tokens)
+        feed(batch)
+    assert sizes[id(short)] == [64, 64, 22]  # 150 <= 8 chunks of 64: split beside the decode
+    assert sizes[id(long)] == [1000]  # longer: in whole, one eager step
+    alone = Scheduler(FakePool(1), max_num_batched_tokens=2048)
+    alone.graph_chunk = 64
+    alone.add(Sequence(torch.arange(150)))
+    assert [c.num_tokens for c in alone.schedule().chunks] == [150]  # nothing decodes: no reason to split
+
+
+def test_prompts_that_go_in_graph_chunks_do_not_wait():
+    def step_with_one_prompt(graph_chunk: int) -> int:
+        sched = Scheduler(FakePool(4), max_num_batched_tokens=64, max_prefill_wait_steps=4)
+        sched.graph_chunk = graph_chunk
+        decoder = Sequence(torch.zeros(0, dtype=torch.long), sampling=SamplingParams(max_tokens=100))
+        decoder.pending_token = 1
+        sched.add(decoder)
+        feed(sched.schedule())
+        sched.add(Sequence(torch.arange(10)))
+        decoder.pending_token = 1
+        return len(sched.schedule().chunks)
+
+    assert step_with_one_prompt(0) == 1  # mixed steps run eager: the prompt waits for company
+    assert step_with_one_prompt(16) == 2  # its step replays a graph: it goes in at once
