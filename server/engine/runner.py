@@ -39,6 +39,9 @@ class ModelRunner:
         self.is_lm = model.config.head == "lm"
         self.graphs: CudaGraphDecoder | None = None
         self.prefill_graphs: CudaGraphPrefill | None = None
+        # called once a step, while the GPU runs it: after a replay, before an eager pass (whose launches take ms);
+        # the engine loop sends the previous step's outputs there rather than while the GPU waits for the next step
+        self.while_launched = None
         probe = torch.empty(0, device=self.device)
         if cuda_graphs and self.device.type == "cuda" and use_triton(probe) and self.config.vocab_size is not None:
             # Graphs for padded batch sizes up to the pool size; decode-only steps replay them.
@@ -62,9 +65,12 @@ class ModelRunner:
             if replayed:
                 out = ModelOutput(hidden=None, head=self.graphs(inputs, state_indices))
             else:
+                self._launched()
                 # the layout is known here (starts): the model and its kernels never read it back from the device
                 out, _ = self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=state_indices,
                                     bounds=starts)
+        if replayed:
+            self._launched()
         result = StepResult(replayed=replayed)
         sample_rows: list[int] = []  # the row of out.head each sampled stream draws from: its chunk's last step
         sample_seqs = []
@@ -118,6 +124,11 @@ class ModelRunner:
             self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=slots, bounds=starts)
         torch.cuda.synchronize(self.device)
         return len(layouts)
+
+    def _launched(self) -> None:
+        hook = self.while_launched
+        if hook is not None:
+            hook()
 
     def _replay_mixed(self, batch: ScheduledBatch, pieces, starts: list[int], slots: list[int]) -> ModelOutput | None:
         """A mixed step from graphs, or None (it runs eager). The decodes replay their own graph and the prompt

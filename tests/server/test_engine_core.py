@@ -461,3 +461,33 @@ def test_a_steps_slots_start_on_16_bytes_whatever_the_batch():
         _, cu_seqlens, slots = runner._to_device([torch.zeros(n, dtype=torch.long)], starts, list(range(n)))
         assert slots.storage_offset() % 4 == 0
         assert cu_seqlens.tolist() == starts and slots.tolist() == list(range(n))
+
+
+def test_the_loop_sends_a_steps_outputs_while_the_next_step_runs_and_at_once_when_idle(tmp_path, monkeypatch):
+    import zmq
+
+    from server.engine.process import EngineLoop
+
+    core = make_core(tmp_path)
+    runner = core.runner
+    plain_run = runner.run
+
+    def run(batch):  # as ModelRunner: the hook fires once the step is launched, before its results are read
+        runner.while_launched()
+        return plain_run(batch)
+
+    runner.run = run
+    loop = EngineLoop(core, f"ipc://{tmp_path}/engine.sock")
+    assert runner.while_launched == loop._send_pending
+    sent = []  # (steps finished when sent, the rids with outputs in it)
+    monkeypatch.setattr(loop, "_send", lambda by_client: sent.append(
+        (runner.num_runs, sorted(o.rid for out in by_client.values() for o in out.request_outputs()))))
+    poller = zmq.Poller()
+    core.handle(Add("c", "a", Array.of(np.array([5], np.int64)), sampling=Sampling(max_tokens=3, temperature=0)))
+    for _ in range(5):
+        loop.turn(poller)
+    # step 1's token goes out once step 2 is launched (one step finished), step 2's during step 3, and step 3's
+    # (the last) at once: the engine is idle then, and its loop may sleep
+    assert [s for s in sent if s[1]] == [(1, ["a"]), (2, ["a"]), (3, ["a"])]
+    assert not core.has_work()
+    loop._ctx.destroy(linger=0)
