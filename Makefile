@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(CONSTRAINTS)
 	$(PY) -m pip install -q "$(TORCH)" "$(TRITON)" $(CONSTRAINTS)
-	$(PY) -m pip install -q -e ".[test]" $(CONSTRAINTS)
+	$(PY) -m pip install -q -e ".[test,bench]" $(CONSTRAINTS)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,7 +13,8 @@ session), websocket one at a time, websocket with --window frames in flight; (3)
 in binary int32 frames of --frame ids, no outputs: websocket, engine direct and the model alone (model(chunk,
 state) with the state carried). (1) and (2) run against a server per --api-server-counts value, (3) against the
 first. Clients are closed loops spread over min(--client-procs, c) processes, each running asyncio; they start
-together after their setup.
+together after their setup. The HTTP clients of a process share one aiohttp session (--http-client; httpx where
+aiohttp is not installed, at 1.7-42x its CPU per request: bench/bench_http_client.py).
 
 How long a run lasts: every measured run of (1) and (2) lasts --seconds of wall time (a run of a fixed count of
 requests lasts 0.2-0.8 s on an H200, where one stall or GC pause decides the figure): from the common start, each
@@ -42,6 +43,8 @@ import sys
 import tempfile
 import time
 from collections import deque
+from contextlib import aclosing
+from importlib.metadata import PackageNotFoundError, version
 from itertools import cycle
 from pathlib import Path
 
@@ -141,20 +144,97 @@ def schedule(items: list, deadline: float | None):
 
 # -- load-generating client processes (import no torch: they only speak HTTP and websockets) -------------------
 
+COMPLETIONS = "/v1/completions"
+
+
+class HttpTransport:
+    """What the HTTP load generator sends completions through, per library: one per client process, holding a
+    keep-alive pool of `connections`. post() returns (status, body); lines() the lines of a streamed answer
+    (raising on a status other than 200)."""
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+class AiohttpClient(HttpTransport):
+    """aiohttp, as vLLM's serving benchmark: one ClientSession. At 1-16 clients a process it costs the client
+    0.25-0.1 of httpx's CPU per plain completion and 0.6-0.3 per streamed one, less still with more clients
+    (bench/bench_http_client.py): httpx saturated the load generators at c = 256 on an H200 host."""
+
+    def __init__(self, url: str, connections: int):
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=connections),
+                                             timeout=aiohttp.ClientTimeout(connect=600, sock_read=600))
+
+    async def post(self, body: dict) -> tuple[int, bytes]:
+        async with self.session.post(COMPLETIONS, json=body) as r:
+            return r.status, await r.read()
+
+    async def lines(self, body: dict):
+        async with self.session.post(COMPLETIONS, json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"stream failed: {r.status} {(await r.read())[:300]!r}")
+            async for line in r.content:
+                yield line.decode()
+
+    async def close(self):
+        await self.session.close()
+
+
+class HttpxClient(HttpTransport):
+    """httpx (the fallback where aiohttp is not installed): one AsyncClient."""
+
+    def __init__(self, url: str, connections: int):
+        import httpx
+
+        self.client = httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=connections))
+
+    async def post(self, body: dict) -> tuple[int, bytes]:
+        r = await self.client.post(COMPLETIONS, json=body)
+        return r.status_code, r.content
+
+    async def lines(self, body: dict):
+        async with self.client.stream("POST", COMPLETIONS, json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"stream failed: {r.status_code} {(await r.aread())[:300]!r}")
+            async for line in r.aiter_lines():
+                yield line
+
+    async def close(self):
+        await self.client.aclose()
+
+
+HTTP_CLIENTS = {"aiohttp": AiohttpClient, "httpx": HttpxClient}
+
+
+def http_library(choice: str = "auto") -> str:
+    """The HTTP load generator's library: aiohttp when importable (auto), else httpx."""
+    if choice != "auto":
+        return choice
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        return "httpx"
+    return "aiohttp"
+
+
 async def http_client(client, prompts, max_tokens, stream, deadline, tally):
+    """One closed-loop client: completions of its prompts (schedule) through `client` (an HTTP_CLIENTS entry)."""
     for ids in schedule(prompts, deadline):
         body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
         t0 = time.perf_counter()
         if not stream:
-            r = await client.post("/v1/completions", json=body)
-            if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != max_tokens:
-                raise RuntimeError(f"completion failed: {r.status_code} {r.text[:300]}")
+            status, content = await client.post(body)
+            if status != 200 or json.loads(content)["usage"]["completion_tokens"] != max_tokens:
+                raise RuntimeError(f"completion failed: {status} {content[:300].decode(errors='replace')}")
         else:
             tokens, first = 0, None
-            async with client.stream("POST", "/v1/completions", json=body) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"stream failed: {r.status_code} {(await r.aread())[:300]!r}")
-                async for line in r.aiter_lines():
+            async with aclosing(client.lines(body)) as lines:
+                async for line in lines:
                     if '"finish_reason":null' in line:
                         tokens += 1
                         first = first or time.perf_counter()
@@ -204,13 +284,10 @@ async def ws_answer(ws, sent, tally):
 async def run_job(conn, job: dict):
     """Set up (connections, sessions), say ready, wait for the go (it brings the common deadline, or None for a
     fixed count), run every client of this process."""
-    import httpx
-
     tally, loop = {"lat": [], "ttft": [], "steps": 0}, asyncio.get_running_loop()
     go = loop.create_future()
     if job["kind"] == "http":
-        limits = httpx.Limits(max_connections=len(job["shares"]) + 4)
-        async with httpx.AsyncClient(base_url=job["url"], timeout=600, limits=limits) as client:
+        async with HTTP_CLIENTS[job["library"]](job["url"], len(job["shares"]) + 4) as client:
             conn.send("ready")
             deadline = (await loop.run_in_executor(None, conn.recv))["go"]
             t0, cpu0 = time.perf_counter(), time.process_time()
@@ -563,6 +640,8 @@ def parse_args():
     p.add_argument("--frame", type=int, default=65536, help="ids per binary frame in the long append")
     p.add_argument("--api-server-counts", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--client-procs", type=int, default=8, help="most load-generating processes")
+    p.add_argument("--http-client", choices=["auto", "aiohttp", "httpx"], default="auto",
+                   help="the HTTP load generators' library (default: aiohttp if installed, else httpx)")
     p.add_argument("--server-cpus", type=int, default=-1,
                    help="CPUs for the server (and the engine-direct runs); the load-generating clients get the rest, "
                    "as if they ran on other machines (default: half; 0: no split)")
@@ -576,6 +655,11 @@ def parse_args():
         args.seconds = None  # fixed-count mode: every run is the same amount of work, as the warm-ups are
     elif args.seconds <= 0:
         p.error("--seconds must be positive")
+    try:
+        args.http_client = http_library(args.http_client)
+        args.http_version = version(args.http_client)
+    except PackageNotFoundError:
+        p.error(f"--http-client {args.http_client}: it is not installed")
     return args
 
 
@@ -636,7 +720,7 @@ def for_how_long(args, n: int, what: str = "requests") -> str:
 
 def bench_server(args, server: Server, clients: Clients, count: int, w: Workload, r: dict) -> None:
     ws = {"kind": "ws", "url": server.url.replace("http", "ws", 1) + "/v1/stream", "window": args.window}
-    http = {"kind": "http", "url": server.url, "max_tokens": args.max_tokens}
+    http = {"kind": "http", "url": server.url, "max_tokens": args.max_tokens, "library": args.http_client}
     top = max(args.concurrency)
     for c, n in w.levels.items():
         shares = [w.prompts[:n][i::c] for i in range(c)]
@@ -674,7 +758,8 @@ def summary(args, r: dict, config, title: str) -> str:
     out = [f"\n### {title}\n", f"`python bench/bench_server.py {shlex.join(sys.argv[1:])}`: "
            f"{config.max_num_streams} slots, {config.max_num_batched_tokens} steps per engine step, new prompts "
            f"wait up to {config.max_prefill_wait_steps} graph steps; "
-           f"{args.cpu_note}. {how_long(args)} Completions: "
+           f"{args.cpu_note}; HTTP load generators: {args.http_client} {args.http_version}. {how_long(args)} "
+           "Completions: "
            f"greedy, prompts of {args.prompt_len - 8}-{args.prompt_len + 8} ids, {args.max_tokens} tokens; steps/s "
            "counts prompt + generated steps; latency and time to first token (TTFT): p50 / p99 ms.\n",
            "| API servers | c | client procs | engine steps/s | HTTP steps/s | HTTP/engine | SSE steps/s | SSE/engine "
@@ -736,7 +821,7 @@ def main() -> int:
     cfg = model.config
     title = (f"Server vs engine: {card}, {cfg.name} (d_model {cfg.d_model}, {cfg.n_layers} layers, "
              f"{str(model.dtype).replace('torch.', '')})")
-    progress(title)
+    progress(f"{title}; HTTP load generators: {args.http_client} {args.http_version}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (timeout) stop the server, print what was measured
     w, r, clients = Workload(args, min(cfg.vocab_size, 256)), {}, None
     server_cpus, client_cpus = split_cpus(args.server_cpus)

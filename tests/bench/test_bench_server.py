@@ -1,6 +1,11 @@
-"""bench_server: the split of the engine's time from a server's counters; what a closed-loop client submits."""
+"""bench_server: the split of the engine's time from a server's counters; what a closed-loop client submits; its HTTP
+load generator through aiohttp and httpx."""
+import asyncio
 import itertools
+import socket
+import sys
 
+import pytest
 from prometheus_client import generate_latest
 
 from server.metrics import Metrics
@@ -43,3 +48,48 @@ def test_schedule_runs_once_or_cycles_until_the_deadline(monkeypatch):
     monkeypatch.setattr(bench.time, "time", lambda: next(clock))
     assert list(bench.schedule([1, 2, 3], 7)) == [1, 2, 3, 1, 2, 3, 1]
     assert list(bench.schedule([], 1e9)) == []
+
+
+@pytest.mark.parametrize("library", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "sse"])
+def test_the_http_load_generator_counts_alike_through_either_library(library, stream, monkeypatch):
+    """bench_server's closed-loop HTTP client against the real frontend (engine faked, bench_edge): steps, latency
+    and TTFT per completion through aiohttp and httpx alike, and a refused request raises."""
+    if library == "aiohttp":
+        pytest.importorskip("aiohttp")
+    import uvicorn
+
+    bench, edge = load_bench("bench_server"), load_bench("bench_edge")
+    for name in ("EngineClient", "_learn_model"):  # fake_app replaces them: put them back afterwards
+        monkeypatch.setattr(edge.app_module, name, getattr(edge.app_module, name))
+    sock = socket.create_server(("127.0.0.1", 0))
+    url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+
+    async def run():
+        server = uvicorn.Server(uvicorn.Config(edge.fake_app(), log_level="warning"))
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        tally = {"lat": [], "ttft": [], "steps": 0}
+        try:
+            async with bench.HTTP_CLIENTS[library](url, 6) as client:
+                await asyncio.gather(*(bench.http_client(client, [edge.PROMPT] * 3, 8, stream, None, tally)
+                                       for _ in range(2)))
+                with pytest.raises(RuntimeError, match="failed: 4"):
+                    await bench.http_client(client, [[]], 8, stream, None, tally)
+        finally:
+            server.should_exit = True
+            await serving
+        return tally
+
+    tally = asyncio.run(run())
+    assert len(tally["lat"]) == 6 and tally["steps"] == 6 * (len(edge.PROMPT) + 8)
+    assert len(tally["ttft"]) == (6 if stream else 0)
+    assert all(0 < t < lat for t, lat in zip(tally["ttft"], tally["lat"]))
+
+
+def test_the_http_library_defaults_to_aiohttp_when_installed(monkeypatch):
+    bench = load_bench("bench_server")
+    assert bench.http_library("httpx") == "httpx"
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # not importable
+    assert bench.http_library() == "httpx"

@@ -261,7 +261,8 @@ def test_the_lock_covers_every_declared_dependency():
     from packaging.utils import canonicalize_name
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    declared = [Requirement(r) for r in project["dependencies"] + sum((project["optional-dependencies"][extra]
+                                                                        for extra in ("test", "bench")), [])]
     pinned = _pins(LOCK.read_text())
     for req in declared:
         name = canonicalize_name(req.name)
