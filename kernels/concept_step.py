@@ -280,15 +280,7 @@ def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean
 
 def concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean, concept_mass, state_indices, eps,
                  norm_eps, log_decay=None, out_output=None):
-    """One step for a batch of slots.
-
-    logits: (batch, k) W_a h + b_a; v: (batch, d_c) W_v h; gate_h: (batch, 2 d_c) W_g[:, :D] h + b_g;
-    mix: (k, k) M; norm_weight: (d_c,); gate_weight: (2 d_c, d_c) W_g[:, D:];
-    concept_mean (slots, k, d_c) fp32 and concept_mass (slots, k) fp64, updated in place; state_indices (batch,),
-    -1 skips the row (its outputs are zero); log_decay: (k,) λ = log γ or None (γ = 1);
-    out_output: optional (batch, d_c) destination of g_o ⊙ r.
-    Returns (g_s ⊙ r, g_o ⊙ r), both (batch, d_c) in norm_weight.dtype.
-    """
+    """concept_step_ref's step on the kernels (its docstring has the arguments), in one or two launches."""
     return _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean, concept_mass, state_indices,
                          eps, norm_eps, log_decay, out_output)
 

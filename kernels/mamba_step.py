@@ -463,17 +463,7 @@ def _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_b
 
 def mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, conv_state, ssm_state,
                state_indices, inject=None, inject_weight=None, out=None):
-    """One step for a batch of slots.
-
-    xz: (batch, 2 E) in_proj's output [x; z]; conv_weight: (E, K); conv_bias: (E,) or None;
-    x_proj_weight: (R + 2 N, E); dt_proj_weight: (E, R); dt_bias, D: (E,); A: (E, N) fp32 (negative);
-    conv_state: (slots, E, K - 1) and ssm_state: (slots, E, N) fp32, updated in place;
-    state_indices: (batch,), -1 skips the row (output zero, no state touched);
-    inject: (batch, C) and inject_weight: (2 E, C), or None: xz + inject @ inject_weight^T replaces xz;
-    out: optional (batch, E) destination. Returns y = (s C + D xc) SiLU(z): (batch, E) in xz.dtype.
-    Everything between the inputs and y is fp32 (x and z after the injection, the conv output, x_proj's and
-    dt_proj's outputs); only what is stored is rounded: the carried window to its dtype, y to xz.dtype.
-    """
+    """mamba_step_ref's step on the kernels (its docstring has the arguments), in two or three launches."""
     return _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, conv_state,
                        ssm_state, state_indices, inject, inject_weight, out)
 
