@@ -114,16 +114,18 @@ class ModelRunner:
                                2049, 4096, 4097, max_tokens - 1, max_tokens) if 0 < n <= max_tokens]
         layouts = {(length,) + (other,) * (num_seqs - 1) for length in lengths for num_seqs in (1, 2, 16, 17)
                    for other in (1, length)}  # one long sequence beside decodes, or all alike
+        passes = 0
         for seq_lengths in sorted(layouts):
             starts = list(itertools.accumulate(seq_lengths, initial=0))
             if starts[-1] > max_tokens:
                 continue
+            passes += 1
             # packed as a step's are: what Triton specializes on includes the tensors' alignment
             inputs, cu_seqlens, slots = self._to_device([torch.zeros(starts[-1], dtype=torch.long)], starts,
                                                         [-1] * len(seq_lengths))
             self.model(inputs, self.pool.state, cu_seqlens=cu_seqlens, state_indices=slots, bounds=starts)
         torch.cuda.synchronize(self.device)
-        return len(layouts)
+        return passes
 
     def _launched(self) -> None:
         hook = self.while_launched
