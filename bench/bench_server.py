@@ -505,7 +505,8 @@ class Server:
         cmd = [sys.executable, "-m", "clients.cli", "serve", "--port", str(self.port), "--device", config.device,
                "--max-num-streams", str(config.max_num_streams), "--max-num-batched-tokens",
                str(config.max_num_batched_tokens), "--max-prefill-wait-steps", str(config.max_prefill_wait_steps),
-               "--api-server-count", str(api_servers), "--log-level", "warning"]
+               "--api-server-count", str(api_servers), "--async-scheduling", str(config.async_scheduling).lower(),
+               "--log-level", "warning"]
         cmd += ["--model", args.model] if args.model else []
         progress(f"starting infomamba {shlex.join(cmd[3:])}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -648,6 +649,8 @@ def parse_args():
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="as in infomamba serve")
     p.add_argument("--max-prefill-wait-steps", type=int, default=None,
                    help="as in infomamba serve, for the server and engine direct alike (default: serve's)")
+    p.add_argument("--async-scheduling", choices=["true", "false"], default="true",
+                   help="as in infomamba serve, for the server and engine direct alike (default: true)")
     p.add_argument("--profile", default=None, help="directory: py-spy samples the engine and frontends during the "
                    "highest-concurrency completions and the long append (py-spy must be on PATH)")
     args = p.parse_args()
@@ -815,12 +818,13 @@ def main() -> int:
                           max_num_batched_tokens=max(args.max_num_batched_tokens, 2 * top))
     if args.max_prefill_wait_steps is not None:
         config.max_prefill_wait_steps = args.max_prefill_wait_steps
+    config.async_scheduling = args.async_scheduling == "true"
     config.device = resolve_device_dtype(config)[0]
     model, tokenizer = make_loader(config, args.model)()
     card = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"
     cfg = model.config
     title = (f"Server vs engine: {card}, {cfg.name} (d_model {cfg.d_model}, {cfg.n_layers} layers, "
-             f"{str(model.dtype).replace('torch.', '')})")
+             f"{str(model.dtype).replace('torch.', '')}), async scheduling {args.async_scheduling}")
     progress(f"{title}; HTTP load generators: {args.http_client} {args.http_version}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (timeout) stop the server, print what was measured
     w, r, clients = Workload(args, min(cfg.vocab_size, 256)), {}, None

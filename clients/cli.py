@@ -72,6 +72,9 @@ SERVE_FLAGS = (
     ("--cuda-graphs", "cuda_graphs", _flag, "replay CUDA graphs for decode-only steps on a GPU (true/false)"),
     ("--prefill-graphs", "prefill_graphs", _flag,
      "replay CUDA graphs for steps whose chunks are all 64 steps or shorter too (true/false; with --cuda-graphs)"),
+    ("--async-scheduling", "async_scheduling", _flag,
+     "launch each engine step before the last one's tokens reach the host, feeding them from the device "
+     "(true/false)"),
     ("--ws-compression", "ws_compression", _flag,
      "accept permessage-deflate on the websocket when a client offers it (true/false)"),
 )

@@ -49,6 +49,13 @@ def layout_of(cu_seqlens: torch.Tensor, layout: PackedLayout | None) -> PackedLa
     return PackedLayout.of(cu_seqlens)
 
 
+def to_device_nowait(values: list, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """A host list as a tensor on `device`, queued without waiting: a copy from pageable memory waits for the
+    stream (the step's host work would then wait for the GPU), one from pinned memory does not."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def aligned(n: int) -> int:
     """n int32 entries rounded up to 16 bytes: where a second table starts in a shared buffer. Triton specializes
     a kernel on each pointer's 16-byte alignment, so a table at an offset that moved with the batch would compile a

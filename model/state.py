@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from kernels.packing import to_device_nowait
 from model.config import InfoMambaConfig
 
 SNAPSHOT_FORMAT = "infomamba-state"
@@ -163,14 +164,10 @@ _RING_NAME = re.compile(r"attention\.(\d+)\.(key|value)")
 
 
 def _indices(indices, device: torch.device) -> torch.Tensor:
-    """Slot indices as a long tensor on `device`. A list goes to a GPU through pinned memory, without waiting for
-    the stream (torch.as_tensor(list, device="cuda") copies from pageable memory and waits for it)."""
+    """Slot indices as a long tensor on `device`, a list queued without waiting for the stream."""
     if isinstance(indices, torch.Tensor):
         return indices.to(device=device, dtype=torch.long)
-    idx = torch.tensor(indices, dtype=torch.long)
-    if device.type == "cuda":
-        return idx.pin_memory().to(device, non_blocking=True)
-    return idx
+    return to_device_nowait(indices, device)
 
 
 def _batch_axis(name: str) -> int:

@@ -46,6 +46,9 @@ class ServerConfig:
     # with cuda_graphs, steps whose chunks are all <= 64 steps (decodes beside short prompts or appends) replay graphs
     # of padded layouts too (server/engine/prefill_graphs.py), on models of recurrent layers only
     prefill_graphs: bool = True
+    # launch each step before the last one's sampled tokens reach the host (server/engine/core.py): the host's
+    # work between steps then overlaps the device's
+    async_scheduling: bool = True
     # permessage-deflate on the websocket when a client offers it (browsers and the websockets library do): off, since
     # zlib over an answer's float32 outputs or a frame of ids costs the frontend far more CPU than it saves on a LAN
     ws_compression: bool = False

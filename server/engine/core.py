@@ -1,7 +1,17 @@
 """The engine core: requests in, one batch of outputs per step out. No HTTP, no asyncio, no sockets (those are in
 server/engine/process.py and the frontends); one thread owns everything here, so no locks.
 
-    handle(request) ... -> step(): schedule() -> runner.run(batch) -> postprocess() -> take_outputs()
+    handle(request) ... -> step(): schedule() -> runner.launch(batch) -> postprocess() -> take_outputs()
+
+Async scheduling (`async_scheduling`, on by default): a step's sampled tokens stay on the device while the next
+step is scheduled and launched, which feeds them from there; the host reads them and postprocesses the step while
+the device runs the next one. So the host's work between steps (postprocess, requests in and outputs out,
+scheduling, packing) overlaps the device's, rather than adding to it. A stream goes on that way only where what
+its next step does cannot depend on the token: plain sampling (no penalties, logit bias, min_tokens or logprobs),
+no forks to start, no state to return, and the token is not its last by length. A token that turns out to end
+generation (eos, a stop id or string) then has one more step computed behind it: a request that owns its slot
+drops that step's result and its slot; a session's request feeds its last token anyway. Any step that has a
+stream that cannot go on, or outputs to read back, is read at once, as without async scheduling.
 """
 from __future__ import annotations
 
@@ -25,7 +35,7 @@ from server.engine.errors import EngineError
 from server.engine.protocol import (Abort, Add, Array, EngineInfo, Error, Hello, Logprobs, Reply, RequestOutput,
                                     Sampling, SessionOp, StepOutputs, TokenOutputs, Utility, child_rid)
 from server.engine.prefill_graphs import MAX_CHUNK
-from server.engine.runner import ModelRunner, StepResult
+from server.engine.runner import LaunchedStep, ModelRunner, StepResult
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import SamplingParams, Sequence, SeqStatus
@@ -84,6 +94,9 @@ class EngineCore:
         self.metrics.replica_info.labels(self.replica_id).set(1)
         self.requests: dict[tuple[str, str], Sequence] = {}
         self.num_steps = 0
+        # a launched step whose results are not read yet (async scheduling); its runner launches steps
+        self.async_scheduling = config.async_scheduling and hasattr(self.runner, "launch")
+        self._in_flight: LaunchedStep | None = None
         self._outputs: dict[tuple[str, str], RequestOutput] = {}  # this step's, by (client, rid)
         self._tokens: dict[str, TokenOutputs] = {}  # this step's plain tokens, by client (see _on_token)
         self._replies: dict[str, list[Reply]] = defaultdict(list)
@@ -115,14 +128,19 @@ class EngineCore:
             self.on_post()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._awaiting_slot)
+        return self.scheduler.has_work() or bool(self._awaiting_slot) or self._in_flight is not None
+
+    @property
+    def running_ahead(self) -> bool:
+        """A step is launched and not read yet: the device is busy with it."""
+        return self._in_flight is not None
 
     # -- one turn of the loop ------------------------------------------------------------------------------
 
     def run_once(self, timeout: float | None = None) -> dict[str, StepOutputs]:
         """Handle what arrived (waiting up to `timeout` for something when idle; 0: never), run one step, and
         return the step's outputs by frontend."""
-        block = timeout != 0 and not self.scheduler.has_work()
+        block = timeout != 0 and not self.has_work()
         try:
             self.handle(self.inbox.get(block=block, timeout=timeout if block else None))
             while True:
@@ -149,6 +167,8 @@ class EngineCore:
         return self.take_outputs()
 
     def handle(self, message) -> None:
+        if self._in_flight is not None and isinstance(message, (Abort, SessionOp, Relinquish)):
+            self.collect()  # these act on streams as the host knows them: bring the host up to date first
         try:
             if isinstance(message, Add):
                 self._add(message)
@@ -174,11 +194,14 @@ class EngineCore:
                 self._replies[message.client].append(Reply(rid, ok=False, error=exc.to_struct()))
 
     def step(self) -> ScheduledBatch | None:
+        """Schedule and launch one step; postprocess the step before it if it is still in flight, or this one
+        if it cannot leave its results on the device (see the module's docstring)."""
         for seq in list(self.scheduler.waiting):
             if seq.num_prompt == 0 and seq.pending_token is None:
                 self._start_from_logits(seq)
         batch = self.scheduler.schedule()
         if batch is None:
+            self.collect()
             return None
         t0 = time.monotonic()
         for chunk in batch.chunks:
@@ -186,20 +209,70 @@ class EngineCore:
                 chunk.seq.scheduled_time = t0
                 self.metrics.queue_time.observe(t0 - chunk.seq.arrival_time)
         try:
-            result = self.runner.run(batch)
+            if not self.async_scheduling:
+                result = self.runner.run(batch)
+            else:
+                launched = self.runner.launch(batch)
         except Exception:  # a bug must not take the engine down: fail what ran, keep serving
             log.exception("engine step failed")
+            self.collect()
             for chunk in batch.chunks:
                 self._fail(chunk.seq, EngineError("internal_error", "the engine step failed"))
             return batch
-        seconds = time.monotonic() - t0
+        self.num_steps += 1
+        if not self.async_scheduling:
+            self._observe(batch, result, time.monotonic() - t0)
+            self.postprocess(batch, result)
+            return batch
+        launched.step_id, launched.started = self.num_steps, t0
+        can_go_on = self._mark_in_flight(launched)
+        self.collect()  # the step before, while the device runs this one
+        self._in_flight = launched
+        if not can_go_on:
+            self.collect()
+        return batch
+
+    def collect(self) -> None:
+        """Read back and postprocess the step in flight, if any."""
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            return
+        try:
+            result = self.runner.collect(launched)
+        except Exception:
+            log.exception("engine step failed")
+            for chunk in launched.batch.chunks:
+                self._fail(chunk.seq, EngineError("internal_error", "the engine step failed"))
+            return
+        self._observe(launched.batch, result, time.monotonic() - launched.started)
+        self.postprocess(launched.batch, result, launched.step_id)
+
+    def _mark_in_flight(self, launched: LaunchedStep) -> bool:
+        """Mark the step's streams in flight, and the sampled ones whose next step may feed their token from the
+        device. Returns whether the step's results may stay on the device while the next step is launched."""
+        step_id, result = launched.step_id, launched.result
+        for chunk in launched.batch.chunks:
+            chunk.seq.in_flight_step = step_id
+        if result.outputs or result.prompt_logprobs or result.sampled:  # read back already: no reason to wait
+            return False
+        if launched.tokens is None:
+            return True
+        go_on = True
+        for row, seq in enumerate(launched.sample_seqs):
+            params = seq.sampling
+            # the tokens this stream will have once this step is read: the one of a step still in flight too
+            num_out = len(seq.output_ids) + 1 + seq.fed_ahead
+            if (params.is_processed or seq.forks or seq.want_state or not (seq.owns_slot or seq.feed_last)):
+                go_on = False
+            elif num_out < params.max_tokens:
+                seq.ahead_row = row
+        return go_on
+
+    def _observe(self, batch: ScheduledBatch, result: StepResult, seconds: float) -> None:
         self.metrics.observe_step(batch, seconds)
         if result.replayed:
             self.metrics.graph_steps.inc()
             self.metrics.graph_forward_time.inc(seconds)
-        self.postprocess(batch, result)
-        self.num_steps += 1
-        return batch
 
     def take_outputs(self) -> dict[str, StepOutputs]:
         self._flush_log()
@@ -383,9 +456,9 @@ class EngineCore:
 
     # -- after a step ------------------------------------------------------------------------------------------
 
-    def postprocess(self, batch: ScheduledBatch, result: StepResult) -> None:
+    def postprocess(self, batch: ScheduledBatch, result: StepResult, step_id: int | None = None) -> None:
+        """What a step brought, stream by stream (the scheduler booked their positions when it scheduled it)."""
         now = time.monotonic()
-        self.scheduler.update_from_output(batch)
         # counters once per step, not once per token: they cost microseconds each, times hundreds of streams
         self.metrics.prompt_steps.inc(sum(c.num_tokens for c in batch.chunks[batch.num_decodes:]))
         self.metrics.generation_steps.inc(len(result.sampled))
@@ -396,6 +469,8 @@ class EngineCore:
             seq = chunk.seq
             if seq.status is finished:
                 continue
+            if step_id is not None and seq.in_flight_step == step_id:  # not in a later step launched since
+                seq.in_flight_step = seq.ahead_row = None
             if last_logits and seq.id in last_logits:
                 seq.initial_logits = last_logits[seq.id]
             if outputs and seq.id in outputs:
@@ -411,12 +486,12 @@ class EngineCore:
             if not chunk.is_decode:  # what only input chunks can bring
                 if prompt_logprobs and seq.id in prompt_logprobs:
                     _extend(self._output(seq.client, seq.rid), "prompt_logprobs", prompt_logprobs[seq.id])
-                if seq.forks and seq.num_fed >= seq.num_prompt:
+                if seq.forks and chunk.start + chunk.num_tokens >= seq.num_prompt:  # the prompt's last chunk
                     self._fork(seq)
             token = sampled.get(seq.id)
-            if token is not None:
+            if token is not None and not seq.is_draining:  # (a token sampled past the end, running ahead: dropped)
                 on_token(seq, token, now, logprobs.get(seq.id) if logprobs else None)
-            elif seq.num_pending == 0:
+            elif seq.num_pending == 0 and seq.in_flight_step is None:
                 self._finish(seq, seq.finish_reason or "done")
 
     def _on_token(self, seq: Sequence, token: int, now: float, logprobs: Logprobs | None = None) -> None:
@@ -447,13 +522,18 @@ class EngineCore:
             out.token_ids.append(token)
             if logprobs is not None:
                 _extend(out, "logprobs", logprobs)
+        fed_ahead, seq.fed_ahead = seq.fed_ahead, False  # the step in flight feeds it already
         if reason is None:
-            seq.pending_token = token
+            if not fed_ahead:
+                seq.pending_token = token
         elif seq.feed_last:  # a session's state covers every token it answered with
-            seq.pending_token = token
+            if not fed_ahead:
+                seq.pending_token = token
             seq.is_draining = True
             seq.finish_reason = reason
         else:
+            if fed_ahead:  # the step in flight fed the token past the end: not one of this request's steps
+                seq.num_decoded -= 1
             self._finish(seq, reason)
 
     def _start_from_logits(self, seq: Sequence) -> None:
@@ -717,6 +797,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Finish what is queued for the disk; every resident session's last state is already there."""
+        self.collect()
         self.store.stop()
         while True:
             try:

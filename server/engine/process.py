@@ -75,10 +75,10 @@ class EngineLoop:
             self._receive()
         outputs = self.core.run_once(timeout=0)
         self._send_pending()  # no step was launched, so the hook did not send them
-        if self.core.has_work():
+        if self.core.has_work() and not self.core.running_ahead:
             self._pending = outputs  # sent while the GPU runs the next step
         else:
-            self._send(outputs)  # the loop may sleep next: now
+            self._send(outputs)  # the GPU runs a step already (async scheduling), or the loop may sleep next: now
 
     def stop(self) -> None:
         self.stop_event.set()

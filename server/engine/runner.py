@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels.dispatch import use_triton
-from kernels.packing import aligned
+from kernels.packing import aligned, to_device_nowait
 from server.engine.cuda_graphs import DEFAULT_BATCH_SIZES, CudaGraphDecoder
 from server.engine.prefill_graphs import CudaGraphPrefill
 from model.infomamba import InfoMamba, ModelOutput
 from server.engine.protocol import Logprobs
-from server.engine.sampler import input_logprobs, sample
+from server.engine.sampler import input_logprobs, sample, sample_on_device
 from server.engine.scheduler import ScheduledBatch
 from server.engine.state_pool import StatePool
 
@@ -27,6 +27,33 @@ class StepResult:
     logprobs: dict[int, Logprobs] = field(default_factory=dict)  # seq id -> its sampled token's, when asked
     prompt_logprobs: dict[int, Logprobs] = field(default_factory=dict)  # seq id -> its fed inputs', when asked
     replayed: bool = False  # the step replayed a CUDA graph
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device, its sampled tokens possibly not yet on the host."""
+
+    batch: ScheduledBatch
+    result: StepResult
+    sample_seqs: list = field(default_factory=list)  # the streams sampled, in the order of `tokens`
+    tokens: torch.Tensor | None = None  # (len(sample_seqs),) on the device, when read back lazily
+    _host: torch.Tensor | None = None
+    _ready: object = None  # a CUDA event, once the copy to the host is queued
+
+    def read_back(self) -> None:
+        """Queue the tokens' copy to the host (pinned memory), without waiting."""
+        if self.tokens.device.type != "cuda":
+            self._host = self.tokens
+            return
+        self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+        self._host.copy_(self.tokens, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+
+    def host_tokens(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
 
 
 class ModelRunner:
@@ -42,6 +69,7 @@ class ModelRunner:
         # called once a step, while the GPU runs it: after a replay, before an eager pass (whose launches take ms);
         # the engine loop sends the previous step's outputs there rather than while the GPU waits for the next step
         self.while_launched = None
+        self.last_sampled: torch.Tensor | None = None  # the last launch's sampled token ids, on the device
         probe = torch.empty(0, device=self.device)
         if cuda_graphs and self.device.type == "cuda" and use_triton(probe) and self.config.vocab_size is not None:
             # Graphs for padded batch sizes up to the pool size; decode-only steps replay them.
@@ -52,16 +80,26 @@ class ModelRunner:
                 self.prefill_graphs = CudaGraphPrefill(model, pool.state, max_seqs=sizes[-1],
                                                        max_tokens=max_num_batched_tokens)
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
+        """One step, launched and read back."""
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> "LaunchedStep":
+        """Queue one step on the device: the model, then the sampler. Returns without waiting for the device
+        unless the step asks for what must be read back at once (per-step outputs, logprobs); collect() waits.
+        Decode chunks with from_row >= 0 feed a token the previous launch sampled, straight from the device."""
         self.pool.zero_allocated()
         pieces, starts, slots = self._host_layout(batch)
+        ahead = [(i, c.from_row) for i, c in enumerate(batch.chunks[:batch.num_decodes]) if c.from_row >= 0]
         replayed = self._can_replay(batch)
-        out = None if replayed or self.prefill_graphs is None else self._replay_mixed(batch, pieces, starts, slots)
+        out = None if replayed or self.prefill_graphs is None else self._replay_mixed(batch, pieces, starts, slots,
+                                                                                       ahead)
         if out is not None:
             replayed = True
         else:
             inputs, cu_seqlens, state_indices = self._to_device(pieces, starts, slots)
+            self._feed_sampled(inputs, ahead)
             if replayed:
                 out = ModelOutput(hidden=None, head=self.graphs(inputs, state_indices))
             else:
@@ -90,14 +128,26 @@ class ModelRunner:
                 # kept on the device: a copy to the host would wait for the step (a session's every append asks
                 # for it); whoever reads it there later (a snapshot's writer, the sampler) waits then, if at all
                 result.last_logits[seq.id] = out.head[hi - 1].to(torch.float32, copy=True)
+        step = LaunchedStep(batch, result, sample_seqs)
+        self.last_sampled = None
         if sample_seqs:
             # one gather, not a view per stream; an all-decode step samples from every row as it is
             rows = (out.head[:len(sample_rows)] if sample_rows[-1] == len(sample_rows) - 1
-                    else out.head[torch.tensor(sample_rows, device=out.head.device)])
-            tokens, logprobs = sample(rows, sample_seqs)
-            result.sampled = dict(zip([seq.id for seq in sample_seqs], tokens))
-            if logprobs:
+                    else out.head[to_device_nowait(sample_rows, out.head.device)])
+            if any(seq.sampling.logprobs is not None for seq in sample_seqs):
+                tokens, logprobs = sample(rows, sample_seqs)
+                result.sampled = dict(zip([seq.id for seq in sample_seqs], tokens))
                 result.logprobs = {sample_seqs[row].id: found for row, found in logprobs.items()}
+            else:
+                step.tokens = self.last_sampled = sample_on_device(rows, sample_seqs)
+                step.read_back()
+        return step
+
+    def collect(self, step: "LaunchedStep") -> StepResult:
+        """The step's results on the host, waiting for its sampled tokens if they are not there yet."""
+        result = step.result
+        if step.tokens is not None:
+            result.sampled = dict(zip([seq.id for seq in step.sample_seqs], step.host_tokens()))
         return result
 
     @torch.inference_mode()
@@ -132,7 +182,8 @@ class ModelRunner:
         if hook is not None:
             hook()
 
-    def _replay_mixed(self, batch: ScheduledBatch, pieces, starts: list[int], slots: list[int]) -> ModelOutput | None:
+    def _replay_mixed(self, batch: ScheduledBatch, pieces, starts: list[int], slots: list[int],
+                      ahead: list[tuple[int, int]]) -> ModelOutput | None:
         """A mixed step from graphs, or None (it runs eager). The decodes replay their own graph and the prompt
         chunks a prefill graph: in one prefill bucket each decode would cost a whole chunk's scan (H200, 64 clients:
         0.69 ms a step against 0.36 for a decode graph). With per-step hidden outputs asked for, one bucket for all."""
@@ -143,17 +194,39 @@ class ModelRunner:
         split = 0 < nd <= self.graphs.batch_sizes[-1] and not any("hidden" in c.seq.outputs for c in chunks[nd:])
         if not split:
             bucket = self.prefill_graphs.bucket_for(starts, max_len)
-            return None if bucket is None else self.prefill_graphs(bucket, self._stage(pieces, starts[-1]), starts,
-                                                                   slots)
+            if bucket is None:
+                return None
+            staged = self._stage(pieces, starts[-1])
+            if ahead:
+                staged = staged.to(self.device, non_blocking=True)
+                self._feed_sampled(staged, ahead)
+            return self.prefill_graphs(bucket, staged, starts, slots)
         prompt_starts = [s - nd for s in starts[nd:]]
         bucket = self.prefill_graphs.bucket_for(prompt_starts, max_len)
         if bucket is None:
             return None
         staged = self._stage(pieces, starts[-1])
         decode_slots = torch.tensor(slots[:nd], dtype=torch.int32).pin_memory()
-        decoded = self.graphs(staged[:nd], decode_slots)  # (nd, vocab): a view of the graph's own output
+        decode_tokens = staged[:nd]
+        if ahead:
+            decode_tokens = decode_tokens.to(self.device, non_blocking=True)
+            self._feed_sampled(decode_tokens, ahead)
+        decoded = self.graphs(decode_tokens, decode_slots)  # (nd, vocab): a view of the graph's own output
         prompts = self.prefill_graphs(bucket, staged[nd:], prompt_starts, slots[nd:])
         return ModelOutput(hidden=None, head=torch.cat([decoded, prompts.head]))
+
+    def _feed_sampled(self, tokens: torch.Tensor, ahead: list[tuple[int, int]]) -> None:
+        """Write into `tokens` (the step's inputs, on the device) the tokens the previous launch sampled: ahead
+        holds (input row, sampled row) pairs."""
+        if not ahead:
+            return
+        if self.last_sampled is None:
+            raise RuntimeError("a decode feeds a sampled token, but the previous launch sampled none")
+        if all(i == row for i, (_, row) in enumerate(ahead)) and all(i == pos for i, (pos, _) in enumerate(ahead)):
+            tokens[:len(ahead)] = self.last_sampled[:len(ahead)]  # the usual case: the same streams, in order
+            return
+        index = to_device_nowait([pos for pos, _ in ahead] + [row for _, row in ahead], tokens.device)
+        tokens.index_copy_(0, index[:len(ahead)], self.last_sampled.index_select(0, index[len(ahead):]))
 
     def _input_logprobs(self, result: StepResult, chunk, logits: torch.Tensor) -> None:
         # row j predicts input j + 1; the prompt's last row predicts the first sampled token instead
@@ -176,7 +249,8 @@ class ModelRunner:
         if num_decodes:
             if self.config.vocab_size is None:
                 raise RuntimeError("decode step on a model without token inputs")
-            pieces.append(torch.tensor([c.seq.pending_token for c in chunks[:num_decodes]], dtype=torch.int64))
+            # a token sampled by the previous launch and not read yet is written on the device (-1 here)
+            pieces.append(torch.tensor([c.token for c in chunks[:num_decodes]], dtype=torch.int64))
         starts = list(range(num_decodes + 1))  # host copy: row ranges without reading the device
         end = num_decodes
         for chunk in chunks[num_decodes:]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.packing import to_device_nowait
 from server.engine.protocol import Logprobs
 from server.engine.sequence import SamplingParams, Sequence
 
@@ -18,31 +19,52 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[
     comes from the request's own generator when it has a seed (so a seed reproduces whatever its batch
     neighbours), else from the global one in a single call. Rows of requests that use none of logit_bias,
     penalties, min_tokens and logprobs take no other work than that."""
-    logits = logits.float()
-    special = [i for i, seq in enumerate(seqs) if not seq.sampling.is_plain_greedy]  # one look per row, as ever
-    if not special:
-        return torch.argmax(logits, dim=-1).tolist(), {}
-    processed = [i for i in special if seqs[i].sampling.is_processed]
-    asked = [i for i in processed if seqs[i].sampling.logprobs is not None]
-    if processed:
-        raw = torch.log_softmax(logits[asked], dim=-1) if asked else None
-        logits = process_logits(logits, seqs, processed)
-    chosen = torch.argmax(logits, dim=-1)
-    rows = [i for i in special if not seqs[i].sampling.is_greedy]
-    if rows:
-        chosen[rows] = _sample_rows(logits[rows], [seqs[i].sampling for i in rows], _noise(seqs, rows, logits))
+    chosen, raw, asked = _choose(logits, seqs)
     if not asked:
         return chosen.tolist(), {}
     found = _logprobs(raw, chosen[asked], [seqs[i].sampling.logprobs for i in asked])
     return chosen.tolist(), {i: found.row(j) for j, i in enumerate(asked)}
 
 
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """As sample(), for rows that ask for no logprobs: the (batch,) token ids on the logits' device, without
+    waiting for them (the engine feeds them to its next step before it reads them)."""
+    chosen, _, asked = _choose(logits, seqs)
+    if asked:
+        raise ValueError("sample_on_device: rows asking for logprobs go through sample()")
+    return chosen
+
+
+def _choose(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """(token ids on the device, the raw log-softmax of the rows asking for logprobs, those rows)."""
+    logits = logits.float()
+    special = [i for i, seq in enumerate(seqs) if not seq.sampling.is_plain_greedy]  # one look per row, as ever
+    if not special:
+        return torch.argmax(logits, dim=-1), None, []
+    processed = [i for i in special if seqs[i].sampling.is_processed]
+    asked = [i for i in processed if seqs[i].sampling.logprobs is not None]
+    raw = None
+    if processed:
+        raw = torch.log_softmax(logits[asked], dim=-1) if asked else None
+        logits = process_logits(logits, seqs, processed)
+    chosen = torch.argmax(logits, dim=-1)
+    rows = [i for i in special if not seqs[i].sampling.is_greedy]
+    if len(rows) == len(seqs):  # all sampled: no indexed write (a list index is a copy from the host)
+        chosen = _sample_rows(logits, [seq.sampling for seq in seqs], _noise(seqs, rows, logits))
+    elif rows:
+        index = to_device_nowait(rows, logits.device)
+        chosen[index] = _sample_rows(logits[index], [seqs[i].sampling for i in rows], _noise(seqs, rows, logits))
+    return chosen, raw, asked
+
+
 def _noise(seqs: list[Sequence], rows: list[int], logits: torch.Tensor) -> torch.Tensor:
     vocab, device = logits.shape[-1], logits.device
-    noise = torch.empty(len(rows), vocab, device=device)
     unseeded = [j for j, i in enumerate(rows) if seqs[i].sampling.seed is None]
+    if len(unseeded) == len(rows):
+        return torch.rand(len(rows), vocab, device=device)
+    noise = torch.empty(len(rows), vocab, device=device)
     if unseeded:
-        noise[unseeded] = torch.rand(len(unseeded), vocab, device=device)
+        noise[to_device_nowait(unseeded, device)] = torch.rand(len(unseeded), vocab, device=device)
     for j, i in enumerate(rows):
         seq = seqs[i]
         if seq.sampling.seed is None:
@@ -58,9 +80,9 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniform: to
     """Temperature, then top-k, then top-p over what top-k kept, then a Gumbel-max draw with the given uniform
     noise: (rows, vocab) -> (rows,) token ids."""
     device, vocab = logits.device, logits.shape[-1]
-    temperature = torch.tensor([p.temperature for p in params], device=device)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
+    temperature = to_device_nowait([p.temperature for p in params], device, torch.float32)
+    top_k = to_device_nowait([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device)
+    top_p = to_device_nowait([p.top_p for p in params], device, torch.float32)
     sorted_logits, order = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
     keep = torch.arange(vocab, device=device)[None, :] < top_k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)

@@ -33,9 +33,11 @@ class ScheduledChunk(msgspec.Struct, gc=False):
     cost); gc=False keeps hundreds a step out of the cyclic collector (a chunk is never part of a cycle)."""
 
     seq: Sequence
-    start: int  # index of the first input fed (== seq.num_fed when scheduled)
+    start: int  # index of the first input fed (seq.num_fed when scheduled)
     num_tokens: int
-    is_decode: bool  # feeds seq.pending_token rather than seq.inputs
+    is_decode: bool  # feeds a sampled token rather than seq.inputs
+    token: int = -1  # a decode's token, known on the host
+    from_row: int = -1  # or, >= 0: the row of the previous step's sampled tokens it feeds, still on the device
 
 
 @dataclass(slots=True)
@@ -119,31 +121,36 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
 
-    def update_from_output(self, batch: ScheduledBatch) -> None:
-        """What a step did to each stream's position: its chunk's inputs are fed, its pending token consumed."""
-        finished = SeqStatus.FINISHED
-        for chunk in batch.chunks[:batch.num_decodes]:
-            seq = chunk.seq
-            if seq.status is not finished:
-                seq.pending_token = None
-                seq.num_decoded += 1
-        for chunk in batch.chunks[batch.num_decodes:]:
-            if chunk.seq.status is not finished:
-                chunk.seq.num_fed += chunk.num_tokens
-
     def schedule(self) -> ScheduledBatch | None:
+        """The next step's chunks. What the step will do to each stream's position is booked here, when it is
+        scheduled (inputs fed, pending token consumed), so the step after it can be scheduled before this one's
+        results are read (EngineCore's async scheduling)."""
         self._admit()
         # one pass sorts the running streams (this runs every step over hundreds of them)
         decoding: list[Sequence] = []
         prefilling: list[Sequence] = []
         for seq in self.running:
-            if seq.pending_token is not None and seq.num_fed >= seq.num_prompt:  # seq.is_decode, inlined
-                decoding.append(seq)
-            elif seq.num_prompt > seq.num_fed:  # inputs left (seq.num_pending > 0, not decoding)
+            if seq.num_fed >= seq.num_prompt:
+                # its token: on the device (sampled by the step still running) or on the host; a stream whose
+                # token is still being read, or whose generation ended meanwhile, waits
+                if (seq.ahead_row is not None and not seq.is_draining) or (
+                        seq.pending_token is not None and seq.in_flight_step is None):
+                    decoding.append(seq)
+            elif seq.num_prompt > seq.num_fed:  # inputs left
                 prefilling.append(seq)
         budget = self.max_num_batched_tokens if decoding else self.max_num_prefill_tokens
         # decode steps first: one token each, cheap, latency-bound
-        chunks = [ScheduledChunk(seq, seq.num_fed, 1, True) for seq in decoding[:budget]]
+        chunks = []
+        for seq in decoding[:budget]:
+            row = seq.ahead_row
+            if row is None or seq.is_draining:
+                chunks.append(ScheduledChunk(seq, seq.num_fed, 1, True, seq.pending_token))
+                seq.pending_token = None
+            else:
+                chunks.append(ScheduledChunk(seq, seq.num_fed, 1, True, -1, row))
+                seq.fed_ahead = True
+            seq.ahead_row = None
+            seq.num_decoded += 1
         num_decodes = len(chunks)
         budget -= num_decodes
         if chunks and self._prefill_can_wait(prefilling, budget):
@@ -158,6 +165,7 @@ class Scheduler:
                 if split and n <= split * GRAPH_CHUNK_SPLIT:
                     n = min(n, split)
                 chunks.append(ScheduledChunk(seq, seq.num_fed, n, False))
+                seq.num_fed += n
                 budget -= n
         if not chunks:
             return None

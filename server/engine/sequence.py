@@ -109,7 +109,13 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.num_fed = 0
         self.num_prompt = int(self.inputs.shape[0])
-        self.pending_token: int | None = None  # sampled, not yet fed
+        self.pending_token: int | None = None  # sampled, not yet fed (nor scheduled to be)
+        # running ahead of the host (EngineCore, async scheduling): the last launched step this stream is in while
+        # that step is not yet collected; the row of that step's sampled tokens the next step may feed from the
+        # device, when the stream may go on before its token is read; whether the next step did feed it so
+        self.in_flight_step: int | None = None
+        self.ahead_row: int | None = None
+        self.fed_ahead = False
         self.num_decoded = 0  # sampled tokens fed back into the stream
         self.steps_before: int | None = None  # a session request's: its slot's steps when it started (host count)
         self.output_ids: list[int] = []

@@ -11,7 +11,7 @@ from server.config import ServerConfig
 from server.engine.core import EngineCore
 from server.engine.protocol import Abort, Add, Array, Sampling, SessionOp, Utility
 from server.engine import store as store_module
-from server.engine.runner import StepResult
+from server.engine.runner import LaunchedStep, ModelRunner, StepResult
 from server.engine.wal import LogWriter
 from tests.server.conftest import tiny_lm
 
@@ -26,19 +26,28 @@ class FakeRunner:
         self.pool = pool
         self.num_runs = 0
         self.fail_next = False
+        self.last_sampled = None
 
     def run(self, batch) -> StepResult:
+        return self.collect(self.launch(batch))
+
+    def launch(self, batch) -> LaunchedStep:
+        """As ModelRunner.launch: the sampled tokens stay in the step (a host tensor here) until collect()."""
         self.pool.zero_allocated()
         self.num_runs += 1
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("boom")
         result = StepResult()
+        sampled = {}
         for chunk in batch.chunks:
             seq, steps = chunk.seq, self.pool.state.steps
             start = int(steps[seq.slot])
             steps[seq.slot] += chunk.num_tokens
-            last = seq.pending_token if chunk.is_decode else int(seq.inputs[chunk.start + chunk.num_tokens - 1])
+            if chunk.is_decode:
+                last = chunk.token if chunk.from_row < 0 else int(self.last_sampled[chunk.from_row])
+            else:
+                last = int(seq.inputs[chunk.start + chunk.num_tokens - 1])
             if seq.outputs and not chunk.is_decode:
                 positions = torch.arange(start, start + chunk.num_tokens, dtype=torch.float32)[:, None]
                 result.outputs[seq.id] = {kind: positions for kind in seq.outputs}
@@ -47,8 +56,14 @@ class FakeRunner:
             if seq.keep_last_logits:
                 result.last_logits[seq.id] = logits
             if seq.is_generating and chunk.start + chunk.num_tokens >= seq.num_prompt:
-                result.sampled[seq.id] = (last + 1) % VOCAB
-        return result
+                sampled[seq] = (last + 1) % VOCAB
+        step = LaunchedStep(batch, result, list(sampled))
+        self.last_sampled = step.tokens = torch.tensor(list(sampled.values()), dtype=torch.long)
+        step.read_back()
+        return step
+
+    def collect(self, step: LaunchedStep) -> StepResult:
+        return ModelRunner.collect(self, step)
 
 
 def make_core(tmp_path, **config) -> EngineCore:
@@ -58,6 +73,7 @@ def make_core(tmp_path, **config) -> EngineCore:
     model = tiny_lm()
     core = EngineCore(model, None, config, str(tmp_path / "sessions"), runner=object())
     core.runner = FakeRunner(core.pool)
+    core.async_scheduling = config.async_scheduling  # off at construction: the placeholder runner launches nothing
     return core
 
 
@@ -169,6 +185,8 @@ def test_session_answers_wait_for_the_disk_and_report_a_failed_write(tmp_path, m
     assert core.store.path(sid).is_file()  # created = on disk before the answer
     add(core, "a", [1, 2, 3], session=sid)
     core.run_once(timeout=0.01)
+    if core.running_ahead:  # async scheduling: the step is read back on the next turn
+        core.run_once(timeout=0)
     assert core._held and len(core.sessions.get(sid).log) == 1  # the finish waits for its log record
     run_until_quiet(core)
     assert not core._held
@@ -468,7 +486,7 @@ def test_the_loop_sends_a_steps_outputs_while_the_next_step_runs_and_at_once_whe
 
     from server.engine.process import EngineLoop
 
-    core = make_core(tmp_path)
+    core = make_core(tmp_path, async_scheduling=False)  # each step read back at once (async: the test below)
     runner = core.runner
     plain_run = runner.run
 
@@ -489,5 +507,27 @@ def test_the_loop_sends_a_steps_outputs_while_the_next_step_runs_and_at_once_whe
     # step 1's token goes out once step 2 is launched (one step finished), step 2's during step 3, and step 3's
     # (the last) at once: the engine is idle then, and its loop may sleep
     assert [s for s in sent if s[1]] == [(1, ["a"]), (2, ["a"]), (3, ["a"])]
+    assert not core.has_work()
+    loop._ctx.destroy(linger=0)
+
+
+def test_async_scheduling_launches_each_step_before_reading_the_last_and_the_loop_sends_at_once(tmp_path,
+                                                                                               monkeypatch):
+    import zmq
+
+    from server.engine.process import EngineLoop
+
+    core = make_core(tmp_path)
+    runner = core.runner
+    loop = EngineLoop(core, f"ipc://{tmp_path}/engine.sock")
+    sent = []  # (steps launched when sent, the rids with outputs in it)
+    monkeypatch.setattr(loop, "_send", lambda by_client: sent.append(
+        (runner.num_runs, sorted(o.rid for out in by_client.values() for o in out.request_outputs()))))
+    core.handle(Add("c", "a", Array.of(np.array([5], np.int64)), sampling=Sampling(max_tokens=3, temperature=0)))
+    for _ in range(5):
+        loop.turn(zmq.Poller())
+    # step N's token is read and sent once step N + 1 is launched; the last step is read on the turn after it,
+    # when nothing is left to launch
+    assert [s for s in sent if s[1]] == [(2, ["a"]), (3, ["a"]), (3, ["a"])]
     assert not core.has_work()
     loop._ctx.destroy(linger=0)
