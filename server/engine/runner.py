@@ -37,23 +37,34 @@ class LaunchedStep:
     result: StepResult
     sample_seqs: list = field(default_factory=list)  # the streams sampled, in the order of `tokens`
     tokens: torch.Tensor | None = None  # (len(sample_seqs),) on the device, when read back lazily
-    _host: torch.Tensor | None = None
-    _ready: object = None  # a CUDA event, once the copy to the host is queued
-
-    def read_back(self) -> None:
-        """Queue the tokens' copy to the host (pinned memory), without waiting."""
-        if self.tokens.device.type != "cuda":
-            self._host = self.tokens
-            return
-        self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-        self._host.copy_(self.tokens, non_blocking=True)
-        self._ready = torch.cuda.Event()
-        self._ready.record()
+    host: torch.Tensor | None = None  # their copy on the host (pinned on a GPU), valid once `ready` has happened
+    ready: object = None  # the CUDA event after that copy (None: valid now)
+    step_id: int = 0  # the engine's count of steps when it launched this one
+    started: float = 0.0  # time.monotonic() at its scheduling
 
     def host_tokens(self) -> list[int]:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host.tolist()
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+class ReadBackRing:
+    """Pinned host buffers and CUDA events for the sampled tokens' copies to the host, used in turn: a pinned
+    allocation and an event a step were host time on every step. A buffer is written again `depth` launches
+    later, so at most depth - 1 launches may be left unread (the engine leaves one)."""
+
+    def __init__(self, max_rows: int, depth: int = 3):
+        self.buffers = [torch.empty(max_rows, dtype=torch.long, pin_memory=True) for _ in range(depth)]
+        self.events = [torch.cuda.Event() for _ in range(depth)]
+        self.turn = 0
+
+    def queue(self, step: LaunchedStep) -> None:
+        """Queue the copy of step.tokens to the host, without waiting."""
+        i, self.turn = self.turn, (self.turn + 1) % len(self.buffers)
+        step.host = self.buffers[i][:step.tokens.shape[0]]
+        step.host.copy_(step.tokens, non_blocking=True)
+        step.ready = self.events[i]
+        step.ready.record()
 
 
 class ModelRunner:
@@ -70,6 +81,7 @@ class ModelRunner:
         # the engine loop sends the previous step's outputs there rather than while the GPU waits for the next step
         self.while_launched = None
         self.last_sampled: torch.Tensor | None = None  # the last launch's sampled token ids, on the device
+        self.read_back = ReadBackRing(pool.num_total) if self.device.type == "cuda" else None
         probe = torch.empty(0, device=self.device)
         if cuda_graphs and self.device.type == "cuda" and use_triton(probe) and self.config.vocab_size is not None:
             # Graphs for padded batch sizes up to the pool size; decode-only steps replay them.
@@ -92,6 +104,7 @@ class ModelRunner:
         self.pool.zero_allocated()
         pieces, starts, slots = self._host_layout(batch)
         ahead = [(i, c.from_row) for i, c in enumerate(batch.chunks[:batch.num_decodes]) if c.from_row >= 0]
+        ahead = ([i for i, _ in ahead], [row for _, row in ahead]) if ahead else None
         replayed = self._can_replay(batch)
         out = None if replayed or self.prefill_graphs is None else self._replay_mixed(batch, pieces, starts, slots,
                                                                                        ahead)
@@ -140,7 +153,10 @@ class ModelRunner:
                 result.logprobs = {sample_seqs[row].id: found for row, found in logprobs.items()}
             else:
                 step.tokens = self.last_sampled = sample_on_device(rows, sample_seqs)
-                step.read_back()
+                if self.device.type == "cuda":
+                    self.read_back.queue(step)
+                else:
+                    step.host = step.tokens
         return step
 
     def collect(self, step: "LaunchedStep") -> StepResult:
@@ -183,7 +199,7 @@ class ModelRunner:
             hook()
 
     def _replay_mixed(self, batch: ScheduledBatch, pieces, starts: list[int], slots: list[int],
-                      ahead: list[tuple[int, int]]) -> ModelOutput | None:
+                      ahead: tuple[list[int], list[int]] | None) -> ModelOutput | None:
         """A mixed step from graphs, or None (it runs eager). The decodes replay their own graph and the prompt
         chunks a prefill graph: in one prefill bucket each decode would cost a whole chunk's scan (H200, 64 clients:
         0.69 ms a step against 0.36 for a decode graph). With per-step hidden outputs asked for, one bucket for all."""
@@ -215,18 +231,22 @@ class ModelRunner:
         prompts = self.prefill_graphs(bucket, staged[nd:], prompt_starts, slots[nd:])
         return ModelOutput(hidden=None, head=torch.cat([decoded, prompts.head]))
 
-    def _feed_sampled(self, tokens: torch.Tensor, ahead: list[tuple[int, int]]) -> None:
+    def _feed_sampled(self, tokens: torch.Tensor, ahead: tuple[list[int], list[int]] | None) -> None:
         """Write into `tokens` (the step's inputs, on the device) the tokens the previous launch sampled: ahead
-        holds (input row, sampled row) pairs."""
+        holds the input rows and, in the same order, the rows of those sampled tokens."""
         if not ahead:
             return
         if self.last_sampled is None:
             raise RuntimeError("a decode feeds a sampled token, but the previous launch sampled none")
-        if all(i == row for i, (_, row) in enumerate(ahead)) and all(i == pos for i, (pos, _) in enumerate(ahead)):
-            tokens[:len(ahead)] = self.last_sampled[:len(ahead)]  # the usual case: the same streams, in order
-            return
-        index = to_device_nowait([pos for pos, _ in ahead] + [row for _, row in ahead], tokens.device)
-        tokens.index_copy_(0, index[:len(ahead)], self.last_sampled.index_select(0, index[len(ahead):]))
+        positions, rows = ahead
+        k, identity = len(rows), list(range(len(rows)))
+        if positions == identity and rows == identity:  # the same streams as the last step, in order
+            tokens[:k] = self.last_sampled[:k]
+        elif positions == identity:  # some streams left since: those that stay keep their order
+            tokens[:k] = self.last_sampled.index_select(0, to_device_nowait(rows, tokens.device))
+        else:
+            index = to_device_nowait(positions + rows, tokens.device)
+            tokens.index_copy_(0, index[:k], self.last_sampled.index_select(0, index[k:]))
 
     def _input_logprobs(self, result: StepResult, chunk, logits: torch.Tensor) -> None:
         # row j predicts input j + 1; the prompt's last row predicts the first sampled token instead

@@ -59,7 +59,7 @@ class FakeRunner:
                 sampled[seq] = (last + 1) % VOCAB
         step = LaunchedStep(batch, result, list(sampled))
         self.last_sampled = step.tokens = torch.tensor(list(sampled.values()), dtype=torch.long)
-        step.read_back()
+        step.host = step.tokens
         return step
 
     def collect(self, step: LaunchedStep) -> StepResult:
