@@ -649,8 +649,8 @@ def parse_args():
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="as in infomamba serve")
     p.add_argument("--max-prefill-wait-steps", type=int, default=None,
                    help="as in infomamba serve, for the server and engine direct alike (default: serve's)")
-    p.add_argument("--async-scheduling", choices=["true", "false"], default="true",
-                   help="as in infomamba serve, for the server and engine direct alike (default: true)")
+    p.add_argument("--async-scheduling", choices=["auto", "true", "false"], default="auto",
+                   help="as in infomamba serve, for the server and engine direct alike (default: auto)")
     p.add_argument("--profile", default=None, help="directory: py-spy samples the engine and frontends during the "
                    "highest-concurrency completions and the long append (py-spy must be on PATH)")
     args = p.parse_args()
@@ -818,7 +818,7 @@ def main() -> int:
                           max_num_batched_tokens=max(args.max_num_batched_tokens, 2 * top))
     if args.max_prefill_wait_steps is not None:
         config.max_prefill_wait_steps = args.max_prefill_wait_steps
-    config.async_scheduling = args.async_scheduling == "true"
+    config.async_scheduling = {"auto": "auto", "true": True, "false": False}[args.async_scheduling]
     config.device = resolve_device_dtype(config)[0]
     model, tokenizer = make_loader(config, args.model)()
     card = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"

@@ -29,6 +29,13 @@ def _flag(value: str) -> bool:
 
 _flag.__name__ = "boolean (true/false)"
 
+
+def _flag_or_auto(value: str) -> bool | str:
+    return "auto" if value.strip().lower() == "auto" else _flag(value)
+
+
+_flag_or_auto.__name__ = "true, false or auto"
+
 # serve flags: (flag, ServerConfig field, type, help); each also reads INFOMAMBA_<FIELD> from the environment
 SERVE_FLAGS = (
     ("--host", "host", str, "address to listen on"),
@@ -72,9 +79,9 @@ SERVE_FLAGS = (
     ("--cuda-graphs", "cuda_graphs", _flag, "replay CUDA graphs for decode-only steps on a GPU (true/false)"),
     ("--prefill-graphs", "prefill_graphs", _flag,
      "replay CUDA graphs for steps whose chunks are all 64 steps or shorter too (true/false; with --cuda-graphs)"),
-    ("--async-scheduling", "async_scheduling", _flag,
-     "launch each engine step before the last one's tokens reach the host, feeding them from the device "
-     "(true/false)"),
+    ("--async-scheduling", "async_scheduling", _flag_or_auto,
+     "launch each engine step before the last one's tokens reach the host, feeding them from the device (true, "
+     "false, or auto: on where the device's decode step outlasts the host's work around it, measured at warm-up)"),
     ("--ws-compression", "ws_compression", _flag,
      "accept permessage-deflate on the websocket when a client offers it (true/false)"),
 )

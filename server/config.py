@@ -47,8 +47,9 @@ class ServerConfig:
     # of padded layouts too (server/engine/prefill_graphs.py), on models of recurrent layers only
     prefill_graphs: bool = True
     # launch each step before the last one's sampled tokens reach the host (server/engine/core.py): the host's
-    # work between steps then overlaps the device's
-    async_scheduling: bool = True
+    # work between steps then overlaps the device's. "auto": on where the device's decode step takes longer than
+    # the host's work around one (measured at warm-up, server/engine/process.py)
+    async_scheduling: bool | str = "auto"
     # permessage-deflate on the websocket when a client offers it (browsers and the websockets library do): off, since
     # zlib over an answer's float32 outputs or a frame of ids costs the frontend far more CPU than it saves on a LAN
     ws_compression: bool = False
@@ -89,3 +90,5 @@ class ServerConfig:
             raise ValueError(f"state_lease_ttl: expected 0.5 to 3600 seconds, got {self.state_lease_ttl!r}")
         if self.api_key == "":
             self.api_key = None
+        if self.async_scheduling not in (True, False, "auto"):
+            raise ValueError(f"async_scheduling: expected true, false or auto, got {self.async_scheduling!r}")

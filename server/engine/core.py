@@ -3,15 +3,16 @@ server/engine/process.py and the frontends); one thread owns everything here, so
 
     handle(request) ... -> step(): schedule() -> runner.launch(batch) -> postprocess() -> take_outputs()
 
-Async scheduling (`async_scheduling`, on by default): a step's sampled tokens stay on the device while the next
-step is scheduled and launched, which feeds them from there; the host reads them and postprocesses the step while
-the device runs the next one. So the host's work between steps (postprocess, requests in and outputs out,
-scheduling, packing) overlaps the device's, rather than adding to it. A stream goes on that way only where what
-its next step does cannot depend on the token: plain sampling (no penalties, logit bias, min_tokens or logprobs),
-no forks to start, no state to return, and the token is not its last by length. A token that turns out to end
-generation (eos, a stop id or string) then has one more step computed behind it: a request that owns its slot
-drops that step's result and its slot; a session's request feeds its last token anyway. Any step that has a
-stream that cannot go on, or outputs to read back, is read at once, as without async scheduling.
+Async scheduling (`async_scheduling`; by default on where the device's decode step outlasts the host's work around
+it): a step's sampled tokens stay on the device while the next step is scheduled and launched, which feeds them
+from there; the host reads them and postprocesses the step while the device runs the next one. So the host's work
+between steps (postprocess, requests in and outputs out, scheduling, packing) overlaps the device's, rather than
+adding to it. A stream goes on that way only where what its next step does cannot depend on the token: plain
+sampling (no penalties, logit bias, min_tokens or logprobs), no forks to start, no state to return, and the token
+is not its last by length. A token that turns out to end generation (eos, a stop id or string) then has one more
+step computed behind it: a request that owns its slot drops that step's result and its slot; a session's request
+feeds its last token anyway. Any step that has a stream that cannot go on, or outputs to read back, is read at
+once, as without async scheduling.
 """
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ class EngineCore:
         self.requests: dict[tuple[str, str], Sequence] = {}
         self.num_steps = 0
         # a launched step whose results are not read yet (async scheduling); its runner launches steps
-        self.async_scheduling = config.async_scheduling and hasattr(self.runner, "launch")
+        # "auto" is decided by the warm-up (process.choose_async_scheduling); off until then
+        self.async_scheduling = config.async_scheduling is True and hasattr(self.runner, "launch")
         self._in_flight: LaunchedStep | None = None
         self._outputs: dict[tuple[str, str], RequestOutput] = {}  # this step's, by (client, rid)
         self._tokens: dict[str, TokenOutputs] = {}  # this step's plain tokens, by client (see _on_token)

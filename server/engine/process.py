@@ -153,7 +153,61 @@ def warm_up(core: EngineCore) -> None:
     while core.has_work() and time.monotonic() < deadline:
         core.step()
     core.take_outputs()
+    choose_async_scheduling(core)
     core.refresh_metrics()  # the compiled kernels' baseline: a variant compiled from here on is logged
+
+
+AUTO_PROBE_STEPS = 16  # decode steps timed by choose_async_scheduling, each way
+# how much longer than the host's work the device's step must be: the probe runs one stream, and the host's work a
+# step grows with the streams (H200: 0.13-0.25 ms at 1, 0.3-0.45 ms at 16-64; bench/RESULTS.md)
+AUTO_MARGIN = 2.0
+
+
+def choose_async_scheduling(core: EngineCore) -> None:
+    """async_scheduling "auto": on where the device takes longer over a decode step than the host's work around one,
+    by AUTO_MARGIN (that work then hides behind the device's; where the host is the slower, reading each step back
+    before the next costs less than feeding tokens on the device: H200, bundled model, bench/RESULTS.md). Times, at
+    batch 1, whole engine steps read back at once, and the decode graph alone."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    if core.config.async_scheduling != "auto":
+        return
+    graphs = getattr(core.runner, "graphs", None)
+    if graphs is None or not hasattr(core.runner, "launch"):
+        log.info("async scheduling: off (no CUDA graphs: nothing runs beside the host)")
+        return
+    sampling = Sampling(max_tokens=AUTO_PROBE_STEPS + 1, temperature=0, ignore_eos=True)
+    core.handle(Add("warmup", "warmup-async", Array.of(np.zeros(4, np.int64)), sampling=sampling))
+    walls = []
+    while core.has_work():
+        t0 = time.perf_counter()
+        batch = core.step()
+        if batch is not None and batch.num_decodes == len(batch.chunks):
+            walls.append(time.perf_counter() - t0)
+    core.take_outputs()
+    slot = core.pool.allocate()  # a real slot: on pad slots the kernels skip their work
+    try:
+        core.pool.zero_allocated()
+        tokens = torch.zeros(1, dtype=torch.long, device=core.model.device)
+        slots = torch.tensor([slot], dtype=torch.int32, device=core.model.device)
+        graphs(tokens, slots)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(AUTO_PROBE_STEPS):
+            graphs(tokens, slots)
+        end.record()
+        end.synchronize()
+        device_ms = start.elapsed_time(end) / AUTO_PROBE_STEPS
+    finally:
+        core.pool.free(slot)
+    step_ms = 1e3 * statistics.median(walls)
+    host_ms = max(step_ms - device_ms, 0.0)
+    core.async_scheduling = device_ms >= AUTO_MARGIN * host_ms
+    log.info("async scheduling: %s (a decode step: %.3f ms on the device, %.3f ms of host work around it)",
+             "on" if core.async_scheduling else "off", device_ms, host_ms)
 
 
 def engine_main(config, model_dir: str | None, input_address: str, state_dir: str, log_level: str = "info") -> None:

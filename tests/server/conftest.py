@@ -106,7 +106,9 @@ def running(model, tokenizer=None, **config):
 
 @pytest.fixture(scope="module")
 def lm_server():
-    with running(tiny_lm(), ByteTokenizer(), max_num_streams=8, max_num_batched_tokens=64) as srv:
+    # async scheduling on (auto leaves it off on a CPU): every test on this server runs it through HTTP
+    with running(tiny_lm(), ByteTokenizer(), max_num_streams=8, max_num_batched_tokens=64,
+                 async_scheduling=True) as srv:
         yield srv
 
 

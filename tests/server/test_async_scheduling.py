@@ -3,10 +3,17 @@ from the device. The real runner and model (tiny, CPU): whatever the requests as
 states and their logs equal those of the engine that reads every step back before the next."""
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 import numpy as np
 import pytest
 
+from model.tokenizer import ByteTokenizer
+from server.config import ServerConfig
+from server.engine.process import choose_async_scheduling
 from server.engine.protocol import Abort, Sampling
+from tests.server.conftest import running, tiny_lm
 from tests.server.test_engine_core import add, finish_of, make_real_core, op, run_until_quiet
 
 
@@ -82,7 +89,7 @@ def test_answers_and_session_states_equal_those_of_the_engine_that_reads_every_s
 
 
 def test_a_session_generate_cancelled_while_its_next_step_runs_keeps_state_logits_and_log_together(tmp_path):
-    core = make_real_core(tmp_path, max_num_streams=4)
+    core = make_real_core(tmp_path, max_num_streams=4, async_scheduling=True)
     op(core, "create", "create")
     sid = run_until_quiet(core)["replies"]["create"].session
     add(core, "gen", [1, 2, 3], session=sid, sampling=Sampling(max_tokens=50, ignore_eos=True, **VARIED))
@@ -106,3 +113,35 @@ def test_a_session_generate_cancelled_while_its_next_step_runs_keeps_state_logit
     fresh = make_real_core(tmp_path / "fresh", async_scheduling=False)
     add(fresh, "replay", fed, sampling=Sampling(max_tokens=1, temperature=0))
     assert following == tokens_of(run_until_quiet(fresh)["outputs"]["replay"])
+
+
+def test_concurrent_http_completions_answer_alike_with_and_without_async_scheduling():
+    plain = [{"prompt": [i, 7, 1 + i], "max_tokens": 8 + i % 7, "temperature": 2.0, "seed": i,
+              "stop_token_ids": list(range(100, 100 + 12 * i))} for i in range(12)]  # some stop, some run out
+    # beside those, what makes steps be read back at once: samples that fork, logprobs
+    mixed = [{"prompt": [3, 3, i], "max_tokens": 6, "temperature": 4.0, "seed": i, "n": 2} for i in range(2)]
+    mixed += [{"prompt": [9, 9, i], "max_tokens": 5, "temperature": 0, "logprobs": 1} for i in range(2)]
+    mixed += plain[:4]
+
+    async def answers(url, bodies):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            got = await asyncio.gather(*(client.post("/v1/completions", json=body) for body in bodies))
+        assert all(r.status_code == 200 for r in got), [r.text for r in got]
+        return [[(c["token_ids"], c["finish_reason"]) for c in r.json()["choices"]] for r in got]
+
+    results = {}
+    for mode in (True, False):
+        with running(tiny_lm(), ByteTokenizer(), max_num_streams=16, max_num_batched_tokens=64,
+                     async_scheduling=mode) as srv:
+            assert srv.core.async_scheduling is mode
+            results[mode] = [asyncio.run(answers(srv.url, bodies)) for bodies in (plain, mixed)]
+    assert results[True] == results[False]
+    assert {reason for answer in results[True][0] for _, reason in answer} == {"stop", "length"}
+
+
+def test_auto_leaves_it_off_without_a_device_to_overlap_and_bad_values_are_refused(tmp_path):
+    core = make_real_core(tmp_path)  # "auto", the default
+    choose_async_scheduling(core)
+    assert core.config.async_scheduling == "auto" and core.async_scheduling is False
+    with pytest.raises(ValueError, match="async_scheduling"):
+        ServerConfig(async_scheduling="sometimes")

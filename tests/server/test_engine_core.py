@@ -73,7 +73,8 @@ def make_core(tmp_path, **config) -> EngineCore:
     model = tiny_lm()
     core = EngineCore(model, None, config, str(tmp_path / "sessions"), runner=object())
     core.runner = FakeRunner(core.pool)
-    core.async_scheduling = config.async_scheduling  # off at construction: the placeholder runner launches nothing
+    # off at construction (the placeholder runner launches nothing); "auto" runs the fake async, as the GPU would
+    core.async_scheduling = config.async_scheduling in (True, "auto")
     return core
 
 
