@@ -60,6 +60,7 @@ class CudaGraphDecoder:
         bs = self.padded_size(n)
         self.tokens[:n].copy_(tokens, non_blocking=True)
         self.slots[:n].copy_(state_indices, non_blocking=True)
-        self.slots[n:bs].fill_(-1)
+        if n < bs:
+            self.slots[n:bs].fill_(-1)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -37,10 +37,10 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
 
 def _choose(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """(token ids on the device, the raw log-softmax of the rows asking for logprobs, those rows)."""
-    logits = logits.float()
     special = [i for i, seq in enumerate(seqs) if not seq.sampling.is_plain_greedy]  # one look per row, as ever
-    if not special:
+    if not special:  # in the logits' own dtype: widening is exact, so the argmax is the same, one launch fewer
         return torch.argmax(logits, dim=-1), None, []
+    logits = logits.float()
     processed = [i for i in special if seqs[i].sampling.is_processed]
     asked = [i for i in processed if seqs[i].sampling.logprobs is not None]
     raw = None
