@@ -24,7 +24,9 @@ Throughput = the steps of every completed request or append / the time from the 
 (the drain included: the engine's counters and the CPU-busy shares cover that same window), for engine direct
 and the server alike; latency and TTFT percentiles are over every completed request. With --requests, each level
 runs a fixed count of completions instead (and each session its --chunks appends once), as before. The untimed
-warm-up runs and the long append (3) are a fixed amount of work either way.
+warm-up runs and the long append (3) are a fixed amount of work either way. With --rounds N, the completions of
+each level run N times, engine direct (kept loaded beside the server) and the server's HTTP and SSE in turn; the
+summary reads the median run of each and lists every round's ratios.
 """
 from __future__ import annotations
 
@@ -649,11 +651,18 @@ def parse_args():
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="as in infomamba serve")
     p.add_argument("--max-prefill-wait-steps", type=int, default=None,
                    help="as in infomamba serve, for the server and engine direct alike (default: serve's)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="completions at each level run this many times over, engine direct and the server's HTTP "
+                   "and SSE in turn (engine direct stays loaded beside the server); the summary reads the median "
+                   "run of each and lists every round's ratios (engine direct varies by up to 1.7x between runs "
+                   "on an H200 host)")
     p.add_argument("--async-scheduling", choices=["auto", "true", "false"], default="auto",
                    help="as in infomamba serve, for the server and engine direct alike (default: auto)")
     p.add_argument("--profile", default=None, help="directory: py-spy samples the engine and frontends during the "
                    "highest-concurrency completions and the long append (py-spy must be on PATH)")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if args.requests:
         args.seconds = None  # fixed-count mode: every run is the same amount of work, as the warm-ups are
     elif args.seconds <= 0:
@@ -690,9 +699,11 @@ class Workload:
         self.long_chunks = [self.long_ids[i:i + args.frame] for i in range(0, args.long_ids, args.frame)]
 
 
-def bench_engine(args, model, tokenizer, config, w: Workload, r: dict) -> None:
+def bench_engine(args, model, tokenizer, config, w: Workload, r: dict) -> "EngineSide | None":
+    """Engine direct's runs; returns the engine, still loaded, when --rounds asks for more of its runs later."""
     progress("engine direct: warming up")
     engine = EngineSide(model, tokenizer, config)
+    progress(f"engine direct: async scheduling {'on' if engine.core.async_scheduling else 'off'}")
     top = max(args.concurrency)
     engine.completions(w.prompts[:top], top, args.max_tokens)
     engine.appends([c[:1] for c in w.chunks] + [w.long_chunks[:2]])
@@ -711,17 +722,26 @@ def bench_engine(args, model, tokenizer, config, w: Workload, r: dict) -> None:
     engine.appends([w.long_chunks[:8]], args.window)
     r["long_engine"] = engine.appends([w.long_chunks], args.window)
     print(r["long_engine"].line("engine long append"), flush=True)
-    engine.close()
     progress("model alone: long append")
     r["long_model"] = model_alone(model, w.long_ids, args.frame)
     print(r["long_model"].line("model alone long append"), flush=True)
+    if args.rounds > 1:
+        return engine
+    engine.close()
+    return None
+
+
+def median_run(runs: list[Run]) -> Run:
+    """The run of median throughput (the lower of the two middle ones for an even count)."""
+    return sorted(runs, key=lambda run: run.rate)[(len(runs) - 1) // 2]
 
 
 def for_how_long(args, n: int, what: str = "requests") -> str:
     return f"{n} {what}" if args.seconds is None else f"for {args.seconds:g} s"
 
 
-def bench_server(args, server: Server, clients: Clients, count: int, w: Workload, r: dict) -> None:
+def bench_server(args, server: Server, clients: Clients, count: int, w: Workload, r: dict,
+                 engine: "EngineSide | None" = None) -> None:
     ws = {"kind": "ws", "url": server.url.replace("http", "ws", 1) + "/v1/stream", "window": args.window}
     http = {"kind": "http", "url": server.url, "max_tokens": args.max_tokens, "library": args.http_client}
     top = max(args.concurrency)
@@ -729,15 +749,26 @@ def bench_server(args, server: Server, clients: Clients, count: int, w: Workload
         shares = [w.prompts[:n][i::c] for i in range(c)]
         progress(f"{count} API server(s): warming up at c={c}, {n} requests (untimed, as for the engine)")
         clients.run({**http, "stream": False}, shares)
-        for stream in (False, True):
-            progress(f"{count} API server(s): HTTP completions c={c}, {'streaming' if stream else 'not streaming'}, "
-                     f"{for_how_long(args, n)}")
-            profile = (os.path.join(args.profile, f"{count}-servers-c{c}-{'sse' if stream else 'plain'}")
-                       if args.profile and c == top else None)
-            r["http", count, c, stream] = run = measured(server, clients, {**http, "stream": stream}, shares,
-                                                         args.seconds, profile)
-            print(run.line(f"HTTP {'SSE' if stream else 'plain'}, {run.procs} client procs", r["engine", c]),
-                  flush=True)
+        rounds = {False: [], True: []}
+        engines = r["engine_rounds", count, c] = [r["engine", c]]  # this server's rounds: the first is shared
+        for i in range(args.rounds):
+            if i:  # engine direct again, between the server's runs
+                progress(f"engine direct: completions c={c}, round {i + 1}, {for_how_long(args, n)}")
+                engines.append(run := engine.completions(w.prompts[:n], c, args.max_tokens, args.seconds))
+                print(run.line("engine"), flush=True)
+            for stream in (False, True):
+                progress(f"{count} API server(s): HTTP completions c={c}, "
+                         f"{'streaming' if stream else 'not streaming'}, {for_how_long(args, n)}"
+                         + (f", round {i + 1}" if args.rounds > 1 else ""))
+                profile = (os.path.join(args.profile, f"{count}-servers-c{c}-{'sse' if stream else 'plain'}")
+                           if args.profile and c == top and not i else None)
+                rounds[stream].append(run := measured(server, clients, {**http, "stream": stream}, shares,
+                                                      args.seconds, profile))
+                print(run.line(f"HTTP {'SSE' if stream else 'plain'}, {run.procs} client procs", engines[-1]),
+                      flush=True)
+        for stream, runs in rounds.items():
+            r["http", count, c, stream] = median_run(runs)
+            r["http_rounds", count, c, stream] = runs
     frames = [[(append_frame(c), len(c)) for c in s] for s in w.chunks]
     clients.run(ws, frames)  # warm-up
     for window in (1, args.window):
@@ -769,9 +800,18 @@ def summary(args, r: dict, config, title: str) -> str:
            "| engine latency | HTTP latency | SSE latency | engine TTFT | SSE TTFT |", "|" + " ---: |" * 13]
     for count in args.api_server_counts:
         for c in [c for c in args.concurrency if ("http", count, c, True) in r]:
-            e, h, s = r["engine", c], r["http", count, c, False], r["http", count, c, True]
+            e, h, s = median_run(r["engine_rounds", count, c]), r["http", count, c, False], r["http", count, c, True]
             out.append(f"| {count} | {c} | {h.procs} | {n(e.rate)} | {n(h.rate)} | {x(h, e)} | {n(s.rate)} | {x(s, e)} "
                        f"| {pp(e.latencies)} | {pp(h.latencies)} | {pp(s.latencies)} | {pp(e.ttfts)} | {pp(s.ttfts)} |")
+    if args.rounds > 1:
+        out.append(f"\nMedians of {args.rounds} rounds (engine direct, HTTP and SSE in turn at each level). Every "
+                   "round's HTTP/engine and SSE/engine, engine direct of the same round:\n")
+        for count in args.api_server_counts:
+            for c in [c for c in args.concurrency if ("http_rounds", count, c, True) in r]:
+                engines = r["engine_rounds", count, c]
+                ratios = [f"{x(h, e)} / {x(s, e)}" for e, h, s in zip(engines, r["http_rounds", count, c, False],
+                                                                     r["http_rounds", count, c, True])]
+                out.append(f"- {count} API server(s), c = {c}: " + ", ".join(ratios))
     e, win = r.get("ws_engine"), args.window
     if e is None:
         return "\n".join(out)
@@ -827,7 +867,7 @@ def main() -> int:
              f"{str(model.dtype).replace('torch.', '')}), async scheduling {args.async_scheduling}")
     progress(f"{title}; HTTP load generators: {args.http_client} {args.http_version}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (timeout) stop the server, print what was measured
-    w, r, clients = Workload(args, min(cfg.vocab_size, 256)), {}, None
+    w, r, clients, engine = Workload(args, min(cfg.vocab_size, 256)), {}, None, None
     server_cpus, client_cpus = split_cpus(args.server_cpus)
     args.cpu_note = (f"server and engine direct on {len(server_cpus)} of {len(server_cpus) + len(client_cpus)} CPUs, "
                      "load generators on the others" if server_cpus else "no CPU split")
@@ -835,12 +875,12 @@ def main() -> int:
         progress(f"server and engine direct on CPUs {server_cpus}, load generators on {client_cpus}")
         os.sched_setaffinity(0, server_cpus)
     try:
-        bench_engine(args, model, tokenizer, config, w, r)
+        engine = bench_engine(args, model, tokenizer, config, w, r)
         clients = Clients(min(args.client_procs, top), client_cpus)
         for count in args.api_server_counts:
             server = Server(args, config, count, server_cpus)
             try:
-                bench_server(args, server, clients, count, w, r)
+                bench_server(args, server, clients, count, w, r, engine)
             finally:
                 server.stop()
     finally:
@@ -848,6 +888,8 @@ def main() -> int:
             print(summary(args, r, config, title), flush=True)
         if clients is not None:
             clients.close()
+        if engine is not None:
+            engine.close()
     return 0
 
 
