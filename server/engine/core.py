@@ -95,10 +95,10 @@ class EngineCore:
         self.metrics.replica_info.labels(self.replica_id).set(1)
         self.requests: dict[tuple[str, str], Sequence] = {}
         self.num_steps = 0
-        # a launched step whose results are not read yet (async scheduling); its runner launches steps
-        # "auto" is decided by the warm-up (process.choose_async_scheduling); off until then
+        # async scheduling needs a runner that launches steps; "auto" is decided by the warm-up
+        # (process.choose_async_scheduling), off until then
         self.async_scheduling = config.async_scheduling is True and hasattr(self.runner, "launch")
-        self._in_flight: LaunchedStep | None = None
+        self._in_flight: LaunchedStep | None = None  # a launched step whose results are not read yet
         self._outputs: dict[tuple[str, str], RequestOutput] = {}  # this step's, by (client, rid)
         self._tokens: dict[str, TokenOutputs] = {}  # this step's plain tokens, by client (see _on_token)
         self._replies: dict[str, list[Reply]] = defaultdict(list)
