@@ -239,9 +239,15 @@ def test_bench_interrupted_prints_what_finished(lm_server, capsys, monkeypatch):
         await real(*args)
 
     monkeypatch.setattr(commands, "_bench_one", stop_at_the_fourth)
-    rc, out, err = run(capsys, "bench", "--requests", "10", "--concurrency", "1", "--prompt-len", "4",
-                       "--max-tokens", "2", "--quiet", "--url", lm_server.url)
-    assert rc == 130, err
+    # Ctrl-C as a terminal delivers it: Python's own handler, whatever an earlier test in this process left (asyncio
+    # steps in only over that one; one CI run saw the interrupt ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc, out, err = run(capsys, "bench", "--requests", "10", "--concurrency", "1", "--prompt-len", "4",
+                           "--max-tokens", "2", "--quiet", "--url", lm_server.url)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert rc == 130, (out, err)
     assert out.startswith("mode completions: 3/10 ok, 0 failed") and "interrupted: partial results" in out
     assert "time to first" in out and err == ""
 
