@@ -144,11 +144,12 @@ def test_sigterm_persists_sessions_and_leaves_no_process(model_dir, tmp_path):
     assert (state / f"{sid}.state.safetensors").is_file()
 
 
-def test_sigkill_of_everything_loses_no_acknowledged_step(model_dir, tmp_path):
+@pytest.mark.parametrize("async_scheduling", ["false", "true"])
+def test_sigkill_of_everything_loses_no_acknowledged_step(model_dir, tmp_path, async_scheduling):
     """Every answered append survives a SIGKILL of the launcher, engine and frontends together; resumed streams
     continue exactly as one pass over all their inputs."""
     state = tmp_path / "sessions"
-    srv = ServeProcess(model_dir, state).wait_ready()
+    srv = ServeProcess(model_dir, state, "--async-scheduling", async_scheduling).wait_ready()
     gen = torch.Generator().manual_seed(1)
     fed: dict[str, list[int]] = {}
     try:
@@ -165,7 +166,7 @@ def test_sigkill_of_everything_loses_no_acknowledged_step(model_dir, tmp_path):
         fed[fork] = list(fed[sid])
     finally:
         srv.kill_all()  # no shutdown: nothing gets a chance to save anything now
-    srv = ServeProcess(model_dir, state).wait_ready()
+    srv = ServeProcess(model_dir, state, "--async-scheduling", async_scheduling).wait_ready()
     try:
         for sid, inputs in fed.items():
             tail = [5, 6, 7]

@@ -33,12 +33,13 @@ def forward_logits(srv, ids: list[int]) -> torch.Tensor:
     return torch.tensor(r.json()["results"][0]["logits"])
 
 
-def test_many_sessions_on_few_slots_under_random_operations_match_one_pass(tmp_path):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["read-each-step", "async"])
+def test_many_sessions_on_few_slots_under_random_operations_match_one_pass(tmp_path, async_scheduling):
     """8 sessions, 3 slots, a TTL near zero, stateless requests competing for slots; appends, generates, forks
     and snapshots at random. Every session's outputs and step count match one pass over all it was fed."""
     rng = random.Random(12)
     with running(tiny_lm(), ByteTokenizer(), max_num_streams=3, max_num_batched_tokens=16, session_ttl=0.01,
-                 state_dir=str(tmp_path)) as srv:
+                 state_dir=str(tmp_path), async_scheduling=async_scheduling) as srv:
         fed: dict[str, list[int]] = {}
         last: dict[str, tuple[int, list]] = {}  # sid -> (steps before the last append, its logits)
 
