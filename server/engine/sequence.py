@@ -141,7 +141,8 @@ class Sequence:
 
     @property
     def is_decode(self) -> bool:
-        # Scheduler.schedule inlines this test and num_pending's (it runs over every stream every step): keep them alike
+        # its next step feeds a token known on the host; Scheduler.schedule inlines this test (it runs over every
+        # stream every step) and also decodes streams whose token is still on the device (async scheduling)
         return self.num_fed >= self.num_prompt and self.pending_token is not None
 
     @property
