@@ -775,7 +775,8 @@ class EngineCore:
                 "slots_total": self.pool.num_total, "sessions_live": self.sessions.num_live,
                 "sessions_spilled": self.sessions.num_spilled, "num_steps": self.num_steps,
                 "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
-                "state_dir": str(self.store.directory), "state_store_error": self.store.error}
+                "state_dir": str(self.store.directory), "state_store_error": self.store.error,
+                "async_scheduling": self.async_scheduling}
 
     def refresh_metrics(self) -> None:
         s = self.stats()

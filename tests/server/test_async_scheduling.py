@@ -133,7 +133,7 @@ def test_concurrent_http_completions_answer_alike_with_and_without_async_schedul
     for mode in (True, False):
         with running(tiny_lm(), ByteTokenizer(), max_num_streams=16, max_num_batched_tokens=64,
                      async_scheduling=mode) as srv:
-            assert srv.core.async_scheduling is mode
+            assert srv.core.async_scheduling is mode and srv.stats()["async_scheduling"] is mode  # /health says
             results[mode] = [asyncio.run(answers(srv.url, bodies)) for bodies in (plain, mixed)]
     assert results[True] == results[False]
     assert {reason for answer in results[True][0] for _, reason in answer} == {"stop", "length"}
