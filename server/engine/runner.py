@@ -14,7 +14,7 @@ from server.engine.cuda_graphs import DEFAULT_BATCH_SIZES, CudaGraphDecoder
 from server.engine.prefill_graphs import CudaGraphPrefill
 from model.infomamba import InfoMamba, ModelOutput
 from server.engine.protocol import Logprobs
-from server.engine.sampler import input_logprobs, sample, sample_on_device
+from server.engine.sampler import input_logprobs, sample_on_device
 from server.engine.scheduler import ScheduledBatch
 from server.engine.state_pool import StatePool
 
@@ -147,12 +147,12 @@ class ModelRunner:
             # one gather, not a view per stream; an all-decode step samples from every row as it is
             rows = (out.head[:len(sample_rows)] if sample_rows[-1] == len(sample_rows) - 1
                     else out.head[to_device_nowait(sample_rows, out.head.device)])
-            if any(seq.sampling.logprobs is not None for seq in sample_seqs):
-                tokens, logprobs = sample(rows, sample_seqs)
-                result.sampled = dict(zip([seq.id for seq in sample_seqs], tokens))
+            tokens, logprobs = sample_on_device(rows, sample_seqs)
+            if logprobs is not None:  # read back already: the tokens with them
+                result.sampled = dict(zip([seq.id for seq in sample_seqs], tokens.tolist()))
                 result.logprobs = {sample_seqs[row].id: found for row, found in logprobs.items()}
             else:
-                step.tokens = self.last_sampled = sample_on_device(rows, sample_seqs)
+                step.tokens = self.last_sampled = tokens
                 if self.device.type == "cuda":
                     self.read_back.queue(step)
                 else:

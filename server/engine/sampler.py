@@ -19,20 +19,18 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[
     comes from the request's own generator when it has a seed (so a seed reproduces whatever its batch
     neighbours), else from the global one in a single call. Rows of requests that use none of logit_bias,
     penalties, min_tokens and logprobs take no other work than that."""
+    chosen, logprobs = sample_on_device(logits, seqs)
+    return chosen.tolist(), logprobs or {}
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[int, Logprobs] | None]:
+    """As sample(), the (batch,) token ids left on the logits' device, unread (the engine may feed them to its
+    next step before it reads them); the logprobs by row if any row asked for them (read back now), else None."""
     chosen, raw, asked = _choose(logits, seqs)
     if not asked:
-        return chosen.tolist(), {}
+        return chosen, None
     found = _logprobs(raw, chosen[asked], [seqs[i].sampling.logprobs for i in asked])
-    return chosen.tolist(), {i: found.row(j) for j, i in enumerate(asked)}
-
-
-def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """As sample(), for rows that ask for no logprobs: the (batch,) token ids on the logits' device, without
-    waiting for them (the engine feeds them to its next step before it reads them)."""
-    chosen, _, asked = _choose(logits, seqs)
-    if asked:
-        raise ValueError("sample_on_device: rows asking for logprobs go through sample()")
-    return chosen
+    return chosen, {i: found.row(j) for j, i in enumerate(asked)}
 
 
 def _choose(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
