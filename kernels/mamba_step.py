@@ -72,6 +72,16 @@ from kernels.selective_state_update import _selective_state_update_kernel, _upda
 
 
 @triton.jit
+def _step_rows(state_indices_ptr, pid_b, batch, BLOCK_B: tl.constexpr):
+    """This program's rows of the batch (B,), which of them exist, their pool slots and which slots are real (a pad
+    row's slot is -1: the kernels skip it)."""
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < batch
+    slots = tl.load(state_indices_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    return rows, row_mask, slots, slots >= 0
+
+
+@triton.jit
 def _injected(inject_ptr, inject_weight_ptr, rows, row_mask, cols, col_mask, d_inject, stride_inject_row,
               stride_inject_weight_row, LOWP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr,
               BLOCK_C: tl.constexpr):
@@ -113,10 +123,7 @@ def _mamba_step_conv_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_e = tl.program_id(1)
-    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # (B,)
-    row_mask = rows < batch
-    slots = tl.load(state_indices_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
-    live = slots >= 0
+    rows, row_mask, slots, live = _step_rows(state_indices_ptr, pid_b, batch, BLOCK_B)
     w_tap = tl.arange(0, BLOCK_W)  # (W,) window tap, oldest first; tap D_CONV - 1 is this step's x
     p = tl.arange(0, BLOCK_P)  # (P,) x_proj outputs
     part = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
@@ -176,10 +183,7 @@ def _mamba_step_ssm_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # (B,)
-    row_mask = rows < batch
-    slots = tl.load(state_indices_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
-    live = slots >= 0
+    rows, row_mask, slots, live = _step_rows(state_indices_ptr, pid_b, batch, BLOCK_B)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (D,) channels
     d_mask = d < d_inner
     n = tl.arange(0, BLOCK_N)
