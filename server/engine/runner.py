@@ -103,8 +103,10 @@ class ModelRunner:
         Decode chunks with from_row >= 0 feed a token the previous launch sampled, straight from the device."""
         self.pool.zero_allocated()
         pieces, starts, slots = self._host_layout(batch)
-        ahead = [(i, c.from_row) for i, c in enumerate(batch.chunks[:batch.num_decodes]) if c.from_row >= 0]
-        ahead = ([i for i, _ in ahead], [row for _, row in ahead]) if ahead else None
+        ahead = None  # (input rows, sampled rows) of the decodes fed from the device, when there are any
+        if batch.num_from_device:
+            pairs = [(i, c.from_row) for i, c in enumerate(batch.chunks[:batch.num_decodes]) if c.from_row >= 0]
+            ahead = ([i for i, _ in pairs], [row for _, row in pairs])
         replayed = self._can_replay(batch)
         out = None if replayed or self.prefill_graphs is None else self._replay_mixed(batch, pieces, starts, slots,
                                                                                        ahead)

@@ -44,6 +44,7 @@ class ScheduledChunk(msgspec.Struct, gc=False):
 class ScheduledBatch:
     chunks: list[ScheduledChunk]
     num_decodes: int  # the first num_decodes chunks are decode steps, and no other is
+    num_from_device: int = 0  # decodes that feed a token the previous step sampled, still on the device
 
     @property
     def num_tokens(self) -> int:
@@ -140,7 +141,7 @@ class Scheduler:
                 prefilling.append(seq)
         budget = self.max_num_batched_tokens if decoding else self.max_num_prefill_tokens
         # decode steps first: one token each, cheap, latency-bound
-        chunks = []
+        chunks, from_device = [], 0
         for seq in decoding[:budget]:
             row = seq.ahead_row
             if row is None or seq.is_draining:
@@ -149,6 +150,7 @@ class Scheduler:
             else:
                 chunks.append(ScheduledChunk(seq, seq.num_fed, 1, True, -1, row))
                 seq.fed_ahead = True
+                from_device += 1
             seq.ahead_row = None
             seq.num_decoded += 1
         num_decodes = len(chunks)
@@ -175,7 +177,7 @@ class Scheduler:
             scheduled = {id(c.seq) for c in chunks}
             rest = [s for s in self.running if id(s) not in scheduled]
             self.running = deque(rest + [c.seq for c in chunks])
-        return ScheduledBatch(chunks, num_decodes)
+        return ScheduledBatch(chunks, num_decodes, from_device)
 
     def _prefill_can_wait(self, prefilling: list[Sequence], budget: int) -> bool:
         if self.num_prefill_waits >= self.max_prefill_wait_steps:
