@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import (causal_conv1d, concept_filter, concept_readout, concept_step, mamba_step,  # noqa: E402
-                     selective_state_update)
+                     selective_state_update, small_linear)
 
 FLOAT_ARGS = ("eps", "norm_eps")
 
@@ -64,7 +64,8 @@ def compile_one(kernel, ptrs, constexprs, arch, num_warps, out_ptr=None):
     regs = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
     shown = {k: v for k, v in constexprs.items()
-             if not k.startswith("BLOCK_") or k in ("BLOCK_D", "BLOCK_NC", "BLOCK_M", "BLOCK_O")
+             if not k.startswith("BLOCK_") or k in ("BLOCK_D", "BLOCK_NC", "BLOCK_M", "BLOCK_O", "BLOCK_B", "BLOCK_N",
+                                                   "BLOCK_K")
              and not k.startswith(("HAS_CONV", "D_CONV", "DT_"))}
     print(f"{kernel.fn.__name__} {shown} warps {num_warps}: {regs.group(1) if regs else '?'} registers, "
           f"{spills.group(1) if spills else '?'} bytes spilled", flush=True)
@@ -107,6 +108,12 @@ def main() -> None:
             compile_one(selective_state_update._selective_state_update_kernel, {
                 **f32_out, "x_ptr": "*fp32", "z_ptr": z}, dict(
                 HAS_D=True, HAS_Z=True, HAS_DT_BIAS=False, DT_SOFTPLUS=False, BLOCK_D=64, BLOCK_N=16), args.arch, 2)
+        # the few-row products (bench_small_linear.py's sweep): in_proj behind its norm and out_proj, 130M sizes
+        for (norm, k), (block_b, block_n, block_k, warps) in itertools.product(
+                ((True, 768), (False, 1536)), ((1, 16, 256, 4), (2, 8, 128, 2), (4, 16, 256, 4), (16, 32, 128, 4))):
+            compile_one(small_linear._small_linear_kernel, {**ptrs, "residual_ptr": "*fp32", "res_out_ptr": "*fp32"},
+                        dict(K=k, NORM=norm, HAS_RESIDUAL=norm, HAS_BIAS=False, LOWP=lowp, BLOCK_B=block_b,
+                             BLOCK_N=block_n, BLOCK_K=block_k), args.arch, warps)
         if not lowp:
             continue
         # the chunk kernels compute in fp32 whatever the activations' dtype

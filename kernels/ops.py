@@ -17,6 +17,7 @@ from kernels import concept_step as _concept_step
 from kernels import mamba_step as _mamba_step
 from kernels import selective_scan as _scan
 from kernels import selective_state_update as _update
+from kernels import small_linear as _small
 from kernels import window_attention as _attention
 from kernels import window_attention_update as _attention_update
 from kernels.dispatch import fused_step, use_triton
@@ -52,6 +53,8 @@ concept_step = _routed(_concept_step, "concept_step")
 mamba_step = _routed(_mamba_step, "mamba_step")
 window_attention = _routed(_attention, "window_attention")
 window_attention_update = _routed(_attention_update, "window_attention_update")
+linear = _routed(_small, "linear")
+add_rms_norm_linear = _routed(_small, "add_rms_norm_linear")
 
 
 _TABLE = (
@@ -59,6 +62,7 @@ _TABLE = (
     (_update, "selective_state_update"), (_concept, "concept_filter"), (_concept, "concept_filter_update"),
     (_norm, "add_rms_norm"), (_readout, "concept_readout"), (_concept_step, "concept_step"),
     (_mamba_step, "mamba_step"), (_attention, "window_attention"), (_attention_update, "window_attention_update"),
+    (_small, "linear"), (_small, "add_rms_norm_linear"),
 )
 
 
@@ -78,6 +82,8 @@ class OpSet:
     mamba_step: Callable
     window_attention: Callable
     window_attention_update: Callable
+    linear: Callable
+    add_rms_norm_linear: Callable
     # INFOMAMBA_FUSED_STEP's decode path ("1", "concept", "0"; kernels.dispatch), read once per pass like the rest;
     # None: read per call (ROUTED)
     fused_step: str | None = None

@@ -130,11 +130,19 @@ class InfoMamba(nn.Module):
 
     def _run_layers(self, x: torch.Tensor, state: StreamState, batch: Batch) -> torch.Tensor:
         y, residual = x, None
-        add_rms_norm = batch.ops.add_rms_norm
+        add_rms_norm, add_rms_norm_linear = batch.ops.add_rms_norm, batch.ops.add_rms_norm_linear
         for i, layer in enumerate(self.layers):
             norm = layer.norm
-            h, residual = add_rms_norm(y, residual, norm.weight, norm.eps)
-            y = layer(h, self.layer_state(state, i), batch)
+            # a layer whose first step is one product of the normed input takes it fused with the norm (a decode
+            # step's few rows: one launch, not two; kernels/small_linear.py)
+            input_projection = getattr(layer, "input_projection", None)
+            projection = input_projection(batch) if input_projection is not None else None
+            if projection is None:
+                h, residual = add_rms_norm(y, residual, norm.weight, norm.eps)
+                y = layer(h, self.layer_state(state, i), batch)
+            else:
+                pre, residual = add_rms_norm_linear(y, residual, norm.weight, norm.eps, *projection)
+                y = layer.from_projection(pre, self.layer_state(state, i), batch)
         hidden, _ = add_rms_norm(y, residual, self.norm_f.weight, self.norm_f.eps)
         return hidden
 

@@ -100,7 +100,12 @@ class MambaMixer(nn.Module):
 
     def forward(self, u: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
         # u: (T, D) -> (T, D): a plain Mamba block (k = 0)
-        return self.out_proj(self.mix(self.in_proj(u), state, batch))
+        return self.from_projection(self.in_proj(u), state, batch)
+
+    def from_projection(self, xz: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
+        """The block from in_proj's output xz (T, 2E) on: (T, D)."""
+        out_proj = self.out_proj
+        return batch.ops.linear(self.mix(xz, state, batch), out_proj.weight, out_proj.bias)
 
     def mix(self, xz: torch.Tensor, state: LayerState, batch: Batch, inject: torch.Tensor | None = None,
             inject_weight: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -272,20 +277,36 @@ class InfoMambaLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
         """h: the normed hidden (T, D). Returns the residual branch y (T, D)."""
-        if not self.has_concepts:
-            return self.mixer(h, state, batch)
-        if batch.is_decode and batch.ops.step_path() == "0":
+        projection = self.input_projection(batch)
+        if projection is None:
             return self._unfused_step(h, state, batch)
+        return self.from_projection(F.linear(h, *projection), state, batch)
+
+    def input_projection(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W, b) of the one product the layer takes of its normed input h, so that the model can fuse it with the
+        norm before it (ops.add_rms_norm_linear): in_proj for k = 0, FusedWeights.pre_weight for k > 0. None where
+        the layer needs h itself (the concept layer's decode step under INFOMAMBA_FUSED_STEP=0)."""
+        if not self.has_concepts:
+            in_proj = self.mixer.in_proj
+            return in_proj.weight, in_proj.bias
+        if batch.is_decode and batch.ops.step_path() == "0":
+            return None
+        fused = self.fused_weights()
+        return fused.pre_weight, fused.pre_bias
+
+    def from_projection(self, pre: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
+        """The layer from input_projection's product `pre` (T, ...) on: the residual branch y (T, D)."""
+        if not self.has_concepts:
+            return self.mixer.from_projection(pre, state, batch)
         E = self.mixer.d_inner
         fused = self.fused_weights()
-        pre = F.linear(h, fused.pre_weight, fused.pre_bias)  # (T, k + 3C + 2E)
         logits, v, gate_h, xz = pre.split_with_sizes(self._split_pre, dim=1)
         C = self._split_pre[1]
-        mixed = h.new_empty(h.shape[0], E + C)  # [SSM output, g_o ⊙ r]: the two halves of one last product
-        gate_weight = self.fusion.gate.weight[:, h.shape[1]:]  # (2C, C) the gates' weights on r
+        mixed = pre.new_empty(pre.shape[0], E + C)  # [SSM output, g_o ⊙ r]: the two halves of one last product
+        gate_weight = self.fusion.gate.weight[:, self.norm.weight.shape[0]:]  # (2C, C) the gates' weights on r
         to_input = self.concept(logits, v, gate_h, gate_weight, state, batch, out_output=mixed[:, E:])
         self.mixer.mix(xz, state, batch, inject=to_input, inject_weight=fused.inject_weight, out=mixed[:, :E])
-        return F.linear(mixed, fused.out_weight, self.mixer.out_proj.bias)
+        return batch.ops.linear(mixed, fused.out_weight, self.mixer.out_proj.bias)
 
     def _unfused_step(self, h: torch.Tensor, state: LayerState, batch: Batch) -> torch.Tensor:
         """main's decode step for a concept layer (INFOMAMBA_FUSED_STEP=0), one op a kernel: each projection of h

@@ -49,6 +49,8 @@ def test_modules_import_without_triton():
         "assert not hasattr(window_attention, 'window_attention') and hasattr(window_attention, 'window_attention_ref')\n"
         "assert not hasattr(window_attention_update, 'window_attention_update')\n"
         "assert not hasattr(concept_filter, 'concept_filter_update')\n"
+        "from kernels import small_linear\n"
+        "assert not hasattr(small_linear, 'linear') and hasattr(small_linear, 'add_rms_norm_linear_ref')\n"
         "out, res = ops.add_rms_norm(torch.ones(2, 4), None, torch.ones(4), 1e-5)\n"
         "assert torch.allclose(out, torch.ones(2, 4), atol=1e-4)\n"
     )
