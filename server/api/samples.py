@@ -13,10 +13,11 @@ from server.engine.protocol import Sampling
 
 
 async def start(edge, prompts: list[np.ndarray], samplings: list[Sampling | None], n: int,
-                prompt_logprobs: int | None = None, is_streamed: bool = False) -> list:
+                prompt_logprobs: int | None = None, is_streamed: bool = False, final_only: bool = False) -> list:
     """The runs (generate()) of every choice, prompt-major: choice k is sample k % n of prompt k // n. A sampling
     of None feeds the prompt only (for its logprobs). Streamed, an error the engine answers at once (a full
-    queue) becomes the answer's status."""
+    queue) becomes the answer's status. final_only: the answer follows no token (finish_all without per_token),
+    so single samples ask the engine for their tokens with the finish only (protocol.Add.final_only)."""
     streams = []
     try:
         for ids, sampling in zip(prompts, samplings):
@@ -24,7 +25,8 @@ async def start(edge, prompts: list[np.ndarray], samplings: list[Sampling | None
                 for _ in range(n):
                     streams.append(await submit(edge, ids, prompt_logprobs=prompt_logprobs))
             else:
-                streams += await submit_samples(edge, ids, sampling=sampling, n=n, prompt_logprobs=prompt_logprobs)
+                streams += await submit_samples(edge, ids, sampling=sampling, n=n, prompt_logprobs=prompt_logprobs,
+                                                final_only=final_only and n == 1)
         if is_streamed:
             for s in streams:
                 await started(s)

@@ -308,7 +308,9 @@ class EngineCore:
                        and self.model.config.head == "lm",
                        tokenizer=self.tokenizer if session is not None else None, rid=req.rid, client=req.client,
                        session=session, prompt_logprobs=req.prompt_logprobs,
-                       seq=req.seq if session is not None else None)
+                       seq=req.seq if session is not None else None,
+                       final_only=req.final_only and session is None and req.n == 1 and not req.outputs
+                       and sampling is not None and sampling.logprobs is None)
         if session is None:
             if self.scheduler.num_waiting_for_slot >= self.config.max_queue:
                 raise errors.queue_full(self.config.max_queue)
@@ -512,7 +514,10 @@ class EngineCore:
             reason = "length"
         else:
             reason = None
-        if logprobs is None and (reason is None or seq.feed_last) and not (self._outputs and seq.key in self._outputs):
+        if seq.final_only:
+            pass  # its finish carries output_ids whole
+        elif logprobs is None and (reason is None or seq.feed_last) \
+                and not (self._outputs and seq.key in self._outputs):
             # a plain token, its request's first output this step: two list appends, not a RequestOutput
             tokens = self._tokens.get(seq.client)
             if tokens is None:
@@ -561,6 +566,8 @@ class EngineCore:
             self._drop_forks(seq, reason)
         out = self._output(seq.client, seq.rid)
         out.finish_reason, out.num_prompt = reason, seq.num_fed
+        if seq.final_only:
+            out.token_ids = list(seq.output_ids)
         if seq.slot is not None and seq.status is SeqStatus.RUNNING:
             # known without reading the device (a read would wait for the step, and the engine would no longer run
             # ahead of the GPU): a request's own slot started at zero (a fork's at its parent's prompt), a

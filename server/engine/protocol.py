@@ -68,6 +68,9 @@ class Add(msgspec.Struct, tag="add", omit_defaults=True):
     prompt_logprobs: int | None = None  # report each input token's logprob (after the first) and top alternatives
     n: int = 1  # samples of one prompt: the prompt runs once, then its state is copied for samples 1..n-1, whose
     # outputs come under child_rid(rid, i)
+    # a stateless generation whose frontend follows no token (not streamed; no stop strings, logprobs or outputs):
+    # its tokens come all at once, with its finish, and its steps send the frontend nothing
+    final_only: bool = False
     seq: int | None = None  # a session append's sequence number: a retry of an applied one is answered, not rerun
 
 

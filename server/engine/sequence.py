@@ -101,6 +101,7 @@ class Sequence:
     prompt_logprobs: int | None = None  # report each input token's logprob and this many top alternatives
     initial_state: object = None  # a StreamState written into the slot at admission (a fork of another request)
     seq: int | None = None  # the client's sequence number of a session append (idempotent retries)
+    final_only: bool = False  # its tokens go out with its finish, not step by step (protocol.Add.final_only)
     id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self) -> None:

@@ -128,6 +128,28 @@ def test_requests_wait_for_slots_and_are_admitted_in_order(tmp_path):
     assert core.pool.num_used == 0
 
 
+def test_a_final_only_request_sends_nothing_until_its_finish_which_holds_every_token(tmp_path):
+    """A non-streamed answer that follows no token (protocol.Add.final_only) costs the engine no per-step message:
+    its only output is the finish, with the same tokens as a request that reports each step; a request that asks
+    for logprobs, or a session's, is answered step by step whatever it says."""
+    core = make_core(tmp_path, max_num_batched_tokens=4)
+    sampling = Sampling(max_tokens=5, temperature=0)
+    add(core, "each", [7, 8, 9], sampling=sampling)
+    add(core, "final", [7, 8, 9], sampling=sampling, final_only=True)
+    add(core, "stopped", [7, 8, 9], sampling=Sampling(max_tokens=5, temperature=0, stop_token_ids=[12]),
+        final_only=True)
+    add(core, "logprobs", [7, 8, 9], sampling=Sampling(max_tokens=3, temperature=0, logprobs=0), final_only=True)
+    outs = run_until_quiet(core)["outputs"]
+    each = sum((o.token_ids for o in outs["each"]), [])
+    assert each == [10, 11, 12, 13, 14] and len([o for o in outs["each"] if o.token_ids]) == 5
+    assert len(outs["final"]) == 1 and outs["final"][0].token_ids == each
+    assert outs["final"][0].finish_reason == "length" and outs["final"][0].steps == finish_of(outs["each"]).steps
+    assert len(outs["stopped"]) == 1 and outs["stopped"][0].token_ids == [10, 11, 12]
+    assert outs["stopped"][0].finish_reason == "stop"
+    assert len([o for o in outs["logprobs"] if o.token_ids]) == 3
+    assert core.pool.num_used == 0
+
+
 def test_queue_full_is_refused_and_others_are_unharmed(tmp_path):
     core = make_core(tmp_path, max_num_streams=1, max_num_batched_tokens=1, max_queue=1)
     add(core, "r0", [1, 2], sampling=Sampling(max_tokens=1, temperature=0))

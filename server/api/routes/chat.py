@@ -40,12 +40,14 @@ async def chat_completions(request: Request):
         1, (edge.config.max_request_steps - len(ids)) // req.n)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     sampling = edge.validator.sampling(req, len(ids), max_tokens=max_tokens, logprobs=logprobs, num_samples=req.n)
-    runs = await samples.start(edge, [ids], [sampling], req.n, is_streamed=req.stream)
+    per_token = bool(sampling.stop) or bool(req.logprobs)
+    runs = await samples.start(edge, [ids], [sampling], req.n, is_streamed=req.stream,
+                               final_only=not req.stream and not per_token)
     base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": edge.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return sse_response(chat_events(edge, runs, base, len(ids), include_usage, req.logprobs))
-    finishes = await samples.finish_all(edge, request, runs, per_token=bool(sampling.stop) or req.logprobs)
+    finishes = await samples.finish_all(edge, request, runs, per_token)
     choices = [{"index": k, "message": {"role": "assistant", "content": f.text if f.text is not None else ""},
                 "logprobs": chat_logprobs(edge.tokenizer, f.ids, f.logprobs) if req.logprobs else None,
                 "finish_reason": f.reason} for k, f in enumerate(finishes)]

@@ -53,7 +53,9 @@ async def completions(request: Request):
     check_num_choices(edge, len(prompts), req.n)
     samplings = [_sampling(edge, req, ids.shape[0]) for ids in prompts]
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    runs = await samples.start(edge, prompts, samplings, req.n, echo_logprobs, is_streamed=req.stream)
+    per_token = any(s is None or s.stop for s in samplings) or req.logprobs is not None
+    runs = await samples.start(edge, prompts, samplings, req.n, echo_logprobs, is_streamed=req.stream,
+                               final_only=not req.stream and not per_token)
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     num_prompt = sum(ids.shape[0] for ids in prompts)
     base = {"id": rid, "object": "text_completion", "created": created, "model": edge.model_name}
@@ -62,7 +64,6 @@ async def completions(request: Request):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return sse_response(completion_events(edge, runs, req.n, echoes, base, num_prompt, include_usage,
                                               req.logprobs is not None))
-    per_token = any(s is None or s.stop for s in samplings) or req.logprobs is not None
     finishes = await samples.finish_all(edge, request, runs, per_token)
     choices = []
     for k, f in enumerate(finishes):
