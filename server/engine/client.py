@@ -58,6 +58,10 @@ class RequestStream:
     def __aiter__(self):
         return self
 
+    def has_ready(self) -> bool:
+        """Whether an output is waiting: the next read returns at once."""
+        return bool(self._outputs)
+
     async def peek(self) -> RequestOutput:
         """The next output, left in place (a streamed answer waits for it, so early errors get a status)."""
         if not self._outputs:

@@ -46,7 +46,8 @@ async def chat_completions(request: Request):
     base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": edge.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(chat_events(edge, runs, base, len(ids), include_usage, req.logprobs))
+        is_behind = runs[0][0].has_ready if len(runs) == 1 and not req.logprobs else None  # as in completions
+        return sse_response(chat_events(edge, runs, base, len(ids), include_usage, req.logprobs), is_behind)
     finishes = await samples.finish_all(edge, request, runs, per_token)
     choices = [{"index": k, "message": {"role": "assistant", "content": f.text if f.text is not None else ""},
                 "logprobs": chat_logprobs(edge.tokenizer, f.ids, f.logprobs) if req.logprobs else None,

@@ -62,8 +62,11 @@ async def completions(request: Request):
     echoes = [Echo.of(edge.tokenizer, ids, req.echo, req.logprobs is not None) for ids in prompts]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        # one plain choice: each engine output is one event or two at once, so an output already waiting means the
+        # next event is at hand (with logprobs or several choices an output may bring none)
+        is_behind = runs[0][0].has_ready if len(runs) == 1 and req.logprobs is None else None
         return sse_response(completion_events(edge, runs, req.n, echoes, base, num_prompt, include_usage,
-                                              req.logprobs is not None))
+                                              req.logprobs is not None), is_behind)
     finishes = await samples.finish_all(edge, request, runs, per_token)
     choices = []
     for k, f in enumerate(finishes):
