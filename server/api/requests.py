@@ -96,6 +96,15 @@ class Token:
 
 
 @dataclass
+class Tokens:
+    """Several plain tokens in one event: those a frontend found already waiting when it fell behind its engine
+    (samples.join_ready_tokens), answered as one chunk."""
+
+    ids: list[int]
+    text: str
+
+
+@dataclass
 class Finish:
     reason: str
     output: RequestOutput
@@ -122,16 +131,23 @@ async def finish_plain(edge: Edge, stream: RequestStream) -> Finish:
     raise APIError(500, "internal_error", "the request ended without finishing")
 
 
-async def generate(edge: Edge, stream: RequestStream, sampling: Sampling | None, engine_checks_stop: bool):
+async def generate(edge: Edge, stream: RequestStream, sampling: Sampling | None, engine_checks_stop: bool,
+                   join_ready: bool = False):
     """Tokens with their text as they come, then one Finish. Stop strings cut the text here; for stateless
     requests a stop string also ends the request (the engine is told to stop), while a session's engine checks
     them itself so its state ends exactly at the stop. sampling None: a request that only feeds its prompt (for
-    the prompt's logprobs)."""
+    the prompt's logprobs).
+
+    join_ready (no logprobs of any kind): the tokens of outputs that were already waiting when the last one was
+    read come as one Tokens event. A frontend that falls behind its engine (many streams on one CPU) so answers a
+    backlog with one chunk, where a chunk a token would keep it behind; one that keeps up answers each token as it
+    comes. Nothing is held while the stream waits for the engine."""
     stop = tuple(sampling.stop) if sampling is not None else ()
     detok = Detokenizer(edge.tokenizer, stop) if edge.tokenizer is not None else None
     done = Finish("", None, None, [])  # filled as tokens come
     prompt_logprobs: Logprobs | None = None
     stopped = sent_any = False
+    held: list[int] = []  # join_ready: tokens whose text goes out with a later one's
     try:
         async for out in stream:
             if out.error is not None:
@@ -150,9 +166,21 @@ async def generate(edge: Edge, stream: RequestStream, sampling: Sampling | None,
                     done.offsets.append(offset)
                 stopped = detok.add(token) if detok is not None else False
                 is_last = stopped or (out.finish_reason is not None and j == len(out.token_ids) - 1)
-                yield Token(token, detok.delta(is_final=is_last) if detok is not None else "", logprob, offset,
-                            None if sent_any else prompt_logprobs)
+                if join_ready and not is_last:
+                    held.append(token)
+                    continue
+                text = detok.delta(is_final=is_last) if detok is not None else ""
+                if held:
+                    held.append(token)
+                    yield Tokens(held, text)
+                    held = []
+                else:
+                    yield Token(token, text, logprob, offset, None if sent_any else prompt_logprobs)
                 sent_any = True
+            if held and not stream.has_ready():  # nothing more at hand: what is held goes out now
+                text = detok.delta(is_final=False) if detok is not None else ""
+                yield Tokens(held, text) if len(held) > 1 else Token(held[0], text)
+                held, sent_any = [], True
             if (stopped and not engine_checks_stop) or out.finish_reason is not None:
                 if stopped and not engine_checks_stop:
                     stream.cancel()

@@ -55,25 +55,16 @@ _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
                 (b"content-type", b"text/event-stream; charset=utf-8")]  # as StreamingResponse wrote them
 
 
-MAX_COALESCED = 64  # events sent in one write at most
-
-
 class EventStream(Response):
     """A streamed answer of server-sent events, as StreamingResponse sends it (and like it, stopped when the client
     goes away), without its task group per answer: the events are sent from the request's own task while one
-    watcher task waits for the disconnect and cancels it.
-
-    `is_behind()`, when given, says whether the next event is already at hand (its engine output has arrived). The
-    events are then held and go out together with the next in one write: the bytes are the same events, in fewer
-    sends. A frontend that falls behind its engine (many streams, one CPU) so catches up, where one write a token
-    would keep it behind; one that keeps up sends each event as it comes."""
+    watcher task waits for the disconnect and cancels it."""
 
     status_code = 200
     background = None
 
-    def __init__(self, events, is_behind=None):  # a Response (FastAPI sends those as they are), nothing to render
+    def __init__(self, events):  # a Response (FastAPI sends those as they are) with nothing of its own to render
         self.events = events
-        self.is_behind = is_behind
         self.raw_headers = _SSE_HEADERS
 
     async def __call__(self, scope, receive, send) -> None:
@@ -90,17 +81,9 @@ class EventStream(Response):
         watcher = asyncio.ensure_future(watch())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-            held: list[bytes] = []
-            is_behind = self.is_behind
             async for chunk in self.events:
-                if is_behind is not None and len(held) < MAX_COALESCED and is_behind():
-                    held.append(chunk)
-                    continue
-                if held:
-                    held.append(chunk)
-                    chunk, held = b"".join(held), []
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not is_gone:
                 raise
@@ -111,5 +94,5 @@ class EventStream(Response):
             await self.events.aclose()
 
 
-def sse_response(events, is_behind=None) -> EventStream:
-    return EventStream(events, is_behind)
+def sse_response(events) -> EventStream:
+    return EventStream(events)

@@ -34,7 +34,10 @@ async def start(edge, prompts: list[np.ndarray], samplings: list[Sampling | None
         for s in streams:
             s.cancel()
         raise
-    runs = [generate(edge, s, samplings[k // n], engine_checks_stop=False) for k, s in enumerate(streams)]
+    runs = [generate(edge, s, samplings[k // n], engine_checks_stop=False,
+                     join_ready=is_streamed and prompt_logprobs is None and samplings[k // n] is not None
+                     and samplings[k // n].logprobs is None)
+            for k, s in enumerate(streams)]
     return list(zip(streams, runs))
 
 

@@ -12,7 +12,7 @@ from server.api import samples, schemas
 from server.api.errors import APIError, bad_request
 from server.api.logprobs import chat_logprobs
 from server.api.openapi import body, errors
-from server.api.requests import Finish, Token
+from server.api.requests import Finish, Token, Tokens
 from server.api.responses import JSON, Chunks, sse, sse_response
 from server.api.routes.openai import check_model, check_num_choices
 from server.api.validation import loads, parse
@@ -46,8 +46,7 @@ async def chat_completions(request: Request):
     base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": edge.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        is_behind = runs[0][0].has_ready if len(runs) == 1 and not req.logprobs else None  # as in completions
-        return sse_response(chat_events(edge, runs, base, len(ids), include_usage, req.logprobs), is_behind)
+        return sse_response(chat_events(edge, runs, base, len(ids), include_usage, req.logprobs))
     finishes = await samples.finish_all(edge, request, runs, per_token)
     choices = [{"index": k, "message": {"role": "assistant", "content": f.text if f.text is not None else ""},
                 "logprobs": chat_logprobs(edge.tokenizer, f.ids, f.logprobs) if req.logprobs else None,
@@ -79,7 +78,10 @@ async def chat_events(edge, runs, base: dict, num_prompt: int, include_usage: bo
         yield encode({"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None})
     async for index, event in samples.merged(runs):
-        if isinstance(event, Token):
+        if isinstance(event, Tokens):
+            generated += len(event.ids)
+            yield encode({"index": index, "delta": {"content": event.text}, "logprobs": None, "finish_reason": None})
+        elif isinstance(event, Token):
             generated += event.id is not None
             logprobs = None
             if wants_logprobs:

@@ -12,7 +12,7 @@ from server.api import samples, schemas
 from server.api.errors import APIError, bad_request
 from server.api.logprobs import completion_logprobs, prompt_entries, text_offsets
 from server.api.openapi import body, errors
-from server.api.requests import Finish, Token
+from server.api.requests import Finish, Token, Tokens
 from server.api.responses import JSON, Chunks, sse, sse_response
 from server.api.validation import parse_body
 
@@ -62,11 +62,8 @@ async def completions(request: Request):
     echoes = [Echo.of(edge.tokenizer, ids, req.echo, req.logprobs is not None) for ids in prompts]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        # one plain choice: each engine output is one event or two at once, so an output already waiting means the
-        # next event is at hand (with logprobs or several choices an output may bring none)
-        is_behind = runs[0][0].has_ready if len(runs) == 1 and req.logprobs is None else None
         return sse_response(completion_events(edge, runs, req.n, echoes, base, num_prompt, include_usage,
-                                              req.logprobs is not None), is_behind)
+                                              req.logprobs is not None))
     finishes = await samples.finish_all(edge, request, runs, per_token)
     choices = []
     for k, f in enumerate(finishes):
@@ -182,6 +179,10 @@ async def completion_events(edge, runs, n: int, echoes: list[Echo], base: dict, 
                 logprobs = more if logprobs is None else {k: v + more[k] for k, v in logprobs.items()}
             yield encode({"index": index, "text": text + event.text, "logprobs": logprobs, "finish_reason": None,
                           "token_ids": [event.id] if event.id is not None else []})
+        elif isinstance(event, Tokens):
+            generated += len(event.ids)
+            yield encode({"index": index, "text": text + event.text, "logprobs": None, "finish_reason": None,
+                          "token_ids": event.ids})
         elif isinstance(event, Finish):
             if text or logprobs:
                 yield encode({"index": index, "text": text, "logprobs": logprobs, "finish_reason": None,
