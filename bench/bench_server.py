@@ -224,6 +224,16 @@ def http_library(choice: str = "auto") -> str:
     return "aiohttp"
 
 
+def chunk_tokens(line: str) -> int:
+    """Tokens in one streamed completion chunk: its token_ids, counted without parsing the JSON (a frontend behind
+    its engine joins the tokens that wait into one chunk)."""
+    start = line.find('"token_ids":[')
+    if start < 0:
+        return 1
+    ids = line[start + 13:line.index("]", start)]
+    return ids.count(",") + 1 if ids else 0
+
+
 async def http_client(client, prompts, max_tokens, stream, deadline, tally):
     """One closed-loop client: completions of its prompts (schedule) through `client` (an HTTP_CLIENTS entry)."""
     for ids in schedule(prompts, deadline):
@@ -238,7 +248,7 @@ async def http_client(client, prompts, max_tokens, stream, deadline, tally):
             async with aclosing(client.lines(body)) as lines:
                 async for line in lines:
                     if '"finish_reason":null' in line:
-                        tokens += 1
+                        tokens += chunk_tokens(line)
                         first = first or time.perf_counter()
                     elif line.startswith('data: {"error'):
                         raise RuntimeError(line)

@@ -93,3 +93,13 @@ def test_the_http_library_defaults_to_aiohttp_when_installed(monkeypatch):
     assert bench.http_library("httpx") == "httpx"
     monkeypatch.setitem(sys.modules, "aiohttp", None)  # not importable
     assert bench.http_library() == "httpx"
+
+
+def test_a_streamed_chunk_counts_its_tokens():
+    """A frontend behind its engine joins waiting tokens into one chunk (requests.generate join_ready): the load
+    generator counts token_ids, not chunks."""
+    bench = load_bench("bench_server")
+    joined = 'data: {"choices":[{"index":0,"text":"ab","finish_reason":null,"token_ids":[97,98]}]}'
+    assert bench.chunk_tokens(joined) == 2
+    assert bench.chunk_tokens('data: {"choices":[{"index":0,"text":"a","finish_reason":null,"token_ids":[97]}]}') == 1
+    assert bench.chunk_tokens('data: {"choices":[{"index":0,"text":"","finish_reason":null,"token_ids":[]}]}') == 0
