@@ -39,6 +39,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -80,7 +81,21 @@ class Run:
         if self.client_busy is not None:
             text += f"\n    CPU busy: busiest client {self.client_busy:.2f}" + "".join(
                 f", {name} {busy:.2f}" for name, busy in sorted(self.server_busy.items()))
-        return text + ("\n" + engine_line(self.engine) if self.engine else "")
+        return text + ("\n" + engine_line(self.engine) if self.engine else "") + self.hops_line()
+
+    def hops_line(self) -> str:
+        """The client's mean request time (and first token) against the engine's own, from arrival to finish: the
+        difference is what the trip between them costs a request."""
+        e = self.engine or {}
+        if e.get("request_ms") is None or not self.latencies:
+            return ""
+        client = 1e3 * statistics.fmean(self.latencies)
+        text = (f"\n    a request, mean: {client:.2f} ms at the client, {e['request_ms']:.2f} in the engine "
+                f"(arrival to finish): {client - e['request_ms']:.2f} ms outside it")
+        if self.ttfts and e.get("first_ms") is not None:
+            first = 1e3 * statistics.fmean(self.ttfts)
+            text += f"; first token {first:.2f} at the client, {e['first_ms']:.2f} in the engine"
+        return text
 
 
 def pp(values) -> str:
@@ -91,7 +106,12 @@ def pp(values) -> str:
 ENGINE_SERIES = {"infomamba:engine_steps_total": "steps", "infomamba:batch_size_sum": "streams",
                  "infomamba:batch_tokens_sum": "tokens", "infomamba:model_forward_time_seconds_sum": "forward",
                  "infomamba:graph_steps_total": "graph", "infomamba:graph_forward_time_seconds_total": "graph_forward",
-                 "infomamba:triton_kernels_compiled": "compiled"}
+                 "infomamba:triton_kernels_compiled": "compiled",
+                 # the engine's own view of a request (arrival to finish, to first token): beside the client's, what
+                 # the hops cost (client, HTTP, frontend, ZMQ, both ways)
+                 "infomamba:e2e_request_latency_seconds_sum": "e2e", "infomamba:e2e_request_latency_seconds_count":
+                 "requests", "infomamba:time_to_first_token_seconds_sum": "first",
+                 "infomamba:time_to_first_token_seconds_count": "firsts"}
 
 
 def engine_counters(text: str) -> dict:
@@ -119,7 +139,9 @@ def where_time_goes(before: dict, after: dict, seconds: float) -> dict:
             # a graph step's and an eager (mixed) step's own time: a few eager steps can set the mean
             "graph_step_ms": 1e3 * d["graph_forward"] / d["graph"] if d["graph"] else None,
             "eager_step_ms": 1e3 * (d["forward"] - d["graph_forward"]) / eager if eager else None,
-            "compiled": d["compiled"]}
+            "compiled": d["compiled"],
+            "request_ms": 1e3 * d["e2e"] / d["requests"] if d["requests"] else None,
+            "first_ms": 1e3 * d["first"] / d["firsts"] if d["firsts"] else None}
 
 
 def engine_line(e: dict) -> str:

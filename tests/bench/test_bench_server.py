@@ -27,6 +27,25 @@ def test_the_engine_line_splits_graph_and_eager_steps():
     assert abs(e["step_ms"] - 2.0) < 1e-9 and abs(e["graph"] - 0.9) < 1e-9
     assert abs(e["graph_step_ms"] - 1.0) < 1e-9 and abs(e["eager_step_ms"] - 11.0) < 1e-9
     assert "graph 1.000, eager 11.000 ms a step" in bench.engine_line(e)
+    assert e["request_ms"] is None and bench.Run(10, 0.1, [0.01]).hops_line() == ""
+
+
+def test_a_run_says_what_a_request_spends_outside_the_engine():
+    """The engine's mean request time (arrival to finish) and first token, from its histograms, beside the
+    client's means."""
+    bench = load_bench("bench_server")
+    metrics = Metrics()
+    before = bench.engine_counters(generate_latest(metrics.registry).decode())
+    for seconds in (0.008, 0.010):
+        metrics.e2e_latency.observe(seconds)
+        metrics.time_to_first_output.observe(seconds / 10)
+    run = bench.Run(64, 0.1, [0.011, 0.013], ttfts=[0.003, 0.003])
+    run.engine = bench.where_time_goes(before, bench.engine_counters(generate_latest(metrics.registry).decode()),
+                                       run.seconds)
+    assert abs(run.engine["request_ms"] - 9.0) < 1e-9 and abs(run.engine["first_ms"] - 0.9) < 1e-9
+    line = run.hops_line()
+    assert "12.00 ms at the client, 9.00 in the engine (arrival to finish): 3.00 ms outside it" in line
+    assert "first token 3.00 at the client, 0.90 in the engine" in line
 
 
 def test_compiled_kernels_counts_without_raising(monkeypatch):
