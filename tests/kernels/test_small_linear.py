@@ -20,12 +20,22 @@ def inputs(batch, n, k, dtype, seed, has_bias=True):
     return g, x, weight, bias
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("has_bias", [True, False])
-def test_linear_matches_ref(dtype, n, k, batch, has_bias, monkeypatch):
+@pytest.fixture(autouse=True)
+def kernel_up_to_16_rows(monkeypatch):
+    """Plain products in the kernel up to 16 rows, past the default limit: BATCHES cross it at 17."""
     monkeypatch.setattr(small_linear, "SMALL_LINEAR_MAX_BATCH", 16)
+
+
+def over_sizes(test):
+    """Every dtype, shape and row count."""
+    for name, values in (("dtype", DTYPES), ("n,k", SHAPES), ("batch", BATCHES)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+@over_sizes
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_linear_matches_ref(dtype, n, k, batch, has_bias):
     _, x, weight, bias = inputs(batch, n, k, dtype, seed=batch * 7 + n, has_bias=has_bias)
     out = linear(x, weight, bias)
     assert out.shape == (batch, n) and out.dtype == dtype
@@ -33,12 +43,9 @@ def test_linear_matches_ref(dtype, n, k, batch, has_bias, monkeypatch):
                  TOL[dtype], "linear")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("batch", BATCHES)
+@over_sizes
 @pytest.mark.parametrize("has_residual", [True, False])
-def test_add_rms_norm_linear_matches_ref(dtype, n, k, batch, has_residual, monkeypatch):
-    monkeypatch.setattr(small_linear, "SMALL_LINEAR_MAX_BATCH", 16)
+def test_add_rms_norm_linear_matches_ref(dtype, n, k, batch, has_residual):
     g, x, weight, bias = inputs(batch, n, k, dtype, seed=batch * 5 + k)
     residual = torch.randn(batch, k, generator=g).to(DEVICE) * 3 if has_residual else None
     norm_weight = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
