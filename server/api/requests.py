@@ -98,7 +98,7 @@ class Token:
 @dataclass
 class Tokens:
     """Several plain tokens in one event: those a frontend found already waiting when it fell behind its engine
-    (samples.join_ready_tokens), answered as one chunk."""
+    (generate's join_ready), answered as one chunk."""
 
     ids: list[int]
     text: str

@@ -310,7 +310,7 @@ class EngineCore:
                        session=session, prompt_logprobs=req.prompt_logprobs,
                        seq=req.seq if session is not None else None,
                        final_only=req.final_only and session is None and req.n == 1 and not req.outputs
-                       and sampling is not None and sampling.logprobs is None)
+                       and sampling is not None and sampling.logprobs is None and not sampling.stop)
         if session is None:
             if self.scheduler.num_waiting_for_slot >= self.config.max_queue:
                 raise errors.queue_full(self.config.max_queue)
