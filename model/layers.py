@@ -299,7 +299,8 @@ class InfoMambaLayer(nn.Module):
         if not self.has_concepts:
             return self.mixer.from_projection(pre, state, batch)
         E = self.mixer.d_inner
-        fused = self.fused_weights()
+        # input_projection has just checked the cache this pass (its key costs ~10 µs a look: not twice a layer)
+        fused = self._fused[1] if self._fused is not None and not torch.is_grad_enabled() else self.fused_weights()
         logits, v, gate_h, xz = pre.split_with_sizes(self._split_pre, dim=1)
         C = self._split_pre[1]
         mixed = pre.new_empty(pre.shape[0], E + C)  # [SSM output, g_o ⊙ r]: the two halves of one last product
