@@ -199,7 +199,7 @@ def fake_app(port: int = 8000):
     """The frontend's app around FakeEngine, with a chat template; the Edge learns the model at startup."""
     app_module.EngineClient = FakeEngine
     config = ServerConfig(host="127.0.0.1", port=port, max_batch_sequences=1024)
-    app = app_module.create_app(config, "ipc://unused", tempfile.mkdtemp(), tokenizer=ByteTokenizer())
+    app = app_module.create_app(config, "ipc://unused", tokenizer=ByteTokenizer())
     template = tempfile.mkdtemp()
     Path(template, "chat_template.jinja").write_text(
         "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"

@@ -8,7 +8,7 @@ message.
   churn:  N streams of 32 greedy tokens after a 48-token prompt; each finished request is replaced at once (the
           H200 load: 256 concurrent completions), so steps mix decodes, prefills, finishes and admissions.
   long:   one session fed --long-frames frames of --frame ids (bench_server.py's long append: 65,536 ids a frame,
-          8 in flight, no outputs), each frame an Add message encoded and decoded as it crosses ZMQ, the pool
+          8 in flight, no outputs), each frame an Add message encoded and decoded as it crosses the engine's socket, the pool
           sized like the bundled model's (its state, 260 KB a stream, decides when a frame is snapshotted), the
           session store's writer thread running on a temporary directory. Reported per frame: the engine thread's
           CPU time split into receive (msgpack decode + handle), step (the runner's host part), post (postprocess:

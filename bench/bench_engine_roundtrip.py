@@ -1,12 +1,12 @@
 """One frontend's round trip to the engine process and back, with no model work: a `stats` utility call through the
-frontends' EngineClient (asyncio, ZMQ ipc, msgpack) to a real engine process on the bundled model, repeated. What
+frontends' EngineClient (asyncio, a Unix socket, msgpack) to a real engine process on the bundled model, repeated. What
 every request pays twice (its Add in, its answer out) on top of HTTP, and what a c = 1 client waits for.
 
     python bench/bench_engine_roundtrip.py [--calls 300] [--device cpu]
 
 Dev VM (2 cores, CPU engine), p50 / mean µs of a round trip, three runs each, alternated: the EngineClient on
-zmq.asyncio 316-412 / 330-469; on plain sockets and an event-loop reader (server/engine/client.py now) 248-299 /
-259-311.
+zmq.asyncio 316-412 / 330-469; on plain ZMQ sockets and an event-loop reader 248-299 / 259-311; on a Unix socket
+without ZMQ (server/engine/transport.py, now) 121 / 131 (one run).
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ def run_engine(address: str, state_dir: str, device: str) -> None:
     engine_main(ServerConfig(device=device), None, address, state_dir, "warning")
 
 
-async def round_trips(address: str, ipc_dir: str, calls: int) -> list[float]:
+async def round_trips(address: str, calls: int) -> list[float]:
     from server.engine.client import EngineClient
 
-    client = EngineClient(address, ipc_dir)
+    client = EngineClient(address)
     await client.start()
     await asyncio.wait_for(client.ready.wait(), 600)
     for _ in range(20):  # warm-up
@@ -57,7 +57,7 @@ def main() -> None:
     engine = mp.get_context("spawn").Process(target=run_engine, args=(address, directory + "/state", args.device))
     engine.start()
     try:
-        times = asyncio.run(round_trips(address, directory, args.calls))
+        times = asyncio.run(round_trips(address, args.calls))
     finally:
         engine.terminate()
         engine.join()

@@ -108,7 +108,7 @@ ENGINE_SERIES = {"infomamba:engine_steps_total": "steps", "infomamba:batch_size_
                  "infomamba:graph_steps_total": "graph", "infomamba:graph_forward_time_seconds_total": "graph_forward",
                  "infomamba:triton_kernels_compiled": "compiled",
                  # the engine's own view of a request (arrival to finish, to first token): beside the client's, what
-                 # the hops cost (client, HTTP, frontend, ZMQ, both ways)
+                 # the hops cost (client, HTTP, frontend, the engine's socket, both ways)
                  "infomamba:e2e_request_latency_seconds_sum": "e2e", "infomamba:e2e_request_latency_seconds_count":
                  "requests", "infomamba:time_to_first_token_seconds_sum": "first",
                  "infomamba:time_to_first_token_seconds_count": "firsts"}
@@ -582,7 +582,9 @@ class Server:
                 continue
             if int(fields.get("PPid", 0)) == self.proc.pid:
                 pid = int(status.parent.name)
-                kids["engine" if pid == engine else f"frontend-{len(kids)}"] = pid
+                if b"resource_tracker" in (status.parent / "cmdline").read_bytes():
+                    continue  # multiprocessing's helper, not a server process
+                kids["engine" if pid == engine else f"frontend-{sum(k != 'engine' for k in kids)}"] = pid
         return kids
 
     def tail(self) -> str:

@@ -2,7 +2,7 @@
 launcher that stops them in order (frontends drain, then the engine saves its sessions) and exits non-zero when
 the engine dies, so docker or Kubernetes restarts the server.
 
-    launcher ── spawns ──> engine process   (model, state pool, sessions; ZMQ ipc)
+    launcher ── spawns ──> engine process   (model, state pool, sessions; a Unix socket)
              └─ spawns ──> frontend 1..N    (uvicorn, a socket each on the port; validation, detokenizing, framing)
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ def frontend_main(config: ServerConfig, engine_address: str, run_dir: str, log_l
 
     configure_logging(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher stops frontends with SIGTERM, in order
-    app = create_app(config, engine_address, run_dir)
+    app = create_app(config, engine_address)
     sock = listen_socket(config)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, ws="websockets-sansio",
                                            ws_per_message_deflate=config.ws_compression,

@@ -1,4 +1,4 @@
-"""One API frontend: a FastAPI app that validates, talks to the engine process over ZMQ, and frames answers."""
+"""One API frontend: a FastAPI app that validates, talks to the engine process over a Unix socket, and frames answers."""
 from __future__ import annotations
 
 import asyncio
@@ -26,13 +26,13 @@ from server.engine.client import EngineClient, EngineDead
 log = logging.getLogger("infomamba.frontend")
 
 
-def create_app(config: ServerConfig, engine_address: str, ipc_dir: str, tokenizer=_UNSET) -> FastAPI:
-    """engine_address: the engine's input socket (ipc://...); ipc_dir: where this frontend's output socket goes.
+def create_app(config: ServerConfig, engine_address: str, tokenizer=_UNSET) -> FastAPI:
+    """engine_address: the engine's socket (ipc://PATH).
     tokenizer: leave unset to load the one of the engine's model directory."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        edge = app.state.edge = Edge(config, EngineClient(engine_address, ipc_dir), tokenizer=tokenizer)
+        edge = app.state.edge = Edge(config, EngineClient(engine_address), tokenizer=tokenizer)
         await edge.engine.start()
         welcome = asyncio.create_task(_learn_model(edge))
         try:

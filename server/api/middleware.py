@@ -4,6 +4,7 @@ from __future__ import annotations
 import secrets
 from typing import Callable
 
+from server import hops
 from server.api.edge import Edge
 from server.api.errors import APIError
 from server.api.responses import error_response
@@ -21,12 +22,17 @@ class EdgeMiddleware:
         edge = self.get_edge()
         config = edge.config
         status = 500
+        traced = hops.enabled() and scope["path"] == "/v1/completions"
+        if traced:
+            hops.mark("fe.http_in")
 
         async def send_wrapper(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
+            if traced and message["type"] == "http.response.body" and not message.get("more_body"):
+                hops.mark("fe.http_out")
 
         error = None
         if scope["path"].startswith("/v1"):

@@ -1,10 +1,6 @@
-"""The frontends' side of the engine: asyncio, one PUSH socket to the engine and one PULL socket for its step
-outputs. Each request gets a stream of RequestOutputs; each session operation or utility call a future.
-
-Plain ZMQ sockets on the event loop, not zmq.asyncio: the PULL socket's file descriptor wakes a reader callback that
-drains it, and sends never wait (the PUSH socket queues without limit, as the engine's output sockets do).
-zmq.asyncio puts futures and callbacks on every message both ways: on the dev VM a round trip to the engine process
-took 248-299 µs (p50) this way against 316-412 through it (`bench/bench_engine_roundtrip.py`)."""
+"""The frontends' side of the engine: asyncio, one Unix socket to the engine (server/engine/transport.py) carrying
+requests one way and step outputs the other. Each request gets a stream of RequestOutputs; each session operation
+or utility call a future. Sends never wait: the event loop's transport queues what the socket does not take."""
 from __future__ import annotations
 
 import asyncio
@@ -12,12 +8,11 @@ import logging
 import os
 import uuid
 from collections import deque
-from pathlib import Path
 
-import zmq
-
+from server import hops
 from server.engine.protocol import (Abort, Add, EngineInfo, Error, Hello, Reply, RequestOutput, SessionOp, Utility,
                                     child_rid, output_decoder, request_encoder)
+from server.engine.transport import FrameProtocol, connect
 
 log = logging.getLogger("infomamba.frontend")
 LIVENESS_INTERVAL = 0.2  # seconds between checks that the engine process is alive
@@ -101,37 +96,39 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, input_address: str, ipc_dir: str):
+    def __init__(self, input_address: str):
+        """input_address: the engine's socket (ipc://PATH)."""
         self.id = new_id()
         self.input_address = input_address
-        self.output_path = Path(ipc_dir) / f"out-{self.id[:12]}"
         self.info: EngineInfo | None = None
         self.ready = asyncio.Event()
         self.dead = False
         self.streams: dict[str, RequestStream] = {}
         self.pending: dict[str, asyncio.Future] = {}
-        self._ctx = zmq.Context()
-        self._push = self._ctx.socket(zmq.PUSH)
-        self._pull = self._ctx.socket(zmq.PULL)
+        self._protocol: FrameProtocol | None = None
+        self._unsent: list[bytes] | None = []  # sent before the socket connected; None once it has
+        self._closing = False
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        self._pull.bind(f"ipc://{self.output_path}")
-        self._push.setsockopt(zmq.LINGER, 0)
-        self._push.setsockopt(zmq.SNDHWM, 0)  # queue rather than wait: a send never holds up the event loop
-        self._push.connect(self.input_address)
-        asyncio.get_running_loop().add_reader(self._pull.getsockopt(zmq.FD), self._receive)
+        """Connect in the background (the engine listens once its model is loaded) and introduce this frontend."""
+        self._tasks.append(asyncio.create_task(self._connect()))
         self._tasks.append(asyncio.create_task(self._watch()))
-        self._send(Hello(self.id, f"ipc://{self.output_path}"))
-        self._receive()  # the descriptor signals edges: take anything that came before the reader was added
+        self._send(Hello(self.id, ""))
+
+    async def _connect(self) -> None:
+        protocol = await connect(self.input_address, self._receive, self._lost)
+        unsent, self._unsent, self._protocol = self._unsent, None, protocol
+        for payload in unsent:
+            protocol.send(payload)
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        asyncio.get_running_loop().remove_reader(self._pull.getsockopt(zmq.FD))
-        self._ctx.destroy(linger=0)
-        self.output_path.unlink(missing_ok=True)
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
 
     # -- requests ------------------------------------------------------------------------------------------
 
@@ -173,7 +170,14 @@ class EngineClient:
             self._send(message)
 
     def _send(self, message) -> None:
-        self._push.send(request_encoder.encode(message), zmq.NOBLOCK, copy=False)
+        payload = request_encoder.encode(message)
+        if self._protocol is not None:
+            if self._protocol.transport is not None:  # else the engine is gone: _lost fails what waits
+                self._protocol.send(payload)
+        elif self._unsent is not None:
+            self._unsent.append(payload)
+        if hops.enabled() and isinstance(message, Add):
+            hops.mark("fe.add_sent")
 
     def _check_alive(self) -> None:
         if self.dead:
@@ -181,16 +185,12 @@ class EngineClient:
 
     # -- background --------------------------------------------------------------------------------------------
 
-    def _receive(self) -> None:
-        """Every step output waiting on the PULL socket, handed to its streams and futures (the event loop calls this
-        when the socket's descriptor signals; it signals edges, so this reads until nothing is left)."""
-        pull = self._pull
-        while pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frame = pull.recv(zmq.NOBLOCK, copy=False)
-            try:
-                self._dispatch(output_decoder.decode(frame.buffer))
-            except Exception:  # one bad message must not stop the frontend from hearing the engine
-                log.exception("dropped an engine message that could not be handled")
+    def _receive(self, payload: bytes) -> None:
+        """One step's outputs from the engine, handed to their streams and futures."""
+        try:
+            self._dispatch(output_decoder.decode(payload))
+        except Exception:  # one bad message must not stop the frontend from hearing the engine
+            log.exception("dropped an engine message that could not be handled")
 
     def _dispatch(self, step) -> None:
         if step.welcome is not None:
@@ -200,24 +200,34 @@ class EngineClient:
             stream = self.streams.get(out.rid)
             if stream is not None:
                 stream.put(out)
+                if out.finish_reason is not None and hops.enabled():
+                    hops.mark("fe.finish_in")
         for reply in step.replies:
             future = self.pending.get(reply.rid)
             if future is not None and not future.done():
                 future.set_result(reply)
 
     async def _watch(self) -> None:
-        """Fail everything at once when the engine process dies (the launcher then restarts the server)."""
-        while True:
+        """Fail everything at once when the engine process dies (the launcher then restarts the server); its
+        socket closing says so sooner (_lost)."""
+        while not self.dead:
             await asyncio.sleep(LIVENESS_INTERVAL)
             if self.info is not None and not process_alive(self.info.pid):
                 log.error("the engine process (pid %d) has stopped", self.info.pid)
-                self.dead = True
-                for stream in list(self.streams.values()):
-                    stream.put(RequestOutput(stream.rid, error=ENGINE_DEAD))
-                for future in self.pending.values():
-                    if not future.done():
-                        future.set_result(Reply("", ok=False, error=ENGINE_DEAD))
-                return
+                self._fail_all()
+
+    def _lost(self) -> None:
+        if not self._closing and not self.dead:
+            log.error("the engine closed its socket")
+            self._fail_all()
+
+    def _fail_all(self) -> None:
+        self.dead = True
+        for stream in list(self.streams.values()):
+            stream.put(RequestOutput(stream.rid, error=ENGINE_DEAD))
+        for future in self.pending.values():
+            if not future.done():
+                future.set_result(Reply("", ok=False, error=ENGINE_DEAD))
 
 
 def process_alive(pid: int) -> bool:

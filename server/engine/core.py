@@ -30,6 +30,7 @@ import torch
 
 from kernels._triton import compiled_variants
 from model.state import save_snapshot, state_nbytes_per_stream
+from server import hops
 from server.config import ServerConfig
 from server.engine import errors
 from server.engine.errors import EngineError
@@ -585,6 +586,7 @@ class EngineCore:
         self.scheduler.finish(seq, reason)
         self.requests.pop((seq.client, seq.rid), None)
         if reason != "cancelled":
+            hops.mark("en.finish")
             self.metrics.e2e_latency.observe(time.monotonic() - seq.arrival_time)
             if seq.num_outputs_after_first:  # one observation per request: its mean time per output step
                 self.metrics.time_per_output_step.observe((seq.last_output_time - seq.first_output_time)

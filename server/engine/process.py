@@ -1,4 +1,4 @@
-"""The engine core behind ZMQ, on one thread: each turn of the busy loop takes what the frontends sent (without
+"""The engine core behind a Unix socket (server/engine/transport.py), on one thread: each turn of the busy loop takes what the frontends sent (without
 waiting while there is work), runs one step (schedule, run, postprocess) and sends each frontend one msgpack
 message with the step's outputs. Runs as its own process under `infomamba serve`, or on a thread (tests).
 
@@ -15,10 +15,10 @@ import signal
 import threading
 import time
 
-import zmq
-
+from server import hops
 from server.engine.core import EngineCore
 from server.engine.protocol import (Add, Array, Hello, Sampling, StepOutputs, output_encoder, request_decoder)
+from server.engine.transport import EngineListener
 
 log = logging.getLogger("infomamba.engine")
 IDLE_POLL_MS = 100  # how long an idle loop sleeps between checks of the stop flag
@@ -30,13 +30,10 @@ class EngineLoop:
         self.core = core
         self.input_address = input_address
         self.stop_event = threading.Event()
-        self._ctx = zmq.Context()
-        self._input = self._ctx.socket(zmq.PULL)
-        self._input.bind(input_address)
-        self._outputs: dict[str, zmq.Socket] = {}
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
+        self.listener = EngineListener(input_address, extra_fds=(self._wake_read,))
         core.on_post = self._wake
         # the last step's outputs, sent once the next step is launched (its GPU time hides the encoding and the
         # sends; on an H200 the loop's work between steps took 0.14-0.34 ms a step beside 0.3-0.7 in it)
@@ -47,32 +44,32 @@ class EngineLoop:
     def run(self) -> None:
         """Serve until stop() (or SIGTERM in a process); then flush session writes and close."""
         self.core.store.start()
-        poller = zmq.Poller()
-        poller.register(self._input, zmq.POLLIN)
-        poller.register(self._wake_read, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
-                self.turn(poller)
+                self.turn()
         finally:
             self.stop_event.set()
             self._send_pending()
             self.core.shutdown()
             self._send(self.core.take_outputs())
-            for sock in self._outputs.values():
-                sock.close(linger=1000)
-            self._ctx.destroy(linger=0)
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+            self.close(flush_s=1.0)
             log.info("engine stopped after %d steps", self.core.num_steps)
 
-    def turn(self, poller: zmq.Poller) -> None:
+    def close(self, flush_s: float = 0.0) -> None:
+        """Close the socket and the wake-up pipe, first sending what is queued for up to flush_s."""
+        self.listener.flush(flush_s)
+        self.listener.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def turn(self) -> None:
         """One turn of the loop: take in what arrived (sleeping while there is nothing to do), run one step, send."""
         idle = not self.core.has_work() and self.core.inbox.empty()
-        events = dict(poller.poll(IDLE_POLL_MS if idle else 0))
-        if self._wake_read in events:
+        frames, fired = self.listener.poll(IDLE_POLL_MS if idle else 0)
+        if fired:
             self._drain_wakes()
-        if self._input in events:
-            self._receive()
+        if frames:
+            self._receive(frames)
         outputs = self.core.run_once(timeout=0)
         self._send_pending()  # no step was launched, so the hook did not send them
         if self.core.has_work() and not self.core.running_ahead:
@@ -97,31 +94,19 @@ class EngineLoop:
         except BlockingIOError:
             pass
 
-    def _receive(self) -> None:
-        """Every message waiting on the input socket, handled in arrival order."""
-        while True:
+    def _receive(self, frames) -> None:
+        """The messages that came, handled in arrival order."""
+        for conn, frame in frames:
             try:
-                frame = self._input.recv(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                message = request_decoder.decode(frame.buffer)
+                message = request_decoder.decode(frame)
             except Exception as exc:  # a malformed message must not stop the engine
                 log.error("dropped an undecodable message: %s", exc)
                 continue
             if isinstance(message, Hello):
-                self._connect(message.client, message.address)  # before any output to it
+                self.listener.name(conn, message.client)  # before any output to it
+            elif hops.enabled() and isinstance(message, Add):
+                hops.mark("en.recv")
             self.core.handle(message)
-
-    def _connect(self, client: str, address: str) -> None:
-        sock = self._ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.SNDHWM, 0)  # queue rather than block the loop behind a slow frontend
-        sock.connect(address)
-        old = self._outputs.pop(client, None)
-        if old is not None:
-            old.close(linger=0)
-        self._outputs[client] = sock
 
     def _send_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -130,9 +115,9 @@ class EngineLoop:
 
     def _send(self, by_client: dict[str, StepOutputs]) -> None:
         for client, outputs in by_client.items():
-            sock = self._outputs.get(client)
-            if sock is not None:
-                sock.send(output_encoder.encode(outputs), copy=False)
+            self.listener.send(client, output_encoder.encode(outputs))
+            if hops.enabled() and any(out.finish_reason is not None for out in outputs.outputs):
+                hops.mark("en.sent")
 
 
 def warm_up(core: EngineCore) -> None:

@@ -49,7 +49,7 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """The engine loop on one thread and uvicorn on another, talking over ZMQ exactly as the processes of
+    """The engine loop on one thread and uvicorn on another, talking over the engine's socket exactly as the processes of
     `infomamba serve` do (tests/server/test_processes.py runs those)."""
 
     def __init__(self, model, tokenizer=None, state_dir=None, model_dir=None, **config):
@@ -65,7 +65,7 @@ class ServerThread:
         self.core.sessions.pick_up_persisted()
         self.loop = EngineLoop(self.core, address)
         self.engine_thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.app = create_app(self.config, address, self.run_dir, tokenizer=tokenizer)
+        self.app = create_app(self.config, address, tokenizer=tokenizer)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     ws="websockets-sansio", timeout_graceful_shutdown=10))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

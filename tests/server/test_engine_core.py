@@ -505,8 +505,6 @@ def test_a_steps_slots_start_on_16_bytes_whatever_the_batch():
 
 
 def test_the_loop_sends_a_steps_outputs_while_the_next_step_runs_and_at_once_when_idle(tmp_path, monkeypatch):
-    import zmq
-
     from server.engine.process import EngineLoop
 
     core = make_core(tmp_path, async_scheduling=False)  # each step read back at once (async: the test below)
@@ -523,21 +521,18 @@ def test_the_loop_sends_a_steps_outputs_while_the_next_step_runs_and_at_once_whe
     sent = []  # (steps finished when sent, the rids with outputs in it)
     monkeypatch.setattr(loop, "_send", lambda by_client: sent.append(
         (runner.num_runs, sorted(o.rid for out in by_client.values() for o in out.request_outputs()))))
-    poller = zmq.Poller()
     core.handle(Add("c", "a", Array.of(np.array([5], np.int64)), sampling=Sampling(max_tokens=3, temperature=0)))
     for _ in range(5):
-        loop.turn(poller)
+        loop.turn()
     # step 1's token goes out once step 2 is launched (one step finished), step 2's during step 3, and step 3's
     # (the last) at once: the engine is idle then, and its loop may sleep
     assert [s for s in sent if s[1]] == [(1, ["a"]), (2, ["a"]), (3, ["a"])]
     assert not core.has_work()
-    loop._ctx.destroy(linger=0)
+    loop.close()
 
 
 def test_async_scheduling_launches_each_step_before_reading_the_last_and_the_loop_sends_at_once(tmp_path,
                                                                                                monkeypatch):
-    import zmq
-
     from server.engine.process import EngineLoop
 
     core = make_core(tmp_path)
@@ -548,9 +543,9 @@ def test_async_scheduling_launches_each_step_before_reading_the_last_and_the_loo
         (runner.num_runs, sorted(o.rid for out in by_client.values() for o in out.request_outputs()))))
     core.handle(Add("c", "a", Array.of(np.array([5], np.int64)), sampling=Sampling(max_tokens=3, temperature=0)))
     for _ in range(5):
-        loop.turn(zmq.Poller())
+        loop.turn()
     # step N's token is read and sent once step N + 1 is launched; the last step is read on the turn after it,
     # when nothing is left to launch
     assert [s for s in sent if s[1]] == [(2, ["a"]), (3, ["a"]), (3, ["a"])]
     assert not core.has_work()
-    loop._ctx.destroy(linger=0)
+    loop.close()
