@@ -15,6 +15,14 @@ def enabled() -> bool:
     return _DIRECTORY is not None
 
 
+def trace_to(directory: str | None) -> None:
+    """Start marking into `directory` (None: stop), as INFOMAMBA_TRACE_HOPS does at import (tests)."""
+    global _DIRECTORY, _file
+    if _file is not None:
+        _file.close()
+    _DIRECTORY, _file = directory, None
+
+
 def mark(name: str) -> None:
     """Record that `name` happened now (a no-op unless tracing)."""
     global _file

@@ -171,13 +171,13 @@ class EngineClient:
 
     def _send(self, message) -> None:
         payload = request_encoder.encode(message)
+        if hops.enabled() and isinstance(message, Add):
+            hops.mark("fe.add_sent")  # handed to the socket (marked first: the engine may read it at once)
         if self._protocol is not None:
             if self._protocol.transport is not None:  # else the engine is gone: _lost fails what waits
                 self._protocol.send(payload)
         elif self._unsent is not None:
             self._unsent.append(payload)
-        if hops.enabled() and isinstance(message, Add):
-            hops.mark("fe.add_sent")
 
     def _check_alive(self) -> None:
         if self.dead:

@@ -115,9 +115,10 @@ class EngineLoop:
 
     def _send(self, by_client: dict[str, StepOutputs]) -> None:
         for client, outputs in by_client.items():
-            self.listener.send(client, output_encoder.encode(outputs))
+            payload = output_encoder.encode(outputs)
             if hops.enabled() and any(out.finish_reason is not None for out in outputs.outputs):
-                hops.mark("en.sent")
+                hops.mark("en.sent")  # handed to the socket (marked first: the frontend may read it at once)
+            self.listener.send(client, payload)
 
 
 def warm_up(core: EngineCore) -> None:

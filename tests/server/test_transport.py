@@ -126,3 +126,24 @@ def test_the_engine_drops_a_frontend_that_went_away_and_keeps_serving_the_others
     assert asyncio.run(frontends()) == [b"still here"]
     assert set(listener.clients) == {"b"}
     listener.close()
+
+
+def test_a_traced_completion_passes_every_hop_in_order(lm_server, tmp_path):
+    """server/hops.py, as bench/bench_hops.py --trace reads it: one completion through the real server marks each
+    hop once, in the order it passes them (the engine thread and uvicorn share this process, so one file)."""
+    import httpx
+
+    from server import hops
+
+    hops.trace_to(str(tmp_path))
+    try:
+        response = httpx.post(lm_server.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4,
+                                                                       "temperature": 0}, timeout=30)
+    finally:
+        hops.trace_to(None)
+    assert response.status_code == 200, response.text
+    (path,) = tmp_path.glob("hops-*.txt")
+    names = [line.split()[0] for line in path.read_text().splitlines()]
+    assert names == ["fe.http_in", "fe.add_sent", "en.recv", "en.finish", "en.sent", "fe.finish_in", "fe.http_out"]
+    times = [int(line.split()[1]) for line in path.read_text().splitlines()]
+    assert times == sorted(times)
