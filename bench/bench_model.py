@@ -308,7 +308,7 @@ def sweep_decode(model, batches, clock):
     mamba_choices += [("three", config) for config in ((64, 1, 64), (64, 1, 128), (64, 2, 64), (64, 2, 128))]
     names = ("_step_rows", "_step_path")
     original_concept = {name: getattr(concept_step_mod, name) for name in names}
-    names = ("_step_config", "_three_launch_config", "THREE_LAUNCH_MIN_BATCH", "FUSED_MAMBA_MAX_BATCH")
+    names = ("_step_config", "_three_launch_config", "THREE_LAUNCH_MIN_BATCH", "FUSED_MAMBA_MAX_BATCH", "INJECT_BLOCK_C")
     original_mamba = {name: getattr(mamba_step_mod, name) for name in names}
 
     def restore():
@@ -351,6 +351,12 @@ def sweep_decode(model, batches, clock):
                     setattr(mamba_step_mod, name, lambda batch, d_inner, config=config: config)
                     ms = clock(decode_step_fn(model, pool, tokens, slots, True), iters=50) * 1e3
                     results.append(dict(batch=bs, concept=concept_default, mamba=f"{path} {config}", ms=ms))
+                    restore()
+                for block_c in (64, 128, 256) if model.config.n_concepts else ():  # the injection's blocks
+                    mamba_step_mod.INJECT_BLOCK_C = block_c
+                    ms = clock(decode_step_fn(model, pool, tokens, slots, True), iters=50) * 1e3
+                    results.append(dict(batch=bs, concept=concept_default,
+                                        mamba=f"{mamba_default}, injection blocks of {block_c}", ms=ms))
                     restore()
                 for path in step_paths(model.config.n_concepts)[1:]:  # main's unfused steps, in the same table
                     with fused_step(path):

@@ -90,20 +90,23 @@ def main() -> None:
                 BLOCK_M=block_m, BLOCK_C=256, BLOCK_O=block_o, LOWP=lowp), args.arch, 4)
         compile_one(concept_readout._concept_readout_kernel, ptrs, dict(
             BLOCK_M=64, BLOCK_C=256, BLOCK_O=16, LOWP=lowp), args.arch, 8)
-        for inject, num_sub in itertools.product((False, True), (1, 2, 4)):
+        for inject, num_sub, block_c in itertools.product((False, True), (1, 2, 4), (64, 128, 256)):
             compile_one(mamba_step._mamba_step_conv_kernel, ptrs, dict(
                 HAS_INJECT=inject, HAS_CONV_BIAS=True, D_CONV=4, LOWP=lowp, NUM_SUB=num_sub, BLOCK_B=16, BLOCK_E=64,
-                BLOCK_W=4, BLOCK_P=128, BLOCK_C=64), args.arch, 8)
+                BLOCK_W=4, BLOCK_P=128, BLOCK_C=block_c), args.arch, 8)
         for inject, (parts, block_d) in itertools.product((False, True), ((24, 16), (12, 32), (6, 32))):
             compile_one(mamba_step._mamba_step_ssm_kernel, ptrs, dict(
                 HAS_INJECT=inject, LOWP=lowp, NUM_PARTS=parts, BLOCK_B=16, BLOCK_D=block_d, BLOCK_N=16, BLOCK_R=64,
                 BLOCK_C=64), args.arch, 8)
         # the three-launch (large-batch) path: launch 1 as above, then the dt launch and the state update
         f32_out = {**ptrs, **{name: "*fp32" for name in ("dt_ptr", "z_ptr", "B_ptr", "C_ptr")}}
-        for inject, (parts, block_d) in itertools.product((False, True), ((24, 64), (24, 128), (12, 64), (12, 128))):
+        for inject, (parts, block_d), block_c in itertools.product(
+                (False, True), ((24, 64), (24, 128), (12, 64), (12, 128)), (64, 128, 256)):
+            if block_d >= 128 and block_c > 128:
+                continue  # the launcher's cap (mamba_step.INJECT_BLOCK_C): it spills
             compile_one(mamba_step._mamba_step_dt_kernel, f32_out, dict(
                 HAS_INJECT=inject, LOWP=lowp, NUM_PARTS=parts, PART_UNROLL=mamba_step.DT_PART_UNROLL, BLOCK_B=16,
-                BLOCK_D=block_d, BLOCK_N=16, BLOCK_R=64, BLOCK_C=64), args.arch, mamba_step.DT_WARPS)
+                BLOCK_D=block_d, BLOCK_N=16, BLOCK_R=64, BLOCK_C=block_c), args.arch, mamba_step.DT_WARPS)
         for z in ("*fp32", act):
             compile_one(selective_state_update._selective_state_update_kernel, {
                 **f32_out, "x_ptr": "*fp32", "z_ptr": z}, dict(

@@ -324,6 +324,13 @@ THREE_LAUNCH_MIN_BATCH = 1
 # wins at batch 1 and loses at 256 for both; at 64 it loses for k = 0 (the default model) and wins by 0.08 ms for
 # k = 16. Batches 2-63 were not timed: 32, the largest captured graph under 64, is a guess between the two.
 FUSED_MAMBA_MAX_BATCH = 32
+# the injection's inner dimension (d_c, 192 at the 130M config) per block of _injected: a wider block puts more of
+# its loads in flight at once, for fewer dependent rounds. The dt launch spills at 256 with 128 channels a program,
+# and the two-launch path's state launch above 64 (bench/compile_kernels.py), so they take at most that.
+# bench_model.py --sweep times the choices; on an H200 (k = 16, 130M config, graphs) 64 / 128 / 256 read 0.884 /
+# 0.983 / 0.923 ms a step at batch 1 and 1.053 / 1.031 / 1.037 at 4, where one configuration timed twice in the
+# same run differed by up to 0.09 ms: no gain to take, so 64 stays.
+INJECT_BLOCK_C = 64
 DT_PART_UNROLL, DT_WARPS = 8, 8  # the dt launch: no spills at the 130M config (bench/compile_kernels.py)
 
 
@@ -392,7 +399,7 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
     num_parts = cdiv(d_inner, block_e * num_sub)
     xc = torch.empty((batch, d_inner), device=xz.device, dtype=torch.float32)  # (batch, E) the conv's output
     dbc_part = torch.empty((num_parts, batch, d_proj), device=xz.device, dtype=torch.float32)
-    block_c = min(max(next_power_of_2(d_inject), 16), 64)  # the injection's inner dimension, per block
+    block_c = min(max(next_power_of_2(d_inject), 16), INJECT_BLOCK_C)  # the injection's inner dimension, per block
     lowp = lowp_dot(xz.dtype)
     placeholder = xz  # pointer arguments the kernels never read (no injection)
     grid_b = cdiv(batch, block_b)
@@ -422,7 +429,7 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
         dt_proj_weight.stride(0), A.stride(0), ssm_state.stride(0), ssm_state.stride(1), out.stride(0),
         HAS_INJECT=inject is not None, LOWP=lowp, NUM_PARTS=num_parts, BLOCK_B=block_b, BLOCK_D=block_d,
         BLOCK_N=next_power_of_2(d_state), BLOCK_R=max(next_power_of_2(dt_rank), 16),
-        BLOCK_C=block_c, num_warps=8,
+        BLOCK_C=min(block_c, 64), num_warps=8,
     )
     return out
 
@@ -451,7 +458,7 @@ def _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_b
         dt_proj_weight.stride(0), dt.stride(0), z.stride(0), B.stride(0), C.stride(0),
         HAS_INJECT=inject is not None, LOWP=lowp, NUM_PARTS=num_parts, PART_UNROLL=DT_PART_UNROLL, BLOCK_B=block_b,
         BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state), BLOCK_R=max(next_power_of_2(dt_rank), 16),
-        BLOCK_C=block_c, num_warps=DT_WARPS,
+        BLOCK_C=min(block_c, 128) if block_d >= 128 else block_c, num_warps=DT_WARPS,
     )
     z_in = rows(z_in)
     ssu_block_d, block_n, ssu_warps = _update_config(batch, d_inner, d_state)
