@@ -6,6 +6,7 @@ import time
 
 import httpx
 import openai
+import pytest
 import torch
 
 from tests.server.conftest import tiny_lm
@@ -129,3 +130,17 @@ def test_pool_sized_automatically_when_max_num_streams_is_zero():
         assert counts["max_num_batched_tokens"] >= counts["slots_total"]
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3})
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 3
+
+
+def test_a_plain_completion_whose_client_goes_away_stops_in_the_engine(lm_server):
+    """A non-streamed answer: the client's disconnect cancels the request's wait, and so its engine request, long
+    before its max_tokens would have run (a request left running would hold its slot for its 60,000 steps)."""
+    body = {"prompt": [1, 2, 3], "max_tokens": 60_000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(lm_server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    counts = wait_all_slots_free(lm_server, timeout=10)
+    assert counts["slots_used"] == 0
+    assert lm_server.stats()["num_steps"] < 40_000
+    # and the server answers the next request as usual
+    r = httpx.post(lm_server.url + "/v1/completions", json={"prompt": [1, 2], "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 3
