@@ -80,7 +80,7 @@ class EngineCore:
                                    config.max_num_prefill_tokens)
         self.runner = runner or ModelRunner(model, self.pool, cuda_graphs=config.cuda_graphs,
                                             prefill_graphs=config.prefill_graphs,
-                                            max_num_batched_tokens=config.max_num_batched_tokens)
+                                            max_num_batched_tokens=self.scheduler.max_num_batched_tokens)
         if getattr(self.runner, "graphs", None) is not None:  # eager decode steps cost what mixed ones do
             self.scheduler.max_prefill_wait_steps = config.max_prefill_wait_steps
         if getattr(self.runner, "prefill_graphs", None) is not None:

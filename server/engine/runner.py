@@ -11,7 +11,7 @@ import torch
 from kernels.dispatch import use_triton
 from kernels.packing import aligned, to_device_nowait
 from server.engine.cuda_graphs import DEFAULT_BATCH_SIZES, CudaGraphDecoder
-from server.engine.prefill_graphs import CudaGraphPrefill
+from server.engine.prefill_graphs import CudaGraphPrefill, buckets
 from model.infomamba import InfoMamba, ModelOutput
 from server.engine.protocol import Logprobs
 from server.engine.sampler import input_logprobs, sample_on_device
@@ -87,8 +87,9 @@ class ModelRunner:
             # Graphs for padded batch sizes up to the pool size; decode-only steps replay them.
             sizes = [bs for bs in DEFAULT_BATCH_SIZES if bs < pool.num_total] + [min(pool.num_total, 256)]
             self.graphs = CudaGraphDecoder(model, pool.state, batch_sizes=sizes)
-            if prefill_graphs and not self.config.is_hybrid:
-                # mixed steps of short chunks replay these; longer ones run eagerly
+            if prefill_graphs and not self.config.is_hybrid and buckets(sizes[-1], max_num_batched_tokens):
+                # mixed steps of short chunks replay these; longer ones run eagerly (all of them where a step's
+                # token budget is below the smallest bucket)
                 self.prefill_graphs = CudaGraphPrefill(model, pool.state, max_seqs=sizes[-1],
                                                        max_tokens=max_num_batched_tokens)
 

@@ -549,3 +549,25 @@ def test_async_scheduling_launches_each_step_before_reading_the_last_and_the_loo
     assert [s for s in sent if s[1]] == [(2, ["a"]), (3, ["a"]), (3, ["a"])]
     assert not core.has_work()
     loop.close()
+
+
+def test_the_runner_is_given_the_schedulers_token_budget_which_covers_every_streams_decode(tmp_path, monkeypatch):
+    """With an auto-sized pool (max_num_streams 0), max_num_batched_tokens below its streams grows to cover one
+    decode each; the runner sizes its prefill graphs by what the scheduler will really hand it (the configured 16
+    left no graph bucket, and on a GPU the engine then failed at start)."""
+    from server.engine import core as core_module
+    from server.engine.prefill_graphs import buckets
+
+    seen = {}
+
+    class Recording:
+        def __init__(self, model, pool, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(core_module, "ModelRunner", Recording)
+    config = ServerConfig(max_num_streams=0, max_num_batched_tokens=16)
+    core = EngineCore(tiny_lm(), None, config, str(tmp_path / "sessions"))
+    streams = core.pool.num_total
+    assert streams >= 64 and core.scheduler.max_num_batched_tokens == streams
+    assert seen["max_num_batched_tokens"] == streams
+    assert buckets(64, 16) == [] and buckets(64, streams)  # the configured budget alone fits no bucket
