@@ -114,7 +114,7 @@ class EngineClient:
         """Connect in the background (the engine listens once its model is loaded) and introduce this frontend."""
         self._tasks.append(asyncio.create_task(self._connect()))
         self._tasks.append(asyncio.create_task(self._watch()))
-        self._send(Hello(self.id, ""))
+        self._send(Hello(self.id))
 
     async def _connect(self) -> None:
         protocol = await connect(self.input_address, self._receive, self._lost)

@@ -50,8 +50,9 @@ class Sampling(msgspec.Struct, array_like=True, omit_defaults=True):
 # -- frontend -> engine ----------------------------------------------------------------------------------------
 
 class Hello(msgspec.Struct, tag="hello"):
+    """A frontend's first message on its socket: the engine sends this client's outputs back on that socket."""
+
     client: str
-    address: str  # where the frontend's output socket listens
 
 
 class Add(msgspec.Struct, tag="add", omit_defaults=True):
