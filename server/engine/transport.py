@@ -43,14 +43,15 @@ class FrameReader:
         buffer = self._buffer
         buffer += data
         frames, pos, end = [], 0, len(buffer)
-        while end - pos >= HEADER.size:
-            (size,) = HEADER.unpack_from(buffer, pos)
-            if end - pos - HEADER.size < size:
-                break
-            frames.append(bytes(buffer[pos + HEADER.size:pos + HEADER.size + size]))
-            pos += HEADER.size + size
+        with memoryview(buffer) as view:  # one copy a frame (a bytearray slice would copy once more)
+            while end - pos >= HEADER.size:
+                (size,) = HEADER.unpack_from(buffer, pos)
+                if end - pos - HEADER.size < size:
+                    break
+                frames.append(bytes(view[pos + HEADER.size:pos + HEADER.size + size]))
+                pos += HEADER.size + size
         if pos:
-            del buffer[:pos]
+            del buffer[:pos]  # (after the view is released: a bytearray with a view cannot resize)
         return frames
 
 
