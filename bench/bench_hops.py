@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,12 +129,13 @@ def report(name: str, results: dict[str, dict]) -> list[str]:
     lines = []
     for probe_name, r in results.items():
         client = 1e3 * statistics.fmean(r["client"])
-        text = f"  {name:<12} {probe_name:<12} client mean {client:7.3f} ms, p50 {1e3 * statistics.median(r['client']):7.3f}"
+        p50 = 1e3 * statistics.median(r["client"])
+        text = f"  {name:<12} {probe_name:<12} client mean {client:7.3f} ms, p50 {p50:7.3f}"
         if r.get("engine_ms") is not None:
             text += f"; engine {r['engine_ms']:7.3f}: outside {client - r['engine_ms']:6.3f} ms"
         if r.get("first"):
-            first = 1e3 * statistics.fmean(r["first"])
-            text += f"; first token {first:.3f} (engine {r['engine_first_ms']:.3f}): outside {first - r['engine_first_ms']:.3f}"
+            first, engine_first = 1e3 * statistics.fmean(r["first"]), r["engine_first_ms"]
+            text += f"; first token {first:.3f} (engine {engine_first:.3f}): outside {first - engine_first:.3f}"
         if r.get("cpu_ms"):
             text += "; CPU ms a request: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["cpu_ms"].items()))
         lines.append(text)
@@ -172,11 +174,14 @@ def main() -> int:
                 server = Server(SimpleNamespace(model=args.model), config, 1, server_cpus)
             finally:
                 for k, v in saved.items():
-                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                    if v is None:
+                        os.environ.pop(k)
+                    else:
+                        os.environ[k] = v
             try:
                 if client_cpus:
                     os.sched_setaffinity(0, client_cpus)
-                vocab = json.loads(os.popen(f"curl -s {server.url}/v1/models").read())["data"][0]["config"]["vocab_size"]
+                vocab = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["config"]["vocab_size"]
                 results = asyncio.run(probe(server.url, args.requests, vocab, server.children(), trace))
             finally:
                 server.stop()

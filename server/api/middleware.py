@@ -30,9 +30,9 @@ class EdgeMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif traced and message["type"] == "http.response.body" and not message.get("more_body"):
+                hops.mark("fe.http_out")  # as it is handed over: the client may answer before the send returns
             await send(message)
-            if traced and message["type"] == "http.response.body" and not message.get("more_body"):
-                hops.mark("fe.http_out")
 
         error = None
         if scope["path"].startswith("/v1"):

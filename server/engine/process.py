@@ -1,6 +1,7 @@
-"""The engine core behind a Unix socket (server/engine/transport.py), on one thread: each turn of the busy loop takes what the frontends sent (without
-waiting while there is work), runs one step (schedule, run, postprocess) and sends each frontend one msgpack
-message with the step's outputs. Runs as its own process under `infomamba serve`, or on a thread (tests).
+"""The engine core behind a Unix socket (server/engine/transport.py), on one thread: each turn of the busy loop
+takes what the frontends sent (without waiting while there is work), runs one step (schedule, run, postprocess)
+and sends each frontend one msgpack message with the step's outputs. Runs as its own process under
+`infomamba serve`, or on a thread (tests).
 
 One thread, not an input and an output thread beside the loop: every torch call releases the GIL, and a helper
 thread that takes it then holds the loop up until the interpreter switches back (measured on an H200: the model
