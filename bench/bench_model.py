@@ -8,7 +8,8 @@ runs it; eager beside it), prefill tokens/s of one sequence of 2K/8K/32K/131K to
 step (counted from Python, and the profiler's GPU activities), and the per-token cost of one stream fed in chunks,
 at 8K steps and at 1M steps (prefill of an 8K chunk there, and decode steps there). Every run also times, beside
 the default decode step (INFOMAMBA_FUSED_STEP=1, kernels/dispatch.py: the fused Mamba step up to
-mamba_step.FUSED_MAMBA_MAX_BATCH rows, main's above), the same with every product in cuBLAS (kernels/small_linear.py
+mamba_step.FUSED_MAMBA_MAX_BATCH rows, main's above), the same with its kernels launched plainly (kernels/pdl.py
+off), the same with every product in cuBLAS (kernels/small_linear.py
 off), the fused Mamba step at every batch, main's path throughout
 (`0`) and for k > 0 `concept` (the fused concept step with main's Mamba step), so one run says which is faster at
 each batch size. --sweep times the fused decode kernels' launch configurations (they write state in place, so they
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import concept_step as concept_step_mod  # noqa: E402
 from kernels import mamba_step as mamba_step_mod  # noqa: E402
+from kernels import pdl as pdl_mod  # noqa: E402
 from kernels import small_linear as small_linear_mod  # noqa: E402
 from kernels.launches import count_cuda_kernels, counting_launches  # noqa: E402
 from model.config import InfoMambaConfig  # noqa: E402
@@ -110,22 +112,25 @@ def build(fields, k, device, dtype):
 # Decode paths timed side by side: INFOMAMBA_FUSED_STEP's values (the default; for k > 0 the fused concept step with
 # main's Mamba step; main's decode path throughout) and "fused", the default with the fused Mamba step at every
 # batch (FUSED_MAMBA_MAX_BATCH lifted: the dispatch before run 5 set the limit).
-STEP_LABELS = {"1": "default", "cublas": "projections in cuBLAS", "fused": "fused Mamba step at every batch",
+STEP_LABELS = {"1": "default", "nopdl": "PDL off", "cublas": "projections in cuBLAS", "fused": "fused Mamba step at every batch",
                "concept": "Mamba step unfused", "0": "unfused (main's path)"}
 
 
 def step_paths(k: int) -> tuple[str, ...]:
-    return ("1", "cublas", "fused", "concept", "0") if k else ("1", "cublas", "fused", "0")
+    return ("1", "nopdl", "cublas", "fused", "concept", "0") if k else ("1", "nopdl", "cublas", "fused", "0")
 
 
 @contextlib.contextmanager
 def fused_step(choice: str):
     """INFOMAMBA_FUSED_STEP=choice inside ("fused": `1` with mamba_step.FUSED_MAMBA_MAX_BATCH lifted; "cublas": `1`
-    with every product in cuBLAS and the norms apart, small_linear.SMALL_LINEAR_MAX_BATCH at 0); a graph captures
-    the path chosen while it is captured."""
+    with every product in cuBLAS and the norms apart, small_linear.SMALL_LINEAR_MAX_BATCH at 0; "nopdl": `1` with
+    every kernel launched plainly, kernels/pdl.py off); a graph captures the path chosen while it is captured."""
     before = os.environ.get("INFOMAMBA_FUSED_STEP")
     limit, small = mamba_step_mod.FUSED_MAMBA_MAX_BATCH, small_linear_mod.SMALL_LINEAR_MAX_BATCH
-    os.environ["INFOMAMBA_FUSED_STEP"] = "1" if choice in ("fused", "cublas") else choice
+    with_pdl = pdl_mod.ENABLED
+    os.environ["INFOMAMBA_FUSED_STEP"] = "1" if choice in ("fused", "cublas", "nopdl") else choice
+    if choice == "nopdl":
+        pdl_mod.ENABLED = False
     if choice == "fused":
         mamba_step_mod.FUSED_MAMBA_MAX_BATCH = 1 << 30
     if choice == "cublas":
@@ -134,6 +139,7 @@ def fused_step(choice: str):
         yield
     finally:
         mamba_step_mod.FUSED_MAMBA_MAX_BATCH, small_linear_mod.SMALL_LINEAR_MAX_BATCH = limit, small
+        pdl_mod.ENABLED = with_pdl
         if before is None:
             del os.environ["INFOMAMBA_FUSED_STEP"]
         else:

@@ -44,6 +44,8 @@ def pointer_types(act: str) -> dict:
 
 
 def compile_one(kernel, ptrs, constexprs, arch, num_warps, out_ptr=None):
+    if "PDL" in inspect.signature(kernel.fn).parameters:  # the variant the GPU runs (kernels/pdl.py)
+        constexprs = {"PDL": arch >= 90, **constexprs}
     sig = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
@@ -113,7 +115,8 @@ def main() -> None:
                 HAS_D=True, HAS_Z=True, HAS_DT_BIAS=False, DT_SOFTPLUS=False, BLOCK_D=64, BLOCK_N=16), args.arch, 2)
         # the few-row products (bench_small_linear.py's sweep): in_proj behind its norm and out_proj, 130M sizes
         for (norm, k), (block_b, block_n, block_k, warps) in itertools.product(
-                ((True, 768), (False, 1536)), ((1, 16, 256, 4), (2, 8, 128, 2), (4, 16, 256, 4), (16, 32, 128, 4))):
+                ((True, 768), (False, 1536)), ((1, 16, 256, 4), (2, 8, 128, 2), (4, 16, 256, 4), (16, 32, 128, 4),
+                                            (1, 4, 1024, 4), (1, 2, 2048, 2))):  # the last two: decode's
             compile_one(small_linear._small_linear_kernel, {**ptrs, "residual_ptr": "*fp32", "res_out_ptr": "*fp32"},
                         dict(K=k, NORM=norm, HAS_RESIDUAL=norm, HAS_BIAS=False, LOWP=lowp, BLOCK_B=block_b,
                              BLOCK_N=block_n, BLOCK_K=block_k), args.arch, warps)

@@ -50,7 +50,9 @@ def concept_step_ref(logits, v, gate_h, mix, norm_weight, gate_weight, concept_m
 # cores with its weights read once per program (kernels/concept_readout.py).
 
 from kernels._jit import dot_rows, gelu, lowp_dot, sigmoid, stored  # noqa: E402
+from kernels import pdl  # noqa: E402
 from kernels._triton import HAS_TRITON, cdiv, next_power_of_2, tl, triton  # noqa: E402
+from kernels.pdl import wait_for_inputs  # noqa: E402
 from kernels.concept_filter import _check_concept_args, _decay_args, update_slot  # noqa: E402
 from kernels.concept_readout import check_readout_args, readout_block_c, readout_gates  # noqa: E402
 
@@ -73,6 +75,7 @@ def _concept_step_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_O: tl.constexpr,
     LOWP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     first = tl.program_id(0).to(tl.int64) * ROWS
     m = tl.arange(0, BLOCK_M)  # (M,) tile rows; the first ROWS are this program's
@@ -82,6 +85,7 @@ def _concept_step_kernel(
     c_mask = c < d_c
     mix = tl.load(mix_ptr + j[:, None] * stride_mix_row + j[None, :], mask=k_mask[:, None] & k_mask[None, :],
                   other=0.0).to(tl.float32)  # (K, K)
+    wait_for_inputs(PDL)
     read = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(ROWS):
         row = first + i
@@ -116,6 +120,7 @@ def _concept_step_update_kernel(
     HAS_DECAY: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Launch 1 of the two-launch step: softmax routing, the slot's mean and mass updated in place, the read-back
     a^T M mean stored (zero for -1 rows). One program per row: the only program that touches the slot."""
@@ -124,6 +129,9 @@ def _concept_step_update_kernel(
     c = tl.arange(0, BLOCK_C)  # (C,)
     k_mask = j < k
     c_mask = c < d_c
+    mix = tl.load(mix_ptr + j[:, None] * stride_mix_row + j[None, :], mask=k_mask[:, None] & k_mask[None, :],
+                  other=0.0).to(tl.float32)  # (K, K)
+    wait_for_inputs(PDL)
     slot = tl.load(state_indices_ptr + row).to(tl.int64)
     live = slot >= 0
     logits = tl.load(logits_ptr + row * stride_logits_row + j, mask=k_mask, other=0.0)
@@ -131,8 +139,6 @@ def _concept_step_update_kernel(
     a = tl.exp(logits - tl.max(logits, axis=0))
     a = a / tl.sum(a, axis=0)  # (K,) softmax; 0 past k
     v = tl.load(v_ptr + row * stride_v_row + c, mask=c_mask & live, other=0.0).to(tl.float32)
-    mix = tl.load(mix_ptr + j[:, None] * stride_mix_row + j[None, :], mask=k_mask[:, None] & k_mask[None, :],
-                  other=0.0).to(tl.float32)  # (K, K)
     read = update_slot(a, v, mix, j, c, slot, live, log_decay_ptr, concept_mean_ptr, concept_mass_ptr,
                        k, d_c, eps, stride_mean_slot, stride_mean_k, stride_mass_slot, HAS_DECAY)
     tl.store(read_ptr + row * stride_read_row + c, read, mask=c_mask)
@@ -151,6 +157,7 @@ def _concept_step_gates_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_O: tl.constexpr,  # output columns of each gate per program
     LOWP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Launch 2 of the two-launch step: r = GELU(RMSNorm(read)) for BLOCK_M rows (every program of the rows
     recomputes it: d_c numbers a row), then columns o of both gates: g_s ⊙ r and g_o ⊙ r at o. Reads no state.
@@ -166,6 +173,9 @@ def _concept_step_gates_kernel(
     w_s = tl.load(gate_weight_ptr + o[:, None] * stride_gate_weight_row + c[None, :], mask=w_mask, other=0.0)
     w_o = tl.load(gate_weight_ptr + (d_c + o)[:, None] * stride_gate_weight_row + c[None, :], mask=w_mask,
                   other=0.0)  # (O, C)
+    w = tl.load(norm_weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    w_o_norm = tl.load(norm_weight_ptr + o, mask=o_mask, other=0.0).to(tl.float32)
+    wait_for_inputs(PDL)
     mask = row_mask[:, None] & c_mask[None, :]
     tile = row_mask[:, None] & o_mask[None, :]
     read = tl.load(read_ptr + rows[:, None] * stride_read_row + c[None, :], mask=mask, other=0.0)  # (M, C) fp32
@@ -174,11 +184,9 @@ def _concept_step_gates_kernel(
     h_s = tl.load(gate_h, mask=tile, other=0.0).to(tl.float32)
     h_o = tl.load(gate_h + d_c, mask=tile, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(read * read, axis=1) / d_c + norm_eps)  # (M,)
-    w = tl.load(norm_weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     r = tl.where(mask, stored(gelu(stored(read * rstd[:, None] * w[None, :], norm_weight_ptr)), to_output_ptr), 0.0)
     # r at this program's columns: the same elementwise operations on the same numbers, so the same values as r's
     # columns o (a register tile cannot be sliced by columns)
-    w_o_norm = tl.load(norm_weight_ptr + o, mask=o_mask, other=0.0).to(tl.float32)
     r_o = tl.where(tile, stored(gelu(stored(read_o * rstd[:, None] * w_o_norm[None, :], norm_weight_ptr)),
                                 to_output_ptr), 0.0)  # (M, O)
     if BLOCK_M >= 16:
@@ -241,6 +249,7 @@ def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean
     if batch == 0:
         return to_input, to_output
     block_c = readout_block_c(d_c)
+    with_pdl = pdl.use(logits.device)
     if split is None and rows is None:
         split = _step_path(batch, d_c)
     if split is not None:
@@ -252,14 +261,15 @@ def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean
             k, d_c, float(eps),
             logits.stride(0), v.stride(0), mix.stride(0), concept_mean.stride(0), concept_mean.stride(1),
             concept_mass.stride(0), read.stride(0),
-            HAS_DECAY=has_decay, BLOCK_K=next_power_of_2(k), BLOCK_C=block_c, num_warps=8,
+            HAS_DECAY=has_decay, BLOCK_K=next_power_of_2(k), BLOCK_C=block_c, PDL=with_pdl, num_warps=8,
+            **pdl.options(with_pdl),
         )
         _concept_step_gates_kernel[(cdiv(batch, block_m), cdiv(d_c, block_o))](
             read, gate_h, norm_weight, gate_weight, to_input, to_output,
             batch, d_c, float(norm_eps),
             read.stride(0), gate_h.stride(0), gate_weight.stride(0), to_input.stride(0), to_output.stride(0),
-            BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_O=block_o, LOWP=lowp_dot(dtype),
-            num_warps=num_warps or 4,
+            BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_O=block_o, LOWP=lowp_dot(dtype), PDL=with_pdl,
+            num_warps=num_warps or 4, **pdl.options(with_pdl),
         )
         return to_input, to_output
     rows = rows or _step_rows(batch)
@@ -271,9 +281,9 @@ def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean
         concept_mean.stride(1), concept_mass.stride(0), gate_weight.stride(0), to_input.stride(0),
         to_output.stride(0),
         HAS_DECAY=has_decay, ROWS=rows, BLOCK_M=max(16, next_power_of_2(rows)),
-        BLOCK_K=next_power_of_2(k), BLOCK_C=block_c, BLOCK_O=min(block_c, 32), LOWP=lowp_dot(dtype),
+        BLOCK_K=next_power_of_2(k), BLOCK_C=block_c, BLOCK_O=min(block_c, 32), LOWP=lowp_dot(dtype), PDL=with_pdl,
         # sm_90 compile (ptxas -v) at k 16, d_c 192, bf16: no spills on 4 warps for one row, on 8 for four
-        num_warps=num_warps or (4 if rows == 1 or block_c <= 64 else 8),
+        num_warps=num_warps or (4 if rows == 1 or block_c <= 64 else 8), **pdl.options(with_pdl),
     )
     return to_input, to_output
 

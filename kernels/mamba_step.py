@@ -69,6 +69,8 @@ from kernels._jit import dot_rows, dot_split, lowp_dot, silu, softplus, stored  
 from kernels._triton import (HAS_TRITON, cdiv, check_indices, check_pool, next_power_of_2, rows, tl,  # noqa: E402
                              triton)
 from kernels.selective_state_update import _selective_state_update_kernel, _update_config  # noqa: E402
+from kernels import pdl  # noqa: E402
+from kernels.pdl import wait_for_inputs  # noqa: E402
 
 
 @triton.jit
@@ -100,6 +102,20 @@ def _injected(inject_ptr, inject_weight_ptr, rows, row_mask, cols, col_mask, d_i
 
 
 @triton.jit
+def _conv_weights(conv_weight_ptr, e, e_mask, w_tap, stride_conv_weight_d, D_CONV: tl.constexpr):
+    """(E, W) fp32: the conv taps of channels e."""
+    return tl.load(conv_weight_ptr + e[:, None] * stride_conv_weight_d + w_tap[None, :],
+                   mask=e_mask[:, None] & (w_tap < D_CONV)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _x_proj_weights(x_proj_weight_ptr, e, e_mask, p, d_proj, stride_x_proj_row):
+    """(E, P): x_proj's weights of channels e, transposed."""
+    return tl.load(x_proj_weight_ptr + p[None, :] * stride_x_proj_row + e[:, None],
+                   mask=e_mask[:, None] & (p < d_proj)[None, :], other=0.0)
+
+
+@triton.jit
 def _mamba_step_conv_kernel(
     # pointers
     xz_ptr, inject_ptr, inject_weight_ptr, conv_weight_ptr, conv_bias_ptr, conv_state_ptr, x_proj_weight_ptr,
@@ -120,12 +136,21 @@ def _mamba_step_conv_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_e = tl.program_id(1)
-    rows, row_mask, slots, live = _step_rows(state_indices_ptr, pid_b, batch, BLOCK_B)
     w_tap = tl.arange(0, BLOCK_W)  # (W,) window tap, oldest first; tap D_CONV - 1 is this step's x
     p = tl.arange(0, BLOCK_P)  # (P,) x_proj outputs
+    # with PDL and one channel block a program (small batches), the weights' loads go out before the wait
+    PREFETCH: tl.constexpr = PDL and NUM_SUB == 1
+    if PREFETCH:
+        e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_mask = e < d_inner
+        w_first = _conv_weights(conv_weight_ptr, e, e_mask, w_tap, stride_conv_weight_d, D_CONV)
+        w_x_first = _x_proj_weights(x_proj_weight_ptr, e, e_mask, p, d_proj, stride_x_proj_row)
+    wait_for_inputs(PDL)
+    rows, row_mask, slots, live = _step_rows(state_indices_ptr, pid_b, batch, BLOCK_B)
     part = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
     for sub in range(NUM_SUB):
         e = (pid_e * NUM_SUB + sub) * BLOCK_E + tl.arange(0, BLOCK_E)  # (E,)
@@ -140,8 +165,10 @@ def _mamba_step_conv_kernel(
         state = conv_state_ptr + slots[:, None, None] * stride_conv_state_slot + e[None, :, None] * stride_conv_state_d
         old = tl.load(state + w_tap[None, None, :], mask=live3 & (w_tap < D_CONV - 1)[None, None, :], other=0.0)
         window = tl.where((w_tap == D_CONV - 1)[None, None, :], x[:, :, None], old.to(tl.float32))
-        w = tl.load(conv_weight_ptr + e[:, None] * stride_conv_weight_d + w_tap[None, :],
-                    mask=e_mask[:, None] & (w_tap < D_CONV)[None, :], other=0.0).to(tl.float32)  # (E, W)
+        if PREFETCH:
+            w = w_first
+        else:
+            w = _conv_weights(conv_weight_ptr, e, e_mask, w_tap, stride_conv_weight_d, D_CONV)
         acc = tl.sum(window * w[None, :, :], axis=2)  # (B, E)
         if HAS_CONV_BIAS:
             acc += tl.load(conv_bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
@@ -154,8 +181,10 @@ def _mamba_step_conv_kernel(
                        stored(x, conv_state_ptr)[:, :, None].to(conv_state_ptr.dtype.element_ty), shifted)
         tl.debug_barrier()  # every thread has read the old window before any of it is overwritten
         tl.store(state + w_tap[None, None, :], new, mask=live3 & (w_tap < D_CONV - 1)[None, None, :])
-        w_x = tl.load(x_proj_weight_ptr + p[None, :] * stride_x_proj_row + e[:, None],
-                      mask=e_mask[:, None] & (p < d_proj)[None, :], other=0.0)  # (E, P)
+        if PREFETCH:
+            w_x = w_x_first
+        else:
+            w_x = _x_proj_weights(x_proj_weight_ptr, e, e_mask, p, d_proj, stride_x_proj_row)
         part += dot_split(xc, w_x, x_proj_weight_ptr, LOWP)
     tl.store(dbc_part_ptr + pid_e * stride_part_part + rows[:, None] * stride_part_row + p[None, :], part,
              mask=row_mask[:, None] & (p < d_proj)[None, :])
@@ -180,15 +209,19 @@ def _mamba_step_ssm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows, row_mask, slots, live = _step_rows(state_indices_ptr, pid_b, batch, BLOCK_B)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (D,) channels
     d_mask = d < d_inner
     n = tl.arange(0, BLOCK_N)
     n_mask = n < d_state
     r = tl.arange(0, BLOCK_R)
+    w_dt = tl.load(dt_proj_weight_ptr + d[None, :] * stride_dt_proj_row + r[:, None],
+                   mask=(r < dt_rank)[:, None] & d_mask[None, :], other=0.0)  # (R, D)
+    wait_for_inputs(PDL)
+    rows, row_mask, slots, live = _step_rows(state_indices_ptr, pid_b, batch, BLOCK_B)
     tile = row_mask[:, None] & d_mask[None, :]
     # x_proj's output: the partial sums of launch 1, added up (fp32)
     delta = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
@@ -199,8 +232,6 @@ def _mamba_step_ssm_kernel(
         delta += tl.load(part + r[None, :], mask=row_mask[:, None] & (r < dt_rank)[None, :], other=0.0)
         B += tl.load(part + dt_rank + n[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         C += tl.load(part + dt_rank + d_state + n[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-    w_dt = tl.load(dt_proj_weight_ptr + d[None, :] * stride_dt_proj_row + r[:, None],
-                   mask=(r < dt_rank)[:, None] & d_mask[None, :], other=0.0)  # (R, D)
     dt = dot_split(delta, w_dt, dt_proj_weight_ptr, LOWP)  # (B, D)
     dt = softplus(dt + tl.load(dt_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :])
     z = tl.load(xz_ptr + rows[:, None] * stride_xz_row + d_inner + d[None, :], mask=tile, other=0.0).to(tl.float32)
@@ -242,6 +273,7 @@ def _mamba_step_dt_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Launch 2 of the three-launch (large-batch) step: launch 2 of the two-launch step without the state. The
     partial sums of x_proj added up; dt = softplus(dt_proj(δ) + dt_bias) and, with the injection, z + injection,
@@ -261,6 +293,7 @@ def _mamba_step_dt_kernel(
     # (as there) spill at 24 parts (ptxas -v: 660 bytes), and one at a time would be 24 dependent loads
     w_dt = tl.load(dt_proj_weight_ptr + d[None, :] * stride_dt_proj_row + r[:, None],
                    mask=(r < dt_rank)[:, None] & d_mask[None, :], other=0.0)  # (R, D)
+    wait_for_inputs(PDL)
     delta = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
     for i0 in range(0, NUM_PARTS, PART_UNROLL):
         for u in tl.static_range(PART_UNROLL):
@@ -403,6 +436,7 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
     lowp = lowp_dot(xz.dtype)
     placeholder = xz  # pointer arguments the kernels never read (no injection)
     grid_b = cdiv(batch, block_b)
+    with_pdl = pdl.use(xz.device)
     _mamba_step_conv_kernel[(grid_b, num_parts)](
         xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder,
         conv_weight, conv_bias if conv_bias is not None else conv_weight, conv_state, x_proj_weight, state_indices,
@@ -413,12 +447,13 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
         conv_state.stride(1), x_proj_weight.stride(0), xc.stride(0), dbc_part.stride(0), dbc_part.stride(1),
         HAS_INJECT=inject is not None, HAS_CONV_BIAS=conv_bias is not None, D_CONV=d_conv, LOWP=lowp,
         NUM_SUB=num_sub, BLOCK_B=block_b, BLOCK_E=block_e, BLOCK_W=next_power_of_2(d_conv),
-        BLOCK_P=max(next_power_of_2(d_proj), 16), BLOCK_C=block_c, num_warps=8,
+        BLOCK_P=max(next_power_of_2(d_proj), 16), BLOCK_C=block_c, PDL=with_pdl, num_warps=8,
+        **pdl.options(with_pdl),
     )
     if three:
         _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_bias, A, D, xc, ssm_state,
                            state_indices, out, batch, d_inner, d_state, dt_rank, d_inject, num_parts, block_b,
-                           block_d, block_c, lowp)
+                           block_d, block_c, lowp, with_pdl)
         return out
     _mamba_step_ssm_kernel[(grid_b, cdiv(d_inner, block_d))](
         xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder, xc,
@@ -429,14 +464,14 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
         dt_proj_weight.stride(0), A.stride(0), ssm_state.stride(0), ssm_state.stride(1), out.stride(0),
         HAS_INJECT=inject is not None, LOWP=lowp, NUM_PARTS=num_parts, BLOCK_B=block_b, BLOCK_D=block_d,
         BLOCK_N=next_power_of_2(d_state), BLOCK_R=max(next_power_of_2(dt_rank), 16),
-        BLOCK_C=min(block_c, 64), num_warps=8,
+        BLOCK_C=min(block_c, 64), PDL=with_pdl, num_warps=8, **pdl.options(with_pdl),
     )
     return out
 
 
 def _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_bias, A, D, xc, ssm_state,
                        state_indices, out, batch, d_inner, d_state, dt_rank, d_inject, num_parts, block_b, block_d,
-                       block_c, lowp):
+                       block_c, lowp, with_pdl):
     """Launches 2 and 3 of the three-launch path: dt, z (with the injection), B and C in fp32, then the state
     update. The intermediates stay fp32 as in the two-launch path, so both compute the same step (only the order of
     sums differs: none, since both add the same partial sums in the same order and take the same products)."""
@@ -458,7 +493,8 @@ def _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_b
         dt_proj_weight.stride(0), dt.stride(0), z.stride(0), B.stride(0), C.stride(0),
         HAS_INJECT=inject is not None, LOWP=lowp, NUM_PARTS=num_parts, PART_UNROLL=DT_PART_UNROLL, BLOCK_B=block_b,
         BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state), BLOCK_R=max(next_power_of_2(dt_rank), 16),
-        BLOCK_C=min(block_c, 128) if block_d >= 128 else block_c, num_warps=DT_WARPS,
+        BLOCK_C=min(block_c, 128) if block_d >= 128 else block_c, PDL=with_pdl, num_warps=DT_WARPS,
+        **pdl.options(with_pdl),
     )
     z_in = rows(z_in)
     ssu_block_d, block_n, ssu_warps = _update_config(batch, d_inner, d_state)
@@ -468,7 +504,7 @@ def _three_launch_rest(xz, inject, inject_weight, dbc_part, dt_proj_weight, dt_b
         xc.stride(0), dt.stride(0), A.stride(0), B.stride(0), C.stride(0), z_in.stride(0),
         ssm_state.stride(0), ssm_state.stride(1), out.stride(0),
         HAS_D=True, HAS_Z=True, HAS_DT_BIAS=False, DT_SOFTPLUS=False, BLOCK_D=ssu_block_d, BLOCK_N=block_n,
-        num_warps=ssu_warps,
+        PDL=with_pdl, num_warps=ssu_warps, **pdl.options(with_pdl),
     )
 
 

@@ -36,8 +36,10 @@ def selective_state_update_ref(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_i
 # Triton kernel: one program per (row, channel block) holding a (BLOCK_D, d_state) tile of the state.
 # Memory-bound: the state is read and written once (8 bytes per element); everything else is O(d_inner).
 
+from kernels import pdl  # noqa: E402
 from kernels._triton import (HAS_TRITON, cdiv, check_indices, check_pool, next_power_of_2, rows, tl,  # noqa: E402
                              triton)
+from kernels.pdl import wait_for_inputs  # noqa: E402
 
 
 @triton.jit
@@ -56,14 +58,19 @@ def _selective_state_update_kernel(
     DT_SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    slot = tl.load(state_indices_ptr + row).to(tl.int64)
-    live = slot >= 0
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (D,)
     n = tl.arange(0, BLOCK_N)  # (N,)
     d_mask = d < d_inner
+    # the weights (for a -1 row too: its output is zeroed and its state left alone below)
+    A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :], mask=d_mask[:, None] & (n < d_state)[None, :],
+                other=0.0).to(tl.float32)
+    wait_for_inputs(PDL)
+    slot = tl.load(state_indices_ptr + row).to(tl.int64)
+    live = slot >= 0
     mask = d_mask[:, None] & (n < d_state)[None, :] & live
     state_ptrs = ssm_state_ptr + slot * stride_state_slot + d[:, None] * stride_state_d + n[None, :]
     s = tl.load(state_ptrs, mask=mask, other=0.0)  # (D, N) fp32, issued first: it is the big load
@@ -73,7 +80,6 @@ def _selective_state_update_kernel(
         dt += tl.load(dt_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
     if DT_SOFTPLUS:
         dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-    A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :], mask=mask, other=0.0).to(tl.float32)
     B = tl.load(B_ptr + row * stride_B_row + n, mask=n < d_state, other=0.0).to(tl.float32)
     C = tl.load(C_ptr + row * stride_C_row + n, mask=n < d_state, other=0.0).to(tl.float32)
     s = tl.exp2(A * (dt * 1.4426950408889634)[:, None]) * s + (dt * x)[:, None] * B[None, :]
@@ -139,6 +145,7 @@ def _selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indi
         return out
     config = _update_config(batch, d_inner, d_state)
     block_d, block_n, num_warps = block_d or config[0], config[1], num_warps or config[2]
+    with_pdl = pdl.use(x.device)
     _selective_state_update_kernel[(batch, cdiv(d_inner, block_d))](
         x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
         dt_bias if dt_bias is not None else x, ssm_state, state_indices, out,
@@ -146,8 +153,8 @@ def _selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indi
         x.stride(0), dt.stride(0), A.stride(0), B.stride(0), C.stride(0), z.stride(0) if z is not None else 0,
         ssm_state.stride(0), ssm_state.stride(1), out.stride(0),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-        BLOCK_D=block_d, BLOCK_N=block_n,
-        num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=block_n, PDL=with_pdl,
+        num_warps=num_warps, **pdl.options(with_pdl),
     )
     return out
 

@@ -44,6 +44,8 @@ def add_rms_norm_linear_ref(x, residual, norm_weight, eps, weight, bias=None):
 
 from kernels._jit import dot_rows, lowp_dot, stored  # noqa: E402
 from kernels._triton import HAS_TRITON, INTERPRETED, cdiv, next_power_of_2, rows, tl, triton  # noqa: E402
+from kernels import pdl  # noqa: E402
+from kernels.pdl import wait_for_inputs  # noqa: E402
 
 # Up to this many rows a plain product runs here, else in cuBLAS; a product behind a norm up to NORM_LINEAR_MAX_BATCH
 # (below). Read per call: the tests and the benchmarks set them.
@@ -106,6 +108,7 @@ def _small_linear_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -113,6 +116,13 @@ def _small_linear_kernel(
     row_mask = row < batch
     col = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = col < n
+    # with PDL and all of K in one block (the decode configurations), W's loads go out before the wait for x
+    PREFETCH: tl.constexpr = PDL and BLOCK_K >= K
+    if PREFETCH:
+        ks = tl.arange(0, BLOCK_K)
+        w_first = tl.load(weight_ptr + col[:, None] * stride_weight_row + ks[None, :],
+                          mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+    wait_for_inputs(PDL)
     if NORM:
         # pass 1: the rows' mean square (loads only: a store here would keep the compiler from issuing W's loads
         # before it, and with one K block both passes' loads go out together)
@@ -131,8 +141,11 @@ def _small_linear_kernel(
     for k0 in tl.range(0, K, BLOCK_K):  # not unrolled: the software pipeliner keeps num_stages loads in flight
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
-        w = tl.load(weight_ptr + col[:, None] * stride_weight_row + ks[None, :],
-                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+        if PREFETCH:
+            w = w_first
+        else:
+            w = tl.load(weight_ptr + col[:, None] * stride_weight_row + ks[None, :],
+                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
         mask = row_mask[:, None] & k_mask[None, :]
         a = tl.load(x_ptr + row[:, None] * stride_x_row + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         if NORM:
@@ -169,6 +182,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, out, res_out, config: L
     x, weight = rows(x), rows(weight)
     residual = rows(residual) if residual is not None else None
     grid = (cdiv(n, config.block_n), cdiv(batch, config.block_b))
+    with_pdl = pdl.use(x.device)
     _small_linear_kernel[grid](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else weight,
         weight, bias if bias is not None else weight, out, res_out if res_out is not None else out,
@@ -177,8 +191,8 @@ def _launch(x, residual, norm_weight, eps, weight, bias, out, res_out, config: L
         res_out.stride(0) if res_out is not None else 0,
         K=k, NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         LOWP=lowp_dot(weight.dtype),
-        BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=with_pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.options(with_pdl),
     )
 
 
