@@ -45,8 +45,10 @@ from kernels.launches import count_cuda_kernels, counting_launches  # noqa: E402
 from model.config import InfoMambaConfig  # noqa: E402
 from model.infomamba import InfoMamba  # noqa: E402
 from model.state import state_nbytes_per_stream  # noqa: E402
+from server.engine.prefill_graphs import LONG_STEP, CudaGraphPrefill  # noqa: E402
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+GRAPH_PREFILL_MAX = 2048  # prefill lengths also timed as the server's graph step (the default step budget)
 
 
 def sizes(args):
@@ -190,12 +192,21 @@ def bench_decode(model, batches, clock, cuda, rows, graphs=True, rounds=2):
 
 
 def bench_prefill(model, lengths, clock, cuda):
+    """One sequence of n tokens, eager (the model's forward); on a GPU, for n up to GRAPH_PREFILL_MAX also as the
+    server runs a step of one n-token chunk: the replay of its CUDA graph (server/engine/prefill_graphs.py's long
+    buckets), continuing a stream in the pool."""
     out = {}
     with torch.inference_mode():
         for n in lengths:
             ids = torch.randint(0, model.config.vocab_size, (1, n), device=model.device)
             sec = clock(lambda: model(ids), warmup=1, iters=3 if cuda else 1)
             out[n] = dict(ms=sec * 1e3, tokens_per_s=n / sec)
+            if cuda and n <= GRAPH_PREFILL_MAX and n % LONG_STEP == 0:
+                pool = model.empty_state(1)
+                graphs = CudaGraphPrefill(model, pool, max_seqs=1, max_tokens=n)
+                sec = clock(lambda: graphs((1, n), ids[0], [0, n], [0]), warmup=2, iters=10)
+                out[n].update(graph_ms=sec * 1e3, graph_tokens_per_s=n / sec)
+                del graphs, pool
     return out
 
 
@@ -474,6 +485,9 @@ def report(results, plan) -> str:
     for n in plan["lengths"]:
         x, y = a["prefill"][n], b["prefill"][n]
         lines.append(f"| {n} | {x['tokens_per_s']:,.0f} | {y['tokens_per_s']:,.0f} | {y['ms'] / x['ms']:.2f} |")
+        if "graph_ms" in x and "graph_ms" in y:
+            lines.append(f"| {n}, the server's graph step | {x['graph_tokens_per_s']:,.0f} | "
+                         f"{y['graph_tokens_per_s']:,.0f} | {y['graph_ms'] / x['graph_ms']:.2f} |")
     lines += ["", f"| launches per decode step | k={k0} | k={k1} |", "| --- | ---: | ---: |",
               f"| per step, counted from Python | {a['launches']['per_step']} | {b['launches']['per_step']} |",
               f"| per step, GPU activities (profiler) | {a['launches']['per_step_gpu']} | "

@@ -36,7 +36,7 @@ from server.engine import errors
 from server.engine.errors import EngineError
 from server.engine.protocol import (Abort, Add, Array, EngineInfo, Error, Hello, Logprobs, Reply, RequestOutput,
                                     Sampling, SessionOp, StepOutputs, TokenOutputs, Utility, child_rid)
-from server.engine.prefill_graphs import MAX_CHUNK
+from server.engine.prefill_graphs import LONG_STEP, MAX_CHUNK
 from server.engine.runner import LaunchedStep, ModelRunner, StepResult
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -85,6 +85,9 @@ class EngineCore:
             self.scheduler.max_prefill_wait_steps = config.max_prefill_wait_steps
         if getattr(self.runner, "prefill_graphs", None) is not None:
             self.scheduler.graph_chunk = MAX_CHUNK
+            if self.runner.prefill_graphs.long:
+                self.scheduler.long_graph_chunk = LONG_STEP
+                self.scheduler.long_graph_max = max(self.runner.prefill_graphs.long)
         # events from other threads (frontend requests, finished writes), handled by the engine thread in order
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.on_post = None  # called after each post(), to wake a loop that sleeps elsewhere (EngineLoop)

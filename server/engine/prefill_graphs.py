@@ -13,6 +13,12 @@ bench/RESULTS.md). Such a step replays a graph captured for a padded layout inst
   layout of the bucket;
 - each bucket is captured with a sequence of MAX_CHUNK tokens, so its kernels are configured for the longest
   sequence they may meet; the chunked form gives the same result for any chunking, so shorter ones are exact.
+
+Long prompts get buckets too: one sequence of exactly L tokens, L a multiple of LONG_STEP up to the step's token
+budget, with nothing padded (the layout is exact, so its tables and grids are those of the real step). An eager
+2048-token step of the 130M-class model costs 14-31 ms of host time against 5-7 ms of GPU work (H200,
+bench/profile_host.py); the scheduler cuts a long prompt that does not fit one step into chunks of these lengths
+(Scheduler.long_graph_chunk), so all its steps but the last replay a graph.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ MAX_CHUNK = 64  # longest sequence a bucket takes: one chunk of the scan (kernel
 TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CHUNK_SIZES = (16, 32, 64, 128)  # every chunk size a kernel may ask the layout's tables for, at max_len 64
+LONG_STEP = 256  # long buckets hold one sequence of a multiple of this many tokens
 
 
 def buckets(max_seqs: int, max_tokens: int) -> list[tuple[int, int]]:
@@ -33,6 +40,11 @@ def buckets(max_seqs: int, max_tokens: int) -> list[tuple[int, int]]:
     MAX_CHUNK at most."""
     return [(n, t) for n in SEQ_BUCKETS if n <= max_seqs for t in TOKEN_BUCKETS
             if t <= max_tokens and n <= t <= n * MAX_CHUNK]
+
+
+def long_lengths(max_tokens: int) -> list[int]:
+    """The lengths of the long buckets (one sequence each) under a step's token budget."""
+    return list(range(LONG_STEP, max_tokens + 1, LONG_STEP))
 
 
 def pad_layout(starts: list[int], num_seqs: int, num_tokens: int) -> list[int]:
@@ -48,11 +60,13 @@ def pad_layout(starts: list[int], num_seqs: int, num_tokens: int) -> list[int]:
     return bounds
 
 
-def choose_bucket(by_seqs: dict[int, list[int]], starts: list[int], max_len: int) -> tuple[int, int] | None:
+def choose_bucket(by_seqs: dict[int, list[int]], starts: list[int], max_len: int,
+                  long: frozenset[int] = frozenset()) -> tuple[int, int] | None:
     """The smallest bucket that holds a layout (starts: the real sequences' bounds; max_len: the longest one), or
-    None. by_seqs: sequences -> the token sizes captured for it, both ascending."""
+    None. by_seqs: sequences -> the token sizes captured for it, both ascending; long: the long buckets' lengths
+    (one sequence of exactly that many tokens)."""
     if max_len > MAX_CHUNK:
-        return None
+        return (1, max_len) if len(starts) == 2 and max_len in long else None
     num_seqs, num_tokens = len(starts) - 1, starts[-1]
     for n, sizes in by_seqs.items():
         if n < num_seqs:
@@ -72,24 +86,30 @@ class CudaGraphPrefill:
         if model.config.vocab_size is None or model.config.is_hybrid:
             raise ValueError("CudaGraphPrefill: token inputs and recurrent layers only")
         self.model, self.pool = model, pool
-        self.buckets = buckets(max_seqs, max_tokens)
+        self.long = frozenset(long_lengths(max_tokens))
+        self.buckets = buckets(max_seqs, max_tokens) + [(1, t) for t in sorted(self.long)]
         self.by_seqs: dict[int, list[int]] = {}  # sequences -> the token sizes captured for it, ascending
         for n, t in self.buckets:
-            self.by_seqs.setdefault(n, []).append(t)
+            if t not in self.long or n != 1:
+                self.by_seqs.setdefault(n, []).append(t)
         device = model.device
         self.tokens = torch.zeros(max(t for _, t in self.buckets), dtype=torch.long, device=device)
         # per sequence count: [cu_seqlens (n + 1), pad, slots (n)] in one buffer, filled by one copy a step
         self.layout_buffers = {n: torch.zeros(aligned(n + 1) + n, dtype=torch.int32, device=device)
-                               for n in self.by_seqs}
+                               for n, _ in self.buckets}
         self.layouts: dict[tuple[int, int], PackedLayout] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], ModelOutput] = {}
         self.num_replays = 0
+        self.num_long_replays = 0  # of them, long buckets'
         self._capture()
 
     def _capture_layout(self, n: int, t: int) -> PackedLayout:
         buf = self.layout_buffers[n]
-        bounds = pad_layout([0], n, t)  # all pad: the first sequences MAX_CHUNK long, as the kernels must expect
+        if n == 1 and t in self.long:  # one sequence, exactly t tokens
+            bounds = [0, t]
+        else:  # all pad: the first sequences MAX_CHUNK long, as the kernels must expect
+            bounds = pad_layout([0], n, t)
         buf[:n + 1].copy_(torch.tensor(bounds, dtype=torch.int32))
         buf[aligned(n + 1):].fill_(-1)
         layout = PackedLayout(buf[:n + 1], bounds)
@@ -116,7 +136,7 @@ class CudaGraphPrefill:
         torch.cuda.current_stream().wait_stream(stream)
 
     def bucket_for(self, starts: list[int], max_len: int) -> tuple[int, int] | None:
-        return choose_bucket(self.by_seqs, starts, max_len)
+        return choose_bucket(self.by_seqs, starts, max_len, self.long)
 
     @torch.inference_mode()
     def __call__(self, bucket: tuple[int, int], inputs: torch.Tensor, starts: list[int],
@@ -132,5 +152,6 @@ class CudaGraphPrefill:
         self.tokens[num_tokens:t].zero_()
         self.graphs[bucket].replay()
         self.num_replays += 1
+        self.num_long_replays += n == 1 and t in self.long
         out = self.outputs[bucket]
         return ModelOutput(hidden=out.hidden[:num_tokens], head=out.head[:num_tokens])

@@ -15,6 +15,12 @@ With `graph_chunk` > 0 (the runner replays graphs of mixed steps whose chunks ar
 streams decode feeds a prompt of up to GRAPH_CHUNK_SPLIT chunks in chunks of graph_chunk: a few replayed steps cost
 less than one eager step, and the decodes beside them go on. Longer prompts go in whole (an eager step's launches
 are then a small part of its work).
+
+With `long_graph_chunk` > 0 (the runner also replays one sequence of any multiple of it up to `long_graph_max`
+tokens), a prompt too long for the step is cut at a multiple of it and is the step's only prompt (behind other
+prompts, it waits for the next step, which it leads), so that the step replays a graph: a long prompt then goes in graph steps but for its last chunk, where eager steps cost
+two to five times their GPU work in launches (bench/RESULTS.md). A prompt that ends in the step is not cut: that
+would add a step.
 """
 from __future__ import annotations
 
@@ -65,6 +71,8 @@ class Scheduler:
         self.max_num_prefill_tokens = max(max_num_prefill_tokens or 0, max_num_batched_tokens)
         self.max_prefill_wait_steps = max_prefill_wait_steps
         self.graph_chunk = 0  # set by the engine when its runner replays mixed steps of chunks this short
+        self.long_graph_chunk = 0  # and these two when it replays one long sequence of a multiple of this many
+        self.long_graph_max = 0  # tokens, up to this many
         self.num_prefill_waits = 0  # decode-only steps run in a row while prefill work waited
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -163,12 +171,21 @@ class Scheduler:
             for seq in prefilling:
                 if not budget:
                     break
-                n = min(seq.num_prompt - seq.num_fed, budget)
+                left = seq.num_prompt - seq.num_fed
+                n = min(left, budget)
+                is_cut = False
                 if split and n <= split * GRAPH_CHUNK_SPLIT:
                     n = min(n, split)
+                elif n < left and self.long_graph_chunk <= n <= self.long_graph_max:
+                    if len(chunks) > num_decodes:  # it would share the step: it leads the next one instead
+                        break
+                    n -= n % self.long_graph_chunk  # (long_graph_chunk 0: long_graph_max is 0 too, never here)
+                    is_cut = True
                 chunks.append(ScheduledChunk(seq, seq.num_fed, n, False))
                 seq.num_fed += n
                 budget -= n
+                if is_cut:  # the step's one prompt: a second would take it off the graph
+                    break
         if not chunks:
             return None
         if len(chunks) == len(self.running):  # all scheduled: the new order is the chunks'

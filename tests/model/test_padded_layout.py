@@ -9,7 +9,7 @@ import torch
 from helpers import make_model, set_decays
 from kernels.dispatch import triton_available
 from kernels.packing import PackedLayout
-from server.engine.prefill_graphs import MAX_CHUNK, buckets, choose_bucket, pad_layout
+from server.engine.prefill_graphs import MAX_CHUNK, buckets, choose_bucket, long_lengths, pad_layout
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -35,6 +35,18 @@ def test_buckets_and_padding():
     assert max(b - a for a, b in zip(bounds, bounds[1:])) <= MAX_CHUNK
     with pytest.raises(ValueError):
         pad_layout([0, 1], 2, 256)
+
+
+def test_long_buckets_take_one_sequence_of_exactly_their_length():
+    assert long_lengths(1000) == [256, 512, 768] and long_lengths(200) == []
+    long = frozenset(long_lengths(2048))
+    table = by_seqs(max_tokens=2048)
+    assert choose_bucket(table, [0, 1792], 1792, long) == (1, 1792)
+    assert choose_bucket(table, [0, 1800], 1800, long) is None  # not a captured length: eager
+    assert choose_bucket(table, [0, 10, 522], 512, long) is None  # beside another sequence: eager
+    assert choose_bucket(table, [0, 1792], 1792) is None  # no long buckets captured
+    assert choose_bucket(table, [0, 1, 2, 50], 48, long) == (4, 64)  # short layouts as before
+    assert pad_layout([0, 1792], 1, 1792) == [0, 1792]  # the replay's layout is the real one
 
 
 @pytest.mark.parametrize("fields", [dict(n_concepts=0), dict(n_concepts=3),

@@ -52,9 +52,29 @@ def test_a_replayed_bucket_equals_the_eager_pass_for_each_layout():
     assert graphs.num_replays == 6
 
 
-def serve(prefill_graphs: bool, tmp_path, prompts) -> tuple[dict, int]:
+def test_a_long_bucket_carries_a_stream_as_the_eager_passes_do():
+    model = tiny_lm()
+    pool = model.empty_state(8)
+    graphs = CudaGraphPrefill(model, pool, max_seqs=8, max_tokens=512)
+    assert graphs.long == {256, 512}
+    eager_pool = pool.clone()
+    for length in (512, 256, 512):  # one stream in slot 5, its state carried from chunk to chunk
+        tokens = torch.randint(0, 260, (length,), device=model.device)
+        bucket = graphs.bucket_for([0, length], length)
+        assert bucket == (1, length)
+        with torch.inference_mode():
+            expected, _ = model(tokens, eager_pool, cu_seqlens=torch.tensor([0, length], dtype=torch.int32),
+                                state_indices=torch.tensor([5], dtype=torch.int32), bounds=[0, length])
+            got = graphs(bucket, tokens, [0, length], [5])
+        torch.testing.assert_close(got.head, expected.head, **TOL, msg=f"{length} tokens")
+        for name, tensor in eager_pool.tensors().items():
+            torch.testing.assert_close(pool.tensors()[name], tensor, **TOL, msg=f"{length} tokens: {name}")
+    assert graphs.num_long_replays == 3
+
+
+def serve(prefill_graphs: bool, tmp_path, prompts, budget: int = 256) -> tuple[dict, int]:
     """Greedy completions of `prompts`, one new prompt every other step beside the running ones."""
-    config = ServerConfig(max_num_streams=16, max_num_batched_tokens=256, prefill_graphs=prefill_graphs)
+    config = ServerConfig(max_num_streams=16, max_num_batched_tokens=budget, prefill_graphs=prefill_graphs)
     core = EngineCore(tiny_lm(), None, config, str(tmp_path / f"sessions-{prefill_graphs}"))
     core.store.start()
     warm_up(core)
@@ -71,8 +91,8 @@ def serve(prefill_graphs: bool, tmp_path, prompts) -> tuple[dict, int]:
                     tokens.setdefault(out.rid, []).extend(out.token_ids or [])
             if step > 2 * len(prompts) and not core.has_work():
                 break
-        replays = core.runner.prefill_graphs.num_replays if core.runner.prefill_graphs else 0
-        return tokens, replays
+        graphs = core.runner.prefill_graphs
+        return tokens, (graphs.num_replays, graphs.num_long_replays) if graphs else (0, 0)
     finally:
         core.shutdown()
 
@@ -80,10 +100,20 @@ def serve(prefill_graphs: bool, tmp_path, prompts) -> tuple[dict, int]:
 def test_an_engine_replays_mixed_steps_and_answers_as_the_eager_one(tmp_path):
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, 260, int(n)) for n in rng.integers(3, 60, 10)]
-    graphed, replays = serve(True, tmp_path, prompts)
+    graphed, (replays, _) = serve(True, tmp_path, prompts)
     eager, none = serve(False, tmp_path, prompts)
-    assert replays > 0 and none == 0
+    assert replays > 0 and none == (0, 0)
     assert sorted(graphed) == sorted(eager) == [f"r{i}" for i in range(10)]
+    assert graphed == eager
+
+
+def test_an_engine_feeds_long_prompts_in_long_buckets_and_answers_as_the_eager_one(tmp_path):
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 260, int(n)) for n in (20, 2600, 35, 1500, 9)]  # the long ones beside decodes
+    graphed, (_, long_replays) = serve(True, tmp_path, prompts, budget=1024)
+    eager, _ = serve(False, tmp_path, prompts, budget=1024)
+    assert long_replays >= 3  # 2600: 768 + 768 + 768 beside decodes (then 296 eager); 1500: 768 at least
+    assert sorted(graphed) == sorted(eager) == [f"r{i}" for i in range(5)]
     assert graphed == eager
 
 

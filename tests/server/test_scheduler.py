@@ -189,3 +189,35 @@ def test_prompts_that_go_in_graph_chunks_do_not_wait():
 
     assert step_with_one_prompt(0) == 1  # mixed steps run eager: the prompt waits for company
     assert step_with_one_prompt(16) == 2  # its step replays a graph: it goes in at once
+
+
+def test_a_prompt_longer_than_the_step_goes_in_long_graph_chunks_alone():
+    sched = Scheduler(FakePool(4), max_num_batched_tokens=2048)
+    sched.graph_chunk = 64
+    sched.long_graph_chunk, sched.long_graph_max = 256, 2048  # the runner replays one sequence of 256k tokens
+    decoder = Sequence(torch.zeros(0, dtype=torch.long), sampling=SamplingParams(max_tokens=100))
+    decoder.pending_token = 1
+    long, short = Sequence(torch.arange(5000)), Sequence(torch.arange(30))
+    for s in (decoder, long, short):
+        sched.add(s)
+    steps = []
+    while long.num_fed < 5000 or short.num_fed < 30:
+        decoder.pending_token = 1
+        batch = sched.schedule()
+        steps.append([(c.seq is long, c.num_tokens) for c in batch.chunks[batch.num_decodes:]])
+        feed(batch)
+    # beside the decode 2047 tokens fit a step: cut to 1792, the step's only prompt; the short prompt goes next, in
+    # graph chunks, with the long one waiting rather than sharing its step; the last 1416 end in their step and are
+    # not cut (that would add a step)
+    assert steps == [[(True, 1792)], [(False, 30)], [(True, 1792)], [(True, 1416)]]
+    alone = Scheduler(FakePool(1), max_num_batched_tokens=2048)
+    alone.long_graph_chunk, alone.long_graph_max = 256, 2048
+    alone.add(Sequence(torch.arange(5000)))
+    sizes = []
+    while (batch := alone.schedule()) is not None:
+        sizes.append(batch.chunks[0].num_tokens)
+    assert sizes == [2048, 2048, 904]  # whole steps are a captured length already
+    big = Scheduler(FakePool(1), max_num_batched_tokens=2048, max_num_prefill_tokens=65536)
+    big.long_graph_chunk, big.long_graph_max = 256, 2048
+    big.add(Sequence(torch.arange(100_000)))
+    assert big.schedule().chunks[0].num_tokens == 65536  # past the graphs' lengths: one large eager step
