@@ -13,7 +13,7 @@ INFOMAMBA_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider 
 timeout 420 python3 bench/bench_server.py --seconds 2 2>&1 | tee "$OUT/bench_server.log"
 timeout 120 python3 bench/bench_hops.py --device cuda --trace 2>&1 | sed -n '/^summary/,$p' | tee "$OUT/bench_hops.log"
 if [ "${1:-}" = all ]; then
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/model/test_model_kernels.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/model/test_model_kernels.py tests/model/test_pdl.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -8 | tee "$OUT/gpu_kernel_tests.log"
     timeout 150 python3 bench/bench_small_linear.py --json "$OUT/bench_small_linear.json" 2>&1 | tail -40 | tee "$OUT/bench_small_linear.log"
     timeout 300 python3 bench/bench_model.py --json "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.log"
