@@ -39,6 +39,11 @@ def sse(data) -> bytes:
     return b"data: " + (data.encode() if isinstance(data, str) else dumps(data)) + b"\n\n"
 
 
+def hole(name: str) -> str:
+    """A value that Chunks.template leaves open, to be filled with `name`'s JSON per chunk."""
+    return "\0" + name
+
+
 class Chunks:
     """The SSE events `{**base, "choices": [choice]}` of one streamed answer, as sse() writes them, with the
     base's bytes encoded once instead of per token."""
@@ -49,6 +54,17 @@ class Chunks:
 
     def __call__(self, choice: dict) -> bytes:
         return self.prefix + dumps(choice) + b"]}\n\n"
+
+    def template(self, choice: dict, *holes: str) -> list[bytes]:
+        """A chunk's bytes cut where the choice holds hole(name) for each of `holes`, in that order: joined with
+        those values' JSON in between, they are what __call__ writes for the choice with them. A token's chunk is
+        so written without a dict per token, with the keys, order and layout the dict gives."""
+        rest = self(choice)
+        parts = []
+        for name in holes:
+            head, rest = rest.split(dumps(hole(name)), 1)
+            parts.append(head)
+        return parts + [rest]
 
 
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),

@@ -9,15 +9,29 @@ import numpy as np
 from server.api.errors import APIError
 from server.api.requests import (Finish, finish_plain, generate, started, submit, submit_samples,
                                  unless_disconnected)
+from server.api.responses import sse
+from server.engine.client import RequestStream
 from server.engine.protocol import Sampling
 
 
 async def start(edge, prompts: list[np.ndarray], samplings: list[Sampling | None], n: int,
                 prompt_logprobs: int | None = None, is_streamed: bool = False, final_only: bool = False) -> list:
     """The runs (generate()) of every choice, prompt-major: choice k is sample k % n of prompt k // n. A sampling
-    of None feeds the prompt only (for its logprobs). Streamed, an error the engine answers at once (a full
-    queue) becomes the answer's status. final_only: the answer follows no token (finish_all without per_token),
-    so single samples ask the engine for their tokens with the finish only (protocol.Add.final_only)."""
+    of None feeds the prompt only (for its logprobs). final_only: the answer follows no token (finish_all without
+    per_token), so single samples ask the engine for their tokens with the finish only (protocol.Add.final_only)."""
+    streams = await submit_choices(edge, prompts, samplings, n, prompt_logprobs, is_streamed, final_only)
+    runs = [generate(edge, s, samplings[k // n], engine_checks_stop=False,
+                     join_ready=is_streamed and prompt_logprobs is None and samplings[k // n] is not None
+                     and samplings[k // n].logprobs is None)
+            for k, s in enumerate(streams)]
+    return list(zip(streams, runs))
+
+
+async def submit_choices(edge, prompts: list[np.ndarray], samplings: list[Sampling | None], n: int,
+                         prompt_logprobs: int | None = None, is_streamed: bool = False,
+                         final_only: bool = False) -> list[RequestStream]:
+    """start()'s streams, before any run follows them. Streamed, an error the engine answers at once (a full
+    queue) becomes the answer's status."""
     streams = []
     try:
         for ids, sampling in zip(prompts, samplings):
@@ -34,11 +48,7 @@ async def start(edge, prompts: list[np.ndarray], samplings: list[Sampling | None
         for s in streams:
             s.cancel()
         raise
-    runs = [generate(edge, s, samplings[k // n], engine_checks_stop=False,
-                     join_ready=is_streamed and prompt_logprobs is None and samplings[k // n] is not None
-                     and samplings[k // n].logprobs is None)
-            for k, s in enumerate(streams)]
-    return list(zip(streams, runs))
+    return streams
 
 
 async def finish_all(edge, request, started_runs: list, per_token: bool) -> list[Finish]:
@@ -106,3 +116,10 @@ async def merged(started_runs: list):
 def usage(num_prompt: int, num_generated: int) -> dict:
     return {"prompt_tokens": num_prompt, "completion_tokens": num_generated,
             "total_tokens": num_prompt + num_generated}
+
+
+def closing(base: dict, include_usage: bool, num_prompt: int, num_generated: int) -> bytes:
+    """What ends a streamed answer: the usage chunk when asked, then [DONE]."""
+    if not include_usage:
+        return sse("[DONE]")
+    return sse({**base, "choices": [], "usage": usage(num_prompt, num_generated)}) + sse("[DONE]")

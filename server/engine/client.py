@@ -82,6 +82,25 @@ class RequestStream:
             self.client.streams.pop(self.rid, None)
         return out
 
+    async def ready(self) -> list[RequestOutput]:
+        """Every output waiting now, waiting for one if none is; [] once the stream has ended. A reader that fell
+        behind its engine takes the backlog at once, and one that keeps up wakes through one frame fewer."""
+        if self.finished:
+            return []
+        if not self._outputs:
+            try:
+                await self._wait()
+            except BaseException:
+                self.cancel()
+                raise
+        outs = list(self._outputs)
+        self._outputs.clear()
+        last = outs[-1]
+        if last.finish_reason is not None or last.error is not None:
+            self.finished = True
+            self.client.streams.pop(self.rid, None)
+        return outs
+
     def abort(self) -> None:
         """Ask the engine to stop the request; its outputs keep coming, ending with finish_reason "cancelled"."""
         if not self.finished:

@@ -8,12 +8,12 @@ import time
 import numpy as np
 from fastapi import APIRouter, Request
 
-from server.api import samples, schemas
+from server.api import plain_stream, samples, schemas
 from server.api.errors import APIError, bad_request
 from server.api.logprobs import chat_logprobs
 from server.api.openapi import body, errors
 from server.api.requests import Finish, Token, Tokens
-from server.api.responses import JSON, Chunks, sse, sse_response
+from server.api.responses import JSON, Chunks, EventStream, hole, sse, sse_response
 from server.api.routes.openai import check_model, check_num_choices
 from server.api.validation import loads, parse
 
@@ -41,6 +41,8 @@ async def chat_completions(request: Request):
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     sampling = edge.validator.sampling(req, len(ids), max_tokens=max_tokens, logprobs=logprobs, num_samples=req.n)
     per_token = bool(sampling.stop) or bool(req.logprobs)
+    if req.stream and plain_stream.is_plain(req.n, 1, bool(req.logprobs)):
+        return await plain_chat(edge, req, ids, sampling)
     runs = await samples.start(edge, [ids], [sampling], req.n, is_streamed=req.stream,
                                final_only=not req.stream and not per_token)
     base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": edge.model_name}
@@ -70,13 +72,39 @@ def prompt_ids(edge, req: schemas.ChatCompletionRequest) -> np.ndarray:
     return ids
 
 
+async def plain_chat(edge, req: schemas.ChatCompletionRequest, ids: np.ndarray, sampling) -> EventStream:
+    """A streamed chat of one choice without logprobs, through plain_stream."""
+    stream, = await samples.submit_choices(edge, [ids], [sampling], 1, is_streamed=True)
+    base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": edge.model_name}
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    chunks = plain_chat_chunks(base, include_usage, len(ids))
+    return sse_response(plain_stream.events(edge, stream, tuple(sampling.stop), chunks))
+
+
+def plain_chat_chunks(base: dict, include_usage: bool, num_prompt: int) -> plain_stream.PlainChunks:
+    """The chunks chat_events writes for one choice without logprobs."""
+    base = {**base, "object": "chat.completion.chunk"}
+    encode = Chunks(base)
+    return plain_stream.PlainChunks(
+        token_parts=encode.template({"index": 0, "delta": {"content": hole("text")}, "logprobs": None,
+                                     "finish_reason": None}, "text"),
+        finish=lambda reason: encode({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}),
+        end=lambda num_sent: samples.closing(base, include_usage, num_prompt, num_sent),
+        opening=_role_chunk(encode, 0))
+
+
+def _role_chunk(encode: Chunks, index: int) -> bytes:
+    """Each choice opens with the assistant's role, as OpenAI's streams do."""
+    return encode({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                   "finish_reason": None})
+
+
 async def chat_events(edge, runs, base: dict, num_prompt: int, include_usage: bool, wants_logprobs: bool):
     base = {**base, "object": "chat.completion.chunk"}
     encode = Chunks(base)
     generated = 0
-    for k in range(len(runs)):  # each choice opens with the assistant's role, as OpenAI's streams do
-        yield encode({"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None})
+    for k in range(len(runs)):
+        yield _role_chunk(encode, k)
     async for index, event in samples.merged(runs):
         if isinstance(event, Tokens):
             generated += len(event.ids)
@@ -93,6 +121,4 @@ async def chat_events(edge, runs, base: dict, num_prompt: int, include_usage: bo
             yield encode({"index": index, "delta": {}, "logprobs": None, "finish_reason": event.reason})
         elif isinstance(event, APIError):
             yield sse(event.body())
-    if include_usage:
-        yield sse({**base, "choices": [], "usage": samples.usage(num_prompt, generated)})
-    yield sse("[DONE]")
+    yield samples.closing(base, include_usage, num_prompt, generated)

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import APIRouter, Request
 
-from server.api import samples, schemas
+from server.api import plain_stream, samples, schemas
 from server.api.errors import APIError, bad_request
 from server.api.logprobs import completion_logprobs, prompt_entries, text_offsets
 from server.api.openapi import body, errors
 from server.api.requests import Finish, Token, Tokens
-from server.api.responses import JSON, Chunks, sse, sse_response
+from server.api.responses import JSON, Chunks, EventStream, hole, sse, sse_response
 from server.api.validation import parse_body
 
 router = APIRouter()
@@ -54,6 +54,8 @@ async def completions(request: Request):
     samplings = [_sampling(edge, req, ids.shape[0]) for ids in prompts]
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     per_token = any(s is None or s.stop for s in samplings) or req.logprobs is not None
+    if req.stream and plain_stream.is_plain(req.n, len(prompts), req.logprobs is not None) and samplings[0]:
+        return await plain_completion(edge, req, prompts[0], samplings[0])
     runs = await samples.start(edge, prompts, samplings, req.n, echo_logprobs, is_streamed=req.stream,
                                final_only=not req.stream and not per_token)
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
@@ -152,6 +154,30 @@ def completion_prompts(edge, prompt) -> list[np.ndarray]:
     return arrays
 
 
+async def plain_completion(edge, req: schemas.CompletionRequest, ids: np.ndarray, sampling) -> EventStream:
+    """A streamed completion of one choice without logprobs, through plain_stream."""
+    stream, = await samples.submit_choices(edge, [ids], [sampling], 1, is_streamed=True)
+    base = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+            "model": edge.model_name}
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    echo = Echo.of(edge.tokenizer, ids, req.echo, wants_offsets=False)
+    chunks = plain_completion_chunks(base, include_usage, ids.shape[0], echo.text)
+    return sse_response(plain_stream.events(edge, stream, tuple(sampling.stop), chunks))
+
+
+def plain_completion_chunks(base: dict, include_usage: bool, num_prompt: int, echo_text: str
+                            ) -> plain_stream.PlainChunks:
+    """The chunks completion_events writes for one choice without logprobs."""
+    encode = Chunks(base)
+    return plain_stream.PlainChunks(
+        token_parts=encode.template({"index": 0, "text": hole("text"), "logprobs": None, "finish_reason": None,
+                                     "token_ids": hole("ids")}, "text", "ids"),
+        finish=lambda reason: encode({"index": 0, "text": "", "logprobs": None,
+                                      "finish_reason": "length" if reason == "done" else reason}),
+        end=lambda num_sent: samples.closing(base, include_usage, num_prompt, num_sent),
+        first_text=echo_text)
+
+
 async def completion_events(edge, runs, n: int, echoes: list[Echo], base: dict, num_prompt: int,
                             include_usage: bool, wants_logprobs: bool):
     """SSE chunks of every choice as they come. A choice's first chunk carries its echo; with logprobs, a fork's
@@ -208,6 +234,4 @@ async def completion_events(edge, runs, n: int, echoes: list[Echo], base: dict, 
             continue
         for data in chunks(index, event):
             yield data
-    if include_usage:
-        yield sse({**base, "choices": [], "usage": samples.usage(num_prompt, generated)})
-    yield sse("[DONE]")
+    yield samples.closing(base, include_usage, num_prompt, generated)
