@@ -54,7 +54,8 @@ async def completions(request: Request):
     samplings = [_sampling(edge, req, ids.shape[0]) for ids in prompts]
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     per_token = any(s is None or s.stop for s in samplings) or req.logprobs is not None
-    if req.stream and plain_stream.is_plain(req.n, len(prompts), req.logprobs is not None) and samplings[0]:
+    is_plain = plain_stream.is_plain(req.n, len(prompts), req.logprobs is not None) and samplings[0] is not None
+    if req.stream and is_plain:
         return await plain_completion(edge, req, prompts[0], samplings[0])
     runs = await samples.start(edge, prompts, samplings, req.n, echo_logprobs, is_streamed=req.stream,
                                final_only=not req.stream and not per_token)
@@ -77,7 +78,7 @@ async def completions(request: Request):
             more = completion_logprobs(edge.tokenizer, f.ids, f.logprobs, f.offsets, echo.offset)
             for key, values in more.items():
                 logprobs[key] += values
-        choices.append({"index": k, "text": echo.text + text, "logprobs": logprobs, "finish_reason": _reason(f),
+        choices.append({"index": k, "text": echo.text + text, "logprobs": logprobs, "finish_reason": _reason(f.reason),
                         "token_ids": f.ids})
     generated = sum(len(f.ids) for f in finishes)
     return JSON({**base, "choices": choices, "usage": samples.usage(num_prompt, generated)})
@@ -104,8 +105,8 @@ def check_num_choices(edge, num_prompts: int, n: int) -> None:
                        f"max_batch_sequences ({edge.config.max_batch_sequences})", "n" if n > 1 else "prompt")
 
 
-def _reason(finish: Finish) -> str:
-    return "length" if finish.reason == "done" else finish.reason  # "done": a prompt fed with max_tokens 0
+def _reason(reason: str) -> str:
+    return "length" if reason == "done" else reason  # "done": a prompt fed with max_tokens 0
 
 
 @dataclass
@@ -173,7 +174,7 @@ def plain_completion_chunks(base: dict, include_usage: bool, num_prompt: int, ec
         token_parts=encode.template({"index": 0, "text": hole("text"), "logprobs": None, "finish_reason": None,
                                      "token_ids": hole("ids")}, "text", "ids"),
         finish=lambda reason: encode({"index": 0, "text": "", "logprobs": None,
-                                      "finish_reason": "length" if reason == "done" else reason}),
+                                      "finish_reason": _reason(reason)}),
         end=lambda num_sent: samples.closing(base, include_usage, num_prompt, num_sent),
         first_text=echo_text)
 
@@ -213,7 +214,7 @@ async def completion_events(edge, runs, n: int, echoes: list[Echo], base: dict, 
             if text or logprobs:
                 yield encode({"index": index, "text": text, "logprobs": logprobs, "finish_reason": None,
                               "token_ids": []})
-            yield encode({"index": index, "text": "", "logprobs": None, "finish_reason": _reason(event)})
+            yield encode({"index": index, "text": "", "logprobs": None, "finish_reason": _reason(event.reason)})
         elif isinstance(event, APIError):
             yield sse(event.body())
 
