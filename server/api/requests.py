@@ -119,13 +119,14 @@ async def finish_plain(edge: Edge, stream: RequestStream) -> Finish:
     """A generation without stop strings, run to its end: ids as they come, the text decoded once."""
     ids: list[int] = []
     try:
-        async for out in stream:
-            if out.error is not None:
-                raise APIError.from_engine(out.error)
-            ids += out.token_ids
-            if out.finish_reason is not None:
-                text = Detokenizer(edge.tokenizer, ()).add_many(ids) if edge.tokenizer is not None else None
-                return Finish(out.finish_reason, out, text, ids)
+        while outs := await stream.ready():
+            for out in outs:
+                if out.error is not None:
+                    raise APIError.from_engine(out.error)
+                ids += out.token_ids
+                if out.finish_reason is not None:
+                    text = Detokenizer(edge.tokenizer, ()).add_many(ids) if edge.tokenizer is not None else None
+                    return Finish(out.finish_reason, out, text, ids)
     finally:
         stream.cancel()
     raise APIError(500, "internal_error", "the request ended without finishing")

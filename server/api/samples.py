@@ -60,11 +60,9 @@ async def finish_all(edge, request, started_runs: list, per_token: bool) -> list
         for _, run in started_runs:
             await run.aclose()
         works = [finish_plain(edge, stream) for stream, _ in started_runs]
-    return await unless_disconnected(request, asyncio.gather(*works) if len(works) > 1 else _listed(works[0]))
-
-
-async def _listed(work) -> list:
-    return [await work]
+    if len(works) == 1:  # (the work itself: a wrapper would be one more frame to resume per engine output)
+        return [await unless_disconnected(request, works[0])]
+    return await unless_disconnected(request, asyncio.gather(*works))
 
 
 async def _last(run) -> Finish:
