@@ -249,7 +249,7 @@ def _concept_step(logits, v, gate_h, mix, norm_weight, gate_weight, concept_mean
     if batch == 0:
         return to_input, to_output
     block_c = readout_block_c(d_c)
-    with_pdl = pdl.use(logits.device)
+    with_pdl = pdl.use(logits.device, batch)
     if split is None and rows is None:
         split = _step_path(batch, d_c)
     if split is not None:

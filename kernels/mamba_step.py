@@ -436,7 +436,7 @@ def _mamba_step(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bi
     lowp = lowp_dot(xz.dtype)
     placeholder = xz  # pointer arguments the kernels never read (no injection)
     grid_b = cdiv(batch, block_b)
-    with_pdl = pdl.use(xz.device)
+    with_pdl = pdl.use(xz.device, batch)
     _mamba_step_conv_kernel[(grid_b, num_parts)](
         xz, inject if inject is not None else placeholder, inject_weight if inject is not None else placeholder,
         conv_weight, conv_bias if conv_bias is not None else conv_weight, conv_state, x_proj_weight, state_indices,

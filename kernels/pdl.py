@@ -32,6 +32,10 @@ except ImportError:  # an older Triton, or none: `available` says no, so the bra
 
 # Read per launch: benchmarks flip it to time both ways in one run.
 ENABLED = os.environ.get("INFOMAMBA_PDL", "1") != "0"
+# On the H200 (bench/RESULTS.md, issue 10's ninth run), ms a decode step of the 130M-class model, PDL off / on: 1.20-1.22x
+# at 1 row, 1.04-1.15x at 4, 1.06-1.11x at 32; at 64 and 256, where the Mamba step is main's and every product
+# cuBLAS's, 0.98-1.01x.
+MAX_ROWS = 32
 _ON, _OFF = {"launch_pdl": True}, {}
 _available: dict[int, bool] = {}  # device index -> whether PDL can be used there
 
@@ -47,9 +51,10 @@ def available(device: torch.device) -> bool:
     return found
 
 
-def use(device: torch.device) -> bool:
-    """Whether the next launch on `device` takes PDL: the kernel's PDL meta-parameter."""
-    return ENABLED and available(device)
+def use(device: torch.device, rows: int) -> bool:
+    """Whether the next launch on `device`, of a step of `rows` rows, takes PDL: the kernel's PDL meta-parameter.
+    Up to MAX_ROWS only: above it a step's products are cuBLAS's and its few Triton launches gain nothing."""
+    return rows <= MAX_ROWS and ENABLED and available(device)
 
 
 def options(on: bool) -> dict:

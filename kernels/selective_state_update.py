@@ -145,7 +145,7 @@ def _selective_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_state, state_indi
         return out
     config = _update_config(batch, d_inner, d_state)
     block_d, block_n, num_warps = block_d or config[0], config[1], num_warps or config[2]
-    with_pdl = pdl.use(x.device)
+    with_pdl = pdl.use(x.device, batch)
     _selective_state_update_kernel[(batch, cdiv(d_inner, block_d))](
         x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
         dt_bias if dt_bias is not None else x, ssm_state, state_indices, out,

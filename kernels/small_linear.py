@@ -182,7 +182,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, out, res_out, config: L
     x, weight = rows(x), rows(weight)
     residual = rows(residual) if residual is not None else None
     grid = (cdiv(n, config.block_n), cdiv(batch, config.block_b))
-    with_pdl = pdl.use(x.device)
+    with_pdl = pdl.use(x.device, batch)
     _small_linear_kernel[grid](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else weight,
         weight, bias if bias is not None else weight, out, res_out if res_out is not None else out,

@@ -13,11 +13,17 @@ CUDA = torch.cuda.is_available()
 HAS_PDL = CUDA and pdl.available(torch.device("cuda"))
 
 
-def test_off_where_it_cannot_run():
-    assert not pdl.use(torch.device("cpu"))
+def test_used_where_it_can_run_and_pays(monkeypatch):
+    assert not pdl.use(torch.device("cpu"), 1)
     assert pdl.options(False) == {}
     if not CUDA:  # the interpreter runs no inline assembly
         assert not pdl.available(torch.device("cuda"))
+    monkeypatch.setattr(pdl, "available", lambda device: True)
+    gpu = torch.device("cuda", 0)
+    assert pdl.use(gpu, 1) and pdl.use(gpu, pdl.MAX_ROWS)
+    assert not pdl.use(gpu, pdl.MAX_ROWS + 1)  # cuBLAS's products there: nothing to gain
+    monkeypatch.setattr(pdl, "ENABLED", False)  # INFOMAMBA_PDL=0
+    assert not pdl.use(gpu, 1)
 
 
 def decode_steps(model, batch: int, steps: int, graphs: bool, with_pdl: bool, monkeypatch):
