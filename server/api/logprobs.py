@@ -29,7 +29,7 @@ def text_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
     for token in ids:
         offsets.append(len(detok.text))
         detok.add(token)
-    return detok.text, offsets
+    return detok.flush(), offsets
 
 
 def completion_logprobs(tokenizer, ids: list[int], logprobs: list[TokenLogprob | None], offsets: list[int],

@@ -125,11 +125,19 @@ async def finish_plain(edge: Edge, stream: RequestStream) -> Finish:
                     raise APIError.from_engine(out.error)
                 ids += out.token_ids
                 if out.finish_reason is not None:
-                    text = Detokenizer(edge.tokenizer, ()).add_many(ids) if edge.tokenizer is not None else None
+                    text = _whole_text(edge.tokenizer, ids)
                     return Finish(out.finish_reason, out, text, ids)
     finally:
         stream.cancel()
     raise APIError(500, "internal_error", "the request ended without finishing")
+
+
+def _whole_text(tokenizer, ids: list[int]) -> str | None:
+    if tokenizer is None:
+        return None
+    detok = Detokenizer(tokenizer, ())
+    detok.add_many(ids)
+    return detok.flush()
 
 
 async def generate(edge: Edge, stream: RequestStream, sampling: Sampling | None, engine_checks_stop: bool,
