@@ -67,12 +67,14 @@ class FakeEngine:
                                                   num_prompt=n))
             return [stream]
         m, loop = request.sampling.max_tokens, asyncio.get_running_loop()
+        final_only = getattr(request, "final_only", False)
 
         def step(i: int) -> None:  # one token per loop turn, as one engine step's outputs would come
             last = i == m - 1
-            put(RequestOutput(request.rid, token_ids=[65 + i % 26],
-                                                  finish_reason="length" if last else None,
-                                                  steps=request.inputs.shape[0] + m if last else None))
+            if last or not final_only:  # final_only: the engine sends every token with the finish alone
+                ids = [65 + j % 26 for j in range(m)] if final_only else [65 + i % 26]
+                put(RequestOutput(request.rid, token_ids=ids, finish_reason="length" if last else None,
+                                  steps=request.inputs.shape[0] + m if last else None))
             if not last:
                 loop.call_soon(step, i + 1)
         loop.call_soon(step, 0)
