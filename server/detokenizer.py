@@ -24,6 +24,7 @@ class Detokenizer:
         self._partial = b""  # byte-level: the start of a character whose other bytes are still to come
         self._window = 0  # tokenizer.json: where the decode window starts in _ids
         self._read = 0  # and the ids before this one have their text in self.text
+        self._holds = 0  # advances in a row that held the text back
         self.is_stopped = False
 
     def add(self, token_id: int) -> bool:
@@ -74,9 +75,12 @@ class Detokenizer:
         ids, start = self._ids, self._window
         known = self.tokenizer.decode(ids[start:self._read]) if self._read > start else ""
         text = self.tokenizer.decode(ids[start:])
-        if len(text) > len(known) and (final or not text.endswith("\ufffd")):
+        if len(text) > len(known) and (final or not text.endswith("\ufffd") or self._holds >= MAX_HELD):
             self.text += text[len(known):]
             self._window, self._read = self._read, len(ids)
+            self._holds = 0
+        else:
+            self._holds += 1
 
     def _decode(self, data: bytes) -> str:
         """UTF-8 text of bytes that follow those seen, as an incremental decoder (errors="replace") gives it."""
@@ -102,6 +106,10 @@ class Detokenizer:
         return out
 
 
+# tokens a tokenizer.json's text waits at most for the rest of a character: a character is 4 bytes at most, so past
+# this a trailing U+FFFD is an invalid sequence, not an unfinished one, and waiting longer would make the window,
+# and each token's decode, grow without end
+MAX_HELD = 8
 _ASCII = [chr(i) for i in range(128)]
 _BYTE = [bytes([i]) for i in range(256)]  # a byte-level id's byte (the ids after 256 are specials, without text)
 

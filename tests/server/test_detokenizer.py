@@ -113,3 +113,16 @@ def test_a_stop_string_ends_the_text_and_nothing_is_flushed_after_it(tmp_path):
     stopped_at = next(i for i, token in enumerate(ids) if detok.add(token))
     assert stopped_at < len(ids) - 1
     assert detok.flush() == detok.text == "the quick brown "
+
+
+def test_invalid_bytes_do_not_hold_the_text_or_grow_the_window(tmp_path):
+    hf = as_hf(byte_level_bpe(), tmp_path, "byte-level")
+    lone = next(i for i in range(hf.vocab_size) if hf.decode([i]) == "\ufffd")  # a byte no character starts with
+    ids = [lone] * 500
+    counting = CountingDecodes(hf)
+    detok = Detokenizer(counting, ())
+    for token in ids:
+        detok.add(token)
+    assert len(detok.text) >= len(ids) - 20  # handed on, not held for ever
+    assert detok.flush() == hf.decode(ids)
+    assert counting.num_ids < 50 * len(ids), counting.num_ids  # the window stays a few ids wide
