@@ -2,6 +2,7 @@
 INFOMAMBA_TEST_DEVICE names, e.g. cuda on the GPU machine)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -40,6 +41,18 @@ def tiny_float(seed: int = 1) -> InfoMamba:
     torch.manual_seed(seed)
     return InfoMamba(InfoMambaConfig(d_model=16, n_layers=2, vocab_size=None, d_input=6, head="per_step",
                                      d_output=3, n_concepts=4, d_state=8, name="tiny-float")).to(TEST_DEVICE).eval()
+
+
+async def feed_in_batches(stream, batches) -> None:
+    """Put each batch of outputs into a RequestStream once its reader has drained the batch before: a batch's
+    outputs wait together, as when a frontend falls behind its engine."""
+    pending = [list(b) for b in batches]
+    while pending:
+        while stream.has_ready():
+            await asyncio.sleep(0)
+        for out in pending.pop(0):
+            stream.put(out)
+        await asyncio.sleep(0)
 
 
 def free_port() -> int:

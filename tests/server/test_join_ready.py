@@ -8,6 +8,7 @@ from model.tokenizer import ByteTokenizer
 from server.api.requests import Finish, Token, Tokens, generate
 from server.engine.client import RequestStream
 from server.engine.protocol import RequestOutput, Sampling
+from tests.server.conftest import feed_in_batches
 
 EDGE = SimpleNamespace(tokenizer=ByteTokenizer())
 
@@ -29,17 +30,7 @@ def events_of(batches, join_ready, stop=()):
         got = []
         run = generate(EDGE, stream, Sampling(max_tokens=100, stop=list(stop)), engine_checks_stop=False,
                        join_ready=join_ready)
-        pending = list(batches)
-
-        async def feed():
-            while pending:
-                while stream.has_ready():
-                    await asyncio.sleep(0)
-                for out in pending.pop(0):
-                    stream.put(out)
-                await asyncio.sleep(0)
-
-        feeder = asyncio.ensure_future(feed())
+        feeder = asyncio.ensure_future(feed_in_batches(stream, batches))
         async for event in run:
             got.append(event)
         await feeder

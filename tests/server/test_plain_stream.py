@@ -18,6 +18,7 @@ from server.api.routes import chat, openai
 from server.engine.client import RequestStream
 from server.engine.protocol import Error, RequestOutput, Sampling
 from tests.server.test_engine_api import wait_all_slots_free
+from tests.server.conftest import feed_in_batches
 from tests.server.test_join_ready import FakeClient, outputs
 
 EDGE = SimpleNamespace(tokenizer=ByteTokenizer())
@@ -30,17 +31,7 @@ def body_of(batches, events_of) -> bytes:
     waiting together, and the next batch comes only once the stream is drained."""
     async def main():
         stream = RequestStream(FakeClient(), "r")
-        pending = [list(b) for b in batches]
-
-        async def feed():
-            while pending:
-                while stream.has_ready():
-                    await asyncio.sleep(0)
-                for out in pending.pop(0):
-                    stream.put(out)
-                await asyncio.sleep(0)
-
-        feeder = asyncio.ensure_future(feed())
+        feeder = asyncio.ensure_future(feed_in_batches(stream, batches))
         got = b"".join([chunk async for chunk in events_of(stream)])
         feeder.cancel()
         return got
