@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from model.tokenizer import ByteTokenizer
-from server.api import plain_stream, samples
+from server.api import plain_stream
 from server.api.requests import generate
 from server.api.routes import chat, openai
 from server.engine.client import RequestStream
